@@ -1,0 +1,212 @@
+//! The dead-letter record: everything an operator needs to see why a message was refused and
+//! to replay it, including the byte-exact original payload.
+//!
+//! Wire form on the dead-letter queue: standard base64 of the record's JSON, like the envelope.
+
+use crate::envelope::DeviceMessage;
+use crate::reason::Reason;
+use crate::{base64_len, QUEUE_MESSAGE_MAX_CHARS};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+pub const DEAD_LETTER_VERSION: u32 = 1;
+/// Longest `detail`, in bytes; longer explanations are cut.
+pub const MAX_DETAIL_BYTES: usize = 2048;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetter {
+    pub v: u32,
+    pub reason: Reason,
+    /// Human-readable explanation, e.g. which field of which array element failed.
+    pub detail: String,
+    pub topic: String,
+    /// The device the topic names, when it names one; for filtering.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    /// Positions of the refused readings in a gateway array; empty for single readings.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rejected_indexes: Vec<usize>,
+    /// When ingest received the message (RFC 3339, UTC, milliseconds).
+    pub received_at: String,
+    /// When the processor dead-lettered it.
+    pub dead_lettered_at: String,
+    /// Deliveries of the queue message holding it, this one included.
+    pub attempts: u64,
+    /// Where the message entered the pipeline: `mqtt`, or `replay` for an operator replay.
+    pub source: String,
+    #[serde(default)]
+    pub replay_count: u32,
+    /// The payload as UTF-8 text, when it is valid UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+    /// The payload as standard base64, when it is not UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_base64: Option<String>,
+    /// The payload's size as published.
+    pub payload_bytes: usize,
+    /// True when `payload` holds only a prefix (oversize messages).
+    #[serde(default)]
+    pub payload_truncated: bool,
+}
+
+/// The facts about one refusal that are not in the message itself.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub reason: Reason,
+    pub detail: String,
+    pub device_id: Option<String>,
+    pub rejected_indexes: Vec<usize>,
+    pub attempts: u64,
+    pub dead_lettered_at_ms: i64,
+}
+
+impl DeadLetter {
+    /// The record for `msg`, refused for `refusal`.
+    pub fn new(msg: &DeviceMessage, refusal: Refusal) -> Self {
+        let mut record = Self {
+            v: DEAD_LETTER_VERSION,
+            reason: refusal.reason,
+            detail: crate::reading::truncate(&refusal.detail, MAX_DETAIL_BYTES).to_owned(),
+            topic: msg.topic.clone(),
+            device_id: refusal.device_id,
+            rejected_indexes: refusal.rejected_indexes,
+            received_at: crate::timefmt::format_ms(clamp_ms(msg.received_at_ms)),
+            dead_lettered_at: crate::timefmt::format_ms(clamp_ms(refusal.dead_lettered_at_ms)),
+            attempts: refusal.attempts,
+            source: if msg.replay_count > 0 { "replay" } else { "mqtt" }.to_owned(),
+            replay_count: msg.replay_count,
+            payload: None,
+            payload_base64: None,
+            payload_bytes: msg.original_len,
+            payload_truncated: msg.is_truncated(),
+        };
+        record.set_payload(&msg.payload);
+        record
+    }
+
+    /// A record for a queue message that is not a readable envelope; `raw` is its text.
+    pub fn for_unreadable(raw: &str, detail: String, attempts: u64, now_ms: i64) -> Self {
+        let msg = DeviceMessage {
+            topic: String::new(),
+            received_at_ms: now_ms,
+            payload: raw.as_bytes()[..raw.len().min(crate::MAX_PAYLOAD_BYTES)].to_vec(),
+            original_len: raw.len(),
+            replay_count: 0,
+        };
+        Self::new(
+            &msg,
+            Refusal {
+                reason: Reason::InvalidEnvelope,
+                detail,
+                device_id: None,
+                rejected_indexes: Vec::new(),
+                attempts,
+                dead_lettered_at_ms: now_ms,
+            },
+        )
+    }
+
+    /// Stores the payload as text when it is UTF-8 and escapes no larger than base64 would.
+    fn set_payload(&mut self, payload: &[u8]) {
+        match std::str::from_utf8(payload) {
+            Ok(text) if crate::envelope::json_string_len(text) <= base64_len(text.len()) + 2 => {
+                self.payload = Some(text.to_owned());
+            }
+            _ => self.payload_base64 = Some(B64.encode(payload)),
+        }
+    }
+
+    /// The payload bytes as recorded (a prefix when `payload_truncated`).
+    pub fn payload_bytes(&self) -> Result<Vec<u8>, base64::DecodeError> {
+        match (&self.payload, &self.payload_base64) {
+            (Some(text), _) => Ok(text.clone().into_bytes()),
+            (None, Some(b)) => B64.decode(b),
+            (None, None) => Ok(Vec::new()),
+        }
+    }
+
+    /// The queue message text. Always within the queue's 64 KiB: the payload is at most
+    /// 32 KiB and the other fields are bounded; should a future field break that, the payload is
+    /// cut further and flagged rather than the put failing.
+    pub fn encode(&self) -> String {
+        // A struct of strings, integers and bools always serialises.
+        let json = serde_json::to_vec(self).expect("record serialises");
+        if base64_len(json.len()) <= QUEUE_MESSAGE_MAX_CHARS {
+            return B64.encode(json);
+        }
+        let bytes = self.payload_bytes().unwrap_or_default();
+        let mut cut = self.clone();
+        cut.payload = None;
+        cut.payload_base64 = Some(String::new());
+        cut.payload_truncated = true;
+        let overhead = serde_json::to_vec(&cut).expect("record serialises").len();
+        let room = (QUEUE_MESSAGE_MAX_CHARS / 4 * 3).saturating_sub(overhead);
+        let keep = (room / 4 * 3).min(bytes.len());
+        cut.payload_base64 = Some(B64.encode(&bytes[..keep]));
+        B64.encode(serde_json::to_vec(&cut).expect("record serialises"))
+    }
+
+    /// Reads a record from its queue message text.
+    pub fn decode(text: &str) -> Result<Self, DecodeError> {
+        let raw = B64.decode(text.trim())?;
+        Ok(serde_json::from_slice(&raw)?)
+    }
+}
+
+fn clamp_ms(ms: i64) -> i64 {
+    ms.clamp(crate::timefmt::MIN_MS, crate::timefmt::MAX_MS)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("dead letter is not base64: {0}")]
+    Base64(#[from] base64::DecodeError),
+    #[error("dead letter is not a valid record: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(reason: Reason) -> Refusal {
+        Refusal {
+            reason,
+            detail: "x".repeat(10_000),
+            device_id: Some("dev-1".into()),
+            rejected_indexes: vec![],
+            attempts: 1,
+            dead_lettered_at_ms: 1_700_000_000_000,
+        }
+    }
+
+    #[test]
+    fn round_trips_byte_exact_payloads() {
+        for payload in [b"{\"a\":1}".to_vec(), vec![0xff, 0x00, 0x80], Vec::new()] {
+            let msg = DeviceMessage::from_mqtt("devices/dev-1/telemetry", &payload, 1);
+            let record = DeadLetter::new(&msg, refusal(Reason::Schema));
+            let back = DeadLetter::decode(&record.encode()).unwrap();
+            assert_eq!(back, record);
+            assert_eq!(back.payload_bytes().unwrap(), payload);
+            assert_eq!(back.detail.len(), MAX_DETAIL_BYTES);
+        }
+    }
+
+    #[test]
+    fn largest_records_fit_the_queue() {
+        let payloads = [vec![0xffu8; 200_000], vec![b'"'; 200_000], vec![1u8; 40_000]];
+        for payload in payloads {
+            let msg = DeviceMessage::from_mqtt(&"\u{1}".repeat(999), &payload, 1);
+            let text = DeadLetter::new(&msg, refusal(Reason::TooLarge)).encode();
+            assert!(text.len() <= QUEUE_MESSAGE_MAX_CHARS, "{} chars", text.len());
+            let back = DeadLetter::decode(&text).unwrap();
+            assert!(back.payload_truncated);
+            assert_eq!(back.payload_bytes, payload.len());
+        }
+        let raw = "z".repeat(QUEUE_MESSAGE_MAX_CHARS);
+        let text = DeadLetter::for_unreadable(&raw, "bad".into(), 6, 1).encode();
+        assert!(text.len() <= QUEUE_MESSAGE_MAX_CHARS);
+    }
+}

@@ -1,0 +1,192 @@
+//! The Azure Table row a reading becomes.
+//!
+//! Table `telemetry`; PartitionKey = device id; RowKey = [`timefmt::format_ms`] of the reading's
+//! time, so one device's rows sort by time and a redelivered reading overwrites its own row.
+//! Every typed property carries an explicit `@odata.type`: without it Azure stores an `i64` as a
+//! double (losing precision above 2^53) and a datetime as a string. Extras are stored as
+//! `Ext_<name>` so they can never collide with the contract's own properties.
+
+use crate::reading::{Extra, Reading};
+use crate::timefmt;
+use serde_json::{Map, Value};
+
+pub const DEFAULT_TABLE: &str = "telemetry";
+pub const EXTRA_PREFIX: &str = "Ext_";
+
+const DATETIME: &str = "Edm.DateTime";
+const DOUBLE: &str = "Edm.Double";
+const INT64: &str = "Edm.Int64";
+
+/// The entity's JSON body, ready for an upsert.
+pub fn to_entity(reading: &Reading, ingested_at_ms: i64) -> Map<String, Value> {
+    let mut e = Map::with_capacity(16 + 2 * reading.extras.len());
+    e.insert("PartitionKey".into(), reading.device_id.clone().into());
+    e.insert("RowKey".into(), row_key(reading).into());
+    typed(
+        &mut e,
+        "MeasuredAt",
+        DATETIME,
+        timefmt::format_ms(reading.measured_at_ms).into(),
+    );
+    typed(
+        &mut e,
+        "IngestedAt",
+        DATETIME,
+        timefmt::format_ms(ingested_at_ms.clamp(timefmt::MIN_MS, timefmt::MAX_MS)).into(),
+    );
+    if let Some(seq) = reading.seq {
+        typed(&mut e, "Seq", INT64, seq.to_string().into());
+    }
+    for (name, v) in [
+        ("Temperature", reading.temperature),
+        ("Humidity", reading.humidity),
+        ("Pressure", reading.pressure),
+    ] {
+        if let Some(v) = v {
+            typed(&mut e, name, DOUBLE, v.into());
+        }
+    }
+    for (name, extra) in &reading.extras {
+        let key = format!("{EXTRA_PREFIX}{name}");
+        match extra {
+            Extra::Int(i) => typed(&mut e, &key, INT64, i.to_string().into()),
+            Extra::Float(f) => typed(&mut e, &key, DOUBLE, (*f).into()),
+            Extra::Bool(b) => {
+                e.insert(key, (*b).into());
+            }
+            Extra::Str(s) => {
+                e.insert(key, s.clone().into());
+            }
+        }
+    }
+    e
+}
+
+/// The RowKey of a reading.
+pub fn row_key(reading: &Reading) -> String {
+    timefmt::format_ms(reading.measured_at_ms)
+}
+
+fn typed(e: &mut Map<String, Value>, name: &str, edm: &str, value: Value) {
+    e.insert(format!("{name}@odata.type"), edm.into());
+    e.insert(name.to_owned(), value);
+}
+
+/// A stored row read back, tolerant of how the service renders types (Int64 as strings,
+/// whole doubles as integers, DateTime with seven fractional digits).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredReading {
+    pub reading: Reading,
+    pub ingested_at_ms: i64,
+}
+
+/// Why a row could not be read as a reading.
+#[derive(Debug, thiserror::Error)]
+#[error("table row is not a telemetry reading: {0}")]
+pub struct RowError(String);
+
+/// Reads a row returned by the table service (with `odata=fullmetadata` annotations).
+pub fn from_entity(e: &Map<String, Value>) -> Result<StoredReading, RowError> {
+    let text = |name: &str| {
+        e.get(name)
+            .and_then(Value::as_str)
+            .ok_or_else(|| RowError(format!("{name} is missing")))
+    };
+    let time = |name: &str| {
+        text(name).and_then(|s| {
+            timefmt::parse_rfc3339_ms(s).ok_or_else(|| RowError(format!("{name} {s:?}")))
+        })
+    };
+    let number = |name: &str| e.get(name).and_then(number_of);
+    let mut extras = Vec::new();
+    for (key, value) in e {
+        let Some(name) = key.strip_prefix(EXTRA_PREFIX) else {
+            continue;
+        };
+        if name.contains('@') {
+            continue;
+        }
+        let edm = e
+            .get(&format!("{key}@odata.type"))
+            .and_then(Value::as_str);
+        let extra = match (edm, value) {
+            (Some(INT64), v) => Extra::Int(
+                integer_of(v).ok_or_else(|| RowError(format!("{key} is not an Int64")))?,
+            ),
+            (_, Value::Bool(b)) => Extra::Bool(*b),
+            (_, Value::String(s)) => Extra::Str(s.clone()),
+            (_, v) => Extra::Float(
+                number_of(v).ok_or_else(|| RowError(format!("{key} is not a number")))?,
+            ),
+        };
+        extras.push((name.to_owned(), extra));
+    }
+    let seq = match e.get("Seq") {
+        Some(v) => Some(integer_of(v).ok_or_else(|| RowError("Seq is not an Int64".into()))?),
+        None => None,
+    };
+    Ok(StoredReading {
+        reading: Reading {
+            device_id: text("PartitionKey")?.to_owned(),
+            measured_at_ms: time("MeasuredAt")?,
+            seq,
+            temperature: number("Temperature"),
+            humidity: number("Humidity"),
+            pressure: number("Pressure"),
+            extras,
+        },
+        ingested_at_ms: time("IngestedAt")?,
+    })
+}
+
+fn number_of(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn integer_of(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entity_has_explicit_types_and_round_trips() {
+        let reading = Reading {
+            device_id: "dev-1".into(),
+            measured_at_ms: 1_705_312_800_123,
+            seq: Some(i64::MAX),
+            temperature: Some(3.0),
+            humidity: None,
+            pressure: Some(1013.25),
+            extras: vec![
+                ("battery".into(), Extra::Int(9_007_199_254_740_993)),
+                ("charging".into(), Extra::Bool(true)),
+                ("fw".into(), Extra::Str("1.2.3".into())),
+                ("rssi".into(), Extra::Float(-71.5)),
+            ],
+        };
+        let e = to_entity(&reading, 1_705_312_801_000);
+        assert_eq!(e["RowKey"], "2024-01-15T10:00:00.123Z");
+        assert_eq!(e["Seq@odata.type"], "Edm.Int64");
+        assert_eq!(e["Seq"], i64::MAX.to_string());
+        assert_eq!(e["MeasuredAt@odata.type"], "Edm.DateTime");
+        assert_eq!(e["Ext_battery"], "9007199254740993");
+        // What the service sends back: whole doubles as integers, seven fractional digits.
+        let mut back = e.clone();
+        back.insert("Temperature".into(), 3.into());
+        back.insert("MeasuredAt".into(), "2024-01-15T10:00:00.1230000Z".into());
+        let stored = from_entity(&back).unwrap();
+        assert_eq!(stored.reading, reading);
+        assert_eq!(stored.ingested_at_ms, 1_705_312_801_000);
+    }
+}

@@ -1,0 +1,308 @@
+//! The ingest queue's message: a versioned envelope packing many device messages.
+//!
+//! Wire form: the queue message text is standard base64 of a JSON document
+//! `{"v":1,"m":[entry, ...]}`. Base64 makes the text immune to XML escaping (queue messages
+//! travel inside XML), so the encoded size is exact arithmetic, not a worst-case guess. Each entry is
+//! `{"t":topic,"r":receivedAtMs,"p":"utf-8 payload"}`, or `"b":"base64"` instead of `"p"` when
+//! the payload is not UTF-8 or would grow more under JSON escaping than under base64. `"n"` is
+//! the published size when ingest truncated an oversize payload; `"rc"` counts replays.
+
+use crate::{base64_len, MAX_PAYLOAD_BYTES, QUEUE_MESSAGE_MAX_CHARS};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+pub const ENVELOPE_VERSION: u32 = 1;
+/// Longest topic carried, in bytes. Longer topics are cut on a character boundary; they cannot
+/// name a valid device anyway (ids are at most 128 bytes).
+pub const MAX_TOPIC_BYTES: usize = 256;
+
+const HEADER: &[u8] = b"{\"v\":1,\"m\":[";
+const FOOTER: &[u8] = b"]}";
+
+/// One MQTT message as ingest received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceMessage {
+    pub topic: String,
+    pub received_at_ms: i64,
+    /// The payload, byte-exact, or its first [`MAX_PAYLOAD_BYTES`] when it was larger.
+    pub payload: Vec<u8>,
+    /// The payload's size as published.
+    pub original_len: usize,
+    /// How many times an operator has replayed this message from the dead-letter queue.
+    pub replay_count: u32,
+}
+
+impl DeviceMessage {
+    /// Builds the message from what the broker delivered, applying the size caps that keep any
+    /// single message within one envelope.
+    pub fn from_mqtt(topic: &str, payload: &[u8], received_at_ms: i64) -> Self {
+        let kept = &payload[..payload.len().min(MAX_PAYLOAD_BYTES)];
+        Self {
+            topic: crate::reading::truncate(topic, MAX_TOPIC_BYTES).to_owned(),
+            received_at_ms,
+            payload: kept.to_vec(),
+            original_len: payload.len(),
+            replay_count: 0,
+        }
+    }
+
+    pub fn is_truncated(&self) -> bool {
+        self.original_len > self.payload.len()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Entry<'a> {
+    #[serde(rename = "t", borrow)]
+    topic: std::borrow::Cow<'a, str>,
+    #[serde(rename = "r")]
+    received_at_ms: i64,
+    #[serde(rename = "p", borrow, default, skip_serializing_if = "Option::is_none")]
+    text: Option<std::borrow::Cow<'a, str>>,
+    #[serde(rename = "b", default, skip_serializing_if = "Option::is_none")]
+    base64: Option<String>,
+    #[serde(rename = "n", default, skip_serializing_if = "Option::is_none")]
+    original_len: Option<usize>,
+    #[serde(rename = "rc", default, skip_serializing_if = "is_zero")]
+    replay_count: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+#[derive(Deserialize)]
+struct Document<'a> {
+    v: u32,
+    #[serde(borrow)]
+    m: Vec<Entry<'a>>,
+}
+
+/// Encodes one entry, choosing the smaller of JSON-string and base64 payload forms.
+fn encode_entry(msg: &DeviceMessage) -> Vec<u8> {
+    let text = std::str::from_utf8(&msg.payload)
+        .ok()
+        .filter(|t| json_string_len(t) <= base64_len(t.len()) + 2);
+    let entry = Entry {
+        topic: msg.topic.as_str().into(),
+        received_at_ms: msg.received_at_ms,
+        text: text.map(Into::into),
+        base64: text.is_none().then(|| B64.encode(&msg.payload)),
+        original_len: msg.is_truncated().then_some(msg.original_len),
+        replay_count: msg.replay_count,
+    };
+    // Serialising a struct of strings and integers into a Vec cannot fail.
+    serde_json::to_vec(&entry).expect("entry serialises")
+}
+
+/// Length of `s` as a JSON string literal, quotes included, as serde_json writes it.
+pub(crate) fn json_string_len(s: &str) -> usize {
+    2 + s
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
+}
+
+/// Packs device messages into one envelope without ever exceeding the queue's limit.
+#[derive(Debug)]
+pub struct EnvelopeBuilder {
+    body: Vec<u8>,
+    count: usize,
+    max_chars: usize,
+}
+
+/// The message did not fit; it is handed back untouched.
+#[derive(Debug)]
+pub struct Full(pub DeviceMessage);
+
+impl Default for EnvelopeBuilder {
+    fn default() -> Self {
+        Self::with_limit(QUEUE_MESSAGE_MAX_CHARS)
+    }
+}
+
+impl EnvelopeBuilder {
+    /// A builder whose encoded output stays within `max_chars` characters.
+    pub fn with_limit(max_chars: usize) -> Self {
+        let mut body = Vec::with_capacity(max_chars / 4 * 3);
+        body.extend_from_slice(HEADER);
+        Self {
+            body,
+            count: 0,
+            max_chars,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The size the finished envelope would have now, as queue text.
+    pub fn encoded_len(&self) -> usize {
+        base64_len(self.body.len() + FOOTER.len())
+    }
+
+    /// Adds `msg` if the envelope, encoded, still fits; otherwise returns it.
+    pub fn push(&mut self, msg: DeviceMessage) -> Result<(), Full> {
+        let entry = encode_entry(&msg);
+        let separator = usize::from(self.count > 0);
+        let total = self.body.len() + separator + entry.len() + FOOTER.len();
+        if base64_len(total) > self.max_chars {
+            return Err(Full(msg));
+        }
+        if separator == 1 {
+            self.body.push(b',');
+        }
+        self.body.extend_from_slice(&entry);
+        self.count += 1;
+        Ok(())
+    }
+
+    /// The queue message text, and a fresh empty builder in place of this one.
+    pub fn finish(&mut self) -> String {
+        self.body.extend_from_slice(FOOTER);
+        let text = B64.encode(&self.body);
+        self.body.clear();
+        self.body.extend_from_slice(HEADER);
+        self.count = 0;
+        text
+    }
+}
+
+/// Why an envelope could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("queue message is not base64: {0}")]
+    Base64(#[from] base64::DecodeError),
+    #[error("envelope is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("envelope version {0} is not supported (this build reads {ENVELOPE_VERSION})")]
+    Version(u32),
+    #[error("envelope entry {index} has no payload (neither \"p\" nor \"b\")")]
+    MissingPayload { index: usize },
+    #[error("envelope entry {index} payload is not base64: {source}")]
+    EntryBase64 {
+        index: usize,
+        source: base64::DecodeError,
+    },
+}
+
+/// Decodes a queue message text into its device messages.
+pub fn decode(text: &str) -> Result<Vec<DeviceMessage>, DecodeError> {
+    let raw = B64.decode(text.trim())?;
+    let doc: Document<'_> = serde_json::from_slice(&raw)?;
+    if doc.v != ENVELOPE_VERSION {
+        return Err(DecodeError::Version(doc.v));
+    }
+    doc.m
+        .into_iter()
+        .enumerate()
+        .map(|(index, e)| {
+            let payload = match (e.text, e.base64) {
+                (Some(t), _) => t.into_owned().into_bytes(),
+                (None, Some(b)) => B64
+                    .decode(b)
+                    .map_err(|source| DecodeError::EntryBase64 { index, source })?,
+                (None, None) => return Err(DecodeError::MissingPayload { index }),
+            };
+            Ok(DeviceMessage {
+                topic: e.topic.into_owned(),
+                received_at_ms: e.received_at_ms,
+                original_len: e.original_len.unwrap_or(payload.len()),
+                payload,
+                replay_count: e.replay_count,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(topic: &str, payload: &[u8]) -> DeviceMessage {
+        DeviceMessage::from_mqtt(topic, payload, 1_700_000_000_000)
+    }
+
+    #[test]
+    fn round_trips_text_binary_and_truncated_payloads() {
+        let big = vec![b'x'; MAX_PAYLOAD_BYTES + 10];
+        let msgs = vec![
+            msg("devices/a/telemetry", br#"{"deviceId":"a","q":"<&>"}"#),
+            msg("devices/b/telemetry", &[0xff, 0x00, 0xfe]),
+            msg("devices/c/telemetry", &big),
+            msg("devices/d/telemetry", b""),
+        ];
+        let mut b = EnvelopeBuilder::default();
+        for m in msgs.clone() {
+            b.push(m).unwrap();
+        }
+        let decoded = decode(&b.finish()).unwrap();
+        assert_eq!(decoded, msgs);
+        assert!(decoded[2].is_truncated());
+        assert_eq!(decoded[2].original_len, MAX_PAYLOAD_BYTES + 10);
+    }
+
+    #[test]
+    fn worst_case_single_message_fits_an_empty_envelope() {
+        // Control characters escape to six bytes each in JSON; invalid UTF-8 forces base64;
+        // a long topic of quotes doubles under escaping. Each must still fit on its own.
+        let payloads: [Vec<u8>; 3] = [
+            vec![0x01; MAX_PAYLOAD_BYTES * 2],
+            vec![0xff; MAX_PAYLOAD_BYTES],
+            vec![b'"'; MAX_PAYLOAD_BYTES],
+        ];
+        let topic = "\u{1}".repeat(10_000);
+        for payload in payloads {
+            let mut b = EnvelopeBuilder::default();
+            b.push(msg(&topic, &payload)).expect("fits alone");
+            let text = b.finish();
+            assert!(text.len() <= QUEUE_MESSAGE_MAX_CHARS, "{} chars", text.len());
+            assert_eq!(decode(&text).unwrap()[0].original_len, payload.len());
+        }
+    }
+
+    #[test]
+    fn packing_stops_exactly_at_the_limit() {
+        let mut b = EnvelopeBuilder::default();
+        let payload = br#"{"deviceId":"dev-1","timestamp":"2024-01-15T10:00:00Z","temperature":21.5}"#;
+        let mut n = 0;
+        while b.push(msg("devices/dev-1/telemetry", payload)).is_ok() {
+            n += 1;
+            assert!(b.encoded_len() <= QUEUE_MESSAGE_MAX_CHARS);
+        }
+        assert!(n > 300, "only {n} readings per envelope");
+        let predicted = b.encoded_len();
+        let text = b.finish();
+        assert_eq!(text.len(), predicted);
+        assert!(text.len() <= QUEUE_MESSAGE_MAX_CHARS);
+        assert!(
+            text.len() > QUEUE_MESSAGE_MAX_CHARS - 400,
+            "wasted space: {}",
+            text.len()
+        );
+        assert_eq!(decode(&text).unwrap().len(), n);
+        assert!(b.is_empty(), "finish resets the builder");
+    }
+
+    #[test]
+    fn rejects_unknown_versions_and_garbage() {
+        let v2 = B64.encode(br#"{"v":2,"m":[]}"#);
+        assert!(matches!(decode(&v2), Err(DecodeError::Version(2))));
+        assert!(matches!(decode("%%%"), Err(DecodeError::Base64(_))));
+        let no_payload = B64.encode(br#"{"v":1,"m":[{"t":"x","r":1}]}"#);
+        assert!(matches!(
+            decode(&no_payload),
+            Err(DecodeError::MissingPayload { index: 0 })
+        ));
+    }
+}

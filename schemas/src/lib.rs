@@ -1,0 +1,36 @@
+//! The pipeline's contract: every shape that crosses a process boundary, and the rules that
+//! decide whether a reading is accepted.
+//!
+//! - [`reading`]: the device message (one reading or a gateway array) and its validation.
+//! - [`reason`]: the closed list of rejection reasons.
+//! - [`envelope`]: the versioned queue message that packs many device messages.
+//! - [`dead_letter`]: the record an operator inspects and replays.
+//! - [`entity`]: the Azure Table row a reading becomes, with explicit EDM types.
+//! - [`timefmt`]: RowKey and RFC 3339 formatting shared by all of the above.
+//!
+//! Invariants: this crate does no I/O, and no other crate defines a wire shape. Every queue
+//! message it encodes fits Azure's 64 KiB limit by construction, not by hope.
+
+pub mod dead_letter;
+pub mod entity;
+pub mod envelope;
+pub mod reading;
+pub mod reason;
+pub mod timefmt;
+
+pub use dead_letter::DeadLetter;
+pub use envelope::{DeviceMessage, EnvelopeBuilder};
+pub use reading::{Extra, Policy, Reading, Rejection};
+pub use reason::Reason;
+
+/// Azure Storage Queue's limit on a message's text, in characters (64 KiB).
+pub const QUEUE_MESSAGE_MAX_CHARS: usize = 64 * 1024;
+
+/// The largest payload the contract accepts (32 KiB). Larger ones are dead-lettered as
+/// `too_large`, carrying only their first `MAX_PAYLOAD_BYTES`.
+pub const MAX_PAYLOAD_BYTES: usize = 32 * 1024;
+
+/// Length of the standard, padded base64 encoding of `n` bytes.
+pub const fn base64_len(n: usize) -> usize {
+    n.div_ceil(3) * 4
+}

@@ -1,0 +1,414 @@
+//! The device message and its validation.
+//!
+//! A payload is one reading object, or an array of up to [`MAX_READINGS_PER_MESSAGE`] readings
+//! of the topic's device (a gateway batch). Validation is per reading: the valid readings of a
+//! message are stored even when a sibling is rejected, and every rejected one is reported.
+
+use crate::reason::Reason;
+use crate::timefmt;
+use serde_json::{Map, Value};
+use std::time::Duration;
+
+/// Most readings in one gateway array.
+pub const MAX_READINGS_PER_MESSAGE: usize = 100;
+/// Longest device id, in bytes (all allowed characters are ASCII).
+pub const MAX_DEVICE_ID_LEN: usize = 128;
+/// Most extra properties on one reading.
+pub const MAX_EXTRAS: usize = 16;
+/// Longest extra property name.
+pub const MAX_EXTRA_NAME_LEN: usize = 64;
+/// Longest extra string value, in bytes.
+pub const MAX_EXTRA_STRING_LEN: usize = 256;
+
+/// Physical ranges, inclusive: wider than any real sensor, narrow enough to catch garbage.
+pub const TEMPERATURE_RANGE: (f64, f64) = (-90.0, 150.0);
+pub const HUMIDITY_RANGE: (f64, f64) = (0.0, 100.0);
+pub const PRESSURE_RANGE: (f64, f64) = (300.0, 1100.0);
+
+const KNOWN_FIELDS: [&str; 6] = [
+    "deviceId",
+    "timestamp",
+    "seq",
+    "temperature",
+    "humidity",
+    "pressure",
+];
+
+/// The time-dependent part of validation.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// How far ahead of the processor's clock a timestamp may be (device clock skew).
+    pub max_future: Duration,
+    /// How old a reading may be. Older ones belong in the archive, not the live table.
+    pub max_age: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            max_future: Duration::from_secs(5 * 60),
+            max_age: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// A validated reading, normalised: UTC milliseconds, measurements as `f64`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    pub device_id: String,
+    pub measured_at_ms: i64,
+    pub seq: Option<i64>,
+    pub temperature: Option<f64>,
+    pub humidity: Option<f64>,
+    pub pressure: Option<f64>,
+    /// Extra properties, sorted by name.
+    pub extras: Vec<(String, Extra)>,
+}
+
+/// An extra property's value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Extra {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+}
+
+/// Why one reading (or the whole message, when `index` is `None`) was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub reason: Reason,
+    pub detail: String,
+    /// Position in a gateway array; `None` for a single reading or a message-level failure.
+    pub index: Option<usize>,
+}
+
+impl Rejection {
+    fn new(reason: Reason, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+            index: None,
+        }
+    }
+}
+
+/// The outcome of validating one device message.
+#[derive(Debug, Default)]
+pub struct Validated {
+    pub readings: Vec<Reading>,
+    pub rejections: Vec<Rejection>,
+}
+
+impl Validated {
+    fn refused(rejection: Rejection) -> Self {
+        Self {
+            readings: Vec::new(),
+            rejections: vec![rejection],
+        }
+    }
+}
+
+/// Checks a device id against the contract: 1-128 of `[A-Za-z0-9._:-]`, starting alphanumeric.
+pub fn is_valid_device_id(id: &str) -> bool {
+    let bytes = id.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= MAX_DEVICE_ID_LEN
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// The device id a topic names: the level between `{prefix}/` and `/telemetry`.
+pub fn device_id_from_topic<'t>(prefix: &str, topic: &'t str) -> Option<&'t str> {
+    topic
+        .strip_prefix(prefix)?
+        .strip_prefix('/')?
+        .strip_suffix("/telemetry")
+}
+
+/// The topic a device publishes to.
+pub fn topic_for(prefix: &str, device_id: &str) -> String {
+    format!("{prefix}/{device_id}/telemetry")
+}
+
+/// Validates one device message. `original_len` is the payload's size as published, which
+/// exceeds `payload.len()` when ingest had to truncate it.
+pub fn validate(
+    topic_prefix: &str,
+    topic: &str,
+    payload: &[u8],
+    original_len: usize,
+    now_ms: i64,
+    policy: &Policy,
+) -> Validated {
+    if original_len > crate::MAX_PAYLOAD_BYTES {
+        return Validated::refused(Rejection::new(
+            Reason::TooLarge,
+            format!(
+                "payload is {original_len} bytes; the limit is {}",
+                crate::MAX_PAYLOAD_BYTES
+            ),
+        ));
+    }
+    let topic_device = match device_id_from_topic(topic_prefix, topic) {
+        Some(id) if is_valid_device_id(id) => id,
+        Some(_) => {
+            return Validated::refused(Rejection::new(
+                Reason::InvalidDeviceId,
+                "the topic's device id breaks the id rules",
+            ))
+        }
+        None => {
+            return Validated::refused(Rejection::new(
+                Reason::InvalidDeviceId,
+                format!("topic is not {topic_prefix}/{{deviceId}}/telemetry"),
+            ))
+        }
+    };
+    let value: Value = match std::str::from_utf8(payload) {
+        Err(e) => {
+            return Validated::refused(Rejection::new(
+                Reason::MalformedJson,
+                format!("payload is not UTF-8: {e}"),
+            ))
+        }
+        Ok(text) => match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => {
+                return Validated::refused(Rejection::new(
+                    Reason::MalformedJson,
+                    format!("payload is not JSON: {e}"),
+                ))
+            }
+        },
+    };
+    let check = |index: Option<usize>, v: Value, out: &mut Validated| match v {
+        Value::Object(map) => match reading_from(map, topic_device, now_ms, policy) {
+            Ok(r) => out.readings.push(r),
+            Err(mut rej) => {
+                rej.index = index;
+                out.rejections.push(rej);
+            }
+        },
+        _ => out.rejections.push(Rejection {
+            reason: Reason::Schema,
+            detail: "a reading must be a JSON object".into(),
+            index,
+        }),
+    };
+    let mut out = Validated::default();
+    match value {
+        Value::Array(items) if items.is_empty() => {
+            out.rejections
+                .push(Rejection::new(Reason::Schema, "the reading array is empty"));
+        }
+        Value::Array(items) if items.len() > MAX_READINGS_PER_MESSAGE => {
+            out.rejections.push(Rejection::new(
+                Reason::Schema,
+                format!(
+                    "{} readings in one message; the limit is {MAX_READINGS_PER_MESSAGE}",
+                    items.len()
+                ),
+            ));
+        }
+        Value::Array(items) => {
+            for (i, item) in items.into_iter().enumerate() {
+                check(Some(i), item, &mut out);
+            }
+        }
+        other => check(None, other, &mut out),
+    }
+    out
+}
+
+fn reading_from(
+    mut map: Map<String, Value>,
+    topic_device: &str,
+    now_ms: i64,
+    policy: &Policy,
+) -> Result<Reading, Rejection> {
+    let device_id = match map.remove("deviceId") {
+        Some(Value::String(s)) => s,
+        Some(_) => return Err(Rejection::new(Reason::Schema, "deviceId must be a string")),
+        None => return Err(Rejection::new(Reason::Schema, "deviceId is missing")),
+    };
+    if !is_valid_device_id(&device_id) {
+        return Err(Rejection::new(
+            Reason::InvalidDeviceId,
+            "deviceId must be 1-128 of [A-Za-z0-9._:-], starting alphanumeric",
+        ));
+    }
+    if device_id != topic_device {
+        return Err(Rejection::new(
+            Reason::DeviceMismatch,
+            format!("payload deviceId {device_id:?} differs from the topic's {topic_device:?}"),
+        ));
+    }
+    let measured_at_ms = match map.remove("timestamp") {
+        Some(Value::String(s)) => timefmt::parse_rfc3339_ms(&s).ok_or_else(|| {
+            Rejection::new(
+                Reason::InvalidTimestamp,
+                format!("timestamp {s:?} is not RFC 3339 with an offset in years 1970-9999"),
+            )
+        })?,
+        Some(_) => return Err(Rejection::new(Reason::Schema, "timestamp must be a string")),
+        None => return Err(Rejection::new(Reason::Schema, "timestamp is missing")),
+    };
+    let ahead = measured_at_ms.saturating_sub(now_ms);
+    if ahead > millis(policy.max_future) {
+        return Err(Rejection::new(
+            Reason::FutureTimestamp,
+            format!(
+                "timestamp is {ahead} ms ahead of the processor's clock (allowed: {} ms)",
+                millis(policy.max_future)
+            ),
+        ));
+    }
+    let age = now_ms.saturating_sub(measured_at_ms);
+    if age > millis(policy.max_age) {
+        return Err(Rejection::new(
+            Reason::Stale,
+            format!(
+                "reading is {} h old (allowed: {} h)",
+                age / 3_600_000,
+                policy.max_age.as_secs() / 3600
+            ),
+        ));
+    }
+    let seq = match map.remove("seq") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(v) => Some(i64::try_from(v).map_err(|_| {
+                Rejection::new(Reason::OutOfRange, format!("seq {v} exceeds 2^63-1"))
+            })?),
+            None => {
+                return Err(Rejection::new(
+                    Reason::Schema,
+                    format!("seq must be an unsigned integer, got {n}"),
+                ))
+            }
+        },
+        Some(_) => return Err(Rejection::new(Reason::Schema, "seq must be a number")),
+    };
+    let temperature = measurement(&mut map, "temperature", TEMPERATURE_RANGE)?;
+    let humidity = measurement(&mut map, "humidity", HUMIDITY_RANGE)?;
+    let pressure = measurement(&mut map, "pressure", PRESSURE_RANGE)?;
+    if temperature.is_none() && humidity.is_none() && pressure.is_none() {
+        return Err(Rejection::new(
+            Reason::Schema,
+            "at least one of temperature, humidity, pressure is required",
+        ));
+    }
+    if map.len() > MAX_EXTRAS {
+        return Err(Rejection::new(
+            Reason::Schema,
+            format!("{} extra fields; the limit is {MAX_EXTRAS}", map.len()),
+        ));
+    }
+    let mut extras = Vec::with_capacity(map.len());
+    for (name, value) in map {
+        let extra = extra_from(&name, value)?;
+        extras.push((name, extra));
+    }
+    Ok(Reading {
+        device_id,
+        measured_at_ms,
+        seq,
+        temperature,
+        humidity,
+        pressure,
+        extras,
+    })
+}
+
+fn measurement(
+    map: &mut Map<String, Value>,
+    name: &str,
+    (lo, hi): (f64, f64),
+) -> Result<Option<f64>, Rejection> {
+    match map.remove(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => {
+            // serde_json numbers are always finite, and every JSON number has an f64 form.
+            let v = n.as_f64().unwrap_or(f64::NAN);
+            if (lo..=hi).contains(&v) {
+                Ok(Some(v))
+            } else {
+                Err(Rejection::new(
+                    Reason::OutOfRange,
+                    format!("{name} {n} is outside [{lo}, {hi}]"),
+                ))
+            }
+        }
+        Some(_) => Err(Rejection::new(
+            Reason::Schema,
+            format!("{name} must be a number"),
+        )),
+    }
+}
+
+fn extra_from(name: &str, value: Value) -> Result<Extra, Rejection> {
+    let valid_name = name.len() <= MAX_EXTRA_NAME_LEN
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid_name {
+        return Err(Rejection::new(
+            Reason::Schema,
+            format!(
+                "extra field name {:?} must be 1-{MAX_EXTRA_NAME_LEN} of [A-Za-z0-9_], starting with a letter",
+                truncate(name, 80)
+            ),
+        ));
+    }
+    if KNOWN_FIELDS.iter().any(|k| k.eq_ignore_ascii_case(name)) {
+        return Err(Rejection::new(
+            Reason::Schema,
+            format!("extra field {name:?} differs from a contract field only by case"),
+        ));
+    }
+    match value {
+        Value::Bool(b) => Ok(Extra::Bool(b)),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Ok(Extra::Int(i))
+            } else if n.is_u64() {
+                Err(Rejection::new(
+                    Reason::OutOfRange,
+                    format!("extra field {name:?} = {n} exceeds 2^63-1"),
+                ))
+            } else {
+                Ok(Extra::Float(n.as_f64().unwrap_or(f64::NAN)))
+            }
+        }
+        Value::String(s) if s.len() <= MAX_EXTRA_STRING_LEN => Ok(Extra::Str(s)),
+        Value::String(s) => Err(Rejection::new(
+            Reason::Schema,
+            format!(
+                "extra field {name:?} is a {}-byte string; the limit is {MAX_EXTRA_STRING_LEN}",
+                s.len()
+            ),
+        )),
+        _ => Err(Rejection::new(
+            Reason::Schema,
+            format!("extra field {name:?} must be a number, bool or string"),
+        )),
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// `s` cut to at most `max` bytes on a character boundary.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
