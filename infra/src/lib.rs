@@ -1,1 +1,15 @@
-//! tmp
+//! Service plumbing shared by every binary, and the only door to Azure Storage.
+//!
+//! - [`storage`]: the adapter. Nothing else in the workspace names an `azure_*` crate, so the
+//!   SDK can be replaced here alone. It counts every request it makes, by kind.
+//! - [`retry`]: the one backoff policy (exponential, full jitter, capped).
+//! - [`serve`]: tracing setup, the Prometheus recorder, and the `/metrics` + `/healthz` +
+//!   `/readyz` endpoint.
+//! - [`shutdown`]: SIGINT/SIGTERM into a `CancellationToken`.
+//! - [`cli`]: flags that several services share (storage account, broker, observability).
+
+pub mod cli;
+pub mod retry;
+pub mod serve;
+pub mod shutdown;
+pub mod storage;

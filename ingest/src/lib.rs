@@ -1,1 +1,72 @@
-//! tmp
+//! `ingest`: MQTT in, Azure Storage Queue out.
+//!
+//! It subscribes with QoS 1 under a persistent session and a shared subscription, packs device
+//! messages into envelopes, and acknowledges each message to the broker only after the queue
+//! holds the envelope containing it. Until then the broker keeps the message and redelivers it
+//! if this process dies, so a crash can duplicate messages (the table upsert absorbs that) but
+//! never lose one.
+//!
+//! Tasks: the *poller* only polls the rumqttc event loop and forwards publishes over a channel
+//! (calling the client from the polling task can deadlock); the *subscriber* re-subscribes after
+//! each connect; [`packer::Packer`] packs, writes and acks. Backpressure is the broker's: it
+//! sends at most `receive_maximum` unacknowledged messages, so while the queue is unreachable
+//! the packer retries, nothing is acked, and the broker stops sending and queues for us.
+
+mod config;
+mod metrics_names;
+mod mqtt;
+mod packer;
+
+pub use config::Config;
+
+use anyhow::Context;
+use infra::retry::Backoff;
+use infra::serve::Health;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Runs ingest until `shutdown`, then flushes what it holds and exits.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let health = Health::new("connecting to the broker");
+    let metrics_addr =
+        infra::serve::serve_http(config.metrics_addr, health.clone(), shutdown.clone())
+            .await
+            .with_context(|| format!("binding the metrics endpoint {}", config.metrics_addr))?;
+    let account = config
+        .storage
+        .account()
+        .context("reading the storage account")?;
+    let queue = account.queue(&config.queue_name);
+    tracing::info!(
+        broker = %config.mqtt_url,
+        client_id = %config.client_id,
+        queue = %config.queue_name,
+        queue_endpoint = account.queue_endpoint(),
+        %metrics_addr,
+        "Ingest starting."
+    );
+    let mut backoff = Backoff::default();
+    while let Err(error) = queue.create_if_missing().await {
+        tracing::warn!(%error, "Cannot reach the ingest queue; retrying.");
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+
+    let (mqtt, publishes) = mqtt::connect(&config, health.clone());
+    let packer = packer::Packer::new(
+        queue,
+        mqtt.client.clone(),
+        mqtt.connection.clone(),
+        config.linger,
+        health,
+    );
+    let outcome = packer.run(publishes, shutdown.clone()).await;
+
+    // Let the poller send the last PUBACKs, then leave the broker cleanly. The session persists,
+    // so anything not acknowledged is redelivered to the next ingest.
+    mqtt.close(Duration::from_secs(5)).await;
+    tracing::info!("Ingest stopped.");
+    outcome
+}

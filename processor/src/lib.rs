@@ -1,1 +1,100 @@
-//! tmp
+//! `processor`: Azure Storage Queue in, Azure Table Storage out.
+//!
+//! Many workers ([`worker`]) each take up to 32 envelopes at a time, validate every reading
+//! with `schemas`, upsert the valid ones in same-partition transactions ([`plan`]) and
+//! dead-letter the rest. The invariant that makes crashes safe: a queue message is deleted only
+//! after every reading in it is stored or dead-lettered; everything before that is idempotent.
+
+mod config;
+mod metrics_names;
+mod plan;
+mod worker;
+
+pub use config::Config;
+
+use anyhow::Context;
+use infra::retry::Backoff;
+use infra::serve::Health;
+use schemas::reading::Policy;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Runs the processor until `shutdown`; rounds in progress finish first.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let health = Health::new("creating queues and table");
+    let metrics_addr =
+        infra::serve::serve_http(config.metrics_addr, health.clone(), shutdown.clone())
+            .await
+            .with_context(|| format!("binding the metrics endpoint {}", config.metrics_addr))?;
+    let account = config
+        .storage
+        .account()
+        .context("reading the storage account")?;
+    let ctx = Arc::new(worker::Ctx {
+        queue: account.queue(&config.queue_name),
+        dead_letters: account.queue(&config.dead_letter_queue),
+        table: account.table(&config.table_name),
+        topic_prefix: config.topic_prefix.clone(),
+        policy: Policy {
+            max_future: config.max_future,
+            max_age: config.max_age,
+        },
+        visibility: config.visibility_timeout,
+        max_deliveries: config.max_deliveries,
+        write_concurrency: config.write_concurrency,
+        health: health.clone(),
+    });
+    tracing::info!(
+        queue = %config.queue_name,
+        dead_letters = %config.dead_letter_queue,
+        table = %config.table_name,
+        workers = config.workers,
+        table_endpoint = account.table_endpoint(),
+        %metrics_addr,
+        "Processor starting."
+    );
+    let mut backoff = Backoff::default();
+    loop {
+        let created = async {
+            ctx.queue.create_if_missing().await?;
+            ctx.dead_letters.create_if_missing().await?;
+            ctx.table.create_if_missing().await
+        };
+        match created.await {
+            Ok(()) => break,
+            Err(error) => {
+                tracing::warn!(%error, "Cannot create the queues and table; retrying.");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                }
+            }
+        }
+    }
+    health.set_ready();
+
+    let tracker = tokio_util::task::TaskTracker::new();
+    for _ in 0..config.workers.max(1) {
+        tracker.spawn(worker::run(ctx.clone(), shutdown.clone()));
+    }
+    tracker.spawn(report_depth(ctx.clone(), shutdown.clone()));
+    tracker.close();
+    tracker.wait().await;
+    tracing::info!("Processor stopped.");
+    Ok(())
+}
+
+/// Publishes the ingest queue's approximate depth every few seconds.
+async fn report_depth(ctx: Arc<worker::Ctx>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if let Ok(depth) = ctx.queue.approximate_depth().await {
+            metrics::gauge!(metrics_names::QUEUE_DEPTH).set(depth as f64);
+        }
+    }
+}

@@ -75,7 +75,12 @@ impl DeadLetter {
             received_at: crate::timefmt::format_ms(clamp_ms(msg.received_at_ms)),
             dead_lettered_at: crate::timefmt::format_ms(clamp_ms(refusal.dead_lettered_at_ms)),
             attempts: refusal.attempts,
-            source: if msg.replay_count > 0 { "replay" } else { "mqtt" }.to_owned(),
+            source: if msg.replay_count > 0 {
+                "replay"
+            } else {
+                "mqtt"
+            }
+            .to_owned(),
             replay_count: msg.replay_count,
             payload: None,
             payload_base64: None,
@@ -196,11 +201,19 @@ mod tests {
 
     #[test]
     fn largest_records_fit_the_queue() {
-        let payloads = [vec![0xffu8; 200_000], vec![b'"'; 200_000], vec![1u8; 40_000]];
+        let payloads = [
+            vec![0xffu8; 200_000],
+            vec![b'"'; 200_000],
+            vec![1u8; 40_000],
+        ];
         for payload in payloads {
             let msg = DeviceMessage::from_mqtt(&"\u{1}".repeat(999), &payload, 1);
             let text = DeadLetter::new(&msg, refusal(Reason::TooLarge)).encode();
-            assert!(text.len() <= QUEUE_MESSAGE_MAX_CHARS, "{} chars", text.len());
+            assert!(
+                text.len() <= QUEUE_MESSAGE_MAX_CHARS,
+                "{} chars",
+                text.len()
+            );
             let back = DeadLetter::decode(&text).unwrap();
             assert!(back.payload_truncated);
             assert_eq!(back.payload_bytes, payload.len());

@@ -106,13 +106,11 @@ pub fn from_entity(e: &Map<String, Value>) -> Result<StoredReading, RowError> {
         if name.contains('@') {
             continue;
         }
-        let edm = e
-            .get(&format!("{key}@odata.type"))
-            .and_then(Value::as_str);
+        let edm = e.get(&format!("{key}@odata.type")).and_then(Value::as_str);
         let extra = match (edm, value) {
-            (Some(INT64), v) => Extra::Int(
-                integer_of(v).ok_or_else(|| RowError(format!("{key} is not an Int64")))?,
-            ),
+            (Some(INT64), v) => {
+                Extra::Int(integer_of(v).ok_or_else(|| RowError(format!("{key} is not an Int64")))?)
+            }
             (_, Value::Bool(b)) => Extra::Bool(*b),
             (_, Value::String(s)) => Extra::Str(s.clone()),
             (_, v) => Extra::Float(

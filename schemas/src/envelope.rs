@@ -266,7 +266,11 @@ mod tests {
             let mut b = EnvelopeBuilder::default();
             b.push(msg(&topic, &payload)).expect("fits alone");
             let text = b.finish();
-            assert!(text.len() <= QUEUE_MESSAGE_MAX_CHARS, "{} chars", text.len());
+            assert!(
+                text.len() <= QUEUE_MESSAGE_MAX_CHARS,
+                "{} chars",
+                text.len()
+            );
             assert_eq!(decode(&text).unwrap()[0].original_len, payload.len());
         }
     }
@@ -274,7 +278,8 @@ mod tests {
     #[test]
     fn packing_stops_exactly_at_the_limit() {
         let mut b = EnvelopeBuilder::default();
-        let payload = br#"{"deviceId":"dev-1","timestamp":"2024-01-15T10:00:00Z","temperature":21.5}"#;
+        let payload =
+            br#"{"deviceId":"dev-1","timestamp":"2024-01-15T10:00:00Z","temperature":21.5}"#;
         let mut n = 0;
         while b.push(msg("devices/dev-1/telemetry", payload)).is_ok() {
             n += 1;

@@ -74,7 +74,11 @@ mod tests {
             parse_rfc3339_ms("2024-01-15T12:00:00.123999+02:00"),
             parse_rfc3339_ms("2024-01-15T10:00:00.123Z")
         );
-        assert_eq!(parse_rfc3339_ms("2024-01-15T10:00:00"), None, "offset required");
+        assert_eq!(
+            parse_rfc3339_ms("2024-01-15T10:00:00"),
+            None,
+            "offset required"
+        );
         assert_eq!(parse_rfc3339_ms("1969-12-31T23:59:59Z"), None);
         assert_eq!(parse_rfc3339_ms("yesterday"), None);
     }

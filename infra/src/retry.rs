@@ -1,0 +1,68 @@
+//! The one backoff policy: exponential growth, capped, with jitter so that many workers
+//! recovering from the same outage do not retry in lockstep.
+
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The delay before the next attempt: uniformly random in [cap/2, cap], where cap doubles
+    /// with every call up to `max`.
+    pub fn next_delay(&mut self) -> Duration {
+        let cap = self
+            .initial
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let half = cap / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+
+    /// Starts over after a success.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    pub fn attempts(&self) -> u32 {
+        self.attempt
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new(Duration::from_millis(100), Duration::from_secs(10))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grows_to_the_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let delays: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
+        for d in &delays[5..] {
+            assert!(
+                *d >= Duration::from_secs(1) && *d <= Duration::from_secs(2),
+                "{d:?}"
+            );
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,126 @@
+//! The Azure Storage adapter: queues and tables behind small, SDK-free types.
+//!
+//! Every call is bounded by a timeout, classified into [`StorageError`] with
+//! [`StorageError::is_retriable`], and counted in `storage_requests_total{op}`. SDK-level
+//! retries are off: callers own retry so that they can back off, give up, and report.
+
+mod account;
+mod queue;
+mod table;
+
+pub use account::{Account, AccountError, DEVELOPMENT_STORAGE};
+pub use queue::{Queue, QueueMessage, NEVER_EXPIRE};
+pub use table::{odata_string, BatchOutcome, Entity, Table, MAX_BATCH_BYTES, MAX_BATCH_OPERATIONS};
+
+use std::time::Duration;
+
+/// Default bound on a single storage request.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A failed storage call.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} failed: {kind}")]
+pub struct StorageError {
+    /// The operation, as in the `op` metric label (`queue_put`, `table_batch`, ...).
+    pub op: &'static str,
+    pub kind: ErrorKind,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ErrorKind {
+    /// The service answered with an error status.
+    #[error("HTTP {status} {code}: {message}")]
+    Status {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// No answer within the timeout.
+    #[error("no response within {0:?}")]
+    Timeout(Duration),
+    /// The request never completed: connection refused or reset, DNS, TLS.
+    #[error("transport error: {0}")]
+    Transport(String),
+    /// The service answered something this adapter cannot read.
+    #[error("unexpected response: {0}")]
+    Protocol(String),
+}
+
+impl StorageError {
+    /// Whether trying again later can succeed: server errors, throttling, timeouts and broken
+    /// connections. Other 4xx answers mean the request itself is wrong.
+    pub fn is_retriable(&self) -> bool {
+        match &self.kind {
+            ErrorKind::Status { status, .. } => *status >= 500 || *status == 408 || *status == 429,
+            ErrorKind::Timeout(_) | ErrorKind::Transport(_) => true,
+            ErrorKind::Protocol(_) => false,
+        }
+    }
+
+    /// The HTTP status, when the service answered.
+    pub fn status(&self) -> Option<u16> {
+        match &self.kind {
+            ErrorKind::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The service's error code (`QueueNotFound`, `PopReceiptMismatch`, ...), when it sent one.
+    pub fn code(&self) -> Option<&str> {
+        match &self.kind {
+            ErrorKind::Status { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    fn from_sdk(op: &'static str, e: &azure_core::Error) -> Self {
+        let kind = match e.kind() {
+            azure_core::error::ErrorKind::HttpResponse { status, error_code } => {
+                ErrorKind::Status {
+                    status: u16::from(*status),
+                    code: error_code.clone().unwrap_or_default(),
+                    message: e.to_string(),
+                }
+            }
+            azure_core::error::ErrorKind::Io => ErrorKind::Transport(full_chain(e)),
+            azure_core::error::ErrorKind::DataConversion => ErrorKind::Protocol(full_chain(e)),
+            _ => ErrorKind::Transport(full_chain(e)),
+        };
+        Self { op, kind }
+    }
+}
+
+fn full_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+/// Runs one SDK call under the timeout, counting it and classifying its failure.
+async fn call<T>(
+    op: &'static str,
+    timeout: Duration,
+    fut: impl std::future::Future<Output = azure_core::Result<T>>,
+) -> Result<T, StorageError> {
+    metrics::counter!("storage_requests_total", "op" => op).increment(1);
+    let result = match tokio::time::timeout(timeout, fut).await {
+        Ok(Ok(v)) => return Ok(v),
+        Ok(Err(e)) => StorageError::from_sdk(op, &e),
+        Err(_) => StorageError {
+            op,
+            kind: ErrorKind::Timeout(timeout),
+        },
+    };
+    metrics::counter!("storage_request_errors_total", "op" => op).increment(1);
+    Err(result)
+}
+
+/// Whether `e` is the "already exists" answer to a create call.
+fn already_exists(e: &StorageError) -> bool {
+    e.status() == Some(409)
+}

@@ -1,0 +1,195 @@
+//! Which storage account to talk to, from an Azure connection string.
+
+use super::{queue::Queue, table::Table};
+use azure_data_tables::prelude::TableServiceClient;
+use azure_storage::{CloudLocation, ConnectionString, StorageCredentials};
+use azure_storage_queues::QueueServiceClient;
+use std::time::Duration;
+
+/// The connection string for the local emulator, and the default everywhere.
+pub const DEVELOPMENT_STORAGE: &str = "UseDevelopmentStorage=true";
+
+const EMULATOR_ACCOUNT: &str = "devstoreaccount1";
+/// Azurite's published, well-known key; not a secret.
+const EMULATOR_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccountError {
+    #[error("the storage connection string cannot be parsed: {0}")]
+    Parse(String),
+    #[error("the storage connection string has no {0}")]
+    Missing(&'static str),
+}
+
+/// A storage account: credentials plus the queue and table endpoints.
+#[derive(Clone)]
+pub struct Account {
+    account: String,
+    queue_endpoint: String,
+    table_endpoint: String,
+    queues: QueueServiceClient,
+    tables: TableServiceClient,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Account {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Credentials are deliberately left out.
+        f.debug_struct("Account")
+            .field("account", &self.account)
+            .field("queue_endpoint", &self.queue_endpoint)
+            .field("table_endpoint", &self.table_endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Account {
+    /// Reads an Azure Storage connection string: `UseDevelopmentStorage=true` (optionally with
+    /// `DevelopmentStorageProxyUri`), account name and key, or a SAS, with either explicit
+    /// `QueueEndpoint`/`TableEndpoint` or `DefaultEndpointsProtocol` + `EndpointSuffix`.
+    pub fn from_connection_string(s: &str, timeout: Duration) -> Result<Self, AccountError> {
+        let cs = ConnectionString::new(s).map_err(|e| AccountError::Parse(e.to_string()))?;
+        let (account, credentials, queue_endpoint, table_endpoint);
+        if cs.use_development_storage == Some(true) {
+            let host = cs
+                .development_storage_proxy_uri
+                .unwrap_or("http://127.0.0.1")
+                .trim_end_matches('/');
+            account = EMULATOR_ACCOUNT.to_owned();
+            credentials = StorageCredentials::access_key(EMULATOR_ACCOUNT, EMULATOR_KEY);
+            queue_endpoint = format!("{host}:10001/{EMULATOR_ACCOUNT}");
+            table_endpoint = format!("{host}:10002/{EMULATOR_ACCOUNT}");
+        } else {
+            account = cs
+                .account_name
+                .map(str::to_owned)
+                .or_else(|| cs.queue_endpoint.and_then(account_from_endpoint))
+                .ok_or(AccountError::Missing("AccountName"))?;
+            credentials = match (cs.account_key, cs.sas) {
+                (Some(key), _) => StorageCredentials::access_key(account.clone(), key.to_owned()),
+                (None, Some(sas)) => StorageCredentials::sas_token(sas)
+                    .map_err(|e| AccountError::Parse(format!("SharedAccessSignature: {e}")))?,
+                (None, None) => {
+                    return Err(AccountError::Missing("AccountKey or SharedAccessSignature"))
+                }
+            };
+            let protocol = match cs.default_endpoints_protocol {
+                Some(azure_storage::EndpointProtocol::Http) => "http",
+                _ => "https",
+            };
+            let suffix = cs.endpoint_suffix.unwrap_or("core.windows.net");
+            let default = |service: &str| format!("{protocol}://{account}.{service}.{suffix}");
+            queue_endpoint = cs
+                .queue_endpoint
+                .map_or_else(|| default("queue"), str::to_owned);
+            table_endpoint = cs
+                .table_endpoint
+                .map_or_else(|| default("table"), str::to_owned);
+        }
+        let location = |uri: &str| CloudLocation::Custom {
+            account: account.clone(),
+            uri: uri.trim_end_matches('/').to_owned(),
+        };
+        let queues = azure_storage_queues::QueueServiceClientBuilder::with_location(
+            location(&queue_endpoint),
+            credentials.clone(),
+        )
+        .retry(azure_core::RetryOptions::none())
+        .build();
+        let tables = azure_data_tables::clients::TableServiceClientBuilder::with_location(
+            location(&table_endpoint),
+            credentials.clone(),
+        )
+        .retry(azure_core::RetryOptions::none())
+        .build();
+        Ok(Self {
+            account,
+            queue_endpoint,
+            table_endpoint,
+            queues,
+            tables,
+            timeout,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.account
+    }
+
+    pub fn queue_endpoint(&self) -> &str {
+        &self.queue_endpoint
+    }
+
+    pub fn table_endpoint(&self) -> &str {
+        &self.table_endpoint
+    }
+
+    /// A handle on queue `name` (nothing is sent).
+    pub fn queue(&self, name: &str) -> Queue {
+        Queue::new(self.queues.queue_client(name), self.timeout)
+    }
+
+    /// A handle on table `name` (nothing is sent).
+    pub fn table(&self, name: &str) -> Table {
+        Table::new(self.tables.table_client(name), self.timeout)
+    }
+}
+
+/// `https://acct.queue.core.windows.net` -> `acct`, for SAS strings without `AccountName`.
+fn account_from_endpoint(endpoint: &str) -> Option<String> {
+    let host = endpoint.split("://").nth(1)?.split(['/', ':']).next()?;
+    let first = host.split('.').next()?;
+    (!first.is_empty() && host.contains('.')).then(|| first.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Account {
+        Account::from_connection_string(s, Duration::from_secs(1)).unwrap()
+    }
+
+    #[test]
+    fn development_storage_maps_to_the_emulator() {
+        let a = parse(DEVELOPMENT_STORAGE);
+        assert_eq!(a.name(), "devstoreaccount1");
+        assert_eq!(
+            a.queue_endpoint(),
+            "http://127.0.0.1:10001/devstoreaccount1"
+        );
+        assert_eq!(
+            a.table_endpoint(),
+            "http://127.0.0.1:10002/devstoreaccount1"
+        );
+        let proxied = parse("UseDevelopmentStorage=true;DevelopmentStorageProxyUri=http://azurite");
+        assert_eq!(
+            proxied.queue_endpoint(),
+            "http://azurite:10001/devstoreaccount1"
+        );
+    }
+
+    #[test]
+    fn real_accounts_and_explicit_endpoints() {
+        let a = parse("DefaultEndpointsProtocol=https;AccountName=acme;AccountKey=a2V5;EndpointSuffix=core.windows.net");
+        assert_eq!(a.queue_endpoint(), "https://acme.queue.core.windows.net");
+        assert_eq!(a.table_endpoint(), "https://acme.table.core.windows.net");
+        let e = parse("AccountName=devstoreaccount1;AccountKey=a2V5;QueueEndpoint=http://127.0.0.1:5/devstoreaccount1;TableEndpoint=http://127.0.0.1:6/devstoreaccount1");
+        assert_eq!(e.table_endpoint(), "http://127.0.0.1:6/devstoreaccount1");
+        let sas = parse("QueueEndpoint=https://acme.queue.core.windows.net;TableEndpoint=https://acme.table.core.windows.net;SharedAccessSignature=sv=2022-11-02&ss=qt&sig=abc");
+        assert_eq!(sas.name(), "acme");
+        assert!(!format!("{sas:?}").contains("sig=abc"));
+    }
+
+    #[test]
+    fn missing_credentials_are_named() {
+        let err = Account::from_connection_string("AccountName=acme", Duration::from_secs(1))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("AccountKey or SharedAccessSignature"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,108 @@
+//! Azure Storage Queue operations.
+
+use super::{already_exists, call, StorageError};
+use azure_storage_queues::prelude::*;
+use std::time::Duration;
+
+/// The time-to-live this project gives every message: effectively never. Azure's default is
+/// 7 days, which would silently delete a backlog; the REST API's `-1` ("never") cannot be
+/// expressed through the SDK's `Duration`, so the largest positive value (68 years) stands in.
+pub const NEVER_EXPIRE: Duration = Duration::from_secs(i32::MAX as u64);
+
+/// A message taken from a queue; invisible to others until its visibility timeout ends.
+#[derive(Debug, Clone)]
+pub struct QueueMessage {
+    pub id: String,
+    pub pop_receipt: String,
+    /// Deliveries so far, this one included.
+    pub dequeue_count: u64,
+    pub text: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Queue {
+    client: QueueClient,
+    timeout: Duration,
+}
+
+impl Queue {
+    pub(super) fn new(client: QueueClient, timeout: Duration) -> Self {
+        Self { client, timeout }
+    }
+
+    pub fn name(&self) -> &str {
+        self.client.queue_name()
+    }
+
+    /// Creates the queue unless it exists.
+    pub async fn create_if_missing(&self) -> Result<(), StorageError> {
+        match call(
+            "queue_create",
+            self.timeout,
+            self.client.create().into_future(),
+        )
+        .await
+        {
+            Err(e) if !already_exists(&e) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Appends a message that never expires.
+    pub async fn put(&self, text: String) -> Result<(), StorageError> {
+        let put = self
+            .client
+            .put_message(text)
+            .ttl(NEVER_EXPIRE)
+            .into_future();
+        call("queue_put", self.timeout, put).await.map(drop)
+    }
+
+    /// Takes up to `max` (at most 32) messages, hiding them for `visibility`.
+    pub async fn get(
+        &self,
+        max: u8,
+        visibility: Duration,
+    ) -> Result<Vec<QueueMessage>, StorageError> {
+        let number = NumberOfMessages::new(max.clamp(1, 32));
+        let get = self
+            .client
+            .get_messages()
+            .number_of_messages(number)
+            .visibility_timeout(visibility)
+            .into_future();
+        let response = call("queue_get", self.timeout, get).await?;
+        Ok(response
+            .messages
+            .into_iter()
+            .map(|m| QueueMessage {
+                id: m.message_id,
+                pop_receipt: m.pop_receipt,
+                dequeue_count: m.dequeue_count,
+                text: m.message_text,
+            })
+            .collect())
+    }
+
+    /// Deletes a message taken with [`Queue::get`]. Fails with 404 or 400
+    /// (`PopReceiptMismatch`) when the message was deleted or retaken since.
+    pub async fn delete(&self, message: &QueueMessage) -> Result<(), StorageError> {
+        let receipt = self
+            .client
+            .pop_receipt_client(PopReceipt::new(&message.id, &message.pop_receipt));
+        call("queue_delete", self.timeout, receipt.delete().into_future())
+            .await
+            .map(drop)
+    }
+
+    /// The service's approximate count of messages, visible or not.
+    pub async fn approximate_depth(&self) -> Result<usize, StorageError> {
+        let metadata = call(
+            "queue_metadata",
+            self.timeout,
+            self.client.get_metadata().into_future(),
+        )
+        .await?;
+        Ok(metadata.approximate_messages_count)
+    }
+}

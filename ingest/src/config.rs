@@ -1,0 +1,78 @@
+use infra::cli::{LogArgs, MqttUrl, StorageArgs};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// MQTT in, Azure Storage Queue out: buffers device messages durably and acknowledges them to
+/// the broker only once the queue holds them.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(version, about, long_about = None)]
+pub struct Config {
+    /// MQTT broker (MQTT v5).
+    #[arg(long, env = "MQTT_URL", default_value = "mqtt://127.0.0.1:1883")]
+    pub mqtt_url: MqttUrl,
+
+    /// MQTT client id. It names the persistent session that holds unacknowledged messages
+    /// across restarts, so it must be stable per replica and unique across replicas
+    /// (a StatefulSet pod name is ideal). Defaults to `ingest-<hostname>`.
+    #[arg(long, env = "INGEST_CLIENT_ID", default_value_t = default_client_id())]
+    pub client_id: String,
+
+    /// Topic prefix: devices publish to `<prefix>/<deviceId>/telemetry`.
+    #[arg(long, env = "INGEST_TOPIC_PREFIX", default_value = "devices")]
+    pub topic_prefix: String,
+
+    /// Shared-subscription group; replicas in one group split the load. Empty subscribes
+    /// without sharing (every replica then receives every message).
+    #[arg(long, env = "INGEST_SHARE_GROUP", default_value = "ingest")]
+    pub share_group: String,
+
+    /// Queue that receives the envelopes.
+    #[arg(long, env = "INGEST_QUEUE_NAME", default_value = "telemetry-ingest")]
+    pub queue_name: String,
+
+    /// Longest a message waits for its envelope to fill before the envelope is written.
+    #[arg(long, env = "INGEST_LINGER", default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub linger: Duration,
+
+    /// Unacknowledged messages the broker may send before waiting for acks (MQTT v5 Receive
+    /// Maximum). Bounds memory, and the work a crash makes the broker redeliver.
+    #[arg(long, env = "INGEST_RECEIVE_MAXIMUM", default_value_t = 2000)]
+    pub receive_maximum: u16,
+
+    /// How long the broker keeps this client's session (and queues messages for it) while it
+    /// is disconnected.
+    #[arg(long, env = "INGEST_SESSION_EXPIRY", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub session_expiry: Duration,
+
+    /// Address for `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, env = "INGEST_METRICS_ADDR", default_value = "127.0.0.1:9101")]
+    pub metrics_addr: SocketAddr,
+
+    #[command(flatten)]
+    pub storage: StorageArgs,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl Config {
+    /// The subscription filter, shared when a group is set.
+    pub fn filter(&self) -> String {
+        let plain = format!("{}/+/telemetry", self.topic_prefix);
+        if self.share_group.is_empty() {
+            plain
+        } else {
+            format!("$share/{}/{plain}", self.share_group)
+        }
+    }
+}
+
+fn default_client_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "local".to_owned());
+    format!("ingest-{host}")
+}

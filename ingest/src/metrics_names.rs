@@ -1,0 +1,22 @@
+//! Every metric ingest exports.
+
+/// MQTT messages received (redeliveries included).
+pub const RECEIVED: &str = "ingest_messages_received_total";
+/// Of those, marked as redeliveries by the broker.
+pub const REDELIVERED: &str = "ingest_messages_redelivered_total";
+/// Payload bytes received.
+pub const RECEIVED_BYTES: &str = "ingest_received_bytes_total";
+/// Messages acknowledged to the broker (each one is in the queue).
+pub const ACKED: &str = "ingest_messages_acked_total";
+/// Envelopes written to the queue.
+pub const ENVELOPES: &str = "ingest_envelopes_written_total";
+/// Messages per envelope.
+pub const ENVELOPE_MESSAGES: &str = "ingest_envelope_messages";
+/// Failed queue writes (each is retried).
+pub const PUT_FAILURES: &str = "ingest_queue_put_failures_total";
+/// Time to write one envelope, retries included.
+pub const PUT_SECONDS: &str = "ingest_queue_put_seconds";
+/// Messages received and not yet acknowledged.
+pub const PENDING: &str = "ingest_pending_messages";
+/// MQTT connection errors.
+pub const CONNECTION_ERRORS: &str = "ingest_mqtt_connection_errors_total";

@@ -1,0 +1,191 @@
+//! The broker side: connection options, the polling task and the subscribing task.
+
+use crate::config::Config;
+use crate::metrics_names as m;
+use infra::serve::Health;
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::Outgoing;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Largest MQTT packet accepted: well above the contract's 32 KiB payload limit and the shipped
+/// broker's 256 KiB `max_packet_size`, so an oversize payload arrives and is dead-lettered as
+/// `too_large` instead of breaking the connection. (A publish above this limit would fail the
+/// event loop before it could be acknowledged, and a persistent session would redeliver it on
+/// every reconnect: a poison loop in ingest itself.)
+pub const MAX_PACKET_BYTES: u32 = 512 * 1024;
+
+/// A publish and the connection it arrived on. A PUBACK is only valid on that connection:
+/// after a reconnect the broker redelivers unacknowledged messages, and may reuse packet ids.
+#[derive(Debug)]
+pub struct Delivery {
+    pub publish: Publish,
+    pub connection: u64,
+    pub received_at_ms: i64,
+}
+
+/// The client handle plus the tasks that drive it.
+pub struct Mqtt {
+    pub client: AsyncClient,
+    pub connection: Arc<AtomicU64>,
+    stop: CancellationToken,
+    poller: JoinHandle<()>,
+    subscriber: JoinHandle<()>,
+}
+
+/// Starts the connection; deliveries arrive on the returned channel.
+pub fn connect(config: &Config, health: Health) -> (Mqtt, mpsc::Receiver<Delivery>) {
+    let mut options = MqttOptions::new(
+        config.client_id.clone(),
+        config.mqtt_url.host.clone(),
+        config.mqtt_url.port,
+    );
+    let session_expiry = u32::try_from(config.session_expiry.as_secs()).unwrap_or(u32::MAX);
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_clean_start(false)
+        .set_session_expiry_interval(Some(session_expiry))
+        .set_manual_acks(true)
+        .set_receive_maximum(Some(config.receive_maximum))
+        .set_max_packet_size(Some(MAX_PACKET_BYTES));
+    // Every unacknowledged delivery can produce one PUBACK request; with room for all of them
+    // the packer never waits on the request channel.
+    let capacity = usize::from(config.receive_maximum) + 64;
+    let (client, mut eventloop) = AsyncClient::new(options, capacity);
+    let (tx, publishes) = mpsc::channel(capacity);
+    let connection = Arc::new(AtomicU64::new(0));
+    let connected = Arc::new(Notify::new());
+    let stop = CancellationToken::new();
+
+    let poller = {
+        let (connection, connected, stop, health) = (
+            connection.clone(),
+            connected.clone(),
+            stop.clone(),
+            health.clone(),
+        );
+        tokio::spawn(async move {
+            let mut backoff =
+                infra::retry::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+            loop {
+                let event = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    event = eventloop.poll() => event,
+                };
+                match event {
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        metrics::counter!(m::RECEIVED).increment(1);
+                        metrics::counter!(m::RECEIVED_BYTES)
+                            .increment(publish.payload.len() as u64);
+                        if publish.dup {
+                            metrics::counter!(m::REDELIVERED).increment(1);
+                        }
+                        let delivery = Delivery {
+                            publish,
+                            connection: connection.load(Ordering::SeqCst),
+                            received_at_ms: schemas::timefmt::now_ms(),
+                        };
+                        if tx.send(delivery).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        backoff.reset();
+                        connection.fetch_add(1, Ordering::SeqCst);
+                        tracing::info!(
+                            session_present = ack.session_present,
+                            "Connected to the broker."
+                        );
+                        connected.notify_one();
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        match ack
+                            .return_codes
+                            .iter()
+                            .find(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+                        {
+                            None => {
+                                tracing::info!("Subscribed.");
+                                health.set_ready();
+                            }
+                            Some(code) => {
+                                tracing::error!(
+                                    ?code,
+                                    "The broker refused the subscription; no messages will arrive."
+                                );
+                                health.set_not_ready(format!("subscription refused: {code:?}"));
+                            }
+                        }
+                    }
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+                    Ok(_) => {}
+                    Err(error) => {
+                        metrics::counter!(m::CONNECTION_ERRORS).increment(1);
+                        health.set_not_ready(format!("broker connection: {error}"));
+                        let delay = backoff.next_delay();
+                        tracing::warn!(%error, retry_in = ?delay, "Broker connection failed.");
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                }
+            }
+        })
+    };
+
+    // Subscribing from the poller could deadlock on a full request channel, so it happens here.
+    let subscriber = {
+        let (client, filter, stop) = (client.clone(), config.filter(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = connected.notified() => {}
+                }
+                tracing::debug!(%filter, "Subscribing.");
+                if let Err(error) = client.subscribe(filter.clone(), QoS::AtLeastOnce).await {
+                    tracing::warn!(%error, "Cannot request the subscription.");
+                }
+            }
+        })
+    };
+
+    let mqtt = Mqtt {
+        client,
+        connection,
+        stop,
+        poller,
+        subscriber,
+    };
+    (mqtt, publishes)
+}
+
+impl Mqtt {
+    /// Gives the poller `grace` to send queued PUBACKs, disconnects, and stops the tasks.
+    pub async fn close(self, grace: Duration) {
+        let Mqtt {
+            client,
+            stop,
+            poller,
+            subscriber,
+            ..
+        } = self;
+        // The disconnect request queues behind the acks, so the acks go out first; the poller
+        // ends when it sees the disconnect leave. The timeout covers a broker that is gone.
+        let _ = tokio::time::timeout(grace, client.disconnect()).await;
+        let mut poller = poller;
+        if tokio::time::timeout(grace, &mut poller).await.is_err() {
+            stop.cancel();
+            let _ = poller.await;
+        }
+        stop.cancel();
+        let _ = subscriber.await;
+    }
+}

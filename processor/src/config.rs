@@ -1,0 +1,64 @@
+use infra::cli::{LogArgs, StorageArgs};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Queue in, Table Storage out: validates every reading, upserts the valid ones, and
+/// dead-letters the rest with a reason and the original bytes.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(version, about, long_about = None)]
+pub struct Config {
+    /// Queue of envelopes written by ingest.
+    #[arg(long, env = "PROCESSOR_QUEUE_NAME", default_value = "telemetry-ingest")]
+    pub queue_name: String,
+
+    /// Queue that receives dead-letter records.
+    #[arg(
+        long,
+        env = "PROCESSOR_DEAD_LETTER_QUEUE",
+        default_value = "telemetry-deadletter"
+    )]
+    pub dead_letter_queue: String,
+
+    /// Table that receives readings.
+    #[arg(long, env = "PROCESSOR_TABLE_NAME", default_value = schemas::entity::DEFAULT_TABLE)]
+    pub table_name: String,
+
+    /// Topic prefix devices publish under (`<prefix>/<deviceId>/telemetry`).
+    #[arg(long, env = "PROCESSOR_TOPIC_PREFIX", default_value = "devices")]
+    pub topic_prefix: String,
+
+    /// Concurrent workers, each holding up to 32 queue messages.
+    #[arg(long, env = "PROCESSOR_WORKERS", default_value_t = 8)]
+    pub workers: usize,
+
+    /// Table writes in flight per worker.
+    #[arg(long, env = "PROCESSOR_WRITE_CONCURRENCY", default_value_t = 16)]
+    pub write_concurrency: usize,
+
+    /// How long a taken queue message stays hidden from other workers. Retries of one
+    /// message stop at half of it, so that it is finished or released before it reappears.
+    #[arg(long, env = "PROCESSOR_VISIBILITY_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub visibility_timeout: Duration,
+
+    /// Deliveries after which a queue message that still fails is dead-lettered as `poison`.
+    #[arg(long, env = "PROCESSOR_MAX_DELIVERIES", default_value_t = 5)]
+    pub max_deliveries: u64,
+
+    /// How far ahead of this clock a reading's timestamp may be.
+    #[arg(long, env = "PROCESSOR_MAX_FUTURE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub max_future: Duration,
+
+    /// Oldest reading accepted; older ones are dead-lettered as `stale`.
+    #[arg(long, env = "PROCESSOR_MAX_AGE", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub max_age: Duration,
+
+    /// Address for `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, env = "PROCESSOR_METRICS_ADDR", default_value = "127.0.0.1:9102")]
+    pub metrics_addr: SocketAddr,
+
+    #[command(flatten)]
+    pub storage: StorageArgs,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+}

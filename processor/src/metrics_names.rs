@@ -1,0 +1,20 @@
+//! Every metric the processor exports.
+
+/// Readings written to the table.
+pub const STORED: &str = "processor_readings_stored_total";
+/// Dead-letter records written, by `reason`.
+pub const DEAD_LETTERS: &str = "processor_dead_letters_total";
+/// Queue messages finished and deleted.
+pub const MESSAGES_DONE: &str = "processor_messages_done_total";
+/// Queue messages left to reappear after a failure.
+pub const MESSAGES_RETRIED: &str = "processor_messages_retried_total";
+/// Table requests, by `kind` (`batch` or `single`).
+pub const TABLE_WRITES: &str = "processor_table_writes_total";
+/// Time to process one get of up to 32 queue messages.
+pub const ROUND_SECONDS: &str = "processor_round_seconds";
+/// From ingest receiving a message to its readings being stored.
+pub const LATENCY_SECONDS: &str = "processor_ingest_to_store_seconds";
+/// Approximate messages in the ingest queue.
+pub const QUEUE_DEPTH: &str = "processor_queue_depth";
+/// Storage errors seen by workers (each is retried or ends in a retry later).
+pub const STORAGE_ERRORS: &str = "processor_storage_errors_total";

@@ -1,0 +1,399 @@
+//! One worker's loop, and the round it runs on each get of up to 32 queue messages.
+//!
+//! A round: decode every envelope, validate every reading, write the valid ones grouped by
+//! partition, write a dead-letter record for everything refused, and only then delete each
+//! queue message whose readings are all stored or dead-lettered. A message with any failure is
+//! left alone; it reappears after the visibility timeout and is redone (upserts make that
+//! harmless). On its last allowed delivery, a failing message is dead-lettered as `poison`.
+
+use crate::metrics_names as m;
+use crate::plan::{plan, Batch};
+use futures::{stream, StreamExt};
+use infra::retry::Backoff;
+use infra::serve::Health;
+use infra::storage::{BatchOutcome, Entity, Queue, QueueMessage, StorageError, Table};
+use schemas::dead_letter::{DeadLetter, Refusal};
+use schemas::envelope::{self, DeviceMessage};
+use schemas::reading::{self, Policy, Rejection};
+use schemas::Reason;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Most rejections spelled out in one dead-letter detail.
+const DETAIL_REJECTIONS: usize = 10;
+
+/// Everything a worker needs; shared by all workers.
+#[derive(Debug)]
+pub struct Ctx {
+    pub queue: Queue,
+    pub dead_letters: Queue,
+    pub table: Table,
+    pub topic_prefix: String,
+    pub policy: Policy,
+    pub visibility: Duration,
+    pub max_deliveries: u64,
+    pub write_concurrency: usize,
+    pub health: Health,
+}
+
+/// Takes and processes messages until `shutdown`. A round in progress is finished first.
+pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
+    let mut idle = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    let mut failing = Backoff::default();
+    while !shutdown.is_cancelled() {
+        let delay = match ctx.queue.get(32, ctx.visibility).await {
+            Ok(messages) if messages.is_empty() => {
+                failing.reset();
+                ctx.health.set_ready();
+                idle.next_delay()
+            }
+            Ok(messages) => {
+                failing.reset();
+                idle.reset();
+                ctx.health.set_ready();
+                let started = std::time::Instant::now();
+                round(&ctx, messages).await;
+                metrics::histogram!(m::ROUND_SECONDS).record(started.elapsed().as_secs_f64());
+                continue;
+            }
+            Err(error) => {
+                metrics::counter!(m::STORAGE_ERRORS).increment(1);
+                ctx.health
+                    .set_not_ready(format!("queue {} unavailable: {error}", ctx.queue.name()));
+                let delay = failing.next_delay();
+                tracing::warn!(%error, retry_in = ?delay, "Cannot read the ingest queue.");
+                delay
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// A queue message and what became of it this round.
+struct Held {
+    message: QueueMessage,
+    devices: Vec<DeviceMessage>,
+    /// The last error that keeps this message from being finished.
+    failure: Option<String>,
+}
+
+/// A dead letter to write, and the queue message it belongs to.
+struct Pending {
+    owner: usize,
+    record: DeadLetter,
+}
+
+#[tracing::instrument(skip_all, fields(messages = messages.len()))]
+async fn round(ctx: &Ctx, messages: Vec<QueueMessage>) {
+    // Retries stop here, so the message is finished or released before it reappears.
+    let deadline = Instant::now() + ctx.visibility / 2;
+    let now = schemas::timefmt::now_ms();
+    let mut held = Vec::with_capacity(messages.len());
+    let mut dead = Vec::new();
+    let mut rows: Vec<((usize, usize), Entity)> = Vec::new();
+
+    for (owner, message) in messages.into_iter().enumerate() {
+        let decoded = envelope::decode(&message.text);
+        let readable = decoded.is_ok();
+        let devices = match decoded {
+            Ok(devices) => devices,
+            Err(error) => {
+                tracing::warn!(%error, id = %message.id, "Unreadable queue message; dead-lettering it.");
+                let record = DeadLetter::for_unreadable(
+                    &message.text,
+                    error.to_string(),
+                    message.dequeue_count,
+                    now,
+                );
+                dead.push(Pending { owner, record });
+                Vec::new()
+            }
+        };
+        let mut failure = None;
+        if readable && message.dequeue_count > ctx.max_deliveries {
+            // An earlier delivery ended without finishing: a crash or a timeout mid-round.
+            failure = Some(format!(
+                "delivered {} times; earlier attempts did not finish",
+                message.dequeue_count
+            ));
+        } else {
+            for (index, device) in devices.iter().enumerate() {
+                let outcome = reading::validate(
+                    &ctx.topic_prefix,
+                    &device.topic,
+                    &device.payload,
+                    device.original_len,
+                    now,
+                    &ctx.policy,
+                );
+                for r in &outcome.readings {
+                    rows.push((
+                        (owner, index),
+                        schemas::entity::to_entity(r, device.received_at_ms),
+                    ));
+                }
+                if !outcome.rejections.is_empty() {
+                    let record =
+                        refuse(ctx, device, &outcome.rejections, message.dequeue_count, now);
+                    dead.push(Pending { owner, record });
+                }
+            }
+        }
+        held.push(Held {
+            message,
+            devices,
+            failure,
+        });
+    }
+
+    write_rows(ctx, rows, &mut held, &mut dead, deadline, now).await;
+    write_dead_letters(ctx, dead, &mut held, deadline).await;
+
+    // Last allowed delivery and still failing: dead-letter it whole, so the queue moves on.
+    let mut poison = Vec::new();
+    for (owner, h) in held.iter().enumerate() {
+        if let Some(error) = &h.failure {
+            if h.message.dequeue_count >= ctx.max_deliveries {
+                for device in &h.devices {
+                    let record = DeadLetter::new(
+                        device,
+                        Refusal {
+                            reason: Reason::Poison,
+                            detail: format!(
+                                "gave up after {} deliveries: {error}",
+                                h.message.dequeue_count
+                            ),
+                            device_id: topic_device(ctx, device),
+                            rejected_indexes: Vec::new(),
+                            attempts: h.message.dequeue_count,
+                            dead_lettered_at_ms: now,
+                        },
+                    );
+                    poison.push(Pending { owner, record });
+                }
+            }
+        }
+    }
+    if !poison.is_empty() {
+        let owners: BTreeSet<usize> = poison.iter().map(|p| p.owner).collect();
+        for &owner in &owners {
+            held[owner].failure = None;
+        }
+        tracing::warn!(messages = owners.len(), "Dead-lettering poison messages.");
+        write_dead_letters(ctx, poison, &mut held, deadline).await;
+    }
+
+    for h in &held {
+        if let Some(error) = &h.failure {
+            metrics::counter!(m::MESSAGES_RETRIED).increment(1);
+            tracing::warn!(id = %h.message.id, deliveries = h.message.dequeue_count, %error, "Leaving the message to reappear.");
+            continue;
+        }
+        match retry(deadline, || ctx.queue.delete(&h.message)).await {
+            Ok(()) => {
+                metrics::counter!(m::MESSAGES_DONE).increment(1);
+                let now = schemas::timefmt::now_ms();
+                for d in &h.devices {
+                    let seconds = (now - d.received_at_ms).max(0) as f64 / 1000.0;
+                    metrics::histogram!(m::LATENCY_SECONDS).record(seconds);
+                }
+            }
+            // Deleted or retaken meanwhile: another worker has it, and its redo is harmless.
+            Err(error) if matches!(error.status(), Some(400 | 404)) => {
+                tracing::debug!(%error, "Message already gone or retaken.");
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Cannot delete a finished message; it will be redone.");
+            }
+        }
+    }
+}
+
+/// The dead-letter record for a device message with refused readings.
+fn refuse(
+    ctx: &Ctx,
+    device: &DeviceMessage,
+    rejections: &[Rejection],
+    attempts: u64,
+    now: i64,
+) -> DeadLetter {
+    let first = &rejections[0];
+    let detail = if rejections.len() == 1 && first.index.is_none() {
+        first.detail.clone()
+    } else {
+        let mut parts: Vec<String> = rejections
+            .iter()
+            .take(DETAIL_REJECTIONS)
+            .map(|r| match r.index {
+                Some(i) => format!("[{i}] {}: {}", r.reason, r.detail),
+                None => format!("{}: {}", r.reason, r.detail),
+            })
+            .collect();
+        if rejections.len() > DETAIL_REJECTIONS {
+            parts.push(format!("and {} more", rejections.len() - DETAIL_REJECTIONS));
+        }
+        parts.join("; ")
+    };
+    DeadLetter::new(
+        device,
+        Refusal {
+            reason: first.reason,
+            detail,
+            device_id: topic_device(ctx, device),
+            rejected_indexes: rejections.iter().filter_map(|r| r.index).collect(),
+            attempts,
+            dead_lettered_at_ms: now,
+        },
+    )
+}
+
+fn topic_device(ctx: &Ctx, device: &DeviceMessage) -> Option<String> {
+    reading::device_id_from_topic(&ctx.topic_prefix, &device.topic)
+        .filter(|id| reading::is_valid_device_id(id))
+        .map(str::to_owned)
+}
+
+/// What a table write came to.
+enum Written {
+    Stored(usize),
+    /// Try the whole queue message again later.
+    Retry(String),
+    /// These entities were refused outright (after the others were stored one by one).
+    Refused(usize, Vec<(usize, String)>),
+}
+
+async fn write_rows(
+    ctx: &Ctx,
+    rows: Vec<((usize, usize), Entity)>,
+    held: &mut [Held],
+    dead: &mut Vec<Pending>,
+    deadline: Instant,
+    now: i64,
+) {
+    let batches = plan(rows);
+    let results: Vec<(Batch<(usize, usize)>, Written)> = stream::iter(batches)
+        .map(|batch| async move {
+            let written = write_batch(ctx, &batch, deadline).await;
+            (batch, written)
+        })
+        .buffer_unordered(ctx.write_concurrency.max(1))
+        .collect()
+        .await;
+    for (batch, written) in results {
+        match written {
+            Written::Stored(n) => metrics::counter!(m::STORED).increment(n as u64),
+            Written::Retry(error) => {
+                for (owner, _) in batch.all_origins() {
+                    held[owner].failure = Some(error.clone());
+                }
+            }
+            Written::Refused(stored, refused) => {
+                metrics::counter!(m::STORED).increment(stored as u64);
+                let mut seen = BTreeSet::new();
+                for (k, error) in refused {
+                    for (owner, index) in batch.origins[k].iter().copied() {
+                        if !seen.insert((owner, index)) {
+                            continue;
+                        }
+                        let device = &held[owner].devices[index];
+                        let record = DeadLetter::new(
+                            device,
+                            Refusal {
+                                reason: Reason::StorageRejected,
+                                detail: format!(
+                                    "row {} refused by Table Storage: {error}",
+                                    batch.entities[k]["RowKey"]
+                                ),
+                                device_id: topic_device(ctx, device),
+                                rejected_indexes: Vec::new(),
+                                attempts: held[owner].message.dequeue_count,
+                                dead_lettered_at_ms: now,
+                            },
+                        );
+                        dead.push(Pending { owner, record });
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn write_batch(ctx: &Ctx, batch: &Batch<(usize, usize)>, deadline: Instant) -> Written {
+    if let [entity] = batch.entities.as_slice() {
+        metrics::counter!(m::TABLE_WRITES, "kind" => "single").increment(1);
+        return match retry(deadline, || ctx.table.upsert(entity)).await {
+            Ok(()) => Written::Stored(1),
+            Err(e) if e.is_retriable() => Written::Retry(e.to_string()),
+            Err(e) => Written::Refused(0, vec![(0, e.to_string())]),
+        };
+    }
+    metrics::counter!(m::TABLE_WRITES, "kind" => "batch").increment(1);
+    let why = match retry(deadline, || ctx.table.upsert_batch(&batch.entities)).await {
+        Ok(BatchOutcome::Committed) => return Written::Stored(batch.entities.len()),
+        Ok(BatchOutcome::Rejected { status }) => format!("transaction refused with HTTP {status}"),
+        Err(e) if e.is_retriable() => return Written::Retry(e.to_string()),
+        Err(e) => e.to_string(),
+    };
+    // A refused transaction wrote nothing; find the culprit by writing one at a time.
+    tracing::warn!(reason = %why, entities = batch.entities.len(), "Transaction refused; writing its entities one by one.");
+    let mut stored = 0;
+    let mut refused = Vec::new();
+    for (k, entity) in batch.entities.iter().enumerate() {
+        metrics::counter!(m::TABLE_WRITES, "kind" => "single").increment(1);
+        match retry(deadline, || ctx.table.upsert(entity)).await {
+            Ok(()) => stored += 1,
+            Err(e) if e.is_retriable() => return Written::Retry(e.to_string()),
+            Err(e) => refused.push((k, e.to_string())),
+        }
+    }
+    Written::Refused(stored, refused)
+}
+
+async fn write_dead_letters(ctx: &Ctx, dead: Vec<Pending>, held: &mut [Held], deadline: Instant) {
+    let results: Vec<(usize, Reason, Result<(), StorageError>)> = stream::iter(dead)
+        .map(|p| async move {
+            let text = p.record.encode();
+            let result = retry(deadline, || ctx.dead_letters.put(text.clone())).await;
+            (p.owner, p.record.reason, result)
+        })
+        .buffer_unordered(ctx.write_concurrency.max(1))
+        .collect()
+        .await;
+    for (owner, reason, result) in results {
+        match result {
+            Ok(()) => {
+                metrics::counter!(m::DEAD_LETTERS, "reason" => reason.as_str()).increment(1);
+            }
+            Err(error) => held[owner].failure = Some(error.to_string()),
+        }
+    }
+}
+
+/// Runs `op` until it succeeds, fails for good, or `deadline` passes.
+async fn retry<T, F, Fut>(deadline: Instant, mut op: F) -> Result<T, StorageError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StorageError>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+    loop {
+        match op().await {
+            Err(e) if e.is_retriable() => {
+                metrics::counter!(m::STORAGE_ERRORS).increment(1);
+                let delay = backoff.next_delay();
+                if Instant::now() + delay >= deadline {
+                    return Err(e);
+                }
+                tracing::debug!(error = %e, retry_in = ?delay, "Retrying a storage call.");
+                tokio::time::sleep(delay).await;
+            }
+            other => return other,
+        }
+    }
+}

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs what the pipeline needs to run and test locally, when missing:
+#   - Azurite (pinned) via npm into .tools/ (git-ignored);
+#   - Mosquitto via apt;
+#   - with --compose, docker-compose via apt (used by the tests to validate docker-compose.yml).
+# Sourced or run; prints what it does, and nothing when everything is present.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+AZURITE_VERSION="3.37.0"
+AZURITE_BIN="$ROOT/.tools/node_modules/.bin/azurite"
+
+apt_install() {
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || { echo "error: need root or sudo to apt-get install $*" >&2; exit 1; }
+    sudo="sudo"
+  fi
+  echo "==> Installing $* with apt"
+  $sudo apt-get update -qq >/dev/null || true
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+if ! command -v cargo >/dev/null; then
+  echo "error: cargo not found. Install Rust from https://rustup.rs and run this again." >&2
+  exit 1
+fi
+
+if ! command -v npm >/dev/null; then
+  apt_install nodejs npm
+fi
+
+installed="$(node -p "require('$ROOT/.tools/node_modules/azurite/package.json').version" 2>/dev/null || true)"
+if [ "$installed" != "$AZURITE_VERSION" ]; then
+  echo "==> Installing Azurite $AZURITE_VERSION into .tools/ (about 30 s)"
+  mkdir -p "$ROOT/.tools"
+  npm install --prefix "$ROOT/.tools" --no-save --no-audit --no-fund --loglevel=error "azurite@$AZURITE_VERSION" >/dev/null
+fi
+
+if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
+  apt_install mosquitto
+fi
+
+if [ "${1:-}" = "--compose" ] && ! command -v docker-compose >/dev/null; then
+  apt_install docker-compose
+fi
