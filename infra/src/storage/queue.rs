@@ -16,6 +16,8 @@ pub struct QueueMessage {
     pub pop_receipt: String,
     /// Deliveries so far, this one included.
     pub dequeue_count: u64,
+    /// When the service will delete the message unread (UTC milliseconds).
+    pub expires_at_ms: i64,
     pub text: String,
 }
 
@@ -79,6 +81,8 @@ impl Queue {
                 id: m.message_id,
                 pop_receipt: m.pop_receipt,
                 dequeue_count: m.dequeue_count,
+                expires_at_ms: i64::try_from(m.expiration_time.unix_timestamp_nanos() / 1_000_000)
+                    .unwrap_or(i64::MAX),
                 text: m.message_text,
             })
             .collect())

@@ -1,0 +1,17 @@
+# One image, three binaries: ingest, processor, simulator. Pick one with the container command.
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bins \
+    && mkdir /out \
+    && cp target/release/ingest target/release/processor target/release/simulator /out/
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 pipeline
+COPY --from=build /out/ /usr/local/bin/
+USER pipeline
+ENV LOG_FORMAT=json
+CMD ["ingest", "--help"]

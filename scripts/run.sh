@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The run command: the whole pipeline locally, driven by the simulator.
+#
+# Installs what is missing, starts Azurite and Mosquitto unless they already run, builds the
+# services (release), starts processor and ingest, then the simulator, and shows a live status
+# line until Ctrl-C, when it stops everything cleanly (newest first, each flushing what it holds).
+#
+# Settings (environment): SIMULATOR_DEVICES (10000), SIMULATOR_INTERVAL (30s), MQTT_URL
+# (mqtt://127.0.0.1:1883), AZURE_STORAGE_CONNECTION_STRING (local Azurite), RUN_FOR (seconds
+# to run before stopping by itself; unset = until Ctrl-C). Every service flag is also read from
+# the environment; see `target/release/<service> --help`.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+RUN="$ROOT/.run"
+mkdir -p "$RUN/logs" "$RUN/azurite" "$RUN/mosquitto"
+
+export SIMULATOR_DEVICES="${SIMULATOR_DEVICES:-10000}"
+export SIMULATOR_INTERVAL="${SIMULATOR_INTERVAL:-30s}"
+export MQTT_URL="${MQTT_URL:-mqtt://127.0.0.1:1883}"
+MQTT_PORT="${MQTT_URL##*:}"; MQTT_PORT="${MQTT_PORT%%/*}"
+INGEST_PORT=9101 PROCESSOR_PORT=9102 SIMULATOR_PORT=9103
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# metric PORT NAME: the sum of a Prometheus metric's samples, read without curl.
+metric() {
+  local body
+  body="$( (exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3 && cat <&3) 2>/dev/null)" || { echo 0; return; }
+  awk -v n="$2" '$1 == n || index($1, n "{") == 1 { s += $NF } END { printf "%d", s }' <<<"$body"
+}
+
+wait_ready() { # NAME PORT
+  for _ in $(seq 1 300); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$2" && printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3 && head -n1 <&3 | grep -q ' 200') 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.2
+  done
+  echo "error: $1 did not become ready; see .run/logs/$1.log" >&2
+  return 1
+}
+
+bash scripts/prereqs.sh
+
+started=()   # pids of what this script started, in start order
+stop_all() {
+  trap - INT TERM EXIT
+  echo
+  echo "==> Stopping (each service flushes what it holds)"
+  for ((i=${#started[@]}-1; i>=0; i--)); do
+    kill -TERM "${started[$i]}" 2>/dev/null || true
+    wait "${started[$i]}" 2>/dev/null || true
+  done
+  echo "==> Stopped. Logs are in .run/logs/."
+}
+trap stop_all INT TERM EXIT
+
+if port_open 10001 && port_open 10002; then
+  echo "==> Using the Azure Storage emulator already listening on 10001/10002"
+else
+  echo "==> Starting Azurite (data in .run/azurite)"
+  .tools/node_modules/.bin/azurite --silent --skipApiVersionCheck --location "$RUN/azurite" \
+    >"$RUN/logs/azurite.log" 2>&1 &
+  started+=($!)
+  for _ in $(seq 1 100); do port_open 10001 && port_open 10002 && break; sleep 0.2; done
+fi
+
+if port_open "$MQTT_PORT"; then
+  echo "==> Using the MQTT broker already listening on $MQTT_PORT"
+  echo "    Its configuration is its own: unless it sets max_queued_messages 0 (see"
+  echo "    deploy/mosquitto.conf), it drops messages queued beyond 1000 while ingest is down."
+else
+  echo "==> Starting Mosquitto on $MQTT_PORT with deploy/mosquitto.conf"
+  sed -e "s|^listener .*|listener $MQTT_PORT 127.0.0.1|" \
+      -e "s|^persistence_location .*|persistence_location $RUN/mosquitto/|" \
+      deploy/mosquitto.conf >"$RUN/mosquitto.conf"
+  MOSQUITTO="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
+  "$MOSQUITTO" -c "$RUN/mosquitto.conf" >"$RUN/logs/mosquitto.log" 2>&1 &
+  started+=($!)
+  for _ in $(seq 1 50); do port_open "$MQTT_PORT" && break; sleep 0.2; done
+fi
+
+echo "==> Building (release)"
+cargo build --release --locked --bins
+
+for svc in processor ingest; do
+  port_var="$(echo "$svc" | tr a-z A-Z)_PORT"
+  echo "==> Starting $svc (metrics on 127.0.0.1:${!port_var})"
+  target/release/$svc >"$RUN/logs/$svc.log" 2>&1 &
+  started+=($!)
+  wait_ready "$svc" "${!port_var}"
+done
+# Only after ingest has subscribed: the broker keeps nothing for a subscription that does not exist.
+echo "==> Starting the simulator: $SIMULATOR_DEVICES devices every $SIMULATOR_INTERVAL"
+target/release/simulator >"$RUN/logs/simulator.log" 2>&1 &
+started+=($!)
+sim_pid=$!
+
+echo "==> Running. Ctrl-C stops everything. Metrics: :$INGEST_PORT/metrics :$PROCESSOR_PORT/metrics :$SIMULATOR_PORT/metrics"
+t0=$(date +%s.%N); s0=0; begin=$(date +%s)
+while kill -0 "$sim_pid" 2>/dev/null; do
+  sleep 2
+  published=$(metric $SIMULATOR_PORT simulator_published_total)
+  stored=$(metric $PROCESSOR_PORT processor_readings_stored_total)
+  dead=$(metric $PROCESSOR_PORT processor_dead_letters_total)
+  depth=$(metric $PROCESSOR_PORT processor_queue_depth)
+  t1=$(date +%s.%N)
+  rate=$(awk -v a="$stored" -v b="$s0" -v t="$t1" -v u="$t0" 'BEGIN { printf "%.0f", (a - b) / (t - u) }')
+  avg=$(awk -v a="$stored" -v t="$(date +%s)" -v u="$begin" 'BEGIN { d = t - u; printf "%.0f", d > 0 ? a / d : 0 }')
+  printf '\rpublished %9d | stored %9d | dead-lettered %6d | queue depth %5d | %6d readings/s (avg %d)   ' \
+    "$published" "$stored" "$dead" "$depth" "$rate" "$avg"
+  t0=$t1; s0=$stored
+  if [ -n "${RUN_FOR:-}" ] && [ $(( $(date +%s) - begin )) -ge "$RUN_FOR" ]; then
+    break
+  fi
+done

@@ -1,0 +1,113 @@
+//! The storage adapter against real Azurite: the pitfalls that would lose data.
+
+use infra::storage::{BatchOutcome, Entity};
+use schemas::envelope::{DeviceMessage, EnvelopeBuilder};
+use serde_json::json;
+use std::time::Duration;
+use tests::{unique, Azurite};
+
+fn entity(v: serde_json::Value) -> Entity {
+    v.as_object().expect("an object").clone()
+}
+
+#[tokio::test]
+async fn adapter_pitfalls() {
+    if !tests::servers_available("adapter_pitfalls") {
+        return;
+    }
+    let azurite = Azurite::start().await;
+    let account = azurite.account();
+
+    // Messages never expire: Azure's default TTL (7 days) would silently delete a backlog.
+    let queue = account.queue(&unique("q"));
+    queue.create_if_missing().await.expect("create queue");
+    queue
+        .create_if_missing()
+        .await
+        .expect("creating twice is fine");
+    // The largest envelope the builder will produce is accepted whole.
+    let mut envelope = EnvelopeBuilder::default();
+    let mut i = 0;
+    while envelope
+        .push(DeviceMessage::from_mqtt(
+            "devices/d/telemetry",
+            &[0xf0 ^ (i as u8); 700],
+            i,
+        ))
+        .is_ok()
+    {
+        i += 1;
+    }
+    let text = envelope.finish();
+    assert!(text.len() > 60_000);
+    queue
+        .put(text.clone())
+        .await
+        .expect("a full envelope fits the queue");
+    let got = queue.get(32, Duration::from_secs(30)).await.expect("get");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].text, text);
+    let years = (got[0].expires_at_ms - schemas::timefmt::now_ms()) / (365 * 86_400_000);
+    assert!(years > 50, "messages expire in {years} years");
+
+    let table = account.table(&unique("t"));
+    table.create_if_missing().await.expect("create table");
+    let good = |rk: &str| entity(json!({"PartitionKey": "p", "RowKey": rk, "V": 1.5}));
+
+    // A transaction the service refuses is reported as refused, not as success (the SDK's
+    // future says Ok). A string property over 64 KiB is one refusal; a repeated RowKey is
+    // another, which is why the processor deduplicates keys before batching.
+    let bad = entity(json!({"PartitionKey": "p", "RowKey": "b", "S": "x".repeat(70_000)}));
+    for batch in [vec![good("a"), bad], vec![good("a"), good("a")]] {
+        let outcome = table
+            .upsert_batch(&batch)
+            .await
+            .expect("the service answered");
+        assert!(
+            matches!(outcome, BatchOutcome::Rejected { status } if status >= 400),
+            "{outcome:?}"
+        );
+    }
+    assert!(
+        table
+            .query("PartitionKey eq 'p'")
+            .await
+            .expect("query")
+            .is_empty(),
+        "nothing written"
+    );
+
+    // Mixed partitions and oversize batches are refused before sending (Azurite would accept).
+    let other = entity(json!({"PartitionKey": "q", "RowKey": "a"}));
+    let err = table.upsert_batch(&[good("a"), other]).await.unwrap_err();
+    assert!(
+        !err.is_retriable() && err.to_string().contains("spans partitions"),
+        "{err}"
+    );
+    let many: Vec<Entity> = (0..101).map(|i| good(&format!("{i:03}"))).collect();
+    assert!(table.upsert_batch(&many).await.is_err());
+
+    // Upserts are idempotent; a committed batch is committed.
+    assert_eq!(
+        table.upsert_batch(&many[..100]).await.expect("batch"),
+        BatchOutcome::Committed
+    );
+    assert_eq!(
+        table.upsert_batch(&many[..100]).await.expect("again"),
+        BatchOutcome::Committed
+    );
+    assert_eq!(
+        table
+            .query("PartitionKey eq 'p'")
+            .await
+            .expect("query")
+            .len(),
+        100
+    );
+
+    // An unreachable service is a retriable error, not a hang.
+    let mut azurite = azurite;
+    azurite.stop().await;
+    let err = queue.put("x".into()).await.unwrap_err();
+    assert!(err.is_retriable(), "{err}");
+}

@@ -1,0 +1,164 @@
+//! Crashes and outages: no reading may be lost.
+
+use crate::Pipeline;
+use schemas::timefmt::now_ms;
+use std::collections::BTreeSet;
+use std::time::Duration;
+use tests::storage::{publish_all, reading, topic};
+
+/// `n` distinct valid readings over `devices` devices, each ending in a unique millisecond.
+fn readings(n: usize, devices: usize, offset: usize) -> Vec<(String, Vec<u8>)> {
+    let base = now_ms() - 600_000;
+    (offset..offset + n)
+        .map(|i| {
+            let id = format!("dev-{:04}", i % devices);
+            (topic(&id), reading(&id, base + i as i64, i as u64))
+        })
+        .collect()
+}
+
+async fn assert_all_present(p: &Pipeline, expected: usize) {
+    let rows = p.wait_rows(expected, Duration::from_secs(180)).await;
+    let keys: BTreeSet<(String, String)> = rows
+        .iter()
+        .map(|e| {
+            (
+                e["PartitionKey"].as_str().unwrap_or_default().to_owned(),
+                e["RowKey"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(keys.len(), expected, "every reading exactly once");
+}
+
+#[tokio::test]
+async fn processor_killed_mid_run_loses_nothing() {
+    // One worker, so it is caught mid-run; a shorter visibility timeout so that the messages
+    // the killed process held reappear sooner.
+    let penv = [
+        ("PROCESSOR_WORKERS", "1".to_owned()),
+        ("PROCESSOR_VISIBILITY_TIMEOUT", "20s".to_owned()),
+    ];
+    let Some(mut p) = Pipeline::start("processor_kill9", &[], &penv).await else {
+        return;
+    };
+    let n = 6_000;
+    publish_all(p.mosquitto.port, readings(n, 3_000, 0)).await;
+    tests::wait_for(
+        "the processor to store some readings",
+        Duration::from_secs(60),
+        || async {
+            (p.processor.metric("processor_readings_stored_total").await > 0.0).then_some(())
+        },
+    )
+    .await;
+    p.processor.kill9().await;
+    let stored_before = tests::storage::rows(&p.account, &p.table).await.len();
+    assert!(
+        stored_before < n,
+        "the kill came too late to prove anything"
+    );
+    p.processor.restart().await;
+    assert_all_present(&p, n).await;
+}
+
+#[tokio::test]
+async fn ingest_killed_while_holding_unacked_messages_loses_nothing() {
+    // A long linger keeps received messages unacknowledged when the kill lands.
+    let ienv = [("INGEST_LINGER", "3s".to_owned())];
+    let Some(mut p) = Pipeline::start("ingest_kill9", &ienv, &[]).await else {
+        return;
+    };
+    let first = 100; // fits one envelope, so only the linger would flush it
+    publish_all(p.mosquitto.port, readings(first, 100, 0)).await;
+    tests::wait_for(
+        "ingest to hold the first messages",
+        Duration::from_secs(30),
+        || async {
+            (p.ingest.metric("ingest_pending_messages").await >= first as f64).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(p.ingest.metric("ingest_messages_acked_total").await, 0.0);
+    p.ingest.kill9().await;
+    // More than Mosquitto's default per-session queue (1000) arrives while ingest is down:
+    // the shipped broker configuration must keep all of it.
+    let second = 2_500;
+    publish_all(p.mosquitto.port, readings(second, 100, first)).await;
+    p.ingest.restart().await;
+    assert_all_present(&p, first + second).await;
+}
+
+#[tokio::test]
+async fn storage_outage_under_load_loses_nothing_and_services_recover() {
+    let Some(mut p) = Pipeline::start("azurite_outage", &[], &[]).await else {
+        return;
+    };
+    let batches = 10;
+    let per_batch = 300;
+    for b in 0..batches {
+        publish_all(p.mosquitto.port, readings(per_batch, 200, b * per_batch)).await;
+        if b == 3 {
+            p.azurite.stop().await;
+        }
+        if b == 6 {
+            p.azurite.restart().await;
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    assert_all_present(&p, batches * per_batch).await;
+    assert!(
+        p.ingest.metric("ingest_queue_put_failures_total").await > 0.0,
+        "the outage never reached ingest; the test proves nothing"
+    );
+    // Same processes, still ready.
+    for svc in [&p.ingest, &p.processor] {
+        let ready = tests::services::http_get(svc.metrics_port, "/readyz").await;
+        assert_eq!(ready.map(|r| r.0), Some(200));
+    }
+}
+
+#[tokio::test]
+async fn a_message_past_its_delivery_limit_is_dead_lettered_as_poison() {
+    let penv = [("PROCESSOR_MAX_DELIVERIES", "2".to_owned())];
+    let Some(mut p) = Pipeline::start("poison", &[], &penv).await else {
+        return;
+    };
+    // With the processor down, take the message repeatedly without finishing it, as crashed
+    // workers would; the restarted processor must give up on it instead of trying forever.
+    p.processor.kill9().await;
+    let payload = reading("dev-p", now_ms() - 1_000, 1);
+    let mut envelope = schemas::EnvelopeBuilder::default();
+    envelope
+        .push(schemas::DeviceMessage::from_mqtt(
+            &topic("dev-p"),
+            &payload,
+            now_ms(),
+        ))
+        .expect("fits");
+    let queue = p.account.queue(&p.queue);
+    queue.put(envelope.finish()).await.expect("put");
+    for delivery in 1..=3 {
+        let got = queue.get(1, Duration::from_secs(1)).await.expect("get");
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].dequeue_count, delivery);
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+    }
+    p.processor.restart().await;
+    let dead = tests::wait_for("a poison dead letter", Duration::from_secs(60), || async {
+        let d = tests::storage::drain_dead_letters(&p.account, &p.dead_letters).await;
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    assert_eq!(dead[0].reason, schemas::Reason::Poison);
+    assert_eq!(dead[0].attempts, 4);
+    assert_eq!(dead[0].device_id.as_deref(), Some("dev-p"));
+    assert_eq!(dead[0].payload_bytes().expect("payload"), payload);
+    tests::wait_for(
+        "the poison message to leave the queue",
+        Duration::from_secs(30),
+        || async { (queue.approximate_depth().await.ok()? == 0).then_some(()) },
+    )
+    .await;
+}

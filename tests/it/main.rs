@@ -1,0 +1,77 @@
+//! End-to-end and integration tests, in one binary so it links once.
+
+mod adapter;
+mod compose;
+mod failures;
+mod pipeline;
+
+use infra::storage::Account;
+use std::time::Duration;
+use tests::{unique, Azurite, Mosquitto, Service};
+
+/// Azurite, Mosquitto, ingest and processor, with names of their own.
+#[derive(Debug)]
+pub struct Pipeline {
+    pub azurite: Azurite,
+    pub mosquitto: Mosquitto,
+    pub account: Account,
+    pub queue: String,
+    pub dead_letters: String,
+    pub table: String,
+    pub ingest: Service,
+    pub processor: Service,
+}
+
+impl Pipeline {
+    /// Starts everything; `None` (after a message) when the servers are not installed.
+    pub async fn start(
+        test: &str,
+        ingest_env: &[(&str, String)],
+        processor_env: &[(&str, String)],
+    ) -> Option<Self> {
+        if !tests::servers_available(test) {
+            return None;
+        }
+        let (azurite, mosquitto) = tokio::join!(Azurite::start(), Mosquitto::start());
+        let (queue, dead_letters, table) = (unique("ingest"), unique("dead"), unique("telemetry"));
+        let storage = azurite.connection_string();
+        let mut ienv = vec![
+            ("MQTT_URL", mosquitto.url()),
+            ("AZURE_STORAGE_CONNECTION_STRING", storage.clone()),
+            ("INGEST_QUEUE_NAME", queue.clone()),
+            ("INGEST_CLIENT_ID", unique("ingest")),
+        ];
+        ienv.extend(ingest_env.iter().cloned());
+        let mut penv = vec![
+            ("AZURE_STORAGE_CONNECTION_STRING", storage),
+            ("PROCESSOR_QUEUE_NAME", queue.clone()),
+            ("PROCESSOR_DEAD_LETTER_QUEUE", dead_letters.clone()),
+            ("PROCESSOR_TABLE_NAME", table.clone()),
+            ("PROCESSOR_WORKERS", "4".into()),
+        ];
+        penv.extend(processor_env.iter().cloned());
+        let (ingest, processor) = tokio::join!(
+            Service::start("ingest", &ienv),
+            Service::start("processor", &penv)
+        );
+        Some(Self {
+            account: azurite.account(),
+            azurite,
+            mosquitto,
+            queue,
+            dead_letters,
+            table,
+            ingest,
+            processor,
+        })
+    }
+
+    /// Waits until the table holds `n` rows, and returns them.
+    pub async fn wait_rows(&self, n: usize, timeout: Duration) -> Vec<infra::storage::Entity> {
+        tests::wait_for(&format!("{n} rows"), timeout, || async {
+            let rows = tests::storage::rows(&self.account, &self.table).await;
+            (rows.len() >= n).then_some(rows)
+        })
+        .await
+    }
+}

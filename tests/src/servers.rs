@@ -1,0 +1,188 @@
+//! Azurite and Mosquitto, started on free loopback ports with disk persistence.
+
+use crate::{free_port, repo_root, wait_for, TempDir};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::process::{Child, Command};
+
+pub fn azurite_bin() -> PathBuf {
+    std::env::var_os("AZURITE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".tools/node_modules/.bin/azurite"))
+}
+
+pub fn mosquitto_bin() -> Option<PathBuf> {
+    let candidates = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("mosquitto"))
+                .collect()
+        })
+        .unwrap_or_else(Vec::new);
+    candidates
+        .into_iter()
+        .chain([PathBuf::from("/usr/sbin/mosquitto")])
+        .find(|p| p.is_file())
+}
+
+async fn port_open(port: u16) -> bool {
+    tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_ok()
+}
+
+/// Azurite in disk mode (in-memory mode hangs under queue load).
+#[derive(Debug)]
+pub struct Azurite {
+    pub queue_port: u16,
+    pub table_port: u16,
+    pub blob_port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+impl Azurite {
+    pub async fn start() -> Self {
+        let mut a = Self {
+            queue_port: free_port(),
+            table_port: free_port(),
+            blob_port: free_port(),
+            dir: TempDir::new("azurite"),
+            child: None,
+        };
+        a.launch().await;
+        a
+    }
+
+    async fn launch(&mut self) {
+        let log = std::fs::File::create(self.dir.0.join("azurite.log")).expect("azurite log");
+        let child = Command::new(azurite_bin())
+            .args(["--silent", "--skipApiVersionCheck", "--location"])
+            .arg(self.dir.0.join("data"))
+            .args([
+                "--blobHost",
+                "127.0.0.1",
+                "--queueHost",
+                "127.0.0.1",
+                "--tableHost",
+                "127.0.0.1",
+            ])
+            .args(["--blobPort", &self.blob_port.to_string()])
+            .args(["--queuePort", &self.queue_port.to_string()])
+            .args(["--tablePort", &self.table_port.to_string()])
+            .stdout(Stdio::from(log.try_clone().expect("log handle")))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start azurite");
+        self.child = Some(child);
+        let (q, t) = (self.queue_port, self.table_port);
+        wait_for(
+            "azurite to listen",
+            Duration::from_secs(30),
+            || async move { (port_open(q).await && port_open(t).await).then_some(()) },
+        )
+        .await;
+    }
+
+    /// Stops the emulator the way an operator would (SIGTERM, so it saves its database);
+    /// its data stays on disk.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
+            }
+            if tokio::time::timeout(Duration::from_secs(15), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
+        }
+    }
+
+    /// Starts it again on the same ports and data.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.launch().await;
+    }
+
+    pub fn connection_string(&self) -> String {
+        format!(
+            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;\
+             AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;\
+             QueueEndpoint=http://127.0.0.1:{}/devstoreaccount1;\
+             TableEndpoint=http://127.0.0.1:{}/devstoreaccount1;\
+             BlobEndpoint=http://127.0.0.1:{}/devstoreaccount1",
+            self.queue_port, self.table_port, self.blob_port
+        )
+    }
+
+    pub fn account(&self) -> infra::storage::Account {
+        infra::storage::Account::from_connection_string(
+            &self.connection_string(),
+            Duration::from_secs(10),
+        )
+        .expect("valid connection string")
+    }
+}
+
+/// Mosquitto with the project's shipped configuration (deploy/mosquitto.conf), so the tests
+/// prove the configuration users get, not a friendlier one.
+#[derive(Debug)]
+pub struct Mosquitto {
+    pub port: u16,
+    _dir: TempDir,
+    _child: Child,
+}
+
+impl Mosquitto {
+    pub async fn start() -> Self {
+        let dir = TempDir::new("mosquitto");
+        let port = free_port();
+        let shipped = std::fs::read_to_string(repo_root().join("deploy/mosquitto.conf"))
+            .expect("deploy/mosquitto.conf");
+        let conf: String = shipped
+            .lines()
+            .map(|line| {
+                if line.starts_with("listener ") {
+                    format!("listener {port} 127.0.0.1")
+                } else if line.starts_with("persistence_location ") {
+                    format!("persistence_location {}/", dir.0.display())
+                } else {
+                    line.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let conf_path = dir.0.join("mosquitto.conf");
+        std::fs::write(&conf_path, conf).expect("write mosquitto.conf");
+        let log = std::fs::File::create(dir.0.join("mosquitto.log")).expect("mosquitto log");
+        let child = Command::new(mosquitto_bin().expect("mosquitto installed"))
+            .arg("-c")
+            .arg(&conf_path)
+            .stdout(Stdio::from(log.try_clone().expect("log handle")))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start mosquitto");
+        wait_for(
+            "mosquitto to listen",
+            Duration::from_secs(10),
+            || async move { port_open(port).await.then_some(()) },
+        )
+        .await;
+        Self {
+            port,
+            _dir: dir,
+            _child: child,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}

@@ -1,0 +1,153 @@
+//! The service binaries, run as child processes.
+
+use crate::{free_port, repo_root, wait_for, TempDir};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+
+/// Where `cargo build --bins` put `name`, next to this test binary's profile directory.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/it-<hash> -> target/<profile>/<name>
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join(name))
+        .unwrap_or_else(|| repo_root().join("target/debug").join(name))
+}
+
+/// A running service process.
+#[derive(Debug)]
+pub struct Service {
+    name: &'static str,
+    env: Vec<(String, String)>,
+    pub metrics_port: u16,
+    child: Option<Child>,
+    logs: TempDir,
+    starts: u32,
+}
+
+impl Service {
+    /// Starts `name` with `env` (plus a free metrics port) and waits until `/readyz` says so.
+    pub async fn start(name: &'static str, env: &[(&str, String)]) -> Self {
+        let mut s = Self {
+            name,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+            metrics_port: free_port(),
+            child: None,
+            logs: TempDir::new(name),
+            starts: 0,
+        };
+        s.launch().await;
+        s
+    }
+
+    async fn launch(&mut self) {
+        self.starts += 1;
+        let log_path = self
+            .logs
+            .0
+            .join(format!("{}-{}.log", self.name, self.starts));
+        let log = std::fs::File::create(&log_path).expect("service log");
+        let metrics_var = format!("{}_METRICS_ADDR", self.name.to_uppercase());
+        let mut cmd = Command::new(bin_path(self.name));
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env(metrics_var, format!("127.0.0.1:{}", self.metrics_port))
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        if std::env::var_os("TEST_LOG").is_some() {
+            cmd.stderr(Stdio::inherit());
+        } else {
+            cmd.stdout(Stdio::from(log.try_clone().expect("log handle")))
+                .stderr(Stdio::from(log));
+        }
+        self.child = Some(
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("start {}: {e}", self.name)),
+        );
+        let (port, name) = (self.metrics_port, self.name);
+        wait_for(
+            &format!("{name} to be ready"),
+            Duration::from_secs(60),
+            || async move { (http_get(port, "/readyz").await?.0 == 200).then_some(()) },
+        )
+        .await;
+    }
+
+    /// SIGKILL: no flushing, no goodbye.
+    pub async fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.expect("SIGKILL");
+        }
+    }
+
+    /// Starts the same service again, with the same settings and metrics port.
+    pub async fn restart(&mut self) {
+        self.kill9().await;
+        self.launch().await;
+    }
+
+    /// SIGTERM, then asserts a clean exit within `grace`.
+    pub async fn terminate(&mut self, grace: Duration) {
+        let mut child = self.child.take().expect("service running");
+        let pid = child.id().expect("child pid");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+        let exit = tokio::time::timeout(grace, child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{} did not exit within {grace:?} of SIGTERM", self.name))
+            .expect("wait for the service");
+        assert!(exit.success(), "{} exited with {exit}", self.name);
+    }
+
+    /// Sum of a metric's samples across label sets (0 when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let Some((_, body)) = http_get(self.metrics_port, "/metrics").await else {
+            return 0.0;
+        };
+        body.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// The service's log so far (for assertion messages).
+    pub fn log(&self) -> String {
+        let mut out = String::new();
+        for n in 1..=self.starts {
+            let path = self.logs.0.join(format!("{}-{n}.log", self.name));
+            out.push_str(&std::fs::read_to_string(path).unwrap_or_default());
+        }
+        out
+    }
+}
+
+/// A bare HTTP GET on loopback: (status, body).
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.ok()?;
+    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((status, body))
+}
