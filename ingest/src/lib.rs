@@ -54,14 +54,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     }
 
-    let (mqtt, publishes) = mqtt::connect(&config, health.clone());
-    let packer = packer::Packer::new(
-        queue,
-        mqtt.client.clone(),
-        mqtt.connection.clone(),
-        config.linger,
-        health,
-    );
+    let (mqtt, publishes, acks) = mqtt::connect(&config, health.clone());
+    let packer = packer::Packer::new(queue, acks, config.linger, health);
     let outcome = packer.run(publishes, shutdown.clone()).await;
 
     // Let the poller send the last PUBACKs, then leave the broker cleanly. The session persists,

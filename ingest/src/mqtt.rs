@@ -30,17 +30,21 @@ pub struct Delivery {
     pub received_at_ms: i64,
 }
 
+/// Deliveries whose envelope the queue holds, in order of receipt: they may be acknowledged.
+pub type Acks = mpsc::UnboundedSender<Vec<Delivery>>;
+
 /// The client handle plus the tasks that drive it.
 pub struct Mqtt {
-    pub client: AsyncClient,
-    pub connection: Arc<AtomicU64>,
+    client: AsyncClient,
     stop: CancellationToken,
     poller: JoinHandle<()>,
     subscriber: JoinHandle<()>,
+    acker: JoinHandle<()>,
 }
 
-/// Starts the connection; deliveries arrive on the returned channel.
-pub fn connect(config: &Config, health: Health) -> (Mqtt, mpsc::Receiver<Delivery>) {
+/// Starts the connection. Deliveries arrive on the returned receiver; whatever is sent on the
+/// returned [`Acks`] is acknowledged to the broker.
+pub fn connect(config: &Config, health: Health) -> (Mqtt, mpsc::Receiver<Delivery>, Acks) {
     let mut options = MqttOptions::new(
         config.client_id.clone(),
         config.mqtt_url.host.clone(),
@@ -157,26 +161,60 @@ pub fn connect(config: &Config, health: Health) -> (Mqtt, mpsc::Receiver<Deliver
         })
     };
 
+    // Acks go through their own task so that the packer never waits on the client's request
+    // channel: that channel drains only while the poller polls, and the poller may itself be
+    // waiting for the packer to take a delivery. (A broker may send more unacknowledged
+    // messages than the Receive Maximum asks for, so capacity alone cannot rule this out.)
+    let (acks, mut to_ack) = mpsc::unbounded_channel::<Vec<Delivery>>();
+    let acker = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            while let Some(deliveries) = to_ack.recv().await {
+                let current = connection.load(Ordering::SeqCst);
+                let mut acked = 0u64;
+                for delivery in deliveries {
+                    // A delivery from an earlier connection is being redelivered by the broker;
+                    // its packet id may now name another message, so it is not acked. Its copy
+                    // is already queued, and the redelivered one will be too (a harmless
+                    // duplicate).
+                    if delivery.connection != current {
+                        continue;
+                    }
+                    if let Err(error) = client.ack(&delivery.publish).await {
+                        tracing::warn!(%error, "Cannot acknowledge; the broker will redeliver.");
+                        continue;
+                    }
+                    acked += 1;
+                }
+                metrics::counter!(m::ACKED).increment(acked);
+            }
+        })
+    };
+
     let mqtt = Mqtt {
         client,
-        connection,
         stop,
         poller,
         subscriber,
+        acker,
     };
-    (mqtt, publishes)
+    (mqtt, publishes, acks)
 }
 
 impl Mqtt {
     /// Gives the poller `grace` to send queued PUBACKs, disconnects, and stops the tasks.
+    /// Call it after the packer (the holder of [`Acks`]) has finished.
     pub async fn close(self, grace: Duration) {
         let Mqtt {
             client,
             stop,
             poller,
             subscriber,
-            ..
+            acker,
         } = self;
+        // Every sender is gone once the packer has stopped, so the acker ends after queuing
+        // the last acks.
+        let _ = tokio::time::timeout(grace, acker).await;
         // The disconnect request queues behind the acks, so the acks go out first; the poller
         // ends when it sees the disconnect leave. The timeout covers a broker that is gone.
         let _ = tokio::time::timeout(grace, client.disconnect()).await;

@@ -1,14 +1,11 @@
 //! Packs deliveries into envelopes, writes them to the queue, then acknowledges them.
 
 use crate::metrics_names as m;
-use crate::mqtt::Delivery;
+use crate::mqtt::{Acks, Delivery};
 use infra::retry::Backoff;
 use infra::serve::Health;
 use infra::storage::Queue;
-use rumqttc::v5::AsyncClient;
 use schemas::envelope::{DeviceMessage, EnvelopeBuilder, Full};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -19,8 +16,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 pub struct Packer {
     queue: Queue,
-    client: AsyncClient,
-    connection: Arc<AtomicU64>,
+    acks: Acks,
     linger: Duration,
     health: Health,
     envelope: EnvelopeBuilder,
@@ -29,17 +25,10 @@ pub struct Packer {
 }
 
 impl Packer {
-    pub fn new(
-        queue: Queue,
-        client: AsyncClient,
-        connection: Arc<AtomicU64>,
-        linger: Duration,
-        health: Health,
-    ) -> Self {
+    pub fn new(queue: Queue, acks: Acks, linger: Duration, health: Health) -> Self {
         Self {
             queue,
-            client,
-            connection,
+            acks,
             linger,
             health,
             envelope: EnvelopeBuilder::default(),
@@ -161,22 +150,8 @@ impl Packer {
         metrics::histogram!(m::PUT_SECONDS).record(started.elapsed().as_secs_f64());
         metrics::counter!(m::ENVELOPES).increment(1);
         metrics::histogram!(m::ENVELOPE_MESSAGES).record(self.held.len() as f64);
-        let current = self.connection.load(Ordering::SeqCst);
-        let mut acked = 0u64;
-        for delivery in self.held.drain(..) {
-            // A delivery from an earlier connection is being redelivered by the broker; its
-            // packet id may now name another message, so it is not acked here. Its copy is
-            // already queued, and the redelivered one will be too (a harmless duplicate).
-            if delivery.connection != current {
-                continue;
-            }
-            if let Err(error) = self.client.ack(&delivery.publish).await {
-                tracing::warn!(%error, "Cannot acknowledge; the broker will redeliver.");
-                continue;
-            }
-            acked += 1;
-        }
-        metrics::counter!(m::ACKED).increment(acked);
+        // The acker only ends after the packer, so this send cannot fail while it matters.
+        let _ = self.acks.send(std::mem::take(&mut self.held));
         metrics::gauge!(m::PENDING).set(0.0);
     }
 }

@@ -53,7 +53,10 @@ async fn processor_killed_mid_run_loses_nothing() {
     )
     .await;
     p.processor.kill9().await;
-    let stored_before = tests::storage::rows(&p.account, &p.table).await.len();
+    let stored_before = tests::storage::rows(&p.account, &p.table)
+        .await
+        .expect("query")
+        .len();
     assert!(
         stored_before < n,
         "the kill came too late to prove anything"

@@ -68,10 +68,24 @@ impl Pipeline {
 
     /// Waits until the table holds `n` rows, and returns them.
     pub async fn wait_rows(&self, n: usize, timeout: Duration) -> Vec<infra::storage::Entity> {
-        tests::wait_for(&format!("{n} rows"), timeout, || async {
-            let rows = tests::storage::rows(&self.account, &self.table).await;
-            (rows.len() >= n).then_some(rows)
-        })
-        .await
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let last = match tests::storage::rows(&self.account, &self.table).await {
+                Ok(rows) if rows.len() >= n => return rows,
+                Ok(rows) => format!("{} rows", rows.len()),
+                Err(e) => format!("query failed: {e}"),
+            };
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {n} rows; last: {}; ingest received {}, acked {}; processor stored {}, dead-lettered {}, queue depth {}",
+                last,
+                self.ingest.metric("ingest_messages_received_total").await,
+                self.ingest.metric("ingest_messages_acked_total").await,
+                self.processor.metric("processor_readings_stored_total").await,
+                self.processor.metric("processor_dead_letters_total").await,
+                self.processor.metric("processor_queue_depth").await,
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 }

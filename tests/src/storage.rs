@@ -1,6 +1,6 @@
 //! Reading results back, and publishing device messages.
 
-use infra::storage::{Account, Entity};
+use infra::storage::{Account, Entity, StorageError};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
@@ -8,12 +8,8 @@ use schemas::DeadLetter;
 use std::time::Duration;
 
 /// Every row of `table`.
-pub async fn rows(account: &Account, table: &str) -> Vec<Entity> {
-    account
-        .table(table)
-        .query("PartitionKey ne ''")
-        .await
-        .unwrap_or_default()
+pub async fn rows(account: &Account, table: &str) -> Result<Vec<Entity>, StorageError> {
+    account.table(table).query("PartitionKey ne ''").await
 }
 
 /// Takes every dead letter off `queue` (deleting them), decoded.
