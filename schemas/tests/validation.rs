@@ -1,4 +1,5 @@
 //! Data-driven validation cases from `fixtures/validation.json`.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use schemas::reading::{validate, Policy};
 use schemas::timefmt::parse_rfc3339_ms;

@@ -1,4 +1,5 @@
 //! End-to-end and integration tests, in one binary so it links once.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod adapter;
 mod compose;

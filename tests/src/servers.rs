@@ -13,13 +13,13 @@ pub fn azurite_bin() -> PathBuf {
 }
 
 pub fn mosquitto_bin() -> Option<PathBuf> {
-    let candidates = std::env::var_os("PATH")
+    let candidates: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| {
             std::env::split_paths(&p)
                 .map(|d| d.join("mosquitto"))
                 .collect()
         })
-        .unwrap_or_else(Vec::new);
+        .unwrap_or_default();
     candidates
         .into_iter()
         .chain([PathBuf::from("/usr/sbin/mosquitto")])
