@@ -107,7 +107,7 @@ while kill -0 "$sim_pid" 2>/dev/null; do
   depth=$(metric $PROCESSOR_PORT processor_queue_depth)
   t1=$(date +%s.%N)
   rate=$(awk -v a="$stored" -v b="$s0" -v t="$t1" -v u="$t0" 'BEGIN { printf "%.0f", (a - b) / (t - u) }')
-  avg=$(awk -v a="$stored" -v t="$(date +%s)" -v u="$begin" 'BEGIN { d = t - u; printf "%.0f", d > 0 ? a / d : 0 }')
+  avg=$(awk -v a="$stored" -v t="$(date +%s)" -v u="$begin" 'BEGIN { d = t - u; printf "%.0f", (d > 0 ? a / d : 0) }')
   printf '\rpublished %9d | stored %9d | dead-lettered %6d | queue depth %5d | %6d readings/s (avg %d)   ' \
     "$published" "$stored" "$dead" "$depth" "$rate" "$avg"
   t0=$t1; s0=$stored
