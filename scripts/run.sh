@@ -44,13 +44,20 @@ wait_ready() { # NAME PORT
 bash scripts/prereqs.sh
 
 started=()   # pids of what this script started, in start order
+graces=()    # seconds each may take to stop before it is killed
 stop_all() {
   trap - INT TERM EXIT
   echo
   echo "==> Stopping (each service flushes what it holds)"
   for ((i=${#started[@]}-1; i>=0; i--)); do
-    kill -TERM "${started[$i]}" 2>/dev/null || true
-    wait "${started[$i]}" 2>/dev/null || true
+    local pid="${started[$i]}" waited=0
+    kill -TERM "$pid" 2>/dev/null || continue
+    # Azurite reports "closed" yet its node process can linger; nothing is lost by killing it then.
+    while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt "$(( ${graces[$i]} * 5 ))" ]; do
+      sleep 0.2; waited=$((waited + 1))
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
   done
   echo "==> Stopped. Logs are in .run/logs/."
 }
@@ -62,7 +69,7 @@ else
   echo "==> Starting Azurite (data in .run/azurite)"
   .tools/node_modules/.bin/azurite --silent --skipApiVersionCheck --location "$RUN/azurite" \
     >"$RUN/logs/azurite.log" 2>&1 &
-  started+=($!)
+  started+=($!); graces+=(10)
   for _ in $(seq 1 100); do port_open 10001 && port_open 10002 && break; sleep 0.2; done
 fi
 
@@ -77,7 +84,7 @@ else
       deploy/mosquitto.conf >"$RUN/mosquitto.conf"
   MOSQUITTO="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
   "$MOSQUITTO" -c "$RUN/mosquitto.conf" >"$RUN/logs/mosquitto.log" 2>&1 &
-  started+=($!)
+  started+=($!); graces+=(10)
   for _ in $(seq 1 50); do port_open "$MQTT_PORT" && break; sleep 0.2; done
 fi
 
@@ -88,13 +95,13 @@ for svc in processor ingest; do
   port_var="$(echo "$svc" | tr a-z A-Z)_PORT"
   echo "==> Starting $svc (metrics on 127.0.0.1:${!port_var})"
   target/release/$svc >"$RUN/logs/$svc.log" 2>&1 &
-  started+=($!)
+  started+=($!); graces+=(60)
   wait_ready "$svc" "${!port_var}"
 done
 # Only after ingest has subscribed: the broker keeps nothing for a subscription that does not exist.
 echo "==> Starting the simulator: $SIMULATOR_DEVICES devices every $SIMULATOR_INTERVAL"
 target/release/simulator >"$RUN/logs/simulator.log" 2>&1 &
-started+=($!)
+started+=($!); graces+=(15)
 sim_pid=$!
 
 echo "==> Running. Ctrl-C stops everything. Metrics: :$INGEST_PORT/metrics :$PROCESSOR_PORT/metrics :$SIMULATOR_PORT/metrics"
