@@ -23,18 +23,19 @@ INGEST_PORT=9101 PROCESSOR_PORT=9102 SIMULATOR_PORT=9103
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-# metric PORT NAME: the sum of a Prometheus metric's samples, read without curl.
+# http_get PORT PATH: the raw response, without needing curl.
+http_get() {
+  (exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET %s HTTP/1.0\r\n\r\n' "$2" >&3 && cat <&3) 2>/dev/null
+}
+
+# metric PORT NAME: the sum of a Prometheus metric's samples (0 when unreachable).
 metric() {
-  local body
-  body="$( (exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3 && cat <&3) 2>/dev/null)" || { echo 0; return; }
-  awk -v n="$2" '$1 == n || index($1, n "{") == 1 { s += $NF } END { printf "%d", s }' <<<"$body"
+  http_get "$1" /metrics | awk -v n="$2" '$1 == n || index($1, n "{") == 1 { s += $NF } END { printf "%d", s }'
 }
 
 wait_ready() { # NAME PORT
   for _ in $(seq 1 300); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$2" && printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3 && head -n1 <&3 | grep -q ' 200') 2>/dev/null; then
-      return 0
-    fi
+    http_get "$2" /readyz | head -n1 | grep -q ' 200' && return 0
     sleep 0.2
   done
   echo "error: $1 did not become ready; see .run/logs/$1.log" >&2

@@ -2,6 +2,7 @@
 //! recovering from the same outage do not retry in lockstep.
 
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone)]
 pub struct Backoff {
@@ -44,6 +45,35 @@ impl Backoff {
 impl Default for Backoff {
     fn default() -> Self {
         Self::new(Duration::from_millis(100), Duration::from_secs(10))
+    }
+}
+
+/// Runs `op` until it succeeds, backing off between failures (each logged as a warning naming
+/// `what`). Returns `None` if `shutdown` comes first: for start-up steps such as creating
+/// queues, where the only sensible reaction to an unreachable store is to keep trying.
+pub async fn until_ok<T, E, F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    mut op: F,
+) -> Option<T>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut backoff = Backoff::default();
+    loop {
+        match op().await {
+            Ok(v) => return Some(v),
+            Err(error) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(%error, retry_in = ?delay, "Cannot {what}; retrying.");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
     }
 }
 

@@ -88,15 +88,24 @@ impl Health {
     }
 }
 
+/// The metrics endpoint could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot bind the metrics endpoint {addr}: {source}")]
+pub struct BindError {
+    addr: SocketAddr,
+    source: std::io::Error,
+}
+
 /// Binds `addr` (port 0 picks a free port) and serves the endpoints until `shutdown`.
 /// Returns the bound address.
 pub async fn serve_http(
     addr: SocketAddr,
     health: Health,
     shutdown: CancellationToken,
-) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
+) -> Result<SocketAddr, BindError> {
+    let bind_error = |source| BindError { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let bound = listener.local_addr().map_err(bind_error)?;
     let handle = metrics_handle();
     tokio::spawn(async move {
         let mut upkeep = tokio::time::interval(Duration::from_secs(5));

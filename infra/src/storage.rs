@@ -10,12 +10,9 @@ mod table;
 
 pub use account::{Account, AccountError, DEVELOPMENT_STORAGE};
 pub use queue::{Queue, QueueMessage, NEVER_EXPIRE};
-pub use table::{odata_string, BatchOutcome, Entity, Table, MAX_BATCH_BYTES, MAX_BATCH_OPERATIONS};
+pub use table::{BatchOutcome, Entity, Table, MAX_BATCH_BYTES, MAX_BATCH_OPERATIONS};
 
 use std::time::Duration;
-
-/// Default bound on a single storage request.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A failed storage call.
 #[derive(Debug, thiserror::Error)]
@@ -61,14 +58,6 @@ impl StorageError {
     pub fn status(&self) -> Option<u16> {
         match &self.kind {
             ErrorKind::Status { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-
-    /// The service's error code (`QueueNotFound`, `PopReceiptMismatch`, ...), when it sent one.
-    pub fn code(&self) -> Option<&str> {
-        match &self.kind {
-            ErrorKind::Status { code, .. } => Some(code),
             _ => None,
         }
     }
@@ -120,7 +109,14 @@ async fn call<T>(
     Err(result)
 }
 
-/// Whether `e` is the "already exists" answer to a create call.
-fn already_exists(e: &StorageError) -> bool {
-    e.status() == Some(409)
+/// Runs a create call, treating the "already exists" answer (409) as success.
+async fn create_if_missing(
+    op: &'static str,
+    timeout: Duration,
+    fut: impl std::future::Future<Output = azure_core::Result<impl Sized>>,
+) -> Result<(), StorageError> {
+    match call(op, timeout, fut).await {
+        Err(e) if e.status() != Some(409) => Err(e),
+        _ => Ok(()),
+    }
 }

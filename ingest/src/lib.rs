@@ -19,8 +19,7 @@ mod packer;
 
 pub use config::Config;
 
-use anyhow::Context;
-use infra::retry::Backoff;
+use infra::retry::until_ok;
 use infra::serve::Health;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -29,29 +28,23 @@ use tokio_util::sync::CancellationToken;
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let health = Health::new("connecting to the broker");
     let metrics_addr =
-        infra::serve::serve_http(config.metrics_addr, health.clone(), shutdown.clone())
-            .await
-            .with_context(|| format!("binding the metrics endpoint {}", config.metrics_addr))?;
-    let account = config
-        .storage
-        .account()
-        .context("reading the storage account")?;
+        infra::serve::serve_http(config.metrics_addr, health.clone(), shutdown.clone()).await?;
+    let account = config.storage.account()?;
     let queue = account.queue(&config.queue_name);
     tracing::info!(
         broker = %config.mqtt_url,
         client_id = %config.client_id,
         queue = %config.queue_name,
         queue_endpoint = account.queue_endpoint(),
+        account = account.name(),
         %metrics_addr,
         "Ingest starting."
     );
-    let mut backoff = Backoff::default();
-    while let Err(error) = queue.create_if_missing().await {
-        tracing::warn!(%error, "Cannot reach the ingest queue; retrying.");
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
-        }
+    let created = until_ok("create the ingest queue", &shutdown, || {
+        queue.create_if_missing()
+    });
+    if created.await.is_none() {
+        return Ok(());
     }
 
     let (mqtt, publishes, acks) = mqtt::connect(&config, health.clone());

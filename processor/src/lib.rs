@@ -12,8 +12,7 @@ mod worker;
 
 pub use config::Config;
 
-use anyhow::Context;
-use infra::retry::Backoff;
+use infra::retry::until_ok;
 use infra::serve::Health;
 use schemas::reading::Policy;
 use std::sync::Arc;
@@ -24,13 +23,8 @@ use tokio_util::sync::CancellationToken;
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let health = Health::new("creating queues and table");
     let metrics_addr =
-        infra::serve::serve_http(config.metrics_addr, health.clone(), shutdown.clone())
-            .await
-            .with_context(|| format!("binding the metrics endpoint {}", config.metrics_addr))?;
-    let account = config
-        .storage
-        .account()
-        .context("reading the storage account")?;
+        infra::serve::serve_http(config.metrics_addr, health.clone(), shutdown.clone()).await?;
+    let account = config.storage.account()?;
     let ctx = Arc::new(worker::Ctx {
         queue: account.queue(&config.queue_name),
         dead_letters: account.queue(&config.dead_letter_queue),
@@ -51,26 +45,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         table = %config.table_name,
         workers = config.workers,
         table_endpoint = account.table_endpoint(),
+        account = account.name(),
         %metrics_addr,
         "Processor starting."
     );
-    let mut backoff = Backoff::default();
-    loop {
-        let created = async {
-            ctx.queue.create_if_missing().await?;
-            ctx.dead_letters.create_if_missing().await?;
-            ctx.table.create_if_missing().await
-        };
-        match created.await {
-            Ok(()) => break,
-            Err(error) => {
-                tracing::warn!(%error, "Cannot create the queues and table; retrying.");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(backoff.next_delay()) => {}
-                }
-            }
-        }
+    let created = until_ok("create the queues and table", &shutdown, || async {
+        ctx.queue.create_if_missing().await?;
+        ctx.dead_letters.create_if_missing().await?;
+        ctx.table.create_if_missing().await
+    });
+    if created.await.is_none() {
+        return Ok(());
     }
     health.set_ready();
 

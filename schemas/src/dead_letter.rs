@@ -93,13 +93,8 @@ impl DeadLetter {
 
     /// A record for a queue message that is not a readable envelope; `raw` is its text.
     pub fn for_unreadable(raw: &str, detail: String, attempts: u64, now_ms: i64) -> Self {
-        let msg = DeviceMessage {
-            topic: String::new(),
-            received_at_ms: now_ms,
-            payload: raw.as_bytes()[..raw.len().min(crate::MAX_PAYLOAD_BYTES)].to_vec(),
-            original_len: raw.len(),
-            replay_count: 0,
-        };
+        // The same size cap as any device message: the record must fit the queue.
+        let msg = DeviceMessage::from_mqtt("", raw.as_bytes(), now_ms);
         Self::new(
             &msg,
             Refusal {
@@ -115,11 +110,9 @@ impl DeadLetter {
 
     /// Stores the payload as text when it is UTF-8 and escapes no larger than base64 would.
     fn set_payload(&mut self, payload: &[u8]) {
-        match std::str::from_utf8(payload) {
-            Ok(text) if crate::envelope::json_string_len(text) <= base64_len(text.len()) + 2 => {
-                self.payload = Some(text.to_owned());
-            }
-            _ => self.payload_base64 = Some(B64.encode(payload)),
+        match crate::envelope::compact_text(payload) {
+            Some(text) => self.payload = Some(text.to_owned()),
+            None => self.payload_base64 = Some(B64.encode(payload)),
         }
     }
 

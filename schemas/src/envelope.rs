@@ -79,11 +79,18 @@ struct Document<'a> {
     m: Vec<Entry<'a>>,
 }
 
+/// The payload as text, when it is UTF-8 and no larger as a JSON string than as base64; the
+/// wire shapes carry such payloads as text (readable) and others as base64 (smaller, and
+/// byte-exact for non-UTF-8).
+pub(crate) fn compact_text(payload: &[u8]) -> Option<&str> {
+    std::str::from_utf8(payload)
+        .ok()
+        .filter(|t| json_string_len(t) <= base64_len(t.len()) + 2)
+}
+
 /// Encodes one entry, choosing the smaller of JSON-string and base64 payload forms.
 fn encode_entry(msg: &DeviceMessage) -> Vec<u8> {
-    let text = std::str::from_utf8(&msg.payload)
-        .ok()
-        .filter(|t| json_string_len(t) <= base64_len(t.len()) + 2);
+    let text = compact_text(&msg.payload);
     let entry = Entry {
         topic: msg.topic.as_str().into(),
         received_at_ms: msg.received_at_ms,
@@ -97,7 +104,7 @@ fn encode_entry(msg: &DeviceMessage) -> Vec<u8> {
 }
 
 /// Length of `s` as a JSON string literal, quotes included, as serde_json writes it.
-pub(crate) fn json_string_len(s: &str) -> usize {
+fn json_string_len(s: &str) -> usize {
     2 + s
         .bytes()
         .map(|b| match b {

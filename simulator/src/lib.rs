@@ -9,8 +9,10 @@ mod sensor;
 use anyhow::Context;
 use infra::cli::{LogArgs, MqttUrl};
 use infra::serve::Health;
+use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::Outgoing;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -65,9 +67,7 @@ pub const PUBLISHED: &str = "simulator_published_total";
 /// Publishes until `shutdown` or the configured rounds are done.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let health = Health::new("connecting to the broker");
-    infra::serve::serve_http(config.metrics_addr, health.clone(), shutdown.clone())
-        .await
-        .with_context(|| format!("binding the metrics endpoint {}", config.metrics_addr))?;
+    infra::serve::serve_http(config.metrics_addr, health.clone(), shutdown.clone()).await?;
     let connections = config.connections.clamp(1, config.devices.max(1));
     tracing::info!(
         devices = config.devices,
@@ -117,13 +117,11 @@ async fn connection(
                     event = eventloop.poll() => event,
                 };
                 match event {
-                    Ok(Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::ConnAck(_))) => {
-                        health.set_ready()
-                    }
-                    Ok(Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(_))) => {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => health.set_ready(),
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
                         metrics::counter!(PUBLISHED).increment(1);
                     }
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
                     Ok(_) => {}
                     Err(error) => {
                         health.set_not_ready(format!("broker: {error}"));

@@ -1,6 +1,6 @@
 //! Azure Storage Queue operations.
 
-use super::{already_exists, call, StorageError};
+use super::{call, StorageError};
 use azure_storage_queues::prelude::*;
 use std::time::Duration;
 
@@ -38,16 +38,12 @@ impl Queue {
 
     /// Creates the queue unless it exists.
     pub async fn create_if_missing(&self) -> Result<(), StorageError> {
-        match call(
+        super::create_if_missing(
             "queue_create",
             self.timeout,
             self.client.create().into_future(),
         )
         .await
-        {
-            Err(e) if !already_exists(&e) => Err(e),
-            _ => Ok(()),
-        }
     }
 
     /// Appends a message that never expires.

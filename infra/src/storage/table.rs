@@ -1,6 +1,6 @@
 //! Azure Table Storage operations.
 
-use super::{already_exists, call, ErrorKind, StorageError};
+use super::{call, ErrorKind, StorageError};
 use azure_data_tables::prelude::*;
 use futures::StreamExt;
 use serde_json::{Map, Value};
@@ -34,22 +34,14 @@ impl Table {
         Self { client, timeout }
     }
 
-    pub fn name(&self) -> &str {
-        self.client.table_name()
-    }
-
     /// Creates the table unless it exists.
     pub async fn create_if_missing(&self) -> Result<(), StorageError> {
-        match call(
+        super::create_if_missing(
             "table_create",
             self.timeout,
             self.client.create().into_future(),
         )
         .await
-        {
-            Err(e) if !already_exists(&e) => Err(e),
-            _ => Ok(()),
-        }
     }
 
     /// Inserts or replaces one entity, keyed by its `PartitionKey` and `RowKey`.
@@ -68,9 +60,10 @@ impl Table {
 
     /// Inserts or replaces up to [`MAX_BATCH_OPERATIONS`] entities of one partition atomically.
     ///
-    /// Refuses batches that span partitions or exceed Azure's limits before sending anything:
-    /// Azurite accepts mixed-partition batches that Azure rejects, so no emulator test would
-    /// catch the mistake.
+    /// Refuses batches that span partitions or hold too many operations before sending
+    /// anything: Azurite accepts mixed-partition batches that Azure rejects, so no emulator test
+    /// would catch the mistake. Keeping within [`MAX_BATCH_BYTES`] is the caller's job (it has
+    /// to measure entities anyway to chunk them); a batch over it comes back `Rejected`.
     pub async fn upsert_batch(&self, entities: &[Entity]) -> Result<BatchOutcome, StorageError> {
         const OP: &str = "table_batch";
         let invalid = |why: String| StorageError {
@@ -87,7 +80,6 @@ impl Table {
             )));
         }
         let (pk, _) = keys(OP, first)?;
-        let mut bytes = 0;
         let mut tx = self.client.partition_key_client(pk).transaction();
         for entity in entities {
             let (epk, rk) = keys(OP, entity)?;
@@ -96,13 +88,9 @@ impl Table {
                     "batch spans partitions {pk:?} and {epk:?}"
                 )));
             }
-            bytes += serde_json::to_vec(entity).map_or(0, |v| v.len());
             tx = tx
                 .insert_or_replace(rk, entity)
                 .map_err(|e| StorageError::from_sdk(OP, &e))?;
-        }
-        if bytes > MAX_BATCH_BYTES {
-            return Err(invalid(format!("{bytes} bytes in one batch")));
         }
         let response = call(OP, self.timeout, tx.into_future()).await?;
         let failed = response
@@ -153,9 +141,4 @@ fn keys<'e>(op: &'static str, entity: &'e Entity) -> Result<(&'e str, &'e str), 
             })
     };
     Ok((key("PartitionKey")?, key("RowKey")?))
-}
-
-/// Quotes a string for an OData filter literal.
-pub fn odata_string(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
