@@ -280,6 +280,10 @@ async fn write_rows(
     let results: Vec<(Batch<(usize, usize)>, Written)> = stream::iter(batches)
         .map(|batch| async move {
             let written = write_batch(ctx, &batch, deadline).await;
+            // Counted as each write lands, not when the round ends, so the rate is live.
+            if let Written::Stored(n) | Written::Refused(n, _) = &written {
+                metrics::counter!(m::STORED).increment(*n as u64);
+            }
             (batch, written)
         })
         .buffer_unordered(ctx.write_concurrency.max(1))
@@ -287,14 +291,13 @@ async fn write_rows(
         .await;
     for (batch, written) in results {
         match written {
-            Written::Stored(n) => metrics::counter!(m::STORED).increment(n as u64),
+            Written::Stored(_) => {}
             Written::Retry(error) => {
                 for (owner, _) in batch.all_origins() {
                     held[owner].failure = Some(error.clone());
                 }
             }
-            Written::Refused(stored, refused) => {
-                metrics::counter!(m::STORED).increment(stored as u64);
+            Written::Refused(_, refused) => {
                 let mut seen = BTreeSet::new();
                 for (k, error) in refused {
                     for (owner, index) in batch.origins[k].iter().copied() {
