@@ -2,13 +2,17 @@
 # Installs what the pipeline needs to run and test locally, when missing:
 #   - Azurite (pinned) via npm into .tools/ (git-ignored);
 #   - Mosquitto via apt;
-#   - with --compose, docker-compose via apt (used by the tests to validate docker-compose.yml).
+#   - with --test, what only the tests use: docker-compose via apt (to validate
+#     docker-compose.yml), and pyarrow + DuckDB in a Python venv under .tools/py (to check that
+#     analysts' tools read the Parquet archives).
 # Sourced or run; prints what it does, and nothing when everything is present.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 AZURITE_VERSION="3.37.0"
 AZURITE_BIN="$ROOT/.tools/node_modules/.bin/azurite"
+PYARROW_VERSION="18.1.0"
+DUCKDB_VERSION="1.1.3"
 
 apt_install() {
   local sudo=""
@@ -41,6 +45,17 @@ if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
   apt_install mosquitto
 fi
 
-if [ "${1:-}" = "--compose" ] && ! command -v docker-compose >/dev/null; then
-  apt_install docker-compose
+if [ "${1:-}" = "--test" ]; then
+  if ! command -v docker-compose >/dev/null; then
+    apt_install docker-compose
+  fi
+  PY="$ROOT/.tools/py/bin/python"
+  if ! "$PY" -c "import pyarrow, duckdb; assert pyarrow.__version__ == '$PYARROW_VERSION' and duckdb.__version__ == '$DUCKDB_VERSION'" 2>/dev/null; then
+    echo "==> Installing pyarrow $PYARROW_VERSION and DuckDB $DUCKDB_VERSION into .tools/py (about 30 s)"
+    if ! python3 -m venv "$ROOT/.tools/py" >/dev/null 2>&1; then
+      apt_install python3-venv
+      python3 -m venv "$ROOT/.tools/py"
+    fi
+    "$PY" -m pip install -q --disable-pip-version-check "pyarrow==$PYARROW_VERSION" "duckdb==$DUCKDB_VERSION"
+  fi
 fi

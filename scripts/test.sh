@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/prereqs.sh --compose
+bash scripts/prereqs.sh --test
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

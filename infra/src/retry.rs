@@ -1,6 +1,7 @@
 //! The one backoff policy: exponential growth, capped, with jitter so that many workers
 //! recovering from the same outage do not retry in lockstep.
 
+use crate::storage::StorageError;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -73,6 +74,34 @@ where
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
+        }
+    }
+}
+
+/// Runs a storage call until it succeeds, fails for good (a non-retriable error), or the next
+/// backoff would pass `deadline`; `on_retry` sees each retried error.
+pub async fn until_deadline<T, F, Fut>(
+    deadline: tokio::time::Instant,
+    mut op: F,
+    mut on_retry: impl FnMut(&StorageError),
+) -> Result<T, StorageError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StorageError>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+    loop {
+        match op().await {
+            Err(e) if e.is_retriable() => {
+                let delay = backoff.next_delay();
+                if tokio::time::Instant::now() + delay >= deadline {
+                    return Err(e);
+                }
+                on_retry(&e);
+                tracing::debug!(error = %e, retry_in = ?delay, "Retrying a storage call.");
+                tokio::time::sleep(delay).await;
+            }
+            other => return other,
         }
     }
 }

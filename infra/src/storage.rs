@@ -1,16 +1,18 @@
-//! The Azure Storage adapter: queues and tables behind small, SDK-free types.
+//! The Azure Storage adapter: queues, tables and blobs behind small, SDK-free types.
 //!
 //! Every call is bounded by a timeout, classified into [`StorageError`] with
 //! [`StorageError::is_retriable`], and counted in `storage_requests_total{op}`. SDK-level
 //! retries are off: callers own retry so that they can back off, give up, and report.
 
 mod account;
+mod blob;
 mod queue;
 mod table;
 
 pub use account::{Account, AccountError, DEVELOPMENT_STORAGE};
+pub use blob::{BlobContent, BlobInfo, Container, PutOptions, PutOutcome, Write};
 pub use queue::{Queue, QueueMessage, NEVER_EXPIRE};
-pub use table::{BatchOutcome, Entity, Table, MAX_BATCH_BYTES, MAX_BATCH_OPERATIONS};
+pub use table::{BatchOutcome, Entity, RowRef, Table, MAX_BATCH_BYTES, MAX_BATCH_OPERATIONS};
 
 use std::time::Duration;
 

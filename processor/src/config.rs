@@ -23,6 +23,16 @@ pub struct Config {
     #[arg(long, env = "PROCESSOR_TABLE_NAME", default_value = schemas::entity::DEFAULT_TABLE)]
     pub table_name: String,
 
+    /// Table of devices: first/last seen and latest reading, one row per device. The archiver
+    /// finds its work here.
+    #[arg(long, env = "PROCESSOR_DEVICE_TABLE", default_value = schemas::device::DEFAULT_TABLE)]
+    pub device_table: String,
+
+    /// How often each device's latest reading is written to the device table (at most).
+    /// New devices are registered at once, whatever this is.
+    #[arg(long, env = "PROCESSOR_DEVICE_UPDATE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub device_update_interval: Duration,
+
     /// Topic prefix devices publish under (`<prefix>/<deviceId>/telemetry`).
     #[arg(long, env = "PROCESSOR_TOPIC_PREFIX", default_value = "devices")]
     pub topic_prefix: String,

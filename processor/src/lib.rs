@@ -6,6 +6,7 @@
 //! after every reading in it is stored or dead-lettered; everything before that is idempotent.
 
 mod config;
+mod devices;
 mod metrics_names;
 mod plan;
 mod worker;
@@ -29,6 +30,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         queue: account.queue(&config.queue_name),
         dead_letters: account.queue(&config.dead_letter_queue),
         table: account.table(&config.table_name),
+        devices: devices::Registry::new(account.table(&config.device_table)),
         topic_prefix: config.topic_prefix.clone(),
         policy: Policy {
             max_future: config.max_future,
@@ -43,20 +45,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         queue = %config.queue_name,
         dead_letters = %config.dead_letter_queue,
         table = %config.table_name,
+        device_table = %config.device_table,
         workers = config.workers,
         table_endpoint = account.table_endpoint(),
         account = account.name(),
         %metrics_addr,
         "Processor starting."
     );
-    let created = until_ok("create the queues and table", &shutdown, || async {
+    let created = until_ok("create the queues and tables", &shutdown, || async {
         ctx.queue.create_if_missing().await?;
         ctx.dead_letters.create_if_missing().await?;
-        ctx.table.create_if_missing().await
+        ctx.table.create_if_missing().await?;
+        ctx.devices.table.create_if_missing().await?;
+        ctx.devices.load().await
     });
-    if created.await.is_none() {
+    let Some(known) = created.await else {
         return Ok(());
-    }
+    };
+    tracing::info!(devices = known, "Device table loaded.");
     health.set_ready();
 
     let tracker = tokio_util::task::TaskTracker::new();
@@ -64,10 +70,29 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tracker.spawn(worker::run(ctx.clone(), shutdown.clone()));
     }
     tracker.spawn(report_depth(ctx.clone(), shutdown.clone()));
+    tracker.spawn(refresh_devices(
+        ctx.clone(),
+        config.device_update_interval,
+        shutdown.clone(),
+    ));
     tracker.close();
     tracker.wait().await;
+    // Workers are done; write the latest device states they left pending.
+    ctx.devices.flush().await;
     tracing::info!("Processor stopped.");
     Ok(())
+}
+
+/// Writes the devices' latest readings every `interval` (the last flush follows the workers).
+async fn refresh_devices(ctx: Arc<worker::Ctx>, interval: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => ctx.devices.flush().await,
+        }
+    }
 }
 
 /// Publishes the ingest queue's approximate depth every few seconds.

@@ -18,3 +18,5 @@ pub const LATENCY_SECONDS: &str = "processor_ingest_to_store_seconds";
 pub const QUEUE_DEPTH: &str = "processor_queue_depth";
 /// Storage errors seen by workers (each is retried or ends in a retry later).
 pub const STORAGE_ERRORS: &str = "processor_storage_errors_total";
+/// Device-table rows written (registrations and latest-state refreshes).
+pub const DEVICE_ROWS: &str = "processor_device_rows_written_total";

@@ -6,6 +6,7 @@
 //! left alone; it reappears after the visibility timeout and is redone (upserts make that
 //! harmless). On its last allowed delivery, a failing message is dead-lettered as `poison`.
 
+use crate::devices::{self, Registry};
 use crate::metrics_names as m;
 use crate::plan::{plan, Batch};
 use futures::{stream, StreamExt};
@@ -31,6 +32,7 @@ pub struct Ctx {
     pub queue: Queue,
     pub dead_letters: Queue,
     pub table: Table,
+    pub devices: Registry,
     pub topic_prefix: String,
     pub policy: Policy,
     pub visibility: Duration,
@@ -97,6 +99,7 @@ async fn round(ctx: &Ctx, messages: Vec<QueueMessage>) {
     let mut held = Vec::with_capacity(messages.len());
     let mut dead = Vec::new();
     let mut rows: Vec<((usize, usize), Entity)> = Vec::new();
+    let mut latest = devices::Latest::new();
 
     for (owner, message) in messages.into_iter().enumerate() {
         let decoded = envelope::decode(&message.text);
@@ -133,6 +136,7 @@ async fn round(ctx: &Ctx, messages: Vec<QueueMessage>) {
                     &ctx.policy,
                 );
                 for r in &outcome.readings {
+                    devices::keep_newest(&mut latest, r, device.received_at_ms);
                     rows.push((
                         (owner, index),
                         schemas::entity::to_entity(r, device.received_at_ms),
@@ -153,6 +157,12 @@ async fn round(ctx: &Ctx, messages: Vec<QueueMessage>) {
     }
 
     write_rows(ctx, rows, &mut held, &mut dead, deadline, now).await;
+    if let Err(error) = register_devices(ctx, latest, deadline).await {
+        tracing::warn!(%error, "Cannot register new devices; the round will be redone.");
+        for h in &mut held {
+            h.failure.get_or_insert_with(|| error.clone());
+        }
+    }
     write_dead_letters(ctx, dead, &mut held, deadline).await;
 
     // Last allowed delivery and still failing: dead-letter it whole, so the queue moves on.
@@ -213,6 +223,25 @@ async fn round(ctx: &Ctx, messages: Vec<QueueMessage>) {
             }
         }
     }
+}
+
+/// Writes the device-table rows of devices seen for the first time, so the archiver can find
+/// their partitions, before any message carrying their readings is deleted.
+async fn register_devices(
+    ctx: &Ctx,
+    latest: devices::Latest,
+    deadline: Instant,
+) -> Result<(), String> {
+    for rows in ctx.devices.note(latest) {
+        match retry(deadline, || ctx.devices.table.merge_batch(&rows)).await {
+            Ok(BatchOutcome::Committed) => ctx.devices.registered(&rows),
+            Ok(BatchOutcome::Rejected { status }) => {
+                return Err(format!("device rows refused with HTTP {status}"))
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(())
 }
 
 /// The dead-letter record for a device message with refused readings.
@@ -379,24 +408,13 @@ async fn write_dead_letters(ctx: &Ctx, dead: Vec<Pending>, held: &mut [Held], de
 }
 
 /// Runs `op` until it succeeds, fails for good, or `deadline` passes.
-async fn retry<T, F, Fut>(deadline: Instant, mut op: F) -> Result<T, StorageError>
+async fn retry<T, F, Fut>(deadline: Instant, op: F) -> Result<T, StorageError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StorageError>>,
 {
-    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
-    loop {
-        match op().await {
-            Err(e) if e.is_retriable() => {
-                metrics::counter!(m::STORAGE_ERRORS).increment(1);
-                let delay = backoff.next_delay();
-                if Instant::now() + delay >= deadline {
-                    return Err(e);
-                }
-                tracing::debug!(error = %e, retry_in = ?delay, "Retrying a storage call.");
-                tokio::time::sleep(delay).await;
-            }
-            other => return other,
-        }
-    }
+    infra::retry::until_deadline(deadline, op, |_| {
+        metrics::counter!(m::STORAGE_ERRORS).increment(1);
+    })
+    .await
 }

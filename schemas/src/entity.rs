@@ -22,18 +22,8 @@ pub fn to_entity(reading: &Reading, ingested_at_ms: i64) -> Map<String, Value> {
     let mut e = Map::with_capacity(16 + 2 * reading.extras.len());
     e.insert("PartitionKey".into(), reading.device_id.clone().into());
     e.insert("RowKey".into(), row_key(reading).into());
-    typed(
-        &mut e,
-        "MeasuredAt",
-        DATETIME,
-        timefmt::format_ms(reading.measured_at_ms).into(),
-    );
-    typed(
-        &mut e,
-        "IngestedAt",
-        DATETIME,
-        timefmt::format_ms(ingested_at_ms.clamp(timefmt::MIN_MS, timefmt::MAX_MS)).into(),
-    );
+    typed_datetime(&mut e, "MeasuredAt", reading.measured_at_ms);
+    typed_datetime(&mut e, "IngestedAt", ingested_at_ms);
     if let Some(seq) = reading.seq {
         typed(&mut e, "Seq", INT64, seq.to_string().into());
     }
@@ -65,6 +55,12 @@ pub fn to_entity(reading: &Reading, ingested_at_ms: i64) -> Map<String, Value> {
 /// The RowKey of a reading.
 pub fn row_key(reading: &Reading) -> String {
     timefmt::format_ms(reading.measured_at_ms)
+}
+
+/// Sets an `Edm.DateTime` property (clamped to the range the service stores).
+pub fn typed_datetime(e: &mut Map<String, Value>, name: &str, ms: i64) {
+    let text = timefmt::format_ms(ms.clamp(timefmt::MIN_MS, timefmt::MAX_MS));
+    typed(e, name, DATETIME, text.into());
 }
 
 fn typed(e: &mut Map<String, Value>, name: &str, edm: &str, value: Value) {

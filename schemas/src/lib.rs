@@ -6,12 +6,18 @@
 //! - [`envelope`]: the versioned queue message that packs many device messages.
 //! - [`dead_letter`]: the record an operator inspects and replays.
 //! - [`entity`]: the Azure Table row a reading becomes, with explicit EDM types.
+//! - [`device`]: the device table's row (first/last seen, latest reading).
+//! - [`archive`] (feature `archive`): the Arrow schema and the Parquet/JSON Lines archive
+//!   format of readings rolled out of the table.
 //! - [`timefmt`]: RowKey and RFC 3339 formatting shared by all of the above.
 //!
 //! Invariants: this crate does no I/O, and no other crate defines a wire shape. Every queue
 //! message it encodes fits Azure's 64 KiB limit by construction, not by hope.
 
+#[cfg(feature = "archive")]
+pub mod archive;
 pub mod dead_letter;
+pub mod device;
 pub mod entity;
 pub mod envelope;
 pub mod reading;

@@ -13,7 +13,7 @@ fn docker_compose_file_is_valid() {
     if !available {
         assert!(
             std::env::var_os("REQUIRE_E2E").is_none_or(|v| v.is_empty()),
-            "docker-compose is missing (scripts/prereqs.sh --compose installs it)"
+            "docker-compose is missing (scripts/prereqs.sh --test installs it)"
         );
         eprintln!("SKIPPED docker_compose_file_is_valid: docker-compose is missing");
         return;

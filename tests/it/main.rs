@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod adapter;
+mod archive;
 mod compose;
 mod failures;
 mod pipeline;
@@ -19,6 +20,7 @@ pub struct Pipeline {
     pub queue: String,
     pub dead_letters: String,
     pub table: String,
+    pub devices: String,
     pub ingest: Service,
     pub processor: Service,
 }
@@ -35,6 +37,7 @@ impl Pipeline {
         }
         let (azurite, mosquitto) = tokio::join!(Azurite::start(), Mosquitto::start());
         let (queue, dead_letters, table) = (unique("ingest"), unique("dead"), unique("telemetry"));
+        let devices = unique("devices");
         let storage = azurite.connection_string();
         let mut ienv = vec![
             ("MQTT_URL", mosquitto.url()),
@@ -48,6 +51,7 @@ impl Pipeline {
             ("PROCESSOR_QUEUE_NAME", queue.clone()),
             ("PROCESSOR_DEAD_LETTER_QUEUE", dead_letters.clone()),
             ("PROCESSOR_TABLE_NAME", table.clone()),
+            ("PROCESSOR_DEVICE_TABLE", devices.clone()),
             ("PROCESSOR_WORKERS", "4".into()),
         ];
         penv.extend(processor_env.iter().cloned());
@@ -62,6 +66,7 @@ impl Pipeline {
             queue,
             dead_letters,
             table,
+            devices,
             ingest,
             processor,
         })

@@ -174,4 +174,37 @@ async fn readings_become_typed_rows_and_refusals_become_dead_letters() {
     // SIGTERM: both services flush and exit cleanly.
     p.ingest.terminate(Duration::from_secs(20)).await;
     p.processor.terminate(Duration::from_secs(60)).await;
+
+    // The device table lists every device with stored rows, with its newest reading (the
+    // processor's last flush on SIGTERM wrote the final state).
+    let mut newest: BTreeMap<String, String> = BTreeMap::new();
+    for e in &rows {
+        let (pk, rk) = (
+            e["PartitionKey"].as_str().unwrap(),
+            e["RowKey"].as_str().unwrap(),
+        );
+        let slot = newest.entry(pk.to_owned()).or_default();
+        if rk > slot.as_str() {
+            *slot = rk.to_owned();
+        }
+    }
+    let device_rows = tests::storage::rows(&p.account, &p.devices).await.unwrap();
+    let listed: BTreeMap<String, String> = device_rows
+        .iter()
+        .map(|e| {
+            assert_eq!(e["PartitionKey"], schemas::device::PARTITION);
+            assert_eq!(e["FirstSeen@odata.type"], "Edm.DateTime");
+            let stored = schemas::entity::from_entity(&{
+                let mut e = e.clone();
+                e.insert("PartitionKey".into(), e["RowKey"].clone());
+                e
+            })
+            .unwrap();
+            (
+                stored.reading.device_id,
+                format_ms(stored.reading.measured_at_ms),
+            )
+        })
+        .collect();
+    assert_eq!(listed, newest);
 }

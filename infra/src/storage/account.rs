@@ -1,8 +1,9 @@
 //! Which storage account to talk to, from an Azure connection string.
 
-use super::{queue::Queue, table::Table};
+use super::{blob::Container, queue::Queue, table::Table};
 use azure_data_tables::prelude::TableServiceClient;
 use azure_storage::{CloudLocation, ConnectionString, StorageCredentials};
+use azure_storage_blobs::prelude::BlobServiceClient;
 use azure_storage_queues::QueueServiceClient;
 use std::time::Duration;
 
@@ -28,8 +29,10 @@ pub struct Account {
     account: String,
     queue_endpoint: String,
     table_endpoint: String,
+    blob_endpoint: String,
     queues: QueueServiceClient,
     tables: TableServiceClient,
+    blobs: BlobServiceClient,
     timeout: Duration,
 }
 
@@ -40,6 +43,7 @@ impl std::fmt::Debug for Account {
             .field("account", &self.account)
             .field("queue_endpoint", &self.queue_endpoint)
             .field("table_endpoint", &self.table_endpoint)
+            .field("blob_endpoint", &self.blob_endpoint)
             .finish_non_exhaustive()
     }
 }
@@ -47,10 +51,10 @@ impl std::fmt::Debug for Account {
 impl Account {
     /// Reads an Azure Storage connection string: `UseDevelopmentStorage=true` (optionally with
     /// `DevelopmentStorageProxyUri`), account name and key, or a SAS, with either explicit
-    /// `QueueEndpoint`/`TableEndpoint` or `DefaultEndpointsProtocol` + `EndpointSuffix`.
+    /// `QueueEndpoint`/`TableEndpoint`/`BlobEndpoint` or `DefaultEndpointsProtocol` + `EndpointSuffix`.
     pub fn from_connection_string(s: &str, timeout: Duration) -> Result<Self, AccountError> {
         let cs = ConnectionString::new(s).map_err(|e| AccountError::Parse(e.to_string()))?;
-        let (account, credentials, queue_endpoint, table_endpoint);
+        let (account, credentials, queue_endpoint, table_endpoint, blob_endpoint);
         if cs.use_development_storage == Some(true) {
             let host = cs
                 .development_storage_proxy_uri
@@ -60,6 +64,7 @@ impl Account {
             credentials = StorageCredentials::access_key(EMULATOR_ACCOUNT, EMULATOR_KEY);
             queue_endpoint = format!("{host}:10001/{EMULATOR_ACCOUNT}");
             table_endpoint = format!("{host}:10002/{EMULATOR_ACCOUNT}");
+            blob_endpoint = format!("{host}:10000/{EMULATOR_ACCOUNT}");
         } else {
             account = cs
                 .account_name
@@ -86,6 +91,9 @@ impl Account {
             table_endpoint = cs
                 .table_endpoint
                 .map_or_else(|| default("table"), str::to_owned);
+            blob_endpoint = cs
+                .blob_endpoint
+                .map_or_else(|| default("blob"), str::to_owned);
         }
         let location = |uri: &str| CloudLocation::Custom {
             account: account.clone(),
@@ -103,12 +111,20 @@ impl Account {
         )
         .retry(azure_core::RetryOptions::none())
         .build();
+        let blobs = azure_storage_blobs::prelude::ClientBuilder::with_location(
+            location(&blob_endpoint),
+            credentials.clone(),
+        )
+        .retry(azure_core::RetryOptions::none())
+        .blob_service_client();
         Ok(Self {
             account,
             queue_endpoint,
             table_endpoint,
+            blob_endpoint,
             queues,
             tables,
+            blobs,
             timeout,
         })
     }
@@ -128,6 +144,15 @@ impl Account {
     /// A handle on queue `name` (nothing is sent).
     pub fn queue(&self, name: &str) -> Queue {
         Queue::new(self.queues.queue_client(name), self.timeout)
+    }
+
+    pub fn blob_endpoint(&self) -> &str {
+        &self.blob_endpoint
+    }
+
+    /// A handle on blob container `name` (nothing is sent).
+    pub fn container(&self, name: &str) -> Container {
+        Container::new(self.blobs.container_client(name), self.timeout)
     }
 
     /// A handle on table `name` (nothing is sent).
@@ -163,6 +188,7 @@ mod tests {
             a.table_endpoint(),
             "http://127.0.0.1:10002/devstoreaccount1"
         );
+        assert_eq!(a.blob_endpoint(), "http://127.0.0.1:10000/devstoreaccount1");
         let proxied = parse("UseDevelopmentStorage=true;DevelopmentStorageProxyUri=http://azurite");
         assert_eq!(
             proxied.queue_endpoint(),
@@ -175,6 +201,7 @@ mod tests {
         let a = parse("DefaultEndpointsProtocol=https;AccountName=acme;AccountKey=a2V5;EndpointSuffix=core.windows.net");
         assert_eq!(a.queue_endpoint(), "https://acme.queue.core.windows.net");
         assert_eq!(a.table_endpoint(), "https://acme.table.core.windows.net");
+        assert_eq!(a.blob_endpoint(), "https://acme.blob.core.windows.net");
         let e = parse("AccountName=devstoreaccount1;AccountKey=a2V5;QueueEndpoint=http://127.0.0.1:5/devstoreaccount1;TableEndpoint=http://127.0.0.1:6/devstoreaccount1");
         assert_eq!(e.table_endpoint(), "http://127.0.0.1:6/devstoreaccount1");
         let sas = parse("QueueEndpoint=https://acme.queue.core.windows.net;TableEndpoint=https://acme.table.core.windows.net;SharedAccessSignature=sv=2022-11-02&ss=qt&sig=abc");

@@ -13,6 +13,41 @@ pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024 - 100 * 1024;
 
 pub type Entity = Map<String, Value>;
 
+/// A row to delete: its keys and the ETag it was read with (`odata.etag` of a queried entity).
+#[derive(Debug, Clone, Copy)]
+pub struct RowRef<'a> {
+    pub partition_key: &'a str,
+    pub row_key: &'a str,
+    pub etag: &'a str,
+}
+
+impl<'a> RowRef<'a> {
+    /// The keys and ETag of an entity returned by a query; `None` if any is missing.
+    pub fn of(entity: &'a Entity) -> Option<Self> {
+        let text = |k: &str| entity.get(k).and_then(Value::as_str);
+        Some(Self {
+            partition_key: text("PartitionKey")?,
+            row_key: text("RowKey")?,
+            etag: text("odata.etag")?,
+        })
+    }
+}
+
+enum Op<'a> {
+    Replace(&'a Entity),
+    Merge(&'a Entity),
+    Delete(&'a RowRef<'a>),
+}
+
+impl Op<'_> {
+    fn keys(&self, op: &'static str) -> Result<(&str, &str), StorageError> {
+        match self {
+            Op::Replace(e) | Op::Merge(e) => keys(op, e),
+            Op::Delete(row) => Ok((row.partition_key, row.row_key)),
+        }
+    }
+}
+
 /// What became of an entity group transaction that the service answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BatchOutcome {
@@ -65,32 +100,68 @@ impl Table {
     /// would catch the mistake. Keeping within [`MAX_BATCH_BYTES`] is the caller's job (it has
     /// to measure entities anyway to chunk them); a batch over it comes back `Rejected`.
     pub async fn upsert_batch(&self, entities: &[Entity]) -> Result<BatchOutcome, StorageError> {
+        self.transact(entities.iter().map(Op::Replace).collect())
+            .await
+    }
+
+    /// Like [`Table::upsert_batch`], but merges: properties the entities leave out are kept.
+    pub async fn merge_batch(&self, entities: &[Entity]) -> Result<BatchOutcome, StorageError> {
+        self.transact(entities.iter().map(Op::Merge).collect())
+            .await
+    }
+
+    /// Deletes up to [`MAX_BATCH_OPERATIONS`] rows of one partition atomically, each only if
+    /// it still has the ETag it was read with. A row changed or deleted meanwhile makes the
+    /// whole transaction `Rejected` (412 or 404), and nothing is deleted.
+    pub async fn delete_batch(&self, rows: &[RowRef<'_>]) -> Result<BatchOutcome, StorageError> {
+        self.transact(rows.iter().map(Op::Delete).collect()).await
+    }
+
+    /// Deletes one row if it still has `etag`. `Ok(false)` when it is already gone.
+    pub async fn delete(&self, row: &RowRef<'_>) -> Result<bool, StorageError> {
+        const OP: &str = "table_delete";
+        let client = self
+            .client
+            .partition_key_client(row.partition_key)
+            .entity_client(row.row_key);
+        let request = client
+            .delete()
+            .if_match(IfMatchCondition::Etag(row.etag.into()));
+        match call(OP, self.timeout, request.into_future()).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.status() == Some(404) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn transact(&self, ops: Vec<Op<'_>>) -> Result<BatchOutcome, StorageError> {
         const OP: &str = "table_batch";
         let invalid = |why: String| StorageError {
             op: OP,
             kind: ErrorKind::Protocol(why),
         };
-        let Some(first) = entities.first() else {
+        let count = ops.len();
+        if count > MAX_BATCH_OPERATIONS {
+            return Err(invalid(format!("{count} operations in one batch")));
+        }
+        let Some(first) = ops.first() else {
             return Ok(BatchOutcome::Committed);
         };
-        if entities.len() > MAX_BATCH_OPERATIONS {
-            return Err(invalid(format!(
-                "{} operations in one batch",
-                entities.len()
-            )));
-        }
-        let (pk, _) = keys(OP, first)?;
+        let pk = first.keys(OP)?.0;
         let mut tx = self.client.partition_key_client(pk).transaction();
-        for entity in entities {
-            let (epk, rk) = keys(OP, entity)?;
+        for op in &ops {
+            let (epk, rk) = op.keys(OP)?;
             if epk != pk {
                 return Err(invalid(format!(
                     "batch spans partitions {pk:?} and {epk:?}"
                 )));
             }
-            tx = tx
-                .insert_or_replace(rk, entity)
-                .map_err(|e| StorageError::from_sdk(OP, &e))?;
+            tx = match op {
+                Op::Replace(entity) => tx.insert_or_replace(rk, entity),
+                Op::Merge(entity) => tx.insert_or_merge(rk, entity),
+                Op::Delete(row) => tx.delete(rk, Some(IfMatchCondition::Etag(row.etag.into()))),
+            }
+            .map_err(|e| StorageError::from_sdk(OP, &e))?;
         }
         let response = call(OP, self.timeout, tx.into_future()).await?;
         let failed = response
@@ -100,15 +171,35 @@ impl Table {
             .find(|&s| s >= 300);
         Ok(match failed {
             Some(status) => BatchOutcome::Rejected { status },
-            None if response.operation_responses.len() == entities.len() => BatchOutcome::Committed,
+            None if response.operation_responses.len() == count => BatchOutcome::Committed,
             None => {
                 return Err(invalid(format!(
-                    "{} responses for {} operations",
+                    "{} responses for {count} operations",
                     response.operation_responses.len(),
-                    entities.len()
                 )))
             }
         })
+    }
+
+    /// The first entity matching `filter`, in key order, or `None`.
+    pub async fn first(&self, filter: &str) -> Result<Option<Entity>, StorageError> {
+        let mut pages = self
+            .client
+            .query()
+            .filter(filter.to_owned())
+            .top(1)
+            .into_stream::<Entity>();
+        // A page may come back empty with a continuation; keep going until a row or the end.
+        while let Some(page) = call("table_query", self.timeout, async {
+            pages.next().await.transpose()
+        })
+        .await?
+        {
+            if let Some(entity) = page.entities.into_iter().next() {
+                return Ok(Some(entity));
+            }
+        }
+        Ok(None)
     }
 
     /// Every entity matching an OData `$filter` (all pages).

@@ -1,0 +1,18 @@
+//! Every metric the archiver exports.
+
+/// Rows archived (verified in a blob).
+pub const ROWS_ARCHIVED: &str = "archiver_rows_archived_total";
+/// Rows deleted from the table after archiving.
+pub const ROWS_DELETED: &str = "archiver_rows_deleted_total";
+/// Archive blobs written (new or merged).
+pub const BLOBS_WRITTEN: &str = "archiver_blobs_written_total";
+/// Bytes of archive blobs written.
+pub const BYTES_WRITTEN: &str = "archiver_bytes_written_total";
+/// Blobs rewritten to merge late rows into an existing archive.
+pub const MERGES: &str = "archiver_merges_total";
+/// Device-days that failed (left in the table for the next pass).
+pub const FAILURES: &str = "archiver_failures_total";
+/// Duration of a pass over all devices.
+pub const PASS_SECONDS: &str = "archiver_pass_seconds";
+/// Unix time of the last pass that finished without failures.
+pub const LAST_SUCCESS: &str = "archiver_last_success_timestamp_seconds";

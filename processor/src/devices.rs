@@ -1,0 +1,154 @@
+//! The device table, as the processor keeps it: register new devices before their messages
+//! are deleted, and refresh every device's latest reading at a bounded rate.
+//!
+//! Registration is on the critical path (it is what lets the archiver find every partition of
+//! the telemetry table); the latest-state refresh is not, so it is batched up to 100 devices
+//! per transaction and written once per interval, costing a tiny fraction of a request per
+//! reading.
+
+use crate::metrics_names as m;
+use infra::storage::{BatchOutcome, Entity, StorageError, Table, MAX_BATCH_OPERATIONS};
+use schemas::{device, Reading};
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+
+/// The newest reading of each device seen in one round, with its ingest time.
+pub type Latest = HashMap<String, (Reading, i64)>;
+
+#[derive(Debug)]
+pub struct Registry {
+    pub table: Table,
+    state: Mutex<HashMap<String, Entry>>,
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    /// Known to have a row in the device table.
+    registered: bool,
+    /// Time of the newest reading written or pending, so older ones never overwrite it.
+    newest_ms: i64,
+    /// A newer reading than the row holds, waiting for the next flush.
+    pending: Option<(Reading, i64)>,
+}
+
+impl Registry {
+    pub fn new(table: Table) -> Self {
+        Self {
+            table,
+            state: Mutex::default(),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        // The map stays consistent even if a holder panicked: every update is one insert.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Learns which devices already have rows. Returns how many.
+    pub async fn load(&self) -> Result<usize, StorageError> {
+        let filter = format!("PartitionKey eq '{}'", device::PARTITION);
+        let rows = self.table.query(&filter).await?;
+        let mut state = self.state();
+        for id in rows.iter().filter_map(device::device_id) {
+            state.entry(id.to_owned()).or_default().registered = true;
+        }
+        Ok(state.len())
+    }
+
+    /// Records a round's newest readings: devices with a row get them queued for the next
+    /// flush; the rows returned (chunked for transactions) register the devices without one,
+    /// and must be written before the round deletes its messages.
+    pub fn note(&self, latest: Latest) -> Vec<Vec<Entity>> {
+        let mut fresh = Vec::new();
+        let mut state = self.state();
+        for (id, (reading, ingested_at_ms)) in latest {
+            let entry = state.entry(id).or_default();
+            let newer = reading.measured_at_ms > entry.newest_ms;
+            if !entry.registered {
+                fresh.push(device::row(&reading, ingested_at_ms, Some(ingested_at_ms)));
+            } else if newer {
+                entry.newest_ms = reading.measured_at_ms;
+                entry.pending = Some((reading, ingested_at_ms));
+            }
+        }
+        chunk(fresh)
+    }
+
+    /// Marks the devices of written registration rows as registered.
+    pub fn registered(&self, rows: &[Entity]) {
+        let mut state = self.state();
+        for row in rows {
+            if let Some(id) = device::device_id(row) {
+                let entry = state.entry(id.to_owned()).or_default();
+                entry.registered = true;
+                if let Some(ms) = row
+                    .get("MeasuredAt")
+                    .and_then(|v| v.as_str())
+                    .and_then(schemas::timefmt::parse_rfc3339_ms)
+                {
+                    entry.newest_ms = entry.newest_ms.max(ms);
+                }
+            }
+        }
+        metrics::counter!(m::DEVICE_ROWS).increment(rows.len() as u64);
+    }
+
+    /// Writes every pending latest state. Failed devices stay pending for the next flush.
+    pub async fn flush(&self) {
+        let pending: Vec<(Reading, i64)> = self
+            .state()
+            .values_mut()
+            .filter_map(|e| e.pending.take())
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        let rows: Vec<Entity> = pending
+            .iter()
+            .map(|(r, ingested)| device::row(r, *ingested, None))
+            .collect();
+        for (rows, readings) in rows
+            .chunks(MAX_BATCH_OPERATIONS)
+            .zip(pending.chunks(MAX_BATCH_OPERATIONS))
+        {
+            let failure = match self.table.merge_batch(rows).await {
+                Ok(BatchOutcome::Committed) => {
+                    metrics::counter!(m::DEVICE_ROWS).increment(rows.len() as u64);
+                    continue;
+                }
+                Ok(BatchOutcome::Rejected { status }) => {
+                    format!("transaction refused with HTTP {status}")
+                }
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(error = %failure, devices = rows.len(), "Cannot refresh device rows; will retry.");
+            let mut state = self.state();
+            for (reading, ingested) in readings {
+                let entry = state.entry(reading.device_id.clone()).or_default();
+                if entry.pending.is_none() {
+                    entry.pending = Some((reading.clone(), *ingested));
+                }
+            }
+        }
+    }
+}
+
+fn chunk(rows: Vec<Entity>) -> Vec<Vec<Entity>> {
+    let mut out = Vec::new();
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        out.push(rows.by_ref().take(MAX_BATCH_OPERATIONS).collect());
+    }
+    out
+}
+
+/// Keeps, per device, the newest of the readings offered.
+pub fn keep_newest(latest: &mut Latest, reading: &Reading, ingested_at_ms: i64) {
+    match latest.get_mut(&reading.device_id) {
+        Some((r, _)) if r.measured_at_ms >= reading.measured_at_ms => {}
+        Some(slot) => *slot = (reading.clone(), ingested_at_ms),
+        None => {
+            latest.insert(reading.device_id.clone(), (reading.clone(), ingested_at_ms));
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! The device table: one row per device, holding its first/last sighting and latest reading.
+//!
+//! It is how the archiver finds work without scanning the telemetry table (it walks these rows
+//! and queries each device's partition by RowKey range), and the "latest state" a dashboard
+//! reads with one point lookup. All rows share one partition, so the processor updates up to
+//! 100 devices per transaction; [`row`] is keyed by device id.
+//!
+//! The processor keeps one invariant: a device's row exists before any queue message carrying
+//! its readings is deleted, so every partition of the telemetry table is listed here.
+
+use crate::entity;
+use crate::reading::Reading;
+use serde_json::{Map, Value};
+
+pub const DEFAULT_TABLE: &str = "devices";
+/// The one partition every device row lives in.
+pub const PARTITION: &str = "device";
+
+/// When the pipeline first stored a reading of the device (written once, at registration).
+pub const FIRST_SEEN: &str = "FirstSeen";
+
+/// The device row for `latest` (its newest reading so far): the reading's properties under
+/// their telemetry-table names (`MeasuredAt`, `IngestedAt` = last seen, `Temperature`, ...),
+/// plus [`FIRST_SEEN`] when `first_seen_ms` is given. Written with merge semantics, so a row
+/// keeps its `FirstSeen` when later updates leave it out.
+pub fn row(
+    latest: &Reading,
+    ingested_at_ms: i64,
+    first_seen_ms: Option<i64>,
+) -> Map<String, Value> {
+    let mut e = entity::to_entity(latest, ingested_at_ms);
+    e.insert("PartitionKey".into(), PARTITION.into());
+    e.insert("RowKey".into(), latest.device_id.clone().into());
+    if let Some(ms) = first_seen_ms {
+        entity::typed_datetime(&mut e, FIRST_SEEN, ms);
+    }
+    e
+}
+
+/// The device id of a device row.
+pub fn device_id(e: &Map<String, Value>) -> Option<&str> {
+    e.get("RowKey").and_then(Value::as_str)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_rows_share_a_partition_and_are_keyed_by_device() {
+        let reading = Reading {
+            device_id: "dev-7".into(),
+            measured_at_ms: 1_705_312_800_000,
+            seq: Some(4),
+            temperature: Some(20.5),
+            humidity: None,
+            pressure: None,
+            extras: Vec::new(),
+        };
+        let e = row(&reading, 1_705_312_801_000, Some(1_700_000_000_000));
+        assert_eq!(e["PartitionKey"], PARTITION);
+        assert_eq!(device_id(&e), Some("dev-7"));
+        assert_eq!(e["FirstSeen@odata.type"], "Edm.DateTime");
+        assert_eq!(e["Temperature"], 20.5);
+        assert!(!row(&reading, 0, None).contains_key(FIRST_SEEN));
+    }
+}
