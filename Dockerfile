@@ -1,10 +1,11 @@
-# One image, three binaries: ingest, processor, simulator. Pick one with the container command.
+# One image, four binaries: ingest, processor, archiver, simulator. Pick one with the container command.
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bins \
+RUN cargo build --release --locked -p ingest -p processor -p archiver -p simulator \
     && mkdir /out \
-    && cp target/release/ingest target/release/processor target/release/simulator /out/
+    && cp target/release/ingest target/release/processor target/release/archiver \
+       target/release/simulator /out/
 
 FROM debian:bookworm-slim
 RUN apt-get update \

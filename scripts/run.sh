@@ -2,7 +2,7 @@
 # The run command: the whole pipeline locally, driven by the simulator.
 #
 # Installs what is missing, starts Azurite and Mosquitto unless they already run, builds the
-# services (release), starts processor and ingest, then the simulator, and shows a live status
+# services (release), starts processor, ingest and the archiver, then the simulator, and shows a live status
 # line until Ctrl-C, when it stops everything cleanly (newest first, each flushing what it holds).
 #
 # Settings (environment): SIMULATOR_DEVICES (10000), SIMULATOR_INTERVAL (30s), MQTT_URL
@@ -19,7 +19,7 @@ export SIMULATOR_DEVICES="${SIMULATOR_DEVICES:-10000}"
 export SIMULATOR_INTERVAL="${SIMULATOR_INTERVAL:-30s}"
 export MQTT_URL="${MQTT_URL:-mqtt://127.0.0.1:1883}"
 MQTT_PORT="${MQTT_URL##*:}"; MQTT_PORT="${MQTT_PORT%%/*}"
-INGEST_PORT=9101 PROCESSOR_PORT=9102 SIMULATOR_PORT=9103
+INGEST_PORT=9101 PROCESSOR_PORT=9102 SIMULATOR_PORT=9103 ARCHIVER_PORT=9104
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
@@ -64,14 +64,14 @@ stop_all() {
 }
 trap stop_all INT TERM EXIT
 
-if port_open 10001 && port_open 10002; then
-  echo "==> Using the Azure Storage emulator already listening on 10001/10002"
+if port_open 10000 && port_open 10001 && port_open 10002; then
+  echo "==> Using the Azure Storage emulator already listening on 10000-10002"
 else
   echo "==> Starting Azurite (data in .run/azurite)"
   .tools/node_modules/.bin/azurite --silent --skipApiVersionCheck --location "$RUN/azurite" \
     >"$RUN/logs/azurite.log" 2>&1 &
   started+=($!); graces+=(10)
-  for _ in $(seq 1 100); do port_open 10001 && port_open 10002 && break; sleep 0.2; done
+  for _ in $(seq 1 100); do port_open 10000 && port_open 10001 && port_open 10002 && break; sleep 0.2; done
 fi
 
 if port_open "$MQTT_PORT"; then
@@ -92,10 +92,11 @@ fi
 echo "==> Building (release)"
 cargo build --release --locked --bins
 
-for svc in processor ingest; do
+for svc in processor ingest archiver; do
   port_var="$(echo "$svc" | tr a-z A-Z)_PORT"
   echo "==> Starting $svc (metrics on 127.0.0.1:${!port_var})"
-  target/release/$svc >"$RUN/logs/$svc.log" 2>&1 &
+  args=(); [ "$svc" = archiver ] && args=(run)  # a pass now, then every ARCHIVER_INTERVAL (1h)
+  target/release/$svc "${args[@]}" >"$RUN/logs/$svc.log" 2>&1 &
   started+=($!); graces+=(60)
   wait_ready "$svc" "${!port_var}"
 done
@@ -105,7 +106,7 @@ target/release/simulator >"$RUN/logs/simulator.log" 2>&1 &
 started+=($!); graces+=(15)
 sim_pid=$!
 
-echo "==> Running. Ctrl-C stops everything. Metrics: :$INGEST_PORT/metrics :$PROCESSOR_PORT/metrics :$SIMULATOR_PORT/metrics"
+echo "==> Running. Ctrl-C stops everything. Metrics: :$INGEST_PORT/metrics :$PROCESSOR_PORT/metrics :$ARCHIVER_PORT/metrics :$SIMULATOR_PORT/metrics"
 t0=$(date +%s.%N); s0=0; begin=$(date +%s)
 while kill -0 "$sim_pid" 2>/dev/null; do
   sleep 2
@@ -113,11 +114,12 @@ while kill -0 "$sim_pid" 2>/dev/null; do
   stored=$(metric $PROCESSOR_PORT processor_readings_stored_total)
   dead=$(metric $PROCESSOR_PORT processor_dead_letters_total)
   depth=$(metric $PROCESSOR_PORT processor_queue_depth)
+  archived=$(metric $ARCHIVER_PORT archiver_rows_archived_total)
   t1=$(date +%s.%N)
   rate=$(awk -v a="$stored" -v b="$s0" -v t="$t1" -v u="$t0" 'BEGIN { printf "%.0f", (a - b) / (t - u) }')
   avg=$(awk -v a="$stored" -v t="$(date +%s)" -v u="$begin" 'BEGIN { d = t - u; printf "%.0f", (d > 0 ? a / d : 0) }')
-  printf '\rpublished %9d | stored %9d | dead-lettered %6d | queue depth %5d | %6d readings/s (avg %d)   ' \
-    "$published" "$stored" "$dead" "$depth" "$rate" "$avg"
+  printf '\rpublished %9d | stored %9d | dead-lettered %6d | queue depth %5d | %6d readings/s (avg %d) | archived %d   ' \
+    "$published" "$stored" "$dead" "$depth" "$rate" "$avg" "$archived"
   t0=$t1; s0=$stored
   if [ -n "${RUN_FOR:-}" ] && [ $(( $(date +%s) - begin )) -ge "$RUN_FOR" ]; then
     break
