@@ -62,7 +62,7 @@ async fn run_passes(args: RunArgs, shutdown: CancellationToken) -> anyhow::Resul
         devices: account.table(&args.device_table),
         layout: args.layout.clone(),
         concurrency: args.concurrency,
-        bar: matches!(args.log.log_format, infra::serve::LogFormat::Pretty),
+        log_format: args.log.log_format,
     };
     tracing::info!(
         container = %args.container,

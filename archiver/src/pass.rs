@@ -3,7 +3,7 @@
 use crate::day::{self, retried, DayReport, Target};
 use crate::layout::{self, Layout, DAY_MS};
 use crate::metrics_names as m;
-use crate::progress::{Counters, Progress};
+use crate::progress::{self, Counters};
 use futures::{stream, StreamExt};
 use infra::storage::{StorageError, Table};
 use schemas::{device, timefmt};
@@ -18,8 +18,8 @@ pub struct Ctx {
     pub devices: Table,
     pub layout: Layout,
     pub concurrency: usize,
-    /// Draw a progress bar when on a terminal.
-    pub bar: bool,
+    /// Progress is a bar on a terminal with pretty logs, log lines otherwise.
+    pub log_format: infra::serve::LogFormat,
 }
 
 /// The totals of a pass.
@@ -93,7 +93,7 @@ pub async fn run(
         "Archive pass starting."
     );
     let counters = Arc::new(Counters::default());
-    let progress = Progress::start(counters.clone(), devices.len(), ctx.bar);
+    let progress = progress::start(counters.clone(), devices.len(), ctx.log_format);
     let reports: Vec<Vec<DayReport>> = stream::iter(&devices)
         .map(|id| {
             let counters = counters.clone();

@@ -9,6 +9,7 @@
 //! - [`cli`]: flags that several services share (storage account, broker, observability).
 
 pub mod cli;
+pub mod progress;
 pub mod retry;
 pub mod serve;
 pub mod shutdown;

@@ -1,7 +1,8 @@
 //! The Azure Storage adapter: queues, tables and blobs behind small, SDK-free types.
 //!
 //! Every call is bounded by a timeout, classified into [`StorageError`] with
-//! [`StorageError::is_retriable`], and counted in `storage_requests_total{op}`. SDK-level
+//! [`StorageError::is_retriable`], counted in `storage_requests_total{op}` and timed in
+//! `storage_request_seconds{op}`. SDK-level
 //! retries are off: callers own retry so that they can back off, give up, and report.
 
 mod account;
@@ -92,14 +93,18 @@ fn full_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Runs one SDK call under the timeout, counting it and classifying its failure.
+/// Runs one SDK call under the timeout, counting and timing it and classifying its failure.
 async fn call<T>(
     op: &'static str,
     timeout: Duration,
     fut: impl std::future::Future<Output = azure_core::Result<T>>,
 ) -> Result<T, StorageError> {
     metrics::counter!("storage_requests_total", "op" => op).increment(1);
-    let result = match tokio::time::timeout(timeout, fut).await {
+    let started = std::time::Instant::now();
+    let outcome = tokio::time::timeout(timeout, fut).await;
+    metrics::histogram!("storage_request_seconds", "op" => op)
+        .record(started.elapsed().as_secs_f64());
+    let result = match outcome {
         Ok(Ok(v)) => return Ok(v),
         Ok(Err(e)) => StorageError::from_sdk(op, &e),
         Err(_) => StorageError {

@@ -431,3 +431,51 @@ async fn before_may_not_reach_into_the_retention_window() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("retention window"), "{stderr}");
 }
+
+#[tokio::test]
+async fn as_a_service_it_archives_every_interval_and_stops_cleanly() {
+    let Some(store) = Store::start("archive_service").await else {
+        return;
+    };
+    let old = readings("dev-s", day(31), 60);
+    store.backfill(&old).await;
+    let mut service = tests::Service::start_with_args(
+        "archiver",
+        &["run"],
+        &[
+            ("AZURE_STORAGE_CONNECTION_STRING", store.connection.clone()),
+            ("ARCHIVER_TABLE_NAME", store.table.clone()),
+            ("ARCHIVER_DEVICE_TABLE", store.devices.clone()),
+            ("ARCHIVER_CONTAINER", store.container.clone()),
+            ("ARCHIVER_INTERVAL", "1s".into()),
+        ],
+    )
+    .await;
+    let archived = |n: f64| {
+        let service = &service;
+        // Deleting is a day's last step: once the rows are deleted, the day is done.
+        move || async move { (service.metric("archiver_rows_deleted_total").await >= n).then_some(()) }
+    };
+    tests::wait_for(
+        "the first pass",
+        std::time::Duration::from_secs(30),
+        archived(60.0),
+    )
+    .await;
+    assert!(store.table_rows().await.is_empty());
+
+    // Late rows are picked up by a later pass, without a restart.
+    store.backfill(&readings("dev-s", day(31) + 500, 3)).await;
+    tests::wait_for(
+        "a later pass",
+        std::time::Duration::from_secs(30),
+        archived(63.0),
+    )
+    .await;
+    assert_eq!(service.metric("archiver_merges_total").await, 1.0);
+    assert_eq!(service.metric("archiver_rows_archived_total").await, 63.0);
+    assert!(service.metric("archiver_bytes_written_total").await > 0.0);
+    let blobs = store.blobs(Format::Parquet).await;
+    assert_eq!(blobs[&blob_name("dev-s", day(31), "parquet")].1, "63");
+    service.terminate(std::time::Duration::from_secs(10)).await;
+}

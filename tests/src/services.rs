@@ -21,6 +21,7 @@ pub fn bin_path(name: &str) -> PathBuf {
 #[derive(Debug)]
 pub struct Service {
     name: &'static str,
+    args: Vec<String>,
     env: Vec<(String, String)>,
     pub metrics_port: u16,
     child: Option<Child>,
@@ -31,8 +32,18 @@ pub struct Service {
 impl Service {
     /// Starts `name` with `env` (plus a free metrics port) and waits until `/readyz` says so.
     pub async fn start(name: &'static str, env: &[(&str, String)]) -> Self {
+        Self::start_with_args(name, &[], env).await
+    }
+
+    /// Like [`Service::start`], with command-line arguments.
+    pub async fn start_with_args(
+        name: &'static str,
+        args: &[&str],
+        env: &[(&str, String)],
+    ) -> Self {
         let mut s = Self {
             name,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
             env: env
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), v.clone()))
@@ -55,7 +66,8 @@ impl Service {
         let log = std::fs::File::create(&log_path).expect("service log");
         let metrics_var = format!("{}_METRICS_ADDR", self.name.to_uppercase());
         let mut cmd = Command::new(bin_path(self.name));
-        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        cmd.args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env(metrics_var, format!("127.0.0.1:{}", self.metrics_port))
             .env(
                 "RUST_LOG",
