@@ -152,3 +152,70 @@ pub fn keep_newest(latest: &mut Latest, reading: &Reading, ingested_at_ms: i64) 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use infra::storage::Account;
+    use std::time::Duration;
+
+    fn reading(device: &str, ms: i64) -> Reading {
+        Reading {
+            device_id: device.into(),
+            measured_at_ms: ms,
+            seq: None,
+            temperature: Some(1.0),
+            humidity: None,
+            pressure: None,
+            extras: Vec::new(),
+        }
+    }
+
+    fn registry() -> Registry {
+        let account = Account::from_connection_string(
+            infra::storage::DEVELOPMENT_STORAGE,
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        Registry::new(account.table("devices"))
+    }
+
+    #[test]
+    fn new_devices_are_registered_and_known_ones_queued_newest_first() {
+        let mut latest = Latest::new();
+        keep_newest(&mut latest, &reading("a", 2_000), 10);
+        keep_newest(&mut latest, &reading("a", 1_000), 11);
+        keep_newest(&mut latest, &reading("b", 5_000), 12);
+        assert_eq!(latest["a"].0.measured_at_ms, 2_000);
+
+        let r = registry();
+        let fresh = r.note(latest.clone());
+        assert_eq!(fresh.iter().map(Vec::len).sum::<usize>(), 2);
+        assert!(fresh[0].iter().all(|e| e.contains_key(device::FIRST_SEEN)));
+        r.registered(&fresh.concat());
+
+        // Known now: nothing to register; only readings newer than the row are queued.
+        let mut next = Latest::new();
+        keep_newest(&mut next, &reading("a", 1_500), 20);
+        keep_newest(&mut next, &reading("b", 6_000), 21);
+        assert!(r.note(next).is_empty());
+        let state = r.state();
+        assert!(
+            state["a"].pending.is_none(),
+            "older than the registered row"
+        );
+        assert_eq!(state["b"].pending.as_ref().unwrap().0.measured_at_ms, 6_000);
+    }
+
+    #[test]
+    fn registrations_are_chunked_for_transactions() {
+        let latest: Latest = (0..250)
+            .map(|i| {
+                let id = format!("d{i}");
+                (id.clone(), (reading(&id, 1), 1))
+            })
+            .collect();
+        let sizes: Vec<usize> = registry().note(latest).iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![100, 100, 50]);
+    }
+}

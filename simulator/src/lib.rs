@@ -1,115 +1,151 @@
-//! `simulator`: N sensors publishing the device contract over MQTT, for demos and load.
+//! `simulator`: N sensors publishing the device contract over MQTT, for demos and load tests.
 //!
-//! Each device publishes once per interval at its own phase, so load is spread evenly. Values
-//! are a pure function of (seed, device, tick): the same flags produce the same readings.
-//! Devices are spread over a few MQTT connections; publishes are QoS 1.
+//! Each device publishes once per interval at its own phase, so load is spread evenly (or as
+//! fast as the broker takes it, with `--flat-out`). Every message is a pure function of
+//! (seed, device, tick) ([`sensor`]), faults included ([`faults`]), and every message is
+//! counted ([`tally`]), so a test can check the pipeline's rows and dead letters exactly.
 
+mod config;
+mod faults;
+mod metrics_names;
+mod progress;
 mod sensor;
+mod tally;
+
+pub use config::Config;
+pub use faults::{Fault, Faults};
+pub use metrics_names::PUBLISHED;
+pub use sensor::{Generator, Message};
 
 use anyhow::Context;
-use infra::cli::{LogArgs, MqttUrl};
 use infra::serve::Health;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use rumqttc::Outgoing;
-use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
+use tally::Tally;
 use tokio_util::sync::CancellationToken;
 
-/// Publishes realistic readings for many sensors.
-#[derive(Debug, Clone, clap::Parser)]
-#[command(version, about, long_about = None)]
-pub struct Config {
-    /// MQTT broker.
-    #[arg(long, env = "MQTT_URL", default_value = "mqtt://127.0.0.1:1883")]
-    pub mqtt_url: MqttUrl,
+/// How long a stopping connection waits for the broker's last acknowledgements.
+const ACK_GRACE: Duration = Duration::from_secs(10);
+/// File descriptors kept free beyond one per connection.
+const SPARE_FDS: u64 = 64;
 
-    /// Number of simulated devices.
-    #[arg(long, env = "SIMULATOR_DEVICES", default_value_t = 10_000)]
-    pub devices: usize,
-
-    /// Time between two readings of one device.
-    #[arg(long, env = "SIMULATOR_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub interval: Duration,
-
-    /// Seed for device phases and values.
-    #[arg(long, env = "SIMULATOR_SEED", default_value_t = 1)]
-    pub seed: u64,
-
-    /// Stop after this many rounds (each device publishes once per round); 0 runs until stopped.
-    #[arg(long, env = "SIMULATOR_ROUNDS", default_value_t = 0)]
-    pub rounds: u64,
-
-    /// MQTT connections the devices are spread over.
-    #[arg(long, env = "SIMULATOR_CONNECTIONS", default_value_t = 4)]
-    pub connections: usize,
-
-    /// Topic prefix (`<prefix>/<deviceId>/telemetry`).
-    #[arg(long, env = "SIMULATOR_TOPIC_PREFIX", default_value = "devices")]
-    pub topic_prefix: String,
-
-    /// Device id prefix; ids are `<prefix>-<n>` with n zero-padded.
-    #[arg(long, env = "SIMULATOR_DEVICE_PREFIX", default_value = "sensor")]
-    pub device_prefix: String,
-
-    /// Address for `/metrics`, `/healthz` and `/readyz`.
-    #[arg(long, env = "SIMULATOR_METRICS_ADDR", default_value = "127.0.0.1:9103")]
-    pub metrics_addr: SocketAddr,
-
-    #[command(flatten)]
-    pub log: LogArgs,
-}
-
-/// Published messages (acknowledged by the broker).
-pub const PUBLISHED: &str = "simulator_published_total";
-
-/// Publishes until `shutdown` or the configured rounds are done.
+/// Publishes until `shutdown` or the configured rounds are done, then prints the summary.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let connections = match config.connections {
+        0 => config.devices.max(1),
+        n => n.clamp(1, config.devices.max(1)),
+    };
+    check_fd_limit(connections)?;
     let health = Health::new("connecting to the broker");
     infra::serve::serve_http(config.metrics_addr, health.clone(), shutdown.clone()).await?;
-    let connections = config.connections.clamp(1, config.devices.max(1));
+    let interval = config.effective_interval();
+    anyhow::ensure!(
+        config.flat_out || interval >= Duration::from_millis(u64::from(config.batch)),
+        "the interval ({interval:?}) is too short for {} readings per message",
+        config.batch
+    );
     tracing::info!(
         devices = config.devices,
-        interval = ?config.interval,
+        ?interval,
+        flat_out = config.flat_out,
+        batch = config.batch,
+        faults = ?config.faults,
         connections,
         broker = %config.mqtt_url,
         "Simulator starting."
     );
+    let generator = Arc::new(Generator {
+        seed: config.seed,
+        devices: config.devices,
+        device_prefix: config.device_prefix.clone(),
+        topic_prefix: config.topic_prefix.clone(),
+        batch: config.batch,
+        // Flat out, a gateway's readings are 1 ms apart, ending at the clock's time.
+        interval_ms: if config.flat_out {
+            i64::from(config.batch)
+        } else {
+            interval.as_millis() as i64
+        },
+        faults: config.faults.clone(),
+    });
+    let tally = Arc::new(Tally::default());
+    let started = std::time::Instant::now();
+    let progress = progress::start(tally.clone(), config.log.log_format);
     let mut tasks = tokio::task::JoinSet::new();
     for conn in 0..connections {
         let devices: Vec<usize> = (conn..config.devices).step_by(connections).collect();
-        tasks.spawn(connection(
-            config.clone(),
-            conn,
+        tasks.spawn(connection(Conn {
+            config: config.clone(),
+            interval,
+            index: conn,
             devices,
-            health.clone(),
-            shutdown.clone(),
-        ));
+            generator: generator.clone(),
+            tally: tally.clone(),
+            health: health.clone(),
+            shutdown: shutdown.clone(),
+        }));
     }
     while let Some(done) = tasks.join_next().await {
         done.context("a publishing task panicked")??;
     }
+    progress.finish().await;
+    let summary = tally.summary(started.elapsed().as_secs_f64());
+    println!("{summary}");
     tracing::info!("Simulator stopped.");
     Ok(())
 }
 
-async fn connection(
+/// One connection with one device per connection needs a descriptor each: fail clearly
+/// rather than half-connect.
+fn check_fd_limit(connections: usize) -> anyhow::Result<()> {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse::<u64>().ok());
+    let need = connections as u64 + SPARE_FDS;
+    if let Some(soft) = soft {
+        anyhow::ensure!(
+            need <= soft,
+            "{connections} MQTT connections need about {need} file descriptors, but this \
+             process may open {soft}. Raise the limit (`ulimit -n {need}`) or use fewer \
+             connections (--connections)."
+        );
+    }
+    Ok(())
+}
+
+struct Conn {
     config: Config,
+    interval: Duration,
     index: usize,
     devices: Vec<usize>,
+    generator: Arc<Generator>,
+    tally: Arc<Tally>,
     health: Health,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let id = format!("simulator-{}-{index}", std::process::id());
-    let mut options = MqttOptions::new(id, config.mqtt_url.host.clone(), config.mqtt_url.port);
+}
+
+async fn connection(c: Conn) -> anyhow::Result<()> {
+    let id = format!("simulator-{}-{}", std::process::id(), c.index);
+    let url = &c.config.mqtt_url;
+    let mut options = MqttOptions::new(id, url.host.clone(), url.port);
     options
         .set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(Some(1024 * 1024));
     let (client, mut eventloop) = AsyncClient::new(options, 1024);
     let poll_stop = CancellationToken::new();
+    // This connection's acknowledged publishes, to wait for them before disconnecting.
+    let acked = Arc::new(AtomicU64::new(0));
     let poller = {
         let stop = poll_stop.clone();
+        let (health, tally, acked) = (c.health.clone(), c.tally.clone(), acked.clone());
         tokio::spawn(async move {
             loop {
                 let event = tokio::select! {
@@ -119,6 +155,8 @@ async fn connection(
                 match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => health.set_ready(),
                     Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        acked.fetch_add(1, Relaxed);
+                        tally.acked.fetch_add(1, Relaxed);
                         metrics::counter!(PUBLISHED).increment(1);
                     }
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
@@ -133,38 +171,87 @@ async fn connection(
         })
     };
 
+    let mut publisher = Publisher {
+        client: &client,
+        tally: &c.tally,
+        held: None,
+        sent: 0,
+    };
     // Each device gets a fixed phase inside the interval; one round walks them in phase order.
-    let interval = config.interval;
-    let mut schedule: Vec<(Duration, usize)> = devices
+    let interval = c.interval;
+    let interval_ms = interval.as_millis() as i64;
+    let mut schedule: Vec<(Duration, usize)> = c
+        .devices
         .iter()
-        .map(|&d| (interval.mul_f64(sensor::phase(config.seed, d)), d))
+        .map(|&d| (interval.mul_f64(sensor::phase(c.config.seed, d)), d))
         .collect();
     schedule.sort_unstable();
-    let start = tokio::time::Instant::now();
     let start_ms = schemas::timefmt::now_ms();
-    let mut round = 0u64;
-    'rounds: while config.rounds == 0 || round < config.rounds {
-        let round_start = start + interval * u32::try_from(round).unwrap_or(u32::MAX);
+
+    // History first, as fast as the broker takes it; ticks continue from it.
+    let history = c
+        .config
+        .backfill
+        .map_or(0, |b| (b.as_millis() as i64 / interval_ms.max(1)) as u64);
+    'history: for tick in 0..history {
+        let tick_start = start_ms - (history - tick) as i64 * interval_ms;
         for &(phase, device) in &schedule {
-            tokio::select! {
-                _ = shutdown.cancelled() => break 'rounds,
-                _ = tokio::time::sleep_until(round_start + phase) => {}
+            if c.shutdown.is_cancelled() {
+                break 'history;
             }
-            let at_ms = start_ms + (round_start + phase - start).as_millis() as i64;
-            let id = sensor::device_id(&config.device_prefix, device, config.devices);
-            let payload = sensor::reading(config.seed, &id, device, round, at_ms);
-            let topic = schemas::reading::topic_for(&config.topic_prefix, &id);
-            if client
-                .publish(topic, QoS::AtLeastOnce, false, payload)
+            let at_ms = tick_start + phase.as_millis() as i64;
+            if !publisher
+                .send(c.generator.message(device, tick, at_ms))
                 .await
-                .is_err()
             {
+                break 'history;
+            }
+        }
+    }
+
+    let start = tokio::time::Instant::now();
+    // Flat out, timestamps are the clock's, kept apart per device so no two readings share one.
+    let mut last_at = vec![i64::MIN; schedule.len()];
+    let mut round = 0u64;
+    'rounds: while !c.shutdown.is_cancelled() && (c.config.rounds == 0 || round < c.config.rounds) {
+        let round_start = start + interval * u32::try_from(round).unwrap_or(u32::MAX);
+        for (slot, &(phase, device)) in schedule.iter().enumerate() {
+            let at_ms = if c.config.flat_out {
+                if c.shutdown.is_cancelled() {
+                    break 'rounds;
+                }
+                let at = schemas::timefmt::now_ms()
+                    .max(last_at[slot].saturating_add(i64::from(c.config.batch)));
+                last_at[slot] = at;
+                at
+            } else {
+                tokio::select! {
+                    _ = c.shutdown.cancelled() => break 'rounds,
+                    _ = tokio::time::sleep_until(round_start + phase) => {}
+                }
+                start_ms + (round_start + phase - start).as_millis() as i64
+            };
+            let msg = c.generator.message(device, history + round, at_ms);
+            if !publisher.send(msg).await {
                 break 'rounds;
             }
         }
         round += 1;
     }
-    // Give in-flight publishes a moment to be acknowledged, then leave cleanly.
+    publisher.release_held().await;
+    // Wait (a bounded time) for the broker to acknowledge everything, then leave cleanly.
+    let sent = publisher.sent;
+    let all_acked = async {
+        while acked.load(Relaxed) < sent {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    if tokio::time::timeout(ACK_GRACE, all_acked).await.is_err() {
+        tracing::warn!(
+            unacknowledged = sent - acked.load(Relaxed),
+            "Leaving with publishes the broker has not acknowledged."
+        );
+    }
     let _ = tokio::time::timeout(Duration::from_secs(5), client.disconnect()).await;
     let mut poller = poller;
     if tokio::time::timeout(Duration::from_secs(5), &mut poller)
@@ -175,4 +262,58 @@ async fn connection(
         let _ = poller.await;
     }
     Ok(())
+}
+
+/// Publishes messages, applying the delivery faults: duplicates go out twice, and an
+/// out-of-order message is held back until the next one has gone.
+struct Publisher<'a> {
+    client: &'a AsyncClient,
+    tally: &'a Tally,
+    held: Option<Message>,
+    /// Publishes handed to the client on this connection.
+    sent: u64,
+}
+
+impl Publisher<'_> {
+    /// `false` when the client is gone.
+    async fn send(&mut self, msg: Message) -> bool {
+        self.tally.message(&msg);
+        match msg.fault {
+            Some(Fault::OutOfOrder) if self.held.is_none() => {
+                self.held = Some(msg);
+                return true;
+            }
+            Some(Fault::Duplicate) if !self.publish(&msg).await => return false,
+            _ => {}
+        }
+        if !self.publish(&msg).await {
+            return false;
+        }
+        self.release_held().await
+    }
+
+    async fn release_held(&mut self) -> bool {
+        match self.held.take() {
+            Some(held) => self.publish(&held).await,
+            None => true,
+        }
+    }
+
+    async fn publish(&mut self, msg: &Message) -> bool {
+        let sent = self
+            .client
+            .publish(
+                msg.topic.clone(),
+                QoS::AtLeastOnce,
+                false,
+                msg.payload.clone(),
+            )
+            .await
+            .is_ok();
+        if sent {
+            self.sent += 1;
+            self.tally.published();
+        }
+        sent
+    }
 }

@@ -1,6 +1,7 @@
-//! Deterministic sensor values: a pure function of (seed, device, tick).
+//! Deterministic sensors: every message is a pure function of (seed, device, tick), faults
+//! included.
 
-use std::fmt::Write;
+use crate::faults::{Fault, Faults};
 
 /// A well-mixed 64-bit hash (SplitMix64 finaliser).
 fn mix(mut x: u64) -> u64 {
@@ -26,23 +27,129 @@ pub fn device_id(prefix: &str, device: usize, total: usize) -> String {
     format!("{prefix}-{device:0width$}")
 }
 
-/// One reading as JSON: temperature on a daily cycle with per-device offset and noise,
-/// humidity and pressure drifting slowly around per-device baselines.
-pub fn reading(seed: u64, id: &str, device: usize, tick: u64, at_ms: i64) -> String {
+/// Salt of the per-message fault draw, apart from the value salts.
+const FAULT_SALT: u64 = 0xFA17_0000_0000_0000;
+/// Bytes of whitespace that push an oversize payload over the 32 KiB limit.
+const OVERSIZE_PAD: usize = schemas::MAX_PAYLOAD_BYTES + 1;
+
+/// What the simulated devices publish: a pure function of its settings and (device, tick).
+#[derive(Debug, Clone)]
+pub struct Generator {
+    pub seed: u64,
+    pub devices: usize,
+    pub device_prefix: String,
+    pub topic_prefix: String,
+    /// Readings per message: 1, or a gateway array of up to 100.
+    pub batch: u32,
+    /// Time between two messages of one device; a gateway array spreads its readings over it.
+    pub interval_ms: i64,
+    pub faults: Faults,
+}
+
+/// One message, and what the pipeline must make of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub readings: u32,
+    /// Readings that must be stored.
+    pub valid: u32,
+    pub fault: Option<Fault>,
+}
+
+impl Generator {
+    pub fn device_id(&self, device: usize) -> String {
+        device_id(&self.device_prefix, device, self.devices)
+    }
+
+    /// Device `device`'s message for `tick`, its newest reading measured at `at_ms`.
+    pub fn message(&self, device: usize, tick: u64, at_ms: i64) -> Message {
+        let id = self.device_id(device);
+        let fault = self.faults.pick(unit(self.seed, device, FAULT_SALT ^ tick));
+        let n = self.batch.clamp(1, 100);
+        let spoofed = (fault == Some(Fault::Spoofed)).then(|| {
+            let other = (device + 1) % self.devices.max(1);
+            if other == device {
+                format!("{}-spoof", self.device_prefix)
+            } else {
+                self.device_id(other)
+            }
+        });
+        let mut parts = Vec::with_capacity(n as usize);
+        for k in 0..n {
+            let seq = tick * u64::from(n) + u64::from(k);
+            let mut at = at_ms - i64::from(n - 1 - k) * self.interval_ms / i64::from(n);
+            let mut v = values(self.seed, device, seq, at);
+            // Reading-level faults spoil the first reading only: a gateway keeps the rest.
+            let mut temperature = format!("{:.2}", v.temperature);
+            if k == 0 {
+                match fault {
+                    Some(Fault::Schema) => temperature = "\"warm\"".into(),
+                    Some(Fault::OutOfRange) => v.temperature = 999.0,
+                    Some(Fault::Future) => at += 3_600_000,
+                    Some(Fault::Stale) => at -= 60 * 86_400_000,
+                    _ => {}
+                }
+                if fault == Some(Fault::OutOfRange) {
+                    temperature = format!("{:.2}", v.temperature);
+                }
+            }
+            let device_field = spoofed.as_deref().unwrap_or(&id);
+            parts.push(format!(
+                r#"{{"deviceId":"{device_field}","timestamp":"{}","seq":{seq},"temperature":{temperature},"humidity":{:.1},"pressure":{:.1}}}"#,
+                schemas::timefmt::format_ms(at),
+                v.humidity,
+                v.pressure,
+            ));
+        }
+        let mut payload = if n == 1 {
+            parts.swap_remove(0)
+        } else {
+            format!("[{}]", parts.join(","))
+        };
+        let valid = match fault {
+            Some(Fault::Malformed) => {
+                payload.pop();
+                0
+            }
+            Some(Fault::Oversize) => {
+                payload.insert_str(1, &" ".repeat(OVERSIZE_PAD));
+                0
+            }
+            Some(Fault::Spoofed) => 0,
+            Some(Fault::Schema | Fault::OutOfRange | Fault::Future | Fault::Stale) => n - 1,
+            _ => n,
+        };
+        Message {
+            topic: schemas::reading::topic_for(&self.topic_prefix, &id),
+            payload: payload.into_bytes(),
+            readings: n,
+            valid,
+            fault,
+        }
+    }
+}
+
+/// A reading's measurements.
+struct Values {
+    temperature: f64,
+    humidity: f64,
+    pressure: f64,
+}
+
+/// Temperature on a daily cycle with per-device offset and noise; humidity and pressure
+/// drifting slowly around per-device baselines.
+fn values(seed: u64, device: usize, seq: u64, at_ms: i64) -> Values {
     let day_fraction = (at_ms.rem_euclid(86_400_000)) as f64 / 86_400_000.0;
     let base = 12.0 + 10.0 * unit(seed, device, 2);
-    let noise = unit(seed, device, 1000 + tick) - 0.5;
+    let noise = unit(seed, device, 1000 + seq) - 0.5;
     let temperature = base + 6.0 * (std::f64::consts::TAU * (day_fraction - 0.375)).sin() + noise;
-    let drift = (tick as f64 / 120.0 + 6.0 * unit(seed, device, 3)).sin();
-    let humidity = (45.0 + 20.0 * unit(seed, device, 4) + 10.0 * drift).clamp(0.0, 100.0);
-    let pressure = 1000.0 + 25.0 * unit(seed, device, 5) + 5.0 * drift;
-    let mut s = String::with_capacity(160);
-    let _ = write!(
-        s,
-        r#"{{"deviceId":"{id}","timestamp":"{}","seq":{tick},"temperature":{temperature:.2},"humidity":{humidity:.1},"pressure":{pressure:.1}}}"#,
-        schemas::timefmt::format_ms(at_ms)
-    );
-    s
+    let drift = (seq as f64 / 120.0 + 6.0 * unit(seed, device, 3)).sin();
+    Values {
+        temperature,
+        humidity: (45.0 + 20.0 * unit(seed, device, 4) + 10.0 * drift).clamp(0.0, 100.0),
+        pressure: 1000.0 + 25.0 * unit(seed, device, 5) + 5.0 * drift,
+    }
 }
 
 #[cfg(test)]
@@ -50,26 +157,95 @@ mod tests {
     use super::*;
     use schemas::reading::{validate, Policy};
 
+    fn generator(batch: u32, faults: &str) -> Generator {
+        Generator {
+            seed: 7,
+            devices: 10_000,
+            device_prefix: "sensor".into(),
+            topic_prefix: "devices".into(),
+            batch,
+            interval_ms: 30_000,
+            faults: faults.parse().unwrap(),
+        }
+    }
+
+    const AT: i64 = 1_717_200_000_000;
+
+    /// What the contract makes of a message: (stored readings, rejection reasons).
+    fn judge(m: &Message) -> (usize, Vec<&'static str>) {
+        let out = validate(
+            "devices",
+            &m.topic,
+            &m.payload,
+            m.payload.len(),
+            AT + 600_000,
+            &Policy::default(),
+        );
+        let reasons = out.rejections.iter().map(|r| r.reason.as_str()).collect();
+        (out.readings.len(), reasons)
+    }
+
     #[test]
-    fn readings_are_deterministic_and_valid() {
-        let at = 1_717_200_000_000;
-        let a = reading(7, "sensor-1", 1, 3, at);
-        assert_eq!(a, reading(7, "sensor-1", 1, 3, at));
-        assert_ne!(a, reading(8, "sensor-1", 1, 3, at));
+    fn messages_are_deterministic_and_valid() {
+        let g = generator(1, "");
+        let a = g.message(1, 3, AT);
+        assert_eq!(a, g.message(1, 3, AT));
+        let other_seed = Generator {
+            seed: 8,
+            ..g.clone()
+        };
+        assert_ne!(a, other_seed.message(1, 3, AT));
         for d in 0..500 {
-            let id = device_id("sensor", d, 10_000);
-            let payload = reading(1, &id, d, d as u64, at + d as i64 * 1000);
-            let topic = schemas::reading::topic_for("devices", &id);
-            let out = validate(
-                "devices",
-                &topic,
-                payload.as_bytes(),
-                payload.len(),
-                at + 600_000,
-                &Policy::default(),
+            let m = g.message(d, d as u64, AT + d as i64 * 1000);
+            assert_eq!(
+                judge(&m),
+                (1, vec![]),
+                "{}",
+                String::from_utf8_lossy(&m.payload)
             );
-            assert!(out.rejections.is_empty(), "{payload}: {:?}", out.rejections);
         }
         assert_eq!(device_id("sensor", 42, 10_000), "sensor-0042");
+    }
+
+    #[test]
+    fn gateway_arrays_carry_consecutive_seqs_within_the_interval() {
+        let g = generator(100, "");
+        let m = g.message(5, 2, AT);
+        assert_eq!((m.readings, m.valid), (100, 100));
+        assert_eq!(judge(&m), (100, vec![]));
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(v[0]["seq"], 200);
+        assert_eq!(v[99]["seq"], 299);
+        assert_eq!(v[99]["timestamp"], schemas::timefmt::format_ms(AT));
+    }
+
+    #[test]
+    fn each_fault_gets_exactly_its_expected_outcome() {
+        for fault in Fault::ALL {
+            for batch in [1, 10] {
+                let g = generator(batch, &format!("{fault}=1"));
+                let m = g.message(3, 9, AT);
+                assert_eq!(m.fault, Some(fault));
+                let (stored, reasons) = judge(&m);
+                assert_eq!(stored, m.valid as usize, "{fault} x{batch}");
+                match fault.expected_reason() {
+                    Some(reason) => {
+                        assert_eq!(reasons.first(), Some(&reason.as_str()), "{fault} x{batch}")
+                    }
+                    None => assert!(reasons.is_empty(), "{fault} x{batch}: {reasons:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fault_ratios_hold_over_many_messages() {
+        let g = generator(1, "malformed=0.05,duplicate=0.1");
+        let picks: Vec<Option<Fault>> = (0..20_000)
+            .map(|i| g.message(i % 1000, (i / 1000) as u64, AT).fault)
+            .collect();
+        let count = |f| picks.iter().filter(|p| **p == Some(f)).count() as f64 / 20_000.0;
+        assert!((count(Fault::Malformed) - 0.05).abs() < 0.01);
+        assert!((count(Fault::Duplicate) - 0.1).abs() < 0.01);
     }
 }

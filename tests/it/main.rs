@@ -6,6 +6,7 @@ mod archive;
 mod compose;
 mod failures;
 mod pipeline;
+mod simulator;
 
 use infra::storage::Account;
 use std::time::Duration;

@@ -1,0 +1,85 @@
+use crate::faults::Faults;
+use infra::cli::{LogArgs, MqttUrl};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Publishes realistic readings for many sensors, with optional fault injection: the
+/// load-testing tool. Prints a JSON summary of what it sent (and what the pipeline must make
+/// of it) on stdout when it stops.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(version, about, long_about = None)]
+pub struct Config {
+    /// MQTT broker.
+    #[arg(long, env = "MQTT_URL", default_value = "mqtt://127.0.0.1:1883")]
+    pub mqtt_url: MqttUrl,
+
+    /// Number of simulated devices.
+    #[arg(long, env = "SIMULATOR_DEVICES", default_value_t = 10_000)]
+    pub devices: usize,
+
+    /// Time between two messages of one device (compress time with e.g. `1s`).
+    #[arg(long, env = "SIMULATOR_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+
+    /// Target messages per second across all devices; sets the interval to devices / rate.
+    #[arg(long, env = "SIMULATOR_RATE", conflicts_with = "flat_out")]
+    pub rate: Option<f64>,
+
+    /// Publish as fast as the broker acknowledges, ignoring the interval.
+    #[arg(long, env = "SIMULATOR_FLAT_OUT")]
+    pub flat_out: bool,
+
+    /// Readings per message: 1, or up to 100 for gateway arrays.
+    #[arg(long, env = "SIMULATOR_BATCH", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub batch: u32,
+
+    /// Faults to inject, as shares of messages: `malformed`, `schema`, `out_of_range`,
+    /// `spoofed`, `future`, `stale`, `oversize`, `duplicate`, `out_of_order`; e.g.
+    /// `malformed=0.01,stale=0.005`.
+    #[arg(long, env = "SIMULATOR_FAULTS", default_value = "")]
+    pub faults: Faults,
+
+    /// Publish this much history first (at the interval, as fast as possible), so the
+    /// archiver has work. Readings older than the processor's `PROCESSOR_MAX_AGE` are refused
+    /// as stale: raise it for backfills beyond 30 days.
+    #[arg(long, env = "SIMULATOR_BACKFILL", value_parser = humantime::parse_duration)]
+    pub backfill: Option<Duration>,
+
+    /// Seed for device phases, values and faults.
+    #[arg(long, env = "SIMULATOR_SEED", default_value_t = 1)]
+    pub seed: u64,
+
+    /// Stop after this many rounds (each device publishes once per round); 0 runs until stopped.
+    #[arg(long, env = "SIMULATOR_ROUNDS", default_value_t = 0)]
+    pub rounds: u64,
+
+    /// MQTT connections the devices are spread over; 0 gives every device its own (as real
+    /// sensors have), which needs one file descriptor per device.
+    #[arg(long, env = "SIMULATOR_CONNECTIONS", default_value_t = 4)]
+    pub connections: usize,
+
+    /// Topic prefix (`<prefix>/<deviceId>/telemetry`).
+    #[arg(long, env = "SIMULATOR_TOPIC_PREFIX", default_value = "devices")]
+    pub topic_prefix: String,
+
+    /// Device id prefix; ids are `<prefix>-<n>` with n zero-padded.
+    #[arg(long, env = "SIMULATOR_DEVICE_PREFIX", default_value = "sensor")]
+    pub device_prefix: String,
+
+    /// Address for `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, env = "SIMULATOR_METRICS_ADDR", default_value = "127.0.0.1:9103")]
+    pub metrics_addr: SocketAddr,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl Config {
+    /// The interval, after `--rate`.
+    pub fn effective_interval(&self) -> Duration {
+        match self.rate {
+            Some(rate) if rate > 0.0 => Duration::from_secs_f64(self.devices as f64 / rate),
+            _ => self.interval,
+        }
+    }
+}

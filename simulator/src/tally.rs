@@ -1,0 +1,74 @@
+//! What the simulator sent, counted exactly, and the outcome the pipeline owes for it.
+
+use crate::faults::Fault;
+use crate::metrics_names as m;
+use crate::sensor::Message;
+use serde_json::{json, Map, Value};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Publishes handed to the client (a duplicate counts twice).
+    pub messages: AtomicU64,
+    /// Publishes the broker acknowledged.
+    pub acked: AtomicU64,
+    pub readings: AtomicU64,
+    /// Distinct readings the pipeline must store.
+    pub valid: AtomicU64,
+    faults: [AtomicU64; Fault::ALL.len()],
+}
+
+impl Tally {
+    /// Records one generated message (before any duplicate publish of it).
+    pub fn message(&self, msg: &Message) {
+        self.readings.fetch_add(u64::from(msg.readings), Relaxed);
+        self.valid.fetch_add(u64::from(msg.valid), Relaxed);
+        metrics::counter!(m::READINGS).increment(u64::from(msg.readings));
+        if let Some(fault) = msg.fault {
+            self.faults[index(fault)].fetch_add(1, Relaxed);
+            metrics::counter!(m::INJECTED, "fault" => fault.name()).increment(1);
+        }
+    }
+
+    pub fn published(&self) {
+        self.messages.fetch_add(1, Relaxed);
+        metrics::counter!(m::MESSAGES).increment(1);
+    }
+
+    pub fn injected(&self, fault: Fault) -> u64 {
+        self.faults[index(fault)].load(Relaxed)
+    }
+
+    pub fn injected_total(&self) -> u64 {
+        self.faults.iter().map(|f| f.load(Relaxed)).sum()
+    }
+
+    /// The run's summary: what was sent, and the dead letters (by reason) and rows it must
+    /// produce.
+    pub fn summary(&self, seconds: f64) -> Value {
+        let mut injected = Map::new();
+        let mut dead = Map::new();
+        for fault in Fault::ALL {
+            let n = self.injected(fault);
+            injected.insert(fault.name().into(), n.into());
+            if let Some(reason) = fault.expected_reason() {
+                dead.insert(reason.as_str().into(), n.into());
+            }
+        }
+        let messages = self.messages.load(Relaxed);
+        json!({
+            "seconds": (seconds * 10.0).round() / 10.0,
+            "messages": messages,
+            "acked": self.acked.load(Relaxed),
+            "messages_per_second": (messages as f64 / seconds.max(0.001)).round(),
+            "readings": self.readings.load(Relaxed),
+            "expected_rows": self.valid.load(Relaxed),
+            "injected": injected,
+            "expected_dead_letters": dead,
+        })
+    }
+}
+
+fn index(fault: Fault) -> usize {
+    Fault::ALL.iter().position(|f| *f == fault).unwrap_or(0)
+}
