@@ -100,6 +100,13 @@ for svc in processor ingest archiver; do
   started+=($!); graces+=(60)
   wait_ready "$svc" "${!port_var}"
 done
+if [ -n "${LOADTEST_PROFILE:-}" ]; then
+  # scripts/loadtest.sh: the load tester drives the simulator itself, then everything stops.
+  echo "==> Load test, profile $LOADTEST_PROFILE (the report goes to reports/)"
+  target/release/loadtest --profile "$LOADTEST_PROFILE"
+  exit 0
+fi
+
 # Only after ingest has subscribed: the broker keeps nothing for a subscription that does not exist.
 echo "==> Starting the simulator: $SIMULATOR_DEVICES devices every $SIMULATOR_INTERVAL"
 target/release/simulator >"$RUN/logs/simulator.log" 2>&1 &

@@ -34,8 +34,9 @@ const ACK_GRACE: Duration = Duration::from_secs(10);
 /// File descriptors kept free beyond one per connection.
 const SPARE_FDS: u64 = 64;
 
-/// Publishes until `shutdown` or the configured rounds are done, then prints the summary.
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Publishes until `shutdown` or the configured rounds are done. Returns the summary: what
+/// was sent, and the rows and dead letters (by reason) the pipeline must make of it.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<serde_json::Value> {
     let connections = match config.connections {
         0 => config.devices.max(1),
         n => n.clamp(1, config.devices.max(1)),
@@ -94,10 +95,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         done.context("a publishing task panicked")??;
     }
     progress.finish().await;
-    let summary = tally.summary(started.elapsed().as_secs_f64());
-    println!("{summary}");
     tracing::info!("Simulator stopped.");
-    Ok(())
+    Ok(tally.summary(started.elapsed().as_secs_f64()))
 }
 
 /// One connection with one device per connection needs a descriptor each: fail clearly

@@ -4,5 +4,7 @@ use clap::Parser;
 async fn main() -> anyhow::Result<()> {
     let config = simulator::Config::parse();
     infra::serve::init_tracing(config.log.log_format);
-    simulator::run(config, infra::shutdown::on_signal()).await
+    let summary = simulator::run(config, infra::shutdown::on_signal()).await?;
+    println!("{summary}");
+    Ok(())
 }

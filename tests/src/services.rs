@@ -4,7 +4,6 @@ use crate::{free_port, repo_root, wait_for, TempDir};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
 /// Where `cargo build --bins` put `name`, next to this test binary's profile directory.
@@ -128,13 +127,7 @@ impl Service {
         let Some((_, body)) = http_get(self.metrics_port, "/metrics").await else {
             return 0.0;
         };
-        body.lines()
-            .filter(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        infra::serve::metric_sum(&body, name)
     }
 
     /// The service's log so far (for assertion messages).
@@ -150,16 +143,5 @@ impl Service {
 
 /// A bare HTTP GET on loopback: (status, body).
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).await.ok()?;
-    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-    Some((status, body))
+    infra::serve::http_get(([127, 0, 0, 1], port).into(), path).await
 }

@@ -181,6 +181,36 @@ impl Table {
         })
     }
 
+    /// How many entities match `filter` (fetching only their keys).
+    pub async fn count(&self, filter: &str) -> Result<usize, StorageError> {
+        let mut pages = self
+            .client
+            .query()
+            .filter(filter.to_owned())
+            .select("PartitionKey,RowKey")
+            .into_stream::<Entity>();
+        let mut n = 0;
+        while let Some(page) = call("table_query", self.timeout, async {
+            pages.next().await.transpose()
+        })
+        .await?
+        {
+            n += page.entities.len();
+        }
+        Ok(n)
+    }
+
+    /// Deletes the whole table (for scratch tables).
+    pub async fn delete_table(&self) -> Result<(), StorageError> {
+        call(
+            "table_delete_table",
+            self.timeout,
+            self.client.delete().into_future(),
+        )
+        .await
+        .map(drop)
+    }
+
     /// The first entity matching `filter`, in key order, or `None`.
     pub async fn first(&self, filter: &str) -> Result<Option<Entity>, StorageError> {
         let mut pages = self

@@ -1,0 +1,189 @@
+//! What the load tester watches while load runs: the processor's progress, publish-to-row
+//! latency of probe readings, and the services' CPU, memory and storage requests.
+
+use infra::cli::MqttUrl;
+use infra::storage::{Queue, Table};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, MqttOptions};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// One sample per second: (seconds since start, readings stored so far, queue depth).
+pub type Samples = Arc<Mutex<Vec<(f64, f64, usize)>>>;
+/// Probe latencies: (seconds since start when sent, latency in seconds, or `None` if lost).
+pub type Probes = Arc<Mutex<Vec<(f64, Option<f64>)>>>;
+
+/// The processor's stored-readings counter.
+pub async fn stored(processor: SocketAddr) -> f64 {
+    match infra::serve::http_get(processor, "/metrics").await {
+        Some((_, body)) => infra::serve::metric_sum(&body, "processor_readings_stored_total"),
+        None => 0.0,
+    }
+}
+
+/// Samples progress every second until `stop`.
+pub async fn sample(
+    processor: SocketAddr,
+    queue: Queue,
+    start: Instant,
+    samples: Samples,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    while !stop.is_cancelled() {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let stored = stored(processor).await;
+        let depth = queue.approximate_depth().await.unwrap_or(0);
+        lock(&samples).push((start.elapsed().as_secs_f64(), stored, depth));
+    }
+}
+
+/// Publishes a probe reading every `every` and times how long until its row can be read.
+pub async fn probe(
+    mqtt: MqttUrl,
+    table: Table,
+    device: String,
+    every: Duration,
+    start: Instant,
+    probes: Probes,
+    stop: CancellationToken,
+) {
+    let mut options = MqttOptions::new(
+        format!("{device}-{}", std::process::id()),
+        mqtt.host,
+        mqtt.port,
+    );
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    let poller = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    let topic = schemas::reading::topic_for("devices", &device);
+    let mut pending = tokio::task::JoinSet::new();
+    let mut tick = tokio::time::interval(every);
+    let mut seq = 0u64;
+    while !stop.is_cancelled() {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let sent_ms = schemas::timefmt::now_ms();
+        let sent_at = start.elapsed().as_secs_f64();
+        let row_key = schemas::timefmt::format_ms(sent_ms);
+        let payload = format!(
+            r#"{{"deviceId":"{device}","timestamp":"{row_key}","seq":{seq},"temperature":20.0}}"#
+        );
+        seq += 1;
+        if client
+            .publish(topic.clone(), QoS::AtLeastOnce, false, payload)
+            .await
+            .is_err()
+        {
+            break;
+        }
+        let filter = format!("PartitionKey eq '{device}' and RowKey eq '{row_key}'");
+        let (table, probes) = (table.clone(), probes.clone());
+        let sent = Instant::now();
+        pending.spawn(async move {
+            let latency = loop {
+                if let Ok(Some(_)) = table.first(&filter).await {
+                    break Some(sent.elapsed().as_secs_f64());
+                }
+                if sent.elapsed() > Duration::from_secs(60) {
+                    break None;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            lock(&probes).push((sent_at, latency));
+        });
+    }
+    while pending.join_next().await.is_some() {}
+    let _ = client.disconnect().await;
+    poller.abort();
+}
+
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A service process as the kernel sees it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcStat {
+    pub cpu_seconds: f64,
+    /// Peak resident set (VmHWM), in bytes.
+    pub peak_rss: u64,
+}
+
+/// The pid of the one running process named `name`, if exactly one.
+pub fn find_pid(name: &str) -> Option<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == name {
+            found.push(pid);
+        }
+    }
+    (found.len() == 1).then(|| found[0])
+}
+
+pub fn proc_stat(pid: u32) -> ProcStat {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let peak_kib = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    ProcStat {
+        cpu_seconds: (ticks(11) + ticks(12)) / 100.0,
+        peak_rss: peak_kib * 1024,
+    }
+}
+
+/// `storage_requests_total` by `op` from a service's metrics.
+pub async fn storage_requests(addr: SocketAddr) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let Some((_, body)) = infra::serve::http_get(addr, "/metrics").await else {
+        return out;
+    };
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix("storage_requests_total{op=\"") else {
+            continue;
+        };
+        if let Some((op, value)) = rest.split_once("\"} ") {
+            *out.entry(op.to_owned()).or_default() += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    out
+}
+
+/// The `q`-quantile of sorted `values`.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}

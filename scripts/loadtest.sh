@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Load test: runs the pipeline like scripts/run.sh, but instead of the endless simulator it runs
+# `loadtest --profile PROFILE`, which measures the raw storage ceiling, drives the profile,
+# and writes a Markdown/JSON report and an SVG chart under reports/.
+#
+#   scripts/loadtest.sh seed         # 10,000 sensors every 30 s for 5 minutes
+#   scripts/loadtest.sh saturation   # single readings, offered rate stepped up every 30 s
+#   scripts/loadtest.sh gateway      # arrays of 100 readings, flat out, for 2 minutes
+#
+# LOADTEST_DURATION (per step) and LOADTEST_CEILING_DURATION shorten or lengthen a run; every
+# other `target/release/loadtest --help` flag has a LOADTEST_* variable too.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LOADTEST_PROFILE="${1:-seed}" exec bash scripts/run.sh
