@@ -66,9 +66,16 @@ trap stop_all INT TERM EXIT
 
 if port_open 10000 && port_open 10001 && port_open 10002; then
   echo "==> Using the Azure Storage emulator already listening on 10000-10002"
+  [ -n "${LOADTEST_PROFILE:-}" ] && echo "    (load-test numbers depend on its state: Azurite slows down as its data grows)"
 else
-  echo "==> Starting Azurite (data in .run/azurite)"
-  .tools/node_modules/.bin/azurite --silent --skipApiVersionCheck --location "$RUN/azurite" \
+  data="$RUN/azurite"
+  if [ -n "${LOADTEST_PROFILE:-}" ]; then
+    # Azurite slows down as its data grows (it rewrites whole tables), so every load test
+    # starts from an empty emulator, for numbers that compare.
+    data="$RUN/azurite-loadtest"; rm -rf "$data"; mkdir -p "$data"
+  fi
+  echo "==> Starting Azurite (data in ${data#$ROOT/})"
+  .tools/node_modules/.bin/azurite --silent --skipApiVersionCheck --location "$data" \
     >"$RUN/logs/azurite.log" 2>&1 &
   started+=($!); graces+=(10)
   for _ in $(seq 1 100); do port_open 10000 && port_open 10001 && port_open 10002 && break; sleep 0.2; done
