@@ -10,7 +10,7 @@
 
 mod ceiling;
 mod config;
-mod measure;
+pub mod measure;
 mod report;
 
 pub use config::{Config, Profile};
