@@ -45,6 +45,8 @@ pub async fn sample(
 }
 
 /// Publishes a probe reading every `every` and times how long until its row can be read.
+/// One query every 25 ms reads every outstanding probe at once (a RowKey range from the oldest),
+/// so the measuring load on storage stays constant however long the latency grows.
 pub async fn probe(
     mqtt: MqttUrl,
     table: Table,
@@ -63,45 +65,56 @@ pub async fn probe(
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     let poller = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
     let topic = schemas::reading::topic_for("devices", &device);
-    let mut pending = tokio::task::JoinSet::new();
-    let mut tick = tokio::time::interval(every);
+    // RowKey -> (seconds since start when sent, when sent).
+    let mut outstanding: BTreeMap<String, (f64, Instant)> = BTreeMap::new();
+    let mut publish = tokio::time::interval(every);
+    let mut check = tokio::time::interval(Duration::from_millis(25));
     let mut seq = 0u64;
-    while !stop.is_cancelled() {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tick.tick() => {}
+    let mut stopped_at: Option<Instant> = None;
+    loop {
+        if stop.is_cancelled() && stopped_at.is_none() {
+            stopped_at = Some(Instant::now());
         }
-        let sent_ms = schemas::timefmt::now_ms();
-        let sent_at = start.elapsed().as_secs_f64();
-        let row_key = schemas::timefmt::format_ms(sent_ms);
-        let payload = format!(
-            r#"{{"deviceId":"{device}","timestamp":"{row_key}","seq":{seq},"temperature":20.0}}"#
-        );
-        seq += 1;
-        if client
-            .publish(topic.clone(), QoS::AtLeastOnce, false, payload)
-            .await
-            .is_err()
+        // After the stop, keep reading until every probe is seen (or 10 s).
+        if stopped_at
+            .is_some_and(|t| outstanding.is_empty() || t.elapsed() > Duration::from_secs(10))
         {
             break;
         }
-        let filter = format!("PartitionKey eq '{device}' and RowKey eq '{row_key}'");
-        let (table, probes) = (table.clone(), probes.clone());
-        let sent = Instant::now();
-        pending.spawn(async move {
-            let latency = loop {
-                if let Ok(Some(_)) = table.first(&filter).await {
-                    break Some(sent.elapsed().as_secs_f64());
+        tokio::select! {
+            _ = publish.tick(), if stopped_at.is_none() => {
+                let sent_ms = schemas::timefmt::now_ms();
+                let row_key = schemas::timefmt::format_ms(sent_ms);
+                let payload = format!(
+                    r#"{{"deviceId":"{device}","timestamp":"{row_key}","seq":{seq},"temperature":20.0}}"#
+                );
+                seq += 1;
+                if client.publish(topic.clone(), QoS::AtLeastOnce, false, payload).await.is_err() {
+                    break;
                 }
-                if sent.elapsed() > Duration::from_secs(60) {
-                    break None;
+                outstanding.insert(row_key, (start.elapsed().as_secs_f64(), Instant::now()));
+            }
+            _ = check.tick() => {
+                let Some(oldest) = outstanding.keys().next().cloned() else { continue };
+                let filter = format!("PartitionKey eq '{device}' and RowKey ge '{oldest}'");
+                let Ok(rows) = table.query(&filter).await else { continue };
+                let mut seen = lock(&probes);
+                for key in rows.iter().filter_map(|e| e.get("RowKey").and_then(|v| v.as_str())) {
+                    if let Some((sent_at, sent)) = outstanding.remove(key) {
+                        seen.push((sent_at, Some(sent.elapsed().as_secs_f64())));
+                    }
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            };
-            lock(&probes).push((sent_at, latency));
-        });
+                outstanding.retain(|_, (sent_at, sent)| {
+                    let lost = sent.elapsed() > Duration::from_secs(60);
+                    if lost {
+                        seen.push((*sent_at, None));
+                    }
+                    !lost
+                });
+            }
+        }
     }
-    while pending.join_next().await.is_some() {}
+    lock(&probes).extend(outstanding.values().map(|(sent_at, _)| (*sent_at, None)));
     let _ = client.disconnect().await;
     poller.abort();
 }
