@@ -65,7 +65,7 @@ fn steps(profile: Profile, duration: Option<Duration>, prefix: &str) -> Vec<Step
     }
 }
 
-/// Runs the profile and writes the report; returns its path (Markdown).
+/// Runs the profile, writes the report and prints its Markdown.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let account = config.storage.account()?;
     let table = account.table(&config.table_name);

@@ -65,6 +65,9 @@ impl Registry {
             let entry = state.entry(id).or_default();
             let newer = reading.measured_at_ms > entry.newest_ms;
             if !entry.registered {
+                // The registration row carries this reading; if its write fails, the next
+                // round registers the device again with its own newest reading.
+                entry.newest_ms = entry.newest_ms.max(reading.measured_at_ms);
                 fresh.push(device::row(&reading, ingested_at_ms, Some(ingested_at_ms)));
             } else if newer {
                 entry.newest_ms = reading.measured_at_ms;
@@ -79,15 +82,7 @@ impl Registry {
         let mut state = self.state();
         for row in rows {
             if let Some(id) = device::device_id(row) {
-                let entry = state.entry(id.to_owned()).or_default();
-                entry.registered = true;
-                if let Some(ms) = row
-                    .get("MeasuredAt")
-                    .and_then(|v| v.as_str())
-                    .and_then(schemas::timefmt::parse_rfc3339_ms)
-                {
-                    entry.newest_ms = entry.newest_ms.max(ms);
-                }
+                state.entry(id.to_owned()).or_default().registered = true;
             }
         }
         metrics::counter!(m::DEVICE_ROWS).increment(rows.len() as u64);

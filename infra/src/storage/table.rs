@@ -183,20 +183,17 @@ impl Table {
 
     /// How many entities match `filter` (fetching only their keys).
     pub async fn count(&self, filter: &str) -> Result<usize, StorageError> {
-        let mut pages = self
+        let query = self
             .client
             .query()
             .filter(filter.to_owned())
-            .select("PartitionKey,RowKey")
-            .into_stream::<Entity>();
+            .select("PartitionKey,RowKey");
         let mut n = 0;
-        while let Some(page) = call("table_query", self.timeout, async {
-            pages.next().await.transpose()
+        self.each_page(query, |page| {
+            n += page.len();
+            true
         })
-        .await?
-        {
-            n += page.entities.len();
-        }
+        .await?;
         Ok(n)
     }
 
@@ -213,41 +210,46 @@ impl Table {
 
     /// The first entity matching `filter`, in key order, or `None`.
     pub async fn first(&self, filter: &str) -> Result<Option<Entity>, StorageError> {
-        let mut pages = self
-            .client
-            .query()
-            .filter(filter.to_owned())
-            .top(1)
-            .into_stream::<Entity>();
+        let query = self.client.query().filter(filter.to_owned()).top(1);
+        let mut first = None;
         // A page may come back empty with a continuation; keep going until a row or the end.
-        while let Some(page) = call("table_query", self.timeout, async {
-            pages.next().await.transpose()
+        self.each_page(query, |page| {
+            first = page.into_iter().next();
+            first.is_none()
         })
-        .await?
-        {
-            if let Some(entity) = page.entities.into_iter().next() {
-                return Ok(Some(entity));
-            }
-        }
-        Ok(None)
+        .await?;
+        Ok(first)
     }
 
     /// Every entity matching an OData `$filter` (all pages).
     pub async fn query(&self, filter: &str) -> Result<Vec<Entity>, StorageError> {
-        let mut pages = self
-            .client
-            .query()
-            .filter(filter.to_owned())
-            .into_stream::<Entity>();
         let mut out = Vec::new();
+        self.each_page(self.client.query().filter(filter.to_owned()), |page| {
+            out.extend(page);
+            true
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// Runs `query` page by page (each page a timed call), handing each page to `on_page`
+    /// until it returns `false` or the pages run out.
+    async fn each_page(
+        &self,
+        query: azure_data_tables::operations::QueryEntityBuilder,
+        mut on_page: impl FnMut(Vec<Entity>) -> bool,
+    ) -> Result<(), StorageError> {
+        let mut pages = query.into_stream::<Entity>();
         while let Some(page) = call("table_query", self.timeout, async {
             pages.next().await.transpose()
         })
         .await?
         {
-            out.extend(page.entities);
+            if !on_page(page.entities) {
+                break;
+            }
         }
-        Ok(out)
+        Ok(())
     }
 }
 
