@@ -7,6 +7,7 @@
 
 mod account;
 mod blob;
+mod http;
 mod queue;
 mod table;
 

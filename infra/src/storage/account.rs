@@ -99,23 +99,27 @@ impl Account {
             account: account.clone(),
             uri: uri.trim_end_matches('/').to_owned(),
         };
+        let transport = azure_core::TransportOptions::new(super::http::Pooled::shared());
         let queues = azure_storage_queues::QueueServiceClientBuilder::with_location(
             location(&queue_endpoint),
             credentials.clone(),
         )
         .retry(azure_core::RetryOptions::none())
+        .transport(transport.clone())
         .build();
         let tables = azure_data_tables::clients::TableServiceClientBuilder::with_location(
             location(&table_endpoint),
             credentials.clone(),
         )
         .retry(azure_core::RetryOptions::none())
+        .transport(transport.clone())
         .build();
         let blobs = azure_storage_blobs::prelude::ClientBuilder::with_location(
             location(&blob_endpoint),
             credentials.clone(),
         )
         .retry(azure_core::RetryOptions::none())
+        .transport(transport.clone())
         .blob_service_client();
         Ok(Self {
             account,

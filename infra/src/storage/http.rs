@@ -1,0 +1,77 @@
+//! The HTTP transport under the SDK: one pooled, keep-alive connection set per account.
+//!
+//! The SDK's default client disables connection pooling (`pool_max_idle_per_host(0)`, a
+//! workaround for hyperium/hyper#2312), so every storage request opened a new TCP connection
+//! (and, on real Azure, a TLS session): at the seed load that was the largest CPU cost of the
+//! processor. This transport keeps connections, and avoids the hang that workaround addressed
+//! by never handing the SDK a live response body: each body is read to its end here, so the
+//! connection is back in the pool before the SDK sees the response, and a body that stalls is
+//! bounded by the adapter's per-call timeout like everything else.
+//!
+//! Idle connections are dropped after [`IDLE`], below the emulator's (Node's) 5 s keep-alive,
+//! so the client never reuses a connection the server is closing.
+
+use azure_core::error::{ErrorKind, ResultExt};
+use azure_core::headers::{HeaderName, HeaderValue, Headers};
+use azure_core::{Body, HttpClient, Request, Response};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long an unused connection stays in the pool.
+const IDLE: Duration = Duration::from_secs(3);
+
+/// A `reqwest` client with pooling on, behind the SDK's `HttpClient` trait.
+#[derive(Debug, Clone)]
+pub(super) struct Pooled(reqwest::Client);
+
+impl Pooled {
+    /// The client, as the SDK's builders take it.
+    pub(super) fn shared() -> Arc<dyn HttpClient> {
+        let client = reqwest::Client::builder()
+            .pool_idle_timeout(IDLE)
+            .tcp_nodelay(true)
+            .build()
+            // Only fails when the TLS backend cannot initialise, which is a broken build.
+            .unwrap_or_else(|e| panic!("cannot build the HTTP client: {e}"));
+        Arc::new(Self(client))
+    }
+}
+
+#[async_trait::async_trait]
+impl HttpClient for Pooled {
+    async fn execute_request(&self, request: &Request) -> azure_core::Result<Response> {
+        let method = reqwest::Method::from_bytes(request.method().as_ref().as_bytes())
+            .with_context(ErrorKind::DataConversion, || {
+                format!("HTTP method {}", request.method())
+            })?;
+        let mut builder = self.0.request(method, request.url().clone());
+        for (name, value) in request.headers().iter() {
+            builder = builder.header(name.as_str(), value.as_str());
+        }
+        builder = match request.body().clone() {
+            Body::Bytes(bytes) => builder.body(bytes),
+            Body::SeekableStream(stream) => builder.body(reqwest::Body::wrap_stream(stream)),
+        };
+        let response = builder
+            .send()
+            .await
+            .context(ErrorKind::Io, "sending the request")?;
+        let status = azure_core::StatusCode::try_from(response.status().as_u16())
+            .map_err(|_| ErrorKind::DataConversion.into_error())?;
+        let mut headers = Headers::new();
+        for (name, value) in response.headers() {
+            if let Ok(value) = value.to_str() {
+                headers.insert(
+                    HeaderName::from(name.as_str().to_owned()),
+                    HeaderValue::from(value.to_owned()),
+                );
+            }
+        }
+        let body = response
+            .bytes()
+            .await
+            .context(ErrorKind::Io, "reading the response body")?;
+        let once = futures::stream::once(async move { Ok(body) });
+        Ok(Response::new(status, headers, Box::pin(once)))
+    }
+}
