@@ -30,9 +30,15 @@ pub struct Config {
     #[arg(long, env = "INGEST_QUEUE_NAME", default_value = "telemetry-ingest")]
     pub queue_name: String,
 
-    /// Longest a message waits for its envelope to fill before the envelope is written.
-    #[arg(long, env = "INGEST_LINGER", default_value = "50ms", value_parser = humantime::parse_duration)]
+    /// Longest a message waits for its envelope to fill before the envelope is written. Longer
+    /// means fuller envelopes (fewer queue requests per reading) and more latency; at the seed
+    /// load 150ms packs about 60 readings per envelope.
+    #[arg(long, env = "INGEST_LINGER", default_value = "150ms", value_parser = humantime::parse_duration)]
     pub linger: Duration,
+
+    /// Envelopes being written to the queue at once. Acknowledgements still go in order.
+    #[arg(long, env = "INGEST_PUTS_IN_FLIGHT", default_value_t = 4)]
+    pub puts_in_flight: usize,
 
     /// Unacknowledged messages the broker may send before waiting for acks (MQTT v5 Receive
     /// Maximum). Bounds memory, and the work a crash makes the broker redeliver.

@@ -8,7 +8,9 @@
 //!
 //! Tasks: the *poller* only polls the rumqttc event loop and forwards publishes over a channel
 //! (calling the client from the polling task can deadlock); the *subscriber* re-subscribes after
-//! each connect; [`packer::Packer`] packs, writes and acks. Backpressure is the broker's: it
+//! each connect; [`packer::Packer`] packs, writes (several envelopes at once) and acks, in
+//! order of receipt. The poller never waits for the packer, so keep-alives flow even under
+//! overload. Backpressure is the broker's: it
 //! sends at most `receive_maximum` unacknowledged messages, so while the queue is unreachable
 //! the packer retries, nothing is acked, and the broker stops sending and queues for us.
 
@@ -48,7 +50,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
 
     let (mqtt, publishes, acks) = mqtt::connect(&config, health.clone());
-    let packer = packer::Packer::new(queue, acks, config.linger, health);
+    let packer = packer::Packer::new(queue, acks, config.linger, config.puts_in_flight, health);
     let outcome = packer.run(publishes, shutdown.clone()).await;
 
     // Let the poller send the last PUBACKs, then leave the broker cleanly. The session persists,

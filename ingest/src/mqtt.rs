@@ -44,7 +44,7 @@ pub struct Mqtt {
 
 /// Starts the connection. Deliveries arrive on the returned receiver; whatever is sent on the
 /// returned [`Acks`] is acknowledged to the broker.
-pub fn connect(config: &Config, health: Health) -> (Mqtt, mpsc::Receiver<Delivery>, Acks) {
+pub fn connect(config: &Config, health: Health) -> (Mqtt, mpsc::UnboundedReceiver<Delivery>, Acks) {
     let mut options = MqttOptions::new(
         config.client_id.clone(),
         config.mqtt_url.host.clone(),
@@ -62,7 +62,11 @@ pub fn connect(config: &Config, health: Health) -> (Mqtt, mpsc::Receiver<Deliver
     // the packer never waits on the request channel.
     let capacity = usize::from(config.receive_maximum) + 64;
     let (client, mut eventloop) = AsyncClient::new(options, capacity);
-    let (tx, publishes) = mpsc::channel(capacity);
+    // Unbounded, so the poller never stops polling: a poller waiting for the packer sends no
+    // keep-alive, the broker drops the connection, and every delivery in flight becomes
+    // unacknowledgeable (under sustained overload, a livelock of redeliveries). What bounds the
+    // deliveries held is the Receive Maximum the broker honours.
+    let (tx, publishes) = mpsc::unbounded_channel();
     let connection = Arc::new(AtomicU64::new(0));
     let connected = Arc::new(Notify::new());
     let stop = CancellationToken::new();
@@ -95,7 +99,7 @@ pub fn connect(config: &Config, health: Health) -> (Mqtt, mpsc::Receiver<Deliver
                             connection: connection.load(Ordering::SeqCst),
                             received_at_ms: schemas::timefmt::now_ms(),
                         };
-                        if tx.send(delivery).await.is_err() {
+                        if tx.send(delivery).is_err() {
                             break;
                         }
                     }

@@ -1,18 +1,30 @@
 //! Packs deliveries into envelopes, writes them to the queue, then acknowledges them.
+//!
+//! Up to `puts_in_flight` envelopes are written at once (one storage round trip per envelope
+//! would otherwise cap ingest at 1/latency envelopes per second). Acknowledgements still leave
+//! in order of receipt, as MQTT requires: a written envelope's messages wait for every earlier
+//! envelope to be written too.
 
 use crate::metrics_names as m;
 use crate::mqtt::{Acks, Delivery};
+use futures::stream::{FuturesOrdered, StreamExt};
 use infra::retry::Backoff;
 use infra::serve::Health;
 use infra::storage::Queue;
 use schemas::envelope::{DeviceMessage, EnvelopeBuilder, Full};
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// How long a shutdown may spend writing the last envelope before giving up on it (the broker
-/// still holds those messages, unacknowledged).
+/// How long a shutdown may spend writing the last envelopes before giving up on them (the
+/// broker still holds those messages, unacknowledged).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// One envelope being written: its deliveries, `Ok` once the queue holds it, `Err` when the
+/// write was abandoned (shutdown grace over).
+type Write = Pin<Box<dyn Future<Output = Result<Vec<Delivery>, Vec<Delivery>>> + Send>>;
 
 pub struct Packer {
     queue: Queue,
@@ -22,10 +34,26 @@ pub struct Packer {
     envelope: EnvelopeBuilder,
     /// Deliveries inside `envelope`, to acknowledge once it is written.
     held: Vec<Delivery>,
+    /// Envelopes being written, oldest first.
+    writing: FuturesOrdered<Write>,
+    puts_in_flight: usize,
+    /// Cancelled when the shutdown grace is over: writes still retrying give up.
+    abandon: CancellationToken,
+    /// What ends a wait for a free write slot: the shutdown signal, then the grace's end.
+    interrupt: CancellationToken,
+    /// Messages of abandoned writes and of every write after one: never acknowledged here
+    /// (acks go in order), so the broker redelivers them.
+    unacknowledged: usize,
 }
 
 impl Packer {
-    pub fn new(queue: Queue, acks: Acks, linger: Duration, health: Health) -> Self {
+    pub fn new(
+        queue: Queue,
+        acks: Acks,
+        linger: Duration,
+        puts_in_flight: usize,
+        health: Health,
+    ) -> Self {
         Self {
             queue,
             acks,
@@ -33,15 +61,21 @@ impl Packer {
             health,
             envelope: EnvelopeBuilder::default(),
             held: Vec::new(),
+            writing: FuturesOrdered::new(),
+            puts_in_flight: puts_in_flight.max(1),
+            abandon: CancellationToken::new(),
+            interrupt: CancellationToken::new(),
+            unacknowledged: 0,
         }
     }
 
     /// Packs until `shutdown`, then writes what it holds (within a grace period).
     pub async fn run(
         mut self,
-        mut publishes: mpsc::Receiver<Delivery>,
+        mut publishes: mpsc::UnboundedReceiver<Delivery>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
+        self.interrupt = shutdown.clone();
         let mut deadline: Option<tokio::time::Instant> = None;
         loop {
             let linger = async {
@@ -54,33 +88,42 @@ impl Packer {
                 biased;
                 _ = shutdown.cancelled() => break,
                 _ = linger => {
-                    self.flush(&shutdown).await;
+                    // Interrupted only by the shutdown, which the next turn handles.
+                    self.flush().await;
                     deadline = None;
+                }
+                Some(written) = self.writing.next(), if !self.writing.is_empty() => {
+                    self.settle(written);
                 }
                 delivery = publishes.recv() => {
                     let Some(delivery) = delivery else { break };
-                    if self.add(delivery, &shutdown).await && deadline.is_none() {
+                    if self.add(delivery).await && deadline.is_none() {
                         deadline = Some(tokio::time::Instant::now() + self.linger);
                     }
                 }
             }
         }
-        // Pack what already arrived, so that the broker needs to redeliver as little as possible.
-        let grace = CancellationToken::new();
-        let give_up = grace.clone();
+        // Pack what already arrived, so that the broker needs to redeliver as little as possible,
+        // and finish the writes in flight, all within the grace period.
+        self.interrupt = self.abandon.clone();
+        let give_up = self.abandon.clone();
         let timer = tokio::spawn(async move {
             tokio::time::sleep(SHUTDOWN_GRACE).await;
             give_up.cancel();
         });
         while let Ok(delivery) = publishes.try_recv() {
-            self.add(delivery, &grace).await;
+            self.add(delivery).await;
         }
-        self.flush(&grace).await;
+        self.flush().await;
+        while let Some(written) = self.writing.next().await {
+            self.settle(written);
+        }
         timer.abort();
-        if !self.held.is_empty() {
+        let unacknowledged = self.unacknowledged + self.held.len();
+        if unacknowledged > 0 {
             tracing::warn!(
-                messages = self.held.len(),
-                "Shutdown grace expired before the queue took the last envelope; the broker will redeliver those messages."
+                messages = unacknowledged,
+                "Shutdown grace expired before the queue took the last envelopes; the broker will redeliver those messages."
             );
         }
         Ok(())
@@ -88,7 +131,7 @@ impl Packer {
 
     /// Adds a delivery, writing the current envelope first when it is full. Returns whether
     /// the delivery starts a new envelope.
-    async fn add(&mut self, delivery: Delivery, cancel: &CancellationToken) -> bool {
+    async fn add(&mut self, delivery: Delivery) -> bool {
         let message = DeviceMessage::from_mqtt(
             &String::from_utf8_lossy(&delivery.publish.topic),
             &delivery.publish.payload,
@@ -99,7 +142,12 @@ impl Packer {
             Err(Full(message)) => Some(message),
         };
         if let Some(message) = message {
-            self.flush(cancel).await;
+            if !self.flush().await {
+                // Stopping while every write slot is busy: this message stays unacknowledged
+                // (the broker redelivers it), and so does everything after it.
+                self.unacknowledged += 1;
+                return false;
+            }
             // `DeviceMessage::from_mqtt` caps sizes so that any one message fits an empty
             // envelope; a unit test in `schemas::envelope` holds that line.
             self.envelope
@@ -107,51 +155,99 @@ impl Packer {
                 .expect("a single capped device message fits an empty envelope");
         }
         self.held.push(delivery);
-        metrics::gauge!(m::PENDING).set(self.held.len() as f64);
+        metrics::gauge!(m::PENDING).increment(1.0);
         self.held.len() == 1
     }
 
-    /// Writes the envelope, retrying until the queue takes it or `cancel`; then acks.
-    async fn flush(&mut self, cancel: &CancellationToken) {
+    /// Starts writing the envelope; when `puts_in_flight` are already being written, first
+    /// waits for the oldest (and acknowledges it). Returns false, leaving the envelope as it
+    /// is, when `interrupt` comes first (storage down at shutdown).
+    async fn flush(&mut self) -> bool {
         if self.envelope.is_empty() {
-            return;
+            return true;
+        }
+        while self.writing.len() >= self.puts_in_flight {
+            let interrupt = self.interrupt.clone();
+            tokio::select! {
+                written = self.writing.next() => match written {
+                    Some(written) => self.settle(written),
+                    None => break,
+                },
+                _ = interrupt.cancelled() => return false,
+            }
         }
         let text = self.envelope.finish();
-        let started = Instant::now();
-        let mut backoff = Backoff::default();
-        loop {
-            match self.queue.put(text.clone()).await {
-                Ok(()) => break,
-                Err(error) => {
-                    metrics::counter!(m::PUT_FAILURES).increment(1);
-                    self.health
-                        .set_not_ready(format!("queue {} unavailable: {error}", self.queue.name()));
-                    if error.status() == Some(404) {
-                        let _ = self.queue.create_if_missing().await;
-                    }
-                    let delay = backoff.next_delay();
-                    if backoff.attempts() == 1 || backoff.attempts() % 10 == 0 {
-                        tracing::warn!(%error, attempts = backoff.attempts(), held = self.held.len(), "Cannot write an envelope; holding its messages unacknowledged and retrying.");
-                    }
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
+        let held = std::mem::take(&mut self.held);
+        let (queue, health, abandon) = (
+            self.queue.clone(),
+            self.health.clone(),
+            self.abandon.clone(),
+        );
+        self.writing.push_back(Box::pin(async move {
+            if write(&queue, &health, text, held.len(), &abandon).await {
+                Ok(held)
+            } else {
+                Err(held)
+            }
+        }));
+        true
+    }
+
+    /// Sends a written envelope's deliveries to the acker, unless an earlier write was
+    /// abandoned (then they stay unacknowledged, in order).
+    fn settle(&mut self, written: Result<Vec<Delivery>, Vec<Delivery>>) {
+        let deliveries = match written {
+            Ok(deliveries) if self.unacknowledged == 0 => deliveries,
+            Ok(deliveries) | Err(deliveries) => {
+                self.unacknowledged += deliveries.len();
+                return;
+            }
+        };
+        metrics::counter!(m::ENVELOPES).increment(1);
+        metrics::histogram!(m::ENVELOPE_MESSAGES).record(deliveries.len() as f64);
+        metrics::gauge!(m::PENDING).decrement(deliveries.len() as f64);
+        // The acker only ends after the packer, so this send cannot fail while it matters.
+        let _ = self.acks.send(deliveries);
+    }
+}
+
+/// Writes one envelope, retrying until the queue takes it (true) or `cancel` (false).
+async fn write(
+    queue: &Queue,
+    health: &Health,
+    text: String,
+    messages: usize,
+    cancel: &CancellationToken,
+) -> bool {
+    let started = Instant::now();
+    let mut backoff = Backoff::default();
+    loop {
+        match queue.put(text.clone()).await {
+            Ok(()) => break,
+            Err(error) => {
+                metrics::counter!(m::PUT_FAILURES).increment(1);
+                health.set_not_ready(format!("queue {} unavailable: {error}", queue.name()));
+                if error.status() == Some(404) {
+                    let _ = queue.create_if_missing().await;
+                }
+                let delay = backoff.next_delay();
+                if backoff.attempts() == 1 || backoff.attempts() % 10 == 0 {
+                    tracing::warn!(%error, attempts = backoff.attempts(), messages, "Cannot write an envelope; holding its messages unacknowledged and retrying.");
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return false,
+                    _ = tokio::time::sleep(delay) => {}
                 }
             }
         }
-        if backoff.attempts() > 0 {
-            tracing::info!(
-                attempts = backoff.attempts(),
-                "The queue is writable again."
-            );
-            self.health.set_ready();
-        }
-        metrics::histogram!(m::PUT_SECONDS).record(started.elapsed().as_secs_f64());
-        metrics::counter!(m::ENVELOPES).increment(1);
-        metrics::histogram!(m::ENVELOPE_MESSAGES).record(self.held.len() as f64);
-        // The acker only ends after the packer, so this send cannot fail while it matters.
-        let _ = self.acks.send(std::mem::take(&mut self.held));
-        metrics::gauge!(m::PENDING).set(0.0);
     }
+    if backoff.attempts() > 0 {
+        tracing::info!(
+            attempts = backoff.attempts(),
+            "The queue is writable again."
+        );
+        health.set_ready();
+    }
+    metrics::histogram!(m::PUT_SECONDS).record(started.elapsed().as_secs_f64());
+    true
 }

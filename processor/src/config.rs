@@ -30,19 +30,30 @@ pub struct Config {
 
     /// How often each device's latest reading is written to the device table (at most).
     /// New devices are registered at once, whatever this is.
-    #[arg(long, env = "PROCESSOR_DEVICE_UPDATE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PROCESSOR_DEVICE_UPDATE_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
     pub device_update_interval: Duration,
 
     /// Topic prefix devices publish under (`<prefix>/<deviceId>/telemetry`).
     #[arg(long, env = "PROCESSOR_TOPIC_PREFIX", default_value = "devices")]
     pub topic_prefix: String,
 
-    /// Concurrent workers, each holding up to 32 queue messages.
+    /// Concurrent workers (rounds in progress), each holding up to `--round-messages`.
     #[arg(long, env = "PROCESSOR_WORKERS", default_value_t = 8)]
     pub workers: usize,
 
-    /// Table writes in flight per worker.
-    #[arg(long, env = "PROCESSOR_WRITE_CONCURRENCY", default_value_t = 16)]
+    /// Most queue messages one worker takes at a time under backlog (gets of 32 while the
+    /// queue is full), so a device's readings from many envelopes share one transaction.
+    #[arg(long, env = "PROCESSOR_ROUND_MESSAGES", default_value_t = 128)]
+    pub round_messages: usize,
+
+    /// After a get that found fewer than 32 messages (no backlog), wait this long before the
+    /// next, so it finds more: fewer queue requests per reading, at most this much latency.
+    #[arg(long, env = "PROCESSOR_BATCH_WAIT", default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub batch_wait: Duration,
+
+    /// Table writes in flight per worker. A round of full envelopes holds thousands of
+    /// single-reading upserts; this is what keeps its latency down.
+    #[arg(long, env = "PROCESSOR_WRITE_CONCURRENCY", default_value_t = 64)]
     pub write_concurrency: usize,
 
     /// How long a taken queue message stays hidden from other workers. Retries of one

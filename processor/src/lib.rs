@@ -1,6 +1,7 @@
 //! `processor`: Azure Storage Queue in, Azure Table Storage out.
 //!
-//! Many workers ([`worker`]) each take up to 32 envelopes at a time, validate every reading
+//! One fetcher ([`worker::run`]) takes up to 32 envelopes per get whenever one of many
+//! concurrent workers is free; the worker's round validates every reading
 //! with `schemas`, upsert the valid ones in same-partition transactions ([`plan`]) and
 //! dead-letter the rest. The invariant that makes crashes safe: a queue message is deleted only
 //! after every reading in it is stored or dead-lettered; everything before that is idempotent.
@@ -66,9 +67,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     health.set_ready();
 
     let tracker = tokio_util::task::TaskTracker::new();
-    for _ in 0..config.workers.max(1) {
-        tracker.spawn(worker::run(ctx.clone(), shutdown.clone()));
-    }
+    let fetch = worker::Fetch {
+        workers: config.workers,
+        round_messages: config.round_messages,
+        batch_wait: config.batch_wait,
+    };
+    tracker.spawn(worker::run(ctx.clone(), fetch, shutdown.clone()));
     tracker.spawn(report_depth(ctx.clone(), shutdown.clone()));
     tracker.spawn(refresh_devices(
         ctx.clone(),

@@ -1,4 +1,5 @@
-//! One worker's loop, and the round it runs on each get of up to 32 queue messages.
+//! The fetcher that feeds the workers, and the round a worker runs on each get of up to 32
+//! queue messages.
 //!
 //! A round: decode every envelope, validate every reading, write the valid ones grouped by
 //! partition, write a dead-letter record for everything refused, and only then delete each
@@ -41,25 +42,57 @@ pub struct Ctx {
     pub health: Health,
 }
 
-/// Takes and processes messages until `shutdown`. A round in progress is finished first.
-pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
+/// How the fetcher takes messages.
+#[derive(Debug, Clone, Copy)]
+pub struct Fetch {
+    /// Rounds in progress at once.
+    pub workers: usize,
+    /// Most messages one round takes under backlog (gets of 32 while they come back full).
+    pub round_messages: usize,
+    /// Pause after a get that came back short.
+    pub batch_wait: Duration,
+}
+
+/// Takes messages and hands them to rounds until `shutdown`; rounds in progress finish.
+///
+/// One fetcher serves every worker: it gets messages only when a worker is free, so storage
+/// sees one get per round under load instead of one per worker per poll. Under backlog (gets
+/// come back full) it keeps getting, up to `round_messages`, so that one round holds many
+/// envelopes and can write a device's readings from all of them in one transaction. A get that
+/// comes back short means there is no backlog: the fetcher then waits `batch_wait` so the next
+/// get finds a fuller queue, which bounds both the gets per reading and the latency it adds.
+/// An empty queue is polled with a backoff up to 1 s.
+pub async fn run(ctx: Arc<Ctx>, fetch: Fetch, shutdown: CancellationToken) {
+    let free = Arc::new(tokio::sync::Semaphore::new(fetch.workers.max(1)));
+    let rounds = tokio_util::task::TaskTracker::new();
     let mut idle = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     let mut failing = Backoff::default();
-    while !shutdown.is_cancelled() {
-        let delay = match ctx.queue.get(32, ctx.visibility).await {
-            Ok(messages) if messages.is_empty() => {
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = free.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        let delay = match take(&ctx, fetch.round_messages).await {
+            Ok((messages, _)) if messages.is_empty() => {
                 failing.reset();
                 ctx.health.set_ready();
                 idle.next_delay()
             }
-            Ok(messages) => {
+            Ok((messages, backlog)) => {
                 failing.reset();
                 idle.reset();
                 ctx.health.set_ready();
-                let started = std::time::Instant::now();
-                round(&ctx, messages).await;
-                metrics::histogram!(m::ROUND_SECONDS).record(started.elapsed().as_secs_f64());
-                continue;
+                let ctx = ctx.clone();
+                rounds.spawn(async move {
+                    let started = std::time::Instant::now();
+                    round(&ctx, messages).await;
+                    metrics::histogram!(m::ROUND_SECONDS).record(started.elapsed().as_secs_f64());
+                    drop(permit);
+                });
+                if backlog {
+                    continue;
+                }
+                fetch.batch_wait
             }
             Err(error) => {
                 metrics::counter!(m::STORAGE_ERRORS).increment(1);
@@ -71,8 +104,32 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             }
         };
         tokio::select! {
-            _ = shutdown.cancelled() => {}
+            _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    rounds.close();
+    rounds.wait().await;
+}
+
+/// Up to `max` messages, in gets of 32 while they come back full. Also says whether the last
+/// get was full (a backlog). A failed get after some succeeded ends the take with what it has.
+async fn take(ctx: &Ctx, max: usize) -> Result<(Vec<QueueMessage>, bool), StorageError> {
+    let mut messages = Vec::new();
+    loop {
+        let got = match ctx.queue.get(32, ctx.visibility).await {
+            Ok(got) => got,
+            Err(error) if messages.is_empty() => return Err(error),
+            Err(error) => {
+                metrics::counter!(m::STORAGE_ERRORS).increment(1);
+                tracing::warn!(%error, "A get failed; the round goes on with what it has.");
+                return Ok((messages, false));
+            }
+        };
+        let full = got.len() == 32;
+        messages.extend(got);
+        if !full || messages.len() + 32 > max.max(32) {
+            return Ok((messages, full));
         }
     }
 }
