@@ -4,8 +4,8 @@
 # and writes a Markdown/JSON report and an SVG chart under reports/.
 #
 #   scripts/loadtest.sh seed         # 10,000 sensors every 30 s for 5 minutes
-#   scripts/loadtest.sh saturation   # single readings, offered rate stepped up every 30 s
-#   scripts/loadtest.sh gateway      # arrays of 100 readings, flat out, for 2 minutes
+#   scripts/loadtest.sh saturation   # single readings at 25%..150% of the write ceiling, 30 s a step
+#   scripts/loadtest.sh gateway      # arrays of 100 readings at 120% of the batch ceiling, 2 minutes
 #
 # LOADTEST_DURATION (per step) and LOADTEST_CEILING_DURATION shorten or lengthen a run; every
 # other `target/release/loadtest --help` flag has a LOADTEST_* variable too.

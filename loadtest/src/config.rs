@@ -10,8 +10,9 @@ use std::time::Duration;
 #[derive(Debug, Clone, clap::Parser)]
 #[command(version, about, long_about = None)]
 pub struct Config {
-    /// `seed` (10,000 sensors every 30 s), `saturation` (single readings, rate ramped up in
-    /// steps), or `gateway` (arrays of 100 readings).
+    /// `seed` (10,000 sensors every 30 s), `saturation` (single readings, offered at 25% to
+    /// 150% of the single-write ceiling in steps), or `gateway` (1,000 gateways sending arrays
+    /// of 100 readings at 120% of the batch ceiling).
     #[arg(long, env = "LOADTEST_PROFILE", value_enum, default_value = "seed")]
     pub profile: Profile,
 

@@ -15,6 +15,7 @@ mod report;
 
 pub use config::{Config, Profile};
 
+use ceiling::Ceiling;
 use measure::{lock, Probes, Samples};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -28,7 +29,14 @@ struct Step {
     duration: Duration,
 }
 
-fn steps(profile: Profile, duration: Option<Duration>, prefix: &str) -> Vec<Step> {
+/// The profile's steps. Saturation and gateway loads are set from the ceiling measured in the
+/// same run, so they load this machine's storage the same way whatever its speed.
+fn steps(
+    profile: Profile,
+    duration: Option<Duration>,
+    prefix: &str,
+    ceiling: &Ceiling,
+) -> Vec<Step> {
     let step = |label: String, devices: u64, extra: &[&str], duration: Duration| Step {
         label,
         args: ["--devices", &devices.to_string(), "--device-prefix", prefix]
@@ -45,17 +53,28 @@ fn steps(profile: Profile, duration: Option<Duration>, prefix: &str) -> Vec<Step
             &["--interval", "30s"],
             duration.unwrap_or(Duration::from_secs(300)),
         )],
-        Profile::Gateway => vec![step(
-            "1,000 gateways, arrays of 100, flat out".into(),
-            1_000,
-            &["--batch", "100", "--flat-out"],
-            duration.unwrap_or(Duration::from_secs(120)),
-        )],
-        Profile::Saturation => [250, 500, 1000, 1500, 2000, 3000, 4000]
-            .into_iter()
-            .map(|rate: u64| {
+        Profile::Gateway => {
+            // 1.2 × the batch ceiling, in messages of 100 readings.
+            let rate = (ceiling.batch_per_second * 1.2 / 100.0).max(1.0).round();
+            vec![step(
+                format!(
+                    "1,000 gateways, arrays of 100, {} readings/s offered",
+                    rate * 100.0
+                ),
+                1_000,
+                &["--batch", "100", "--rate", &rate.to_string()],
+                duration.unwrap_or(Duration::from_secs(120)),
+            )]
+        }
+        Profile::Saturation => SATURATION_STEPS
+            .iter()
+            .map(|share| {
+                let rate = (ceiling.single_per_second * share).max(1.0).round();
                 step(
-                    format!("{rate} single readings/s offered"),
+                    format!(
+                        "{rate} single readings/s offered ({:.0}% of the ceiling)",
+                        share * 100.0
+                    ),
                     2_000,
                     &["--rate", &rate.to_string()],
                     duration.unwrap_or(Duration::from_secs(30)),
@@ -64,6 +83,9 @@ fn steps(profile: Profile, duration: Option<Duration>, prefix: &str) -> Vec<Step
             .collect(),
     }
 }
+
+/// Offered load of the saturation profile's steps, as shares of the single-write ceiling.
+const SATURATION_STEPS: [f64; 6] = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5];
 
 /// Runs the profile, writes the report and prints its Markdown.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -112,10 +134,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         measure::storage_requests(config.processor_metrics).await,
     );
     let stored_before = measure::stored(config.processor_metrics).await;
-    let own_cpu_before = own_cpu();
+    let simulator_cpu_before = measure::children_cpu_seconds();
 
     let start = Instant::now();
     let stop = CancellationToken::new();
+    let load_done = CancellationToken::new();
     let samples: Samples = Default::default();
     let probes: Probes = Default::default();
     let sampler = tokio::spawn(measure::sample(
@@ -129,39 +152,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config.mqtt_url.clone(),
         table.clone(),
         format!("{run_id}probe"),
-        Duration::from_millis(250),
         start,
         probes.clone(),
+        load_done.clone(),
         stop.clone(),
     ));
 
     let mut expected_rows = 0u64;
     let mut step_reports = Vec::new();
-    for step in steps(config.profile, config.duration, &run_id) {
+    for step in steps(config.profile, config.duration, &run_id, &ceiling) {
         if shutdown.is_cancelled() {
             break;
         }
         tracing::info!(step = %step.label, "Load step starting.");
-        let args = ["simulator", "--metrics-addr", "127.0.0.1:0", "--mqtt-url"]
-            .into_iter()
-            .map(str::to_owned)
-            .chain([config.mqtt_url.to_string()])
-            .chain(step.args.iter().cloned())
-            .chain(["--log-format".into(), "json".into()]);
-        let sim = <simulator::Config as clap::Parser>::try_parse_from(args)?;
         let stored_at_start = measure::stored(config.processor_metrics).await;
         let step_start = Instant::now();
-        // The step ends after its duration (or at shutdown); the simulator flushes and stops.
-        let step_stop = shutdown.child_token();
-        let timer = {
-            let (stop, d) = (step_stop.clone(), step.duration);
-            tokio::spawn(async move {
-                tokio::time::sleep(d).await;
-                stop.cancel();
-            })
-        };
-        let summary = simulator::run(sim, step_stop).await?;
-        timer.abort();
+        let summary = simulate(&config, &step, &shutdown).await?;
         let secs = step_start.elapsed().as_secs_f64();
         let stored_in_step = measure::stored(config.processor_metrics).await - stored_at_start;
         expected_rows += summary["expected_rows"].as_u64().unwrap_or(0);
@@ -173,28 +179,32 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }));
     }
     let load_seconds = start.elapsed().as_secs_f64();
+    let simulator_cpu_seconds = measure::children_cpu_seconds() - simulator_cpu_before;
+    load_done.cancel();
 
-    // Drain: until nothing new is stored for 5 s and the queue is empty (3 minutes at most).
+    // Drain: until nothing new is stored for 5 s with the queue empty. A backlog (saturation)
+    // drains as long as it makes progress; a minute without any is a stall, and what is
+    // missing then counts as lost.
     tracing::info!("Waiting for the pipeline to drain.");
-    let drain_until = Instant::now() + Duration::from_secs(180);
     let mut last = (
         measure::stored(config.processor_metrics).await,
         Instant::now(),
     );
-    while Instant::now() < drain_until && !shutdown.is_cancelled() {
+    while !shutdown.is_cancelled() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let now = measure::stored(config.processor_metrics).await;
         let depth = queue.approximate_depth().await.unwrap_or(usize::MAX);
         if now != last.0 {
             last = (now, Instant::now());
-        } else if depth == 0 && last.1.elapsed() > Duration::from_secs(5) {
+        } else if (depth == 0 && last.1.elapsed() > Duration::from_secs(5))
+            || last.1.elapsed() > Duration::from_secs(60)
+        {
             break;
         }
     }
     stop.cancel();
     let _ = tokio::join!(sampler, prober);
     let total_seconds = start.elapsed().as_secs_f64();
-    let own_cpu_seconds = own_cpu() - own_cpu_before;
 
     let stored = measure::stored(config.processor_metrics).await - stored_before;
     let filter = format!("PartitionKey ge '{run_id}-' and PartitionKey lt '{run_id}.'");
@@ -234,7 +244,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         requests,
         samples: lock(&samples).clone(),
         probes: lock(&probes).clone(),
-        simulator_cpu_seconds: own_cpu_seconds,
+        simulator_cpu_seconds,
     };
     let path = report::write(&config.report_dir, &result)?;
     println!("{}", std::fs::read_to_string(&path)?);
@@ -242,7 +252,46 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
-/// This process's CPU time (the in-process simulator and the probes).
-fn own_cpu() -> f64 {
-    measure::proc_stat(std::process::id()).cpu_seconds
+/// Runs one step's simulator as its own process (so its CPU is its own) for the step's
+/// duration, and returns the summary it prints. At `shutdown` (Ctrl-C reaches it too, being
+/// in the same process group) it stops early and still prints its summary.
+async fn simulate(
+    config: &Config,
+    step: &Step,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<serde_json::Value> {
+    let exe = std::env::current_exe()?.with_file_name("simulator");
+    anyhow::ensure!(
+        exe.exists(),
+        "{} is missing: build it with `cargo build --release --bins`",
+        exe.display()
+    );
+    let child = std::process::Command::new(&exe)
+        .args(["--metrics-addr", "127.0.0.1:0", "--log-format", "json"])
+        .args(["--mqtt-url", &config.mqtt_url.to_string()])
+        .args([
+            "--duration",
+            &humantime::format_duration(step.duration).to_string(),
+        ])
+        .args(&step.args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let waited = tokio::task::spawn_blocking(move || child.wait_with_output());
+    tokio::pin!(waited);
+    let output = tokio::select! {
+        out = &mut waited => out,
+        _ = shutdown.cancelled() => {
+            measure::terminate(pid);
+            waited.await
+        }
+    }??;
+    anyhow::ensure!(
+        output.status.success(),
+        "the simulator failed ({}); its log is above",
+        output.status
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).map_err(|e| anyhow::anyhow!("the simulator's summary {last:?}: {e}"))
 }

@@ -44,16 +44,21 @@ pub async fn sample(
     }
 }
 
-/// Publishes a probe reading every `every` and times how long until its row can be read.
-/// One query every 25 ms reads every outstanding probe at once (a RowKey range from the oldest),
-/// so the measuring load on storage stays constant however long the latency grows.
+/// How often a probe reading is published.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+
+/// Publishes a probe reading every [`PROBE_EVERY`] until `load_done`, and times how long until its row
+/// can be read. One query every 25 ms reads every outstanding probe at once (a RowKey range from
+/// the oldest), so the measuring load on storage stays constant however long the latency grows.
+/// It returns once every probe is seen, or at `stop` (after the drain), when a last query
+/// settles which probes never arrived: only those count as lost.
 pub async fn probe(
     mqtt: MqttUrl,
     table: Table,
     device: String,
-    every: Duration,
     start: Instant,
     probes: Probes,
+    load_done: CancellationToken,
     stop: CancellationToken,
 ) {
     let mut options = MqttOptions::new(
@@ -67,22 +72,16 @@ pub async fn probe(
     let topic = schemas::reading::topic_for("devices", &device);
     // RowKey -> (seconds since start when sent, when sent).
     let mut outstanding: BTreeMap<String, (f64, Instant)> = BTreeMap::new();
-    let mut publish = tokio::time::interval(every);
+    let mut publish = tokio::time::interval(PROBE_EVERY);
     let mut check = tokio::time::interval(Duration::from_millis(25));
     let mut seq = 0u64;
-    let mut stopped_at: Option<Instant> = None;
     loop {
-        if stop.is_cancelled() && stopped_at.is_none() {
-            stopped_at = Some(Instant::now());
-        }
-        // After the stop, keep reading until every probe is seen (or 10 s).
-        if stopped_at
-            .is_some_and(|t| outstanding.is_empty() || t.elapsed() > Duration::from_secs(10))
-        {
+        let last_look = stop.is_cancelled();
+        if load_done.is_cancelled() && outstanding.is_empty() {
             break;
         }
         tokio::select! {
-            _ = publish.tick(), if stopped_at.is_none() => {
+            _ = publish.tick(), if !load_done.is_cancelled() => {
                 let sent_ms = schemas::timefmt::now_ms();
                 let row_key = schemas::timefmt::format_ms(sent_ms);
                 let payload = format!(
@@ -97,21 +96,18 @@ pub async fn probe(
             _ = check.tick() => {
                 let Some(oldest) = outstanding.keys().next().cloned() else { continue };
                 let filter = format!("PartitionKey eq '{device}' and RowKey ge '{oldest}'");
-                let Ok(rows) = table.query(&filter).await else { continue };
-                let mut seen = lock(&probes);
-                for key in rows.iter().filter_map(|e| e.get("RowKey").and_then(|v| v.as_str())) {
-                    if let Some((sent_at, sent)) = outstanding.remove(key) {
-                        seen.push((sent_at, Some(sent.elapsed().as_secs_f64())));
+                if let Ok(rows) = table.query(&filter).await {
+                    let mut seen = lock(&probes);
+                    for key in rows.iter().filter_map(|e| e.get("RowKey").and_then(|v| v.as_str())) {
+                        if let Some((sent_at, sent)) = outstanding.remove(key) {
+                            seen.push((sent_at, Some(sent.elapsed().as_secs_f64())));
+                        }
                     }
                 }
-                outstanding.retain(|_, (sent_at, sent)| {
-                    let lost = sent.elapsed() > Duration::from_secs(60);
-                    if lost {
-                        seen.push((*sent_at, None));
-                    }
-                    !lost
-                });
             }
+        }
+        if last_look {
+            break;
         }
     }
     lock(&probes).extend(outstanding.values().map(|(sent_at, _)| (*sent_at, None)));
@@ -151,17 +147,7 @@ pub fn find_pid(name: &str) -> Option<u32> {
 }
 
 pub fn proc_stat(pid: u32) -> ProcStat {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let ticks = stat_ticks(&pid.to_string());
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let peak_kib = status
         .lines()
@@ -170,9 +156,34 @@ pub fn proc_stat(pid: u32) -> ProcStat {
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
     ProcStat {
-        cpu_seconds: (ticks(11) + ticks(12)) / 100.0,
+        cpu_seconds: (ticks[0] + ticks[1]) / 100.0,
         peak_rss: peak_kib * 1024,
     }
+}
+
+/// CPU seconds of this process's finished, reaped children (the simulator runs).
+pub fn children_cpu_seconds() -> f64 {
+    let ticks = stat_ticks("self");
+    (ticks[2] + ticks[3]) / 100.0
+}
+
+/// utime, stime, cutime and cstime of `/proc/<pid>/stat`, in clock ticks (zeros if unreadable).
+fn stat_ticks(pid: &str) -> [f64; 4] {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name, which is in parentheses and may contain spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let tick = |i: usize| fields.get(i).and_then(|f| f.parse().ok()).unwrap_or(0.0);
+    [tick(11), tick(12), tick(13), tick(14)]
+}
+
+/// Asks process `pid` to stop (SIGTERM), as a service manager would.
+pub fn terminate(pid: u32) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
 }
 
 /// `storage_requests_total` by `op` from a service's metrics.

@@ -53,6 +53,11 @@ pub struct Config {
     #[arg(long, env = "SIMULATOR_ROUNDS", default_value_t = 0)]
     pub rounds: u64,
 
+    /// Stop after this long (then wait for the broker's last acks and print the summary);
+    /// unset runs until stopped or until `--rounds` are done.
+    #[arg(long, env = "SIMULATOR_DURATION", value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+
     /// MQTT connections the devices are spread over; 0 gives every device its own (as real
     /// sensors have), which needs one file descriptor per device.
     #[arg(long, env = "SIMULATOR_CONNECTIONS", default_value_t = 4)]

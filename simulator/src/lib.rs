@@ -34,9 +34,18 @@ const ACK_GRACE: Duration = Duration::from_secs(10);
 /// File descriptors kept free beyond one per connection.
 const SPARE_FDS: u64 = 64;
 
-/// Publishes until `shutdown` or the configured rounds are done. Returns the summary: what
-/// was sent, and the rows and dead letters (by reason) the pipeline must make of it.
+/// Publishes until `shutdown`, the configured duration or the configured rounds are done.
+/// Returns the summary: what was sent, and the rows and dead letters (by reason) the pipeline
+/// must make of it.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<serde_json::Value> {
+    let shutdown = shutdown.child_token();
+    if let Some(duration) = config.duration {
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(duration).await;
+            stop.cancel();
+        });
+    }
     let connections = match config.connections {
         0 => config.devices.max(1),
         n => n.clamp(1, config.devices.max(1)),
