@@ -37,14 +37,15 @@ pub struct Config {
     #[arg(long, env = "PROCESSOR_TOPIC_PREFIX", default_value = "devices")]
     pub topic_prefix: String,
 
-    /// Concurrent workers (rounds in progress), each holding up to `--round-messages`.
+    /// Concurrent workers (rounds in progress), each holding about `--round-kib` of messages.
     #[arg(long, env = "PROCESSOR_WORKERS", default_value_t = 8)]
     pub workers: usize,
 
-    /// Most queue messages one worker takes at a time under backlog (gets of 32 while the
-    /// queue is full), so a device's readings from many envelopes share one transaction.
-    #[arg(long, env = "PROCESSOR_ROUND_MESSAGES", default_value_t = 128)]
-    pub round_messages: usize,
+    /// Queue text one worker takes at a time under backlog, in KiB: gets of 32 go on while
+    /// the queue is full and the round holds less, so a device's readings from many small
+    /// envelopes share one transaction. Bounds memory: a round exceeds it by one get at most.
+    #[arg(long, env = "PROCESSOR_ROUND_KIB", default_value_t = 1024)]
+    pub round_kib: usize,
 
     /// After a get that found fewer than 32 messages (no backlog), wait this long before the
     /// next, so it finds more: fewer queue requests per reading, at most this much latency.

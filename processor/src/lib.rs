@@ -69,7 +69,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let tracker = tokio_util::task::TaskTracker::new();
     let fetch = worker::Fetch {
         workers: config.workers,
-        round_messages: config.round_messages,
+        round_bytes: config.round_kib.saturating_mul(1024),
         batch_wait: config.batch_wait,
     };
     tracker.spawn(worker::run(ctx.clone(), fetch, shutdown.clone()));

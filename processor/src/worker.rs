@@ -47,8 +47,9 @@ pub struct Ctx {
 pub struct Fetch {
     /// Rounds in progress at once.
     pub workers: usize,
-    /// Most messages one round takes under backlog (gets of 32 while they come back full).
-    pub round_messages: usize,
+    /// Queue text one round takes under backlog (gets of 32 while they come back full), in
+    /// bytes; a round may exceed it by one get.
+    pub round_bytes: usize,
     /// Pause after a get that came back short.
     pub batch_wait: Duration,
 }
@@ -57,7 +58,7 @@ pub struct Fetch {
 ///
 /// One fetcher serves every worker: it gets messages only when a worker is free, so storage
 /// sees one get per round under load instead of one per worker per poll. Under backlog (gets
-/// come back full) it keeps getting, up to `round_messages`, so that one round holds many
+/// come back full) it keeps getting, up to `round_bytes` of queue text, so that one round holds many
 /// envelopes and can write a device's readings from all of them in one transaction. A get that
 /// comes back short means there is no backlog: the fetcher then waits `batch_wait` so the next
 /// get finds a fuller queue, which bounds both the gets per reading and the latency it adds.
@@ -72,7 +73,7 @@ pub async fn run(ctx: Arc<Ctx>, fetch: Fetch, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
             permit = free.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
         };
-        let delay = match take(&ctx, fetch.round_messages).await {
+        let delay = match take(&ctx, fetch.round_bytes).await {
             Ok((messages, _)) if messages.is_empty() => {
                 failing.reset();
                 ctx.health.set_ready();
@@ -112,10 +113,13 @@ pub async fn run(ctx: Arc<Ctx>, fetch: Fetch, shutdown: CancellationToken) {
     rounds.wait().await;
 }
 
-/// Up to `max` messages, in gets of 32 while they come back full. Also says whether the last
-/// get was full (a backlog). A failed get after some succeeded ends the take with what it has.
-async fn take(ctx: &Ctx, max: usize) -> Result<(Vec<QueueMessage>, bool), StorageError> {
+/// Messages in gets of 32 while they come back full, until they hold `max_bytes` of text
+/// (full envelopes, 64 KiB each, reach 1 MiB in one get; small ones take several gets). Also
+/// says whether the last get was full (a backlog). A failed get after some succeeded ends the
+/// take with what it has.
+async fn take(ctx: &Ctx, max_bytes: usize) -> Result<(Vec<QueueMessage>, bool), StorageError> {
     let mut messages = Vec::new();
+    let mut bytes = 0;
     loop {
         let got = match ctx.queue.get(32, ctx.visibility).await {
             Ok(got) => got,
@@ -127,8 +131,9 @@ async fn take(ctx: &Ctx, max: usize) -> Result<(Vec<QueueMessage>, bool), Storag
             }
         };
         let full = got.len() == 32;
+        bytes += got.iter().map(|m| m.text.len()).sum::<usize>();
         messages.extend(got);
-        if !full || messages.len() + 32 > max.max(32) {
+        if !full || bytes >= max_bytes {
             return Ok((messages, full));
         }
     }
