@@ -11,4 +11,7 @@
 # other `target/release/loadtest --help` flag has a LOADTEST_* variable too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Its own broker (deploy/mosquitto.conf, empty) on its own port: a broker with default settings
+# drops what it queues beyond 1,000 messages per client, which a load past the ceiling reaches.
+export MQTT_URL="${MQTT_URL:-mqtt://127.0.0.1:18830}"
 LOADTEST_PROFILE="${1:-seed}" exec bash scripts/run.sh

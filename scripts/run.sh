@@ -68,14 +68,14 @@ if port_open 10000 && port_open 10001 && port_open 10002; then
   echo "==> Using the Azure Storage emulator already listening on 10000-10002"
   [ -n "${LOADTEST_PROFILE:-}" ] && echo "    (load-test numbers depend on its state: Azurite slows down as its data grows)"
 else
-  data="$RUN/azurite"
+  storage=(--location "$RUN/azurite")
   if [ -n "${LOADTEST_PROFILE:-}" ]; then
-    # Azurite slows down as its data grows (it rewrites whole tables), so every load test
-    # starts from an empty emulator, for numbers that compare.
-    data="$RUN/azurite-loadtest"; rm -rf "$data"; mkdir -p "$data"
+    # Every load test starts from an empty emulator that keeps its data in memory only: on
+    # disk, Azurite periodically rewrites whole tables, which stalls it longer as they grow.
+    storage=(--inMemoryPersistence)
   fi
-  echo "==> Starting Azurite (data in ${data#$ROOT/})"
-  .tools/node_modules/.bin/azurite --silent --skipApiVersionCheck --location "$data" \
+  echo "==> Starting Azurite (${storage[*]})"
+  .tools/node_modules/.bin/azurite --silent --skipApiVersionCheck "${storage[@]}" \
     >"$RUN/logs/azurite.log" 2>&1 &
   started+=($!); graces+=(10)
   for _ in $(seq 1 100); do port_open 10000 && port_open 10001 && port_open 10002 && break; sleep 0.2; done
@@ -87,8 +87,12 @@ if port_open "$MQTT_PORT"; then
   echo "    deploy/mosquitto.conf), it drops messages queued beyond 1000 while ingest is down."
 else
   echo "==> Starting Mosquitto on $MQTT_PORT with deploy/mosquitto.conf"
+  store="$RUN/mosquitto"
+  if [ -n "${LOADTEST_PROFILE:-}" ]; then
+    store="$RUN/mosquitto-loadtest"; rm -rf "$store"; mkdir -p "$store"   # no sessions left over
+  fi
   sed -e "s|^listener .*|listener $MQTT_PORT 127.0.0.1|" \
-      -e "s|^persistence_location .*|persistence_location $RUN/mosquitto/|" \
+      -e "s|^persistence_location .*|persistence_location $store/|" \
       deploy/mosquitto.conf >"$RUN/mosquitto.conf"
   MOSQUITTO="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
   "$MOSQUITTO" -c "$RUN/mosquitto.conf" >"$RUN/logs/mosquitto.log" 2>&1 &
