@@ -52,9 +52,9 @@ pub struct Config {
     #[arg(long, env = "PROCESSOR_BATCH_WAIT", default_value = "200ms", value_parser = humantime::parse_duration)]
     pub batch_wait: Duration,
 
-    /// Table writes in flight per worker. A round of full envelopes holds thousands of
-    /// single-reading upserts; this is what keeps its latency down.
-    #[arg(long, env = "PROCESSOR_WRITE_CONCURRENCY", default_value_t = 64)]
+    /// Table writes in flight, all workers together. A round of full envelopes holds
+    /// thousands of single-reading upserts; this is what keeps its latency down.
+    #[arg(long, env = "PROCESSOR_WRITE_CONCURRENCY", default_value_t = 128)]
     pub write_concurrency: usize,
 
     /// How long a taken queue message stays hidden from other workers. Retries of one

@@ -40,6 +40,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         visibility: config.visibility_timeout,
         max_deliveries: config.max_deliveries,
         write_concurrency: config.write_concurrency,
+        writes: tokio::sync::Semaphore::new(config.write_concurrency.max(1)),
         health: health.clone(),
     });
     tracing::info!(

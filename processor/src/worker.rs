@@ -39,6 +39,10 @@ pub struct Ctx {
     pub visibility: Duration,
     pub max_deliveries: u64,
     pub write_concurrency: usize,
+    /// Table writes in flight across all rounds (`write_concurrency` permits): a backlog
+    /// fills every worker, and more concurrent requests than storage serves only queue there
+    /// until they time out and are redone.
+    pub writes: tokio::sync::Semaphore,
     pub health: Health,
 }
 
@@ -370,7 +374,9 @@ async fn write_rows(
     let batches = plan(rows);
     let results: Vec<(Batch<(usize, usize)>, Written)> = stream::iter(batches)
         .map(|batch| async move {
+            let permit = ctx.writes.acquire().await;
             let written = write_batch(ctx, &batch, deadline).await;
+            drop(permit);
             // Counted as each write lands, not when the round ends, so the rate is live.
             if let Written::Stored(n) | Written::Refused(n, _) = &written {
                 metrics::counter!(m::STORED).increment(*n as u64);
