@@ -200,6 +200,7 @@ async fn round(ctx: &Ctx, messages: Vec<QueueMessage>) {
                     device.original_len,
                     now,
                     &ctx.policy,
+                    &device.overrides,
                 );
                 for r in &outcome.readings {
                     devices::keep_newest(&mut latest, r, device.received_at_ms);
@@ -455,22 +456,28 @@ async fn write_batch(ctx: &Ctx, batch: &Batch<(usize, usize)>, deadline: Instant
     Written::Refused(stored, refused)
 }
 
+/// Writes a round's dead letters, packed into as few queue messages as they fit. A failed put
+/// fails every queue message with a record in it.
 async fn write_dead_letters(ctx: &Ctx, dead: Vec<Pending>, held: &mut [Held], deadline: Instant) {
-    let results: Vec<(usize, Reason, Result<(), StorageError>)> = stream::iter(dead)
-        .map(|p| async move {
-            let text = p.record.encode();
+    let packed = schemas::dead_letter::pack(dead.iter().map(|p| &p.record));
+    let results: Vec<(Vec<usize>, Result<(), StorageError>)> = stream::iter(packed)
+        .map(|(text, records)| async move {
             let result = retry(deadline, || ctx.dead_letters.put(text.clone())).await;
-            (p.owner, p.record.reason, result)
+            (records, result)
         })
         .buffer_unordered(ctx.write_concurrency.max(1))
         .collect()
         .await;
-    for (owner, reason, result) in results {
-        match result {
-            Ok(()) => {
-                metrics::counter!(m::DEAD_LETTERS, "reason" => reason.as_str()).increment(1);
+    for (records, result) in results {
+        for i in records {
+            let p = &dead[i];
+            match &result {
+                Ok(()) => {
+                    let reason = p.record.reason.as_str();
+                    metrics::counter!(m::DEAD_LETTERS, "reason" => reason).increment(1);
+                }
+                Err(error) => held[p.owner].failure = Some(error.to_string()),
             }
-            Err(error) => held[owner].failure = Some(error.to_string()),
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use schemas::envelope::{decode, DeviceMessage, EnvelopeBuilder};
-use schemas::reading::{validate, Policy};
+use schemas::reading::{validate, Override, Policy};
 use std::hint::black_box;
 
 const PREFIX: &str = "devices";
@@ -49,6 +49,7 @@ fn bench_validate(c: &mut Criterion) {
                     payload.len(),
                     NOW_MS,
                     &policy,
+                    &Override::NONE,
                 );
                 assert_eq!(v.readings.len() as u64, readings, "{:?}", v.rejections);
                 v
@@ -112,6 +113,7 @@ fn bench_entity(c: &mut Criterion) {
             max_age: std::time::Duration::from_secs(u32::MAX.into()),
             ..Policy::default()
         },
+        &Override::NONE,
     )
     .readings
     .remove(0);

@@ -1,9 +1,14 @@
 //! The dead-letter record: everything an operator needs to see why a message was refused and
 //! to replay it, including the byte-exact original payload.
 //!
-//! Wire form on the dead-letter queue: standard base64 of the record's JSON, like the envelope.
+//! Wire form on the dead-letter queue: standard base64 of `{"v":1,"d":[record, ...]}`, like
+//! the envelope. Packing many records per queue message keeps the dead-letter queue shallow,
+//! which is what makes walking it cheap (every per-message operation on a deep queue costs
+//! more, on the emulator far more). [`decode_message`] also reads the earlier form, one
+//! record's JSON per queue message.
 
 use crate::envelope::DeviceMessage;
+use crate::reading::Override;
 use crate::reason::Reason;
 use crate::{base64_len, QUEUE_MESSAGE_MAX_CHARS};
 use base64::engine::general_purpose::STANDARD as B64;
@@ -13,6 +18,9 @@ use serde::{Deserialize, Serialize};
 pub const DEAD_LETTER_VERSION: u32 = 1;
 /// Longest `detail`, in bytes; longer explanations are cut.
 pub const MAX_DETAIL_BYTES: usize = 2048;
+
+const HEADER: &[u8] = b"{\"v\":1,\"d\":[";
+const FOOTER: &[u8] = b"]}";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -49,6 +57,9 @@ pub struct DeadLetter {
     /// True when `payload` holds only a prefix (oversize messages).
     #[serde(default)]
     pub payload_truncated: bool,
+    /// The override an operator's replay applied, when the replayed message failed again.
+    #[serde(default, skip_serializing_if = "Override::is_none")]
+    pub overrides: Override,
 }
 
 /// The facts about one refusal that are not in the message itself.
@@ -86,6 +97,7 @@ impl DeadLetter {
             payload_base64: None,
             payload_bytes: msg.original_len,
             payload_truncated: msg.is_truncated(),
+            overrides: msg.overrides.clone(),
         };
         record.set_payload(&msg.payload);
         record
@@ -125,14 +137,15 @@ impl DeadLetter {
         }
     }
 
-    /// The queue message text. Always within the queue's 64 KiB: the payload is at most
-    /// 32 KiB and the other fields are bounded; should a future field break that, the payload is
-    /// cut further and flagged rather than the put failing.
-    pub fn encode(&self) -> String {
+    /// The record's JSON, cut so that it fits a queue message on its own: the payload is at
+    /// most 32 KiB and the other fields are bounded; should a future field break that, the
+    /// payload is cut further and flagged rather than the put failing.
+    fn wire_json(&self) -> Vec<u8> {
+        const ROOM: usize = QUEUE_MESSAGE_MAX_CHARS / 4 * 3 - HEADER.len() - FOOTER.len();
         // A struct of strings, integers and bools always serialises.
         let json = serde_json::to_vec(self).expect("record serialises");
-        if base64_len(json.len()) <= QUEUE_MESSAGE_MAX_CHARS {
-            return B64.encode(json);
+        if json.len() <= ROOM {
+            return json;
         }
         let bytes = self.payload_bytes().unwrap_or_default();
         let mut cut = self.clone();
@@ -140,16 +153,107 @@ impl DeadLetter {
         cut.payload_base64 = Some(String::new());
         cut.payload_truncated = true;
         let overhead = serde_json::to_vec(&cut).expect("record serialises").len();
-        let room = (QUEUE_MESSAGE_MAX_CHARS / 4 * 3).saturating_sub(overhead);
-        let keep = (room / 4 * 3).min(bytes.len());
+        let keep = (ROOM.saturating_sub(overhead) / 4 * 3).min(bytes.len());
         cut.payload_base64 = Some(B64.encode(&bytes[..keep]));
-        B64.encode(serde_json::to_vec(&cut).expect("record serialises"))
+        serde_json::to_vec(&cut).expect("record serialises")
     }
 
-    /// Reads a record from its queue message text.
-    pub fn decode(text: &str) -> Result<Self, DecodeError> {
-        let raw = B64.decode(text.trim())?;
-        Ok(serde_json::from_slice(&raw)?)
+    /// The record as the JSON of one line of an export file.
+    pub fn to_json_line(&self) -> String {
+        // A struct of strings, integers and bools always serialises.
+        serde_json::to_string(self).expect("record serialises")
+    }
+}
+
+/// Packs dead-letter records into queue messages that never exceed the queue's limit.
+#[derive(Debug)]
+pub struct Packer {
+    body: Vec<u8>,
+    count: usize,
+}
+
+impl Default for Packer {
+    fn default() -> Self {
+        let mut body = Vec::with_capacity(QUEUE_MESSAGE_MAX_CHARS / 4 * 3);
+        body.extend_from_slice(HEADER);
+        Self { body, count: 0 }
+    }
+}
+
+impl Packer {
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Adds `record` if the message, encoded, still fits; an empty packer takes any record.
+    #[must_use]
+    pub fn push(&mut self, record: &DeadLetter) -> bool {
+        let json = record.wire_json();
+        let separator = usize::from(self.count > 0);
+        if base64_len(self.body.len() + separator + json.len() + FOOTER.len())
+            > QUEUE_MESSAGE_MAX_CHARS
+        {
+            return false;
+        }
+        if separator == 1 {
+            self.body.push(b',');
+        }
+        self.body.extend_from_slice(&json);
+        self.count += 1;
+        true
+    }
+
+    /// The queue message text, leaving the packer empty.
+    pub fn finish(&mut self) -> String {
+        self.body.extend_from_slice(FOOTER);
+        let text = B64.encode(&self.body);
+        self.body.truncate(HEADER.len());
+        self.count = 0;
+        text
+    }
+}
+
+/// Packs `records` into as few queue messages as fit, in order. Each message is returned with
+/// the positions of the records it holds.
+pub fn pack<'a>(records: impl IntoIterator<Item = &'a DeadLetter>) -> Vec<(String, Vec<usize>)> {
+    let mut out = Vec::new();
+    let mut packer = Packer::default();
+    let mut held = Vec::new();
+    for (i, record) in records.into_iter().enumerate() {
+        if !packer.push(record) {
+            out.push((packer.finish(), std::mem::take(&mut held)));
+            // An empty packer takes any record.
+            let taken = packer.push(record);
+            debug_assert!(taken);
+        }
+        held.push(i);
+    }
+    if !packer.is_empty() {
+        out.push((packer.finish(), held));
+    }
+    out
+}
+
+#[derive(Deserialize)]
+struct Batch {
+    v: u32,
+    d: Vec<DeadLetter>,
+}
+
+/// Reads the records of one dead-letter queue message (either wire form).
+pub fn decode_message(text: &str) -> Result<Vec<DeadLetter>, DecodeError> {
+    let raw = B64.decode(text.trim())?;
+    match serde_json::from_slice::<Batch>(&raw) {
+        Ok(batch) if batch.v == DEAD_LETTER_VERSION => Ok(batch.d),
+        Ok(batch) => Err(DecodeError::Version(batch.v)),
+        Err(batch_error) => match serde_json::from_slice::<DeadLetter>(&raw) {
+            Ok(record) => Ok(vec![record]),
+            Err(_) => Err(DecodeError::Json(batch_error)),
+        },
     }
 }
 
@@ -163,6 +267,8 @@ pub enum DecodeError {
     Base64(#[from] base64::DecodeError),
     #[error("dead letter is not a valid record: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("dead-letter version {0} is not supported (this build reads {DEAD_LETTER_VERSION})")]
+    Version(u32),
 }
 
 #[cfg(test)]
@@ -180,16 +286,66 @@ mod tests {
         }
     }
 
+    fn one(record: &DeadLetter) -> String {
+        let mut packed = pack([record]);
+        assert_eq!(packed.len(), 1);
+        packed.remove(0).0
+    }
+
     #[test]
     fn round_trips_byte_exact_payloads() {
         for payload in [b"{\"a\":1}".to_vec(), vec![0xff, 0x00, 0x80], Vec::new()] {
             let msg = DeviceMessage::from_mqtt("devices/dev-1/telemetry", &payload, 1);
             let record = DeadLetter::new(&msg, refusal(Reason::Schema));
-            let back = DeadLetter::decode(&record.encode()).unwrap();
-            assert_eq!(back, record);
-            assert_eq!(back.payload_bytes().unwrap(), payload);
-            assert_eq!(back.detail.len(), MAX_DETAIL_BYTES);
+            let back = decode_message(&one(&record)).unwrap();
+            assert_eq!(back, [record.clone()]);
+            assert_eq!(back[0].payload_bytes().unwrap(), payload);
+            assert_eq!(back[0].detail.len(), MAX_DETAIL_BYTES);
+            let line: DeadLetter = serde_json::from_str(&record.to_json_line()).unwrap();
+            assert_eq!(line, record);
         }
+    }
+
+    #[test]
+    fn packs_many_records_per_message_within_the_limit() {
+        let records: Vec<DeadLetter> = (0..500)
+            .map(|i| {
+                let payload = format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(i * 7 % 900));
+                let msg = DeviceMessage::from_mqtt(
+                    "devices/dev-1/telemetry",
+                    payload.as_bytes(),
+                    i as i64,
+                );
+                DeadLetter::new(&msg, refusal(Reason::Schema))
+            })
+            .collect();
+        let packed = pack(&records);
+        assert!(packed.len() < 80, "{} messages", packed.len());
+        let mut back = Vec::new();
+        let mut positions = Vec::new();
+        for (text, held) in packed {
+            assert!(text.len() <= QUEUE_MESSAGE_MAX_CHARS);
+            positions.extend(held);
+            back.extend(decode_message(&text).unwrap());
+        }
+        assert_eq!(back, records);
+        assert_eq!(positions, (0..500).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn reads_the_single_record_form_and_refuses_other_versions() {
+        let msg = DeviceMessage::from_mqtt("devices/dev-1/telemetry", b"x", 1);
+        let record = DeadLetter::new(&msg, refusal(Reason::MalformedJson));
+        let single = B64.encode(serde_json::to_vec(&record).unwrap());
+        assert_eq!(decode_message(&single).unwrap(), [record]);
+        let v2 = B64.encode(br#"{"v":2,"d":[]}"#);
+        assert!(matches!(decode_message(&v2), Err(DecodeError::Version(2))));
+        assert!(matches!(decode_message("%%"), Err(DecodeError::Base64(_))));
+        let garbage = B64.encode(b"{}");
+        assert!(matches!(
+            decode_message(&garbage),
+            Err(DecodeError::Json(_))
+        ));
     }
 
     #[test]
@@ -201,18 +357,23 @@ mod tests {
         ];
         for payload in payloads {
             let msg = DeviceMessage::from_mqtt(&"\u{1}".repeat(999), &payload, 1);
-            let text = DeadLetter::new(&msg, refusal(Reason::TooLarge)).encode();
-            assert!(
-                text.len() <= QUEUE_MESSAGE_MAX_CHARS,
-                "{} chars",
-                text.len()
-            );
-            let back = DeadLetter::decode(&text).unwrap();
-            assert!(back.payload_truncated);
-            assert_eq!(back.payload_bytes, payload.len());
+            let record = DeadLetter::new(&msg, refusal(Reason::TooLarge));
+            // Two such records never share a message.
+            let packed = pack([&record, &record]);
+            assert_eq!(packed.len(), 2);
+            for (text, _) in packed {
+                assert!(
+                    text.len() <= QUEUE_MESSAGE_MAX_CHARS,
+                    "{} chars",
+                    text.len()
+                );
+                let back = decode_message(&text).unwrap();
+                assert!(back[0].payload_truncated);
+                assert_eq!(back[0].payload_bytes, payload.len());
+            }
         }
         let raw = "z".repeat(QUEUE_MESSAGE_MAX_CHARS);
-        let text = DeadLetter::for_unreadable(&raw, "bad".into(), 6, 1).encode();
+        let text = one(&DeadLetter::for_unreadable(&raw, "bad".into(), 6, 1));
         assert!(text.len() <= QUEUE_MESSAGE_MAX_CHARS);
     }
 }

@@ -5,8 +5,10 @@
 //! travel inside XML), so the encoded size is exact arithmetic, not a worst-case guess. Each entry is
 //! `{"t":topic,"r":receivedAtMs,"p":"utf-8 payload"}`, or `"b":"base64"` instead of `"p"` when
 //! the payload is not UTF-8 or would grow more under JSON escaping than under base64. `"n"` is
-//! the published size when ingest truncated an oversize payload; `"rc"` counts replays.
+//! the published size when ingest truncated an oversize payload; `"rc"` counts replays, and
+//! `"o"` carries an operator's [`Override`] on a replayed message.
 
+use crate::reading::Override;
 use crate::{base64_len, MAX_PAYLOAD_BYTES, QUEUE_MESSAGE_MAX_CHARS};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -31,6 +33,8 @@ pub struct DeviceMessage {
     pub original_len: usize,
     /// How many times an operator has replayed this message from the dead-letter queue.
     pub replay_count: u32,
+    /// Rules relaxed for this message alone by an operator's replay; none for live traffic.
+    pub overrides: Override,
 }
 
 impl DeviceMessage {
@@ -44,6 +48,7 @@ impl DeviceMessage {
             payload: kept.to_vec(),
             original_len: payload.len(),
             replay_count: 0,
+            overrides: Override::NONE,
         }
     }
 
@@ -66,6 +71,8 @@ struct Entry<'a> {
     original_len: Option<usize>,
     #[serde(rename = "rc", default, skip_serializing_if = "is_zero")]
     replay_count: u32,
+    #[serde(rename = "o", default, skip_serializing_if = "Override::is_none")]
+    overrides: Override,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -98,6 +105,7 @@ fn encode_entry(msg: &DeviceMessage) -> Vec<u8> {
         base64: text.is_none().then(|| B64.encode(&msg.payload)),
         original_len: msg.is_truncated().then_some(msg.original_len),
         replay_count: msg.replay_count,
+        overrides: msg.overrides.clone(),
     };
     // Serialising a struct of strings and integers into a Vec cannot fail.
     serde_json::to_vec(&entry).expect("entry serialises")
@@ -227,6 +235,7 @@ pub fn decode(text: &str) -> Result<Vec<DeviceMessage>, DecodeError> {
                 original_len: e.original_len.unwrap_or(payload.len()),
                 payload,
                 replay_count: e.replay_count,
+                overrides: e.overrides,
             })
         })
         .collect()
@@ -248,6 +257,14 @@ mod tests {
             msg("devices/b/telemetry", &[0xff, 0x00, 0xfe]),
             msg("devices/c/telemetry", &big),
             msg("devices/d/telemetry", b""),
+            DeviceMessage {
+                replay_count: 2,
+                overrides: Override {
+                    allow_stale: true,
+                    device_ids: vec![("old".into(), "new".into())],
+                },
+                ..msg("devices/old/telemetry", b"{}")
+            },
         ];
         let mut b = EnvelopeBuilder::default();
         for m in msgs.clone() {

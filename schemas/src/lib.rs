@@ -26,7 +26,7 @@ pub mod timefmt;
 
 pub use dead_letter::DeadLetter;
 pub use envelope::{DeviceMessage, EnvelopeBuilder};
-pub use reading::{Extra, Policy, Reading, Rejection};
+pub use reading::{Extra, Override, Policy, Reading, Rejection};
 pub use reason::Reason;
 
 /// Azure Storage Queue's limit on a message's text, in characters (64 KiB).

@@ -52,6 +52,42 @@ impl Default for Policy {
     }
 }
 
+/// An operator's explicit relaxation of the rules for one replayed message
+/// (`deadletter replay --allow-stale`, `--map-device`). It travels inside that message's
+/// envelope entry, so it applies to that message alone: live traffic never carries one, and
+/// the processor's own rules are never changed by it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Override {
+    /// Accept readings older than the processor's maximum age (a backfill). The archiver rolls
+    /// them out of the table on its next pass.
+    #[serde(rename = "stale", default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_stale: bool,
+    /// Device ids to read as others: `(from, to)`. A topic or payload `deviceId` equal to
+    /// `from` counts as `to` (a corrected device-id mapping).
+    #[serde(rename = "ids", default, skip_serializing_if = "Vec::is_empty")]
+    pub device_ids: Vec<(String, String)>,
+}
+
+impl Override {
+    /// No relaxation: the rules as configured.
+    pub const NONE: Override = Override {
+        allow_stale: false,
+        device_ids: Vec::new(),
+    };
+
+    pub fn is_none(&self) -> bool {
+        !self.allow_stale && self.device_ids.is_empty()
+    }
+
+    /// The id `id` is read as.
+    pub fn device_id<'a>(&'a self, id: &'a str) -> &'a str {
+        self.device_ids
+            .iter()
+            .find(|(from, _)| from == id)
+            .map_or(id, |(_, to)| to.as_str())
+    }
+}
+
 /// A validated reading, normalised: UTC milliseconds, measurements as `f64`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reading {
@@ -142,6 +178,7 @@ pub fn validate(
     original_len: usize,
     now_ms: i64,
     policy: &Policy,
+    overrides: &Override,
 ) -> Validated {
     if original_len > crate::MAX_PAYLOAD_BYTES {
         return Validated::refused(Rejection::new(
@@ -152,21 +189,22 @@ pub fn validate(
             ),
         ));
     }
-    let topic_device = match device_id_from_topic(topic_prefix, topic) {
-        Some(id) if is_valid_device_id(id) => id,
-        Some(_) => {
-            return Validated::refused(Rejection::new(
-                Reason::InvalidDeviceId,
-                "the topic's device id breaks the id rules",
-            ))
-        }
-        None => {
-            return Validated::refused(Rejection::new(
-                Reason::InvalidDeviceId,
-                format!("topic is not {topic_prefix}/{{deviceId}}/telemetry"),
-            ))
-        }
-    };
+    let topic_device =
+        match device_id_from_topic(topic_prefix, topic).map(|id| overrides.device_id(id)) {
+            Some(id) if is_valid_device_id(id) => id,
+            Some(_) => {
+                return Validated::refused(Rejection::new(
+                    Reason::InvalidDeviceId,
+                    "the topic's device id breaks the id rules",
+                ))
+            }
+            None => {
+                return Validated::refused(Rejection::new(
+                    Reason::InvalidDeviceId,
+                    format!("topic is not {topic_prefix}/{{deviceId}}/telemetry"),
+                ))
+            }
+        };
     let value: Value = match std::str::from_utf8(payload) {
         Err(e) => {
             return Validated::refused(Rejection::new(
@@ -185,7 +223,7 @@ pub fn validate(
         },
     };
     let check = |index: Option<usize>, v: Value, out: &mut Validated| match v {
-        Value::Object(map) => match reading_from(map, topic_device, now_ms, policy) {
+        Value::Object(map) => match reading_from(map, topic_device, now_ms, policy, overrides) {
             Ok(r) => out.readings.push(r),
             Err(mut rej) => {
                 rej.index = index;
@@ -228,9 +266,10 @@ fn reading_from(
     topic_device: &str,
     now_ms: i64,
     policy: &Policy,
+    overrides: &Override,
 ) -> Result<Reading, Rejection> {
     let device_id = match map.remove("deviceId") {
-        Some(Value::String(s)) => s,
+        Some(Value::String(s)) => overrides.device_id(&s).to_owned(),
         Some(_) => return Err(Rejection::new(Reason::Schema, "deviceId must be a string")),
         None => return Err(Rejection::new(Reason::Schema, "deviceId is missing")),
     };
@@ -267,7 +306,7 @@ fn reading_from(
         ));
     }
     let age = now_ms.saturating_sub(measured_at_ms);
-    if age > millis(policy.max_age) {
+    if age > millis(policy.max_age) && !overrides.allow_stale {
         return Err(Rejection::new(
             Reason::Stale,
             format!(
@@ -411,4 +450,62 @@ pub fn truncate(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_700_000_000_000;
+
+    fn check(topic: &str, payload: &str, overrides: &Override) -> Vec<Reason> {
+        let out = validate(
+            "devices",
+            topic,
+            payload.as_bytes(),
+            payload.len(),
+            NOW,
+            &Policy::default(),
+            overrides,
+        );
+        out.rejections.iter().map(|r| r.reason).collect()
+    }
+
+    #[test]
+    fn overrides_relax_only_what_they_name() {
+        let old = timefmt::format_ms(NOW - 90 * 24 * 3_600_000);
+        let stale = format!(r#"{{"deviceId":"d-1","timestamp":"{old}","temperature":1}}"#);
+        let topic = "devices/d-1/telemetry";
+        let backfill = Override {
+            allow_stale: true,
+            ..Override::NONE
+        };
+        assert_eq!(check(topic, &stale, &Override::NONE), [Reason::Stale]);
+        assert_eq!(check(topic, &stale, &backfill), []);
+
+        let now = timefmt::format_ms(NOW);
+        let renamed = format!(r#"{{"deviceId":"OLD ID","timestamp":"{now}","temperature":1}}"#);
+        let map = Override {
+            device_ids: vec![("OLD ID".into(), "d-1".into())],
+            ..Override::NONE
+        };
+        assert_eq!(
+            check(topic, &renamed, &Override::NONE),
+            [Reason::InvalidDeviceId]
+        );
+        assert_eq!(check(topic, &renamed, &map), []);
+        // The topic's id is mapped too, and the stored reading carries the new id.
+        let out = validate(
+            "devices",
+            "devices/OLD ID/telemetry",
+            renamed.as_bytes(),
+            renamed.len(),
+            NOW,
+            &Policy::default(),
+            &map,
+        );
+        assert_eq!(out.readings[0].device_id, "d-1");
+        // A mapping does not excuse anything else.
+        assert_eq!(check(topic, &stale, &map), [Reason::Stale]);
+    }
 }

@@ -1,7 +1,7 @@
 //! Data-driven validation cases from `fixtures/validation.json`.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use schemas::reading::{validate, Policy};
+use schemas::reading::{validate, Override, Policy};
 use schemas::timefmt::parse_rfc3339_ms;
 use serde_json::Value;
 
@@ -41,6 +41,7 @@ fn validation_cases() {
             payload.len(),
             now,
             &Policy::default(),
+            &Override::NONE,
         );
         let reasons: Vec<&str> = out.rejections.iter().map(|r| r.reason.as_str()).collect();
         let want: Vec<&str> = case["rejected"]

@@ -155,7 +155,7 @@ fn values(seed: u64, device: usize, seq: u64, at_ms: i64) -> Values {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use schemas::reading::{validate, Policy};
+    use schemas::reading::{validate, Override, Policy};
 
     fn generator(batch: u32, faults: &str) -> Generator {
         Generator {
@@ -180,6 +180,7 @@ mod tests {
             m.payload.len(),
             AT + 600_000,
             &Policy::default(),
+            &Override::NONE,
         );
         let reasons = out.rejections.iter().map(|r| r.reason.as_str()).collect();
         (out.readings.len(), reasons)

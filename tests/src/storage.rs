@@ -25,7 +25,7 @@ pub async fn drain_dead_letters(account: &Account, queue: &str) -> Vec<DeadLette
             return out;
         }
         for m in batch {
-            out.push(DeadLetter::decode(&m.text).expect("dead letter decodes"));
+            out.extend(schemas::dead_letter::decode_message(&m.text).expect("dead letter decodes"));
             q.delete(&m).await.expect("delete dead letter");
         }
     }

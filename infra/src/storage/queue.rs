@@ -95,6 +95,28 @@ impl Queue {
             .map(drop)
     }
 
+    /// Replaces the text of a message taken with [`Queue::get`] and hides it for `visibility`
+    /// from now (zero makes it visible at once), in one atomic call. Returns the message as
+    /// it now is: the old pop receipt no longer works. Fails like [`Queue::delete`] when the
+    /// message was deleted or retaken since.
+    pub async fn update(
+        &self,
+        message: &QueueMessage,
+        text: String,
+        visibility: Duration,
+    ) -> Result<QueueMessage, StorageError> {
+        let receipt = self
+            .client
+            .pop_receipt_client(PopReceipt::new(&message.id, &message.pop_receipt));
+        let update = receipt.update(text.clone(), visibility).into_future();
+        let response = call("queue_update", self.timeout, update).await?;
+        Ok(QueueMessage {
+            pop_receipt: response.pop_receipt,
+            text,
+            ..message.clone()
+        })
+    }
+
     /// The service's approximate count of messages, visible or not.
     pub async fn approximate_depth(&self) -> Result<usize, StorageError> {
         let metadata = call(
