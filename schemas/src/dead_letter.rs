@@ -298,7 +298,7 @@ mod tests {
             let msg = DeviceMessage::from_mqtt("devices/dev-1/telemetry", &payload, 1);
             let record = DeadLetter::new(&msg, refusal(Reason::Schema));
             let back = decode_message(&one(&record)).unwrap();
-            assert_eq!(back, [record.clone()]);
+            assert_eq!(back, std::slice::from_ref(&record));
             assert_eq!(back[0].payload_bytes().unwrap(), payload);
             assert_eq!(back[0].detail.len(), MAX_DETAIL_BYTES);
             let line: DeadLetter = serde_json::from_str(&record.to_json_line()).unwrap();
