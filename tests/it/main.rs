@@ -4,6 +4,7 @@
 mod adapter;
 mod archive;
 mod compose;
+mod deadletter;
 mod failures;
 mod pipeline;
 mod simulator;
