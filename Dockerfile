@@ -1,11 +1,12 @@
-# One image, four binaries: ingest, processor, archiver, simulator. Pick one with the container command.
+# One image, five binaries: ingest, processor, archiver, simulator and the deadletter tool. Pick one
+# with the container command.
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p ingest -p processor -p archiver -p simulator \
+RUN cargo build --release --locked -p ingest -p processor -p archiver -p simulator -p deadletter \
     && mkdir /out \
     && cp target/release/ingest target/release/processor target/release/archiver \
-       target/release/simulator /out/
+       target/release/simulator target/release/deadletter /out/
 
 FROM debian:bookworm-slim
 RUN apt-get update \

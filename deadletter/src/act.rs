@@ -30,6 +30,8 @@ enum Mode {
 
 struct Replay {
     target: Queue,
+    /// Stops between envelopes: what is not yet put stays dead-lettered.
+    shutdown: tokio_util::sync::CancellationToken,
     overrides: Override,
     max_replays: u32,
     force: bool,
@@ -94,6 +96,7 @@ pub async fn replay(session: &Session, args: &ReplayArgs) -> anyhow::Result<bool
         })?;
     let mode = Mode::Replay(Replay {
         target,
+        shutdown: session.shutdown.clone(),
         overrides: Override {
             allow_stale: args.allow_stale,
             device_ids: args.map_device.clone(),
@@ -440,7 +443,7 @@ impl Replay {
     async fn put(&mut self, chosen: &mut [&mut Chosen], counters: &Counters) {
         let per_envelope = self.pacer.as_ref().map_or(usize::MAX, |p| p.rate as usize);
         let mut start = 0;
-        while start < chosen.len() {
+        while start < chosen.len() && !self.shutdown.is_cancelled() {
             let mut builder = EnvelopeBuilder::default();
             let mut end = start;
             while end < chosen.len() && end - start < per_envelope {
@@ -456,7 +459,10 @@ impl Replay {
                 continue;
             }
             if let Some(pacer) = &mut self.pacer {
-                pacer.wait(end - start).await;
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => break,
+                    _ = pacer.wait(end - start) => {}
+                }
             }
             let n = end - start;
             let text = builder.finish();

@@ -36,7 +36,14 @@ fn compose_environment_names_real_flags() {
     let root = tests::repo_root();
     let compose = std::fs::read_to_string(root.join("docker-compose.yml")).expect("compose file");
     let mut known = String::new();
-    for crate_dir in ["ingest", "processor", "archiver", "simulator", "infra"] {
+    for crate_dir in [
+        "ingest",
+        "processor",
+        "archiver",
+        "simulator",
+        "deadletter",
+        "infra",
+    ] {
         for entry in std::fs::read_dir(root.join(crate_dir).join("src")).expect("src") {
             let path = entry.expect("entry").path();
             if path.extension().is_some_and(|e| e == "rs") {
