@@ -57,6 +57,13 @@ pub struct Config {
     #[arg(long, env = "PROCESSOR_WRITE_CONCURRENCY", default_value_t = 128)]
     pub write_concurrency: usize,
 
+    /// Longest wait to gather dead letters from many rounds into one dead-letter message
+    /// (at most a quarter of the visibility timeout). A queue message with refused readings is
+    /// deleted that much later; a dead-letter queue of packed messages is far cheaper to
+    /// inspect and replay.
+    #[arg(long, env = "PROCESSOR_DEAD_LETTER_LINGER", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub dead_letter_linger: Duration,
+
     /// How long a taken queue message stays hidden from other workers. Retries of one
     /// message stop at half of it, so that it is finished or released before it reappears.
     #[arg(long, env = "PROCESSOR_VISIBILITY_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]

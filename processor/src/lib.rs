@@ -2,11 +2,13 @@
 //!
 //! One fetcher ([`worker::run`]) takes up to 32 envelopes per get whenever one of many
 //! concurrent workers is free; the worker's round validates every reading
-//! with `schemas`, upsert the valid ones in same-partition transactions ([`plan`]) and
-//! dead-letter the rest. The invariant that makes crashes safe: a queue message is deleted only
+//! with `schemas`, upserts the valid ones in same-partition transactions ([`plan`]) and hands
+//! the rest to the dead-letter writer ([`dead_letters`]), which packs records from many rounds
+//! into each dead-letter message. The invariant that makes crashes safe: a queue message is deleted only
 //! after every reading in it is stored or dead-lettered; everything before that is idempotent.
 
 mod config;
+mod dead_letters;
 mod devices;
 mod metrics_names;
 mod plan;
@@ -67,13 +69,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracing::info!(devices = known, "Device table loaded.");
     health.set_ready();
 
+    // The writer outlives the rounds: it flushes what they handed it after they end.
+    let closing = CancellationToken::new();
+    let linger = config.dead_letter_linger.min(config.visibility_timeout / 4);
+    let (writer, writer_task) = dead_letters::Writer::spawn(ctx.clone(), linger, closing.clone());
     let tracker = tokio_util::task::TaskTracker::new();
     let fetch = worker::Fetch {
         workers: config.workers,
         round_bytes: config.round_kib.saturating_mul(1024),
         batch_wait: config.batch_wait,
     };
-    tracker.spawn(worker::run(ctx.clone(), fetch, shutdown.clone()));
+    tracker.spawn(worker::run(ctx.clone(), writer, fetch, shutdown.clone()));
     tracker.spawn(report_depth(ctx.clone(), shutdown.clone()));
     tracker.spawn(refresh_devices(
         ctx.clone(),
@@ -82,6 +88,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     ));
     tracker.close();
     tracker.wait().await;
+    closing.cancel();
+    if let Err(error) = writer_task.await {
+        tracing::error!(%error, "The dead-letter writer failed; its messages will be redone.");
+    }
     // Workers are done; write the latest device states they left pending.
     ctx.devices.flush().await;
     tracing::info!("Processor stopped.");

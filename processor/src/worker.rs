@@ -2,11 +2,13 @@
 //! queue messages.
 //!
 //! A round: decode every envelope, validate every reading, write the valid ones grouped by
-//! partition, write a dead-letter record for everything refused, and only then delete each
-//! queue message whose readings are all stored or dead-lettered. A message with any failure is
+//! partition, and delete each queue message whose readings are all stored; a message with
+//! refused readings goes to the dead-letter writer ([`crate::dead_letters`]), which deletes it
+//! once their records are written. A message with any failure is
 //! left alone; it reappears after the visibility timeout and is redone (upserts make that
 //! harmless). On its last allowed delivery, a failing message is dead-lettered as `poison`.
 
+use crate::dead_letters::{Submission, Writer};
 use crate::devices::{self, Registry};
 use crate::metrics_names as m;
 use crate::plan::{plan, Batch};
@@ -67,7 +69,7 @@ pub struct Fetch {
 /// comes back short means there is no backlog: the fetcher then waits `batch_wait` so the next
 /// get finds a fuller queue, which bounds both the gets per reading and the latency it adds.
 /// An empty queue is polled with a backoff up to 1 s.
-pub async fn run(ctx: Arc<Ctx>, fetch: Fetch, shutdown: CancellationToken) {
+pub async fn run(ctx: Arc<Ctx>, writer: Writer, fetch: Fetch, shutdown: CancellationToken) {
     let free = Arc::new(tokio::sync::Semaphore::new(fetch.workers.max(1)));
     let rounds = tokio_util::task::TaskTracker::new();
     let mut idle = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
@@ -87,10 +89,10 @@ pub async fn run(ctx: Arc<Ctx>, fetch: Fetch, shutdown: CancellationToken) {
                 failing.reset();
                 idle.reset();
                 ctx.health.set_ready();
-                let ctx = ctx.clone();
+                let (ctx, writer) = (ctx.clone(), writer.clone());
                 rounds.spawn(async move {
                     let started = std::time::Instant::now();
-                    round(&ctx, messages).await;
+                    round(&ctx, &writer, messages).await;
                     metrics::histogram!(m::ROUND_SECONDS).record(started.elapsed().as_secs_f64());
                     drop(permit);
                 });
@@ -158,7 +160,7 @@ struct Pending {
 }
 
 #[tracing::instrument(skip_all, fields(messages = messages.len()))]
-async fn round(ctx: &Ctx, messages: Vec<QueueMessage>) {
+async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>) {
     // Retries stop here, so the message is finished or released before it reappears.
     let deadline = Instant::now() + ctx.visibility / 2;
     let now = schemas::timefmt::now_ms();
@@ -230,64 +232,86 @@ async fn round(ctx: &Ctx, messages: Vec<QueueMessage>) {
             h.failure.get_or_insert_with(|| error.clone());
         }
     }
-    write_dead_letters(ctx, dead, &mut held, deadline).await;
 
     // Last allowed delivery and still failing: dead-letter it whole, so the queue moves on.
-    let mut poison = Vec::new();
-    for (owner, h) in held.iter().enumerate() {
-        if let Some(error) = &h.failure {
-            if h.message.dequeue_count >= ctx.max_deliveries {
-                for device in &h.devices {
-                    let record = DeadLetter::new(
-                        device,
-                        Refusal {
-                            reason: Reason::Poison,
-                            detail: format!(
-                                "gave up after {} deliveries: {error}",
-                                h.message.dequeue_count
-                            ),
-                            device_id: topic_device(ctx, device),
-                            rejected_indexes: Vec::new(),
-                            attempts: h.message.dequeue_count,
-                            dead_lettered_at_ms: now,
-                        },
-                    );
-                    poison.push(Pending { owner, record });
-                }
-            }
+    let mut poisoned = 0;
+    for (owner, h) in held.iter_mut().enumerate() {
+        let Some(error) = h.failure.clone() else {
+            continue;
+        };
+        if h.message.dequeue_count < ctx.max_deliveries {
+            continue;
         }
+        for device in &h.devices {
+            let record = DeadLetter::new(
+                device,
+                Refusal {
+                    reason: Reason::Poison,
+                    detail: format!(
+                        "gave up after {} deliveries: {error}",
+                        h.message.dequeue_count
+                    ),
+                    device_id: topic_device(ctx, device),
+                    rejected_indexes: Vec::new(),
+                    attempts: h.message.dequeue_count,
+                    dead_lettered_at_ms: now,
+                },
+            );
+            dead.push(Pending { owner, record });
+        }
+        h.failure = None;
+        poisoned += 1;
     }
-    if !poison.is_empty() {
-        let owners: BTreeSet<usize> = poison.iter().map(|p| p.owner).collect();
-        for &owner in &owners {
-            held[owner].failure = None;
-        }
-        tracing::warn!(messages = owners.len(), "Dead-lettering poison messages.");
-        write_dead_letters(ctx, poison, &mut held, deadline).await;
+    if poisoned > 0 {
+        tracing::warn!(messages = poisoned, "Dead-lettering poison messages.");
     }
 
-    for h in &held {
+    // A message with dead letters goes to the writer, which deletes it once they are written;
+    // one without is deleted here. A failing one is left to reappear, dead letters unwritten
+    // (its redo finds them again).
+    let mut records: Vec<Vec<DeadLetter>> = held.iter().map(|_| Vec::new()).collect();
+    for p in dead {
+        records[p.owner].push(p.record);
+    }
+    for (h, records) in held.into_iter().zip(records) {
         if let Some(error) = &h.failure {
             metrics::counter!(m::MESSAGES_RETRIED).increment(1);
             tracing::warn!(id = %h.message.id, deliveries = h.message.dequeue_count, %error, "Leaving the message to reappear.");
-            continue;
+        } else if records.is_empty() {
+            finished(ctx, &h.message, &h.devices, deadline).await;
+        } else {
+            writer.submit(Submission {
+                message: h.message,
+                devices: h.devices,
+                records,
+                deadline,
+            });
         }
-        match retry(deadline, || ctx.queue.delete(&h.message)).await {
-            Ok(()) => {
-                metrics::counter!(m::MESSAGES_DONE).increment(1);
-                let now = schemas::timefmt::now_ms();
-                for d in &h.devices {
-                    let seconds = (now - d.received_at_ms).max(0) as f64 / 1000.0;
-                    metrics::histogram!(m::LATENCY_SECONDS).record(seconds);
-                }
+    }
+}
+
+/// Deletes a queue message whose every reading is stored or dead-lettered.
+pub(crate) async fn finished(
+    ctx: &Ctx,
+    message: &QueueMessage,
+    devices: &[DeviceMessage],
+    deadline: Instant,
+) {
+    match retry(deadline, || ctx.queue.delete(message)).await {
+        Ok(()) => {
+            metrics::counter!(m::MESSAGES_DONE).increment(1);
+            let now = schemas::timefmt::now_ms();
+            for d in devices {
+                let seconds = (now - d.received_at_ms).max(0) as f64 / 1000.0;
+                metrics::histogram!(m::LATENCY_SECONDS).record(seconds);
             }
-            // Deleted or retaken meanwhile: another worker has it, and its redo is harmless.
-            Err(error) if matches!(error.status(), Some(400 | 404)) => {
-                tracing::debug!(%error, "Message already gone or retaken.");
-            }
-            Err(error) => {
-                tracing::warn!(%error, "Cannot delete a finished message; it will be redone.");
-            }
+        }
+        // Deleted or retaken meanwhile: another worker has it, and its redo is harmless.
+        Err(error) if matches!(error.status(), Some(400 | 404)) => {
+            tracing::debug!(%error, "Message already gone or retaken.");
+        }
+        Err(error) => {
+            tracing::warn!(%error, "Cannot delete a finished message; it will be redone.");
         }
     }
 }
@@ -456,34 +480,8 @@ async fn write_batch(ctx: &Ctx, batch: &Batch<(usize, usize)>, deadline: Instant
     Written::Refused(stored, refused)
 }
 
-/// Writes a round's dead letters, packed into as few queue messages as they fit. A failed put
-/// fails every queue message with a record in it.
-async fn write_dead_letters(ctx: &Ctx, dead: Vec<Pending>, held: &mut [Held], deadline: Instant) {
-    let packed = schemas::dead_letter::pack(dead.iter().map(|p| &p.record));
-    let results: Vec<(Vec<usize>, Result<(), StorageError>)> = stream::iter(packed)
-        .map(|(text, records)| async move {
-            let result = retry(deadline, || ctx.dead_letters.put(text.clone())).await;
-            (records, result)
-        })
-        .buffer_unordered(ctx.write_concurrency.max(1))
-        .collect()
-        .await;
-    for (records, result) in results {
-        for i in records {
-            let p = &dead[i];
-            match &result {
-                Ok(()) => {
-                    let reason = p.record.reason.as_str();
-                    metrics::counter!(m::DEAD_LETTERS, "reason" => reason).increment(1);
-                }
-                Err(error) => held[p.owner].failure = Some(error.to_string()),
-            }
-        }
-    }
-}
-
 /// Runs `op` until it succeeds, fails for good, or `deadline` passes.
-async fn retry<T, F, Fut>(deadline: Instant, op: F) -> Result<T, StorageError>
+pub(crate) async fn retry<T, F, Fut>(deadline: Instant, op: F) -> Result<T, StorageError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StorageError>>,

@@ -1,0 +1,151 @@
+//! The dead-letter writer: records from every round, packed many per queue message.
+//!
+//! A round hands over each finished queue message that has dead letters, with its records,
+//! and moves on. The writer gathers submissions for up to the linger (or until a batch is
+//! large), packs all their records into as few dead-letter messages as fit, puts them, and only
+//! then deletes each submitted queue message whose records were all put. A failed put leaves
+//! its queue messages to reappear and be redone; a crash before the put does the same.
+//!
+//! Why gather across rounds: a dead-letter queue of one record per message is expensive to
+//! operate on (every walk and every removal is per message, and on the emulator each costs
+//! more as the queue grows). At a trickle of faults each round has one or two records; a few
+//! seconds of lingering packs dozens into a message.
+
+use crate::metrics_names as m;
+use crate::worker::{finished, Ctx};
+use futures::{stream, StreamExt};
+use infra::storage::{QueueMessage, StorageError};
+use schemas::{DeadLetter, DeviceMessage};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Packed text gathered before a flush, whatever the linger (about 16 full messages).
+const FLUSH_BYTES: usize = 1024 * 1024;
+
+/// A finished queue message whose dead letters are still to be written.
+#[derive(Debug)]
+pub struct Submission {
+    pub message: QueueMessage,
+    pub devices: Vec<DeviceMessage>,
+    pub records: Vec<DeadLetter>,
+    /// Retries stop here, so that the message is deleted before it reappears.
+    pub deadline: Instant,
+}
+
+#[derive(Debug, Clone)]
+pub struct Writer {
+    tx: mpsc::UnboundedSender<Submission>,
+}
+
+impl Writer {
+    /// Starts the writer task. It flushes what it holds and ends once `closing` is cancelled
+    /// (after the rounds have ended) and everything submitted is written.
+    pub fn spawn(
+        ctx: Arc<Ctx>,
+        linger: Duration,
+        closing: CancellationToken,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run(ctx, rx, linger, closing));
+        (Self { tx }, task)
+    }
+
+    pub fn submit(&self, submission: Submission) {
+        // The receiver lives until `closing` and an empty channel; rounds end before that.
+        if let Err(lost) = self.tx.send(submission) {
+            tracing::warn!(id = %lost.0.message.id, "Dead-letter writer gone; the message will be redone.");
+        }
+    }
+}
+
+async fn run(
+    ctx: Arc<Ctx>,
+    mut rx: mpsc::UnboundedReceiver<Submission>,
+    linger: Duration,
+    closing: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            biased;
+            s = rx.recv() => s,
+            _ = closing.cancelled() => rx.try_recv().ok(),
+        };
+        let Some(first) = first else { break };
+        let flush_at = Instant::now() + linger;
+        let mut bytes = size(&first);
+        let mut pending = vec![first];
+        while bytes < FLUSH_BYTES {
+            let next = tokio::select! {
+                biased;
+                s = rx.recv() => s,
+                _ = closing.cancelled() => rx.try_recv().ok(),
+                _ = tokio::time::sleep_until(flush_at) => None,
+            };
+            let Some(s) = next else { break };
+            bytes += size(&s);
+            pending.push(s);
+        }
+        flush(&ctx, pending).await;
+    }
+}
+
+/// Roughly the packed size of a submission's records.
+fn size(s: &Submission) -> usize {
+    s.records
+        .iter()
+        .map(|r| r.payload_bytes + r.detail.len() + 300)
+        .sum()
+}
+
+/// Puts the submissions' records, then deletes each submission whose records all made it.
+async fn flush(ctx: &Ctx, pending: Vec<Submission>) {
+    let deadline = pending
+        .iter()
+        .map(|s| s.deadline)
+        .min()
+        .unwrap_or_else(Instant::now);
+    // Which submission each record belongs to, in packing order.
+    let owners: Vec<usize> = pending
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| std::iter::repeat_n(i, s.records.len()))
+        .collect();
+    let reasons: Vec<&'static str> = pending
+        .iter()
+        .flat_map(|s| s.records.iter().map(|r| r.reason.as_str()))
+        .collect();
+    let packed = schemas::dead_letter::pack(pending.iter().flat_map(|s| &s.records));
+    let results: Vec<(Vec<usize>, Result<(), StorageError>)> = stream::iter(packed)
+        .map(|(text, records)| async move {
+            let put = crate::worker::retry(deadline, || ctx.dead_letters.put(text.clone())).await;
+            (records, put)
+        })
+        .buffer_unordered(ctx.write_concurrency.max(1))
+        .collect()
+        .await;
+    let mut failed = vec![None; pending.len()];
+    for (records, result) in results {
+        for i in records {
+            match &result {
+                Ok(()) => {
+                    metrics::counter!(m::DEAD_LETTERS, "reason" => reasons[i]).increment(1);
+                }
+                Err(error) => failed[owners[i]] = Some(error.to_string()),
+            }
+        }
+    }
+    stream::iter(pending.into_iter().zip(failed))
+        .for_each_concurrent(ctx.write_concurrency.max(1), |(s, failure)| async move {
+            match failure {
+                Some(error) => {
+                    metrics::counter!(m::MESSAGES_RETRIED).increment(1);
+                    tracing::warn!(id = %s.message.id, %error, "Cannot write dead letters; leaving the message to reappear.");
+                }
+                None => finished(ctx, &s.message, &s.devices, s.deadline).await,
+            }
+        })
+        .await;
+}
