@@ -125,6 +125,7 @@ started+=($!); graces+=(15)
 sim_pid=$!
 
 echo "==> Running. Ctrl-C stops everything. Metrics: :$INGEST_PORT/metrics :$PROCESSOR_PORT/metrics :$ARCHIVER_PORT/metrics :$SIMULATOR_PORT/metrics"
+echo "    Dead letters, from another terminal: target/release/deadletter list (README: Operating the dead-letter queue)"
 t0=$(date +%s.%N); s0=0; begin=$(date +%s)
 while kill -0 "$sim_pid" 2>/dev/null; do
   sleep 2

@@ -23,7 +23,7 @@ pub struct Cli {
 
     /// How long a walk keeps the messages it has taken hidden. If the tool is killed, they
     /// reappear within this time; an orderly end (or Ctrl-C) releases them at once. Make it
-    /// longer than the walk (about 1 s per 30,000 records on the emulator).
+    /// longer than the walk (about 10 s per 100,000 records on the emulator).
     #[arg(long, global = true, env = "DEADLETTER_HOLD", default_value = "5m", value_parser = humantime::parse_duration)]
     pub hold: Duration,
 
