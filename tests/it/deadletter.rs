@@ -656,3 +656,32 @@ async fn list_walks_a_large_queue_while_the_processor_appends() {
         .count();
     assert_eq!(malformed, 300);
 }
+
+#[tokio::test]
+async fn a_trickle_of_dead_letters_is_packed_across_rounds() {
+    let Some(p) = Pipeline::start("deadletter_trickle", &[], &[]).await else {
+        return;
+    };
+    let tool = Tool {
+        connection_string: p.azurite.connection_string(),
+        queue: p.dead_letters.clone(),
+    };
+    // One bad message at a time, each in a round of its own. Without the writer's linger
+    // this made 11 queue messages.
+    for i in 0..12 {
+        publish_all(
+            p.mosquitto.port,
+            vec![(topic("drip"), format!("{{bad {i}").into_bytes())],
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    wait_dead_letters(&p, 12.0).await;
+    let summary = tool.ok(&["list", "--json"]).await.json();
+    assert_eq!(summary["records"], 12);
+    let messages = summary["messages_walked"].as_u64().unwrap();
+    assert!(
+        messages <= 3,
+        "12 dead letters took {messages} queue messages"
+    );
+}
