@@ -17,6 +17,7 @@ use tests::{unique, Azurite, TempDir};
 const HOUR: i64 = 3_600_000;
 
 /// The tool, pointed at one account and dead-letter queue.
+#[derive(Clone)]
 struct Tool {
     connection_string: String,
     queue: String,
@@ -37,6 +38,28 @@ impl Run {
 }
 
 impl Tool {
+    /// The pipeline's dead-letter queue.
+    fn of(p: &Pipeline) -> Self {
+        Self {
+            connection_string: p.azurite.connection_string(),
+            queue: p.dead_letters.clone(),
+        }
+    }
+
+    /// Azurite alone, and the tool on a fresh queue of it; `None` when servers are missing.
+    async fn on_own_azurite(test: &str) -> Option<(Azurite, Account, Self)> {
+        if !tests::servers_available(test) {
+            return None;
+        }
+        let azurite = Azurite::start().await;
+        let tool = Self {
+            connection_string: azurite.connection_string(),
+            queue: unique("dead"),
+        };
+        let account = azurite.account();
+        Some((azurite, account, tool))
+    }
+
     fn command(&self, args: &[&str]) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(tests::services::bin_path("deadletter"));
         cmd.args(args)
@@ -145,14 +168,8 @@ fn mixed(t0: i64) -> Vec<DeadLetter> {
 
 #[tokio::test]
 async fn every_command_with_combined_filters() {
-    if !tests::servers_available("deadletter_commands") {
+    let Some((_azurite, account, tool)) = Tool::on_own_azurite("deadletter_commands").await else {
         return;
-    }
-    let azurite = Azurite::start().await;
-    let account = azurite.account();
-    let tool = Tool {
-        connection_string: azurite.connection_string(),
-        queue: unique("dead"),
     };
     let t0 = schemas::timefmt::parse_rfc3339_ms("2026-11-20T10:00:00Z").unwrap();
     let records = mixed(t0);
@@ -370,10 +387,7 @@ async fn replay_after_fixing_the_cause_and_with_overrides() {
     let Some(mut p) = Pipeline::start("deadletter_replay", &[], &strict).await else {
         return;
     };
-    let tool = Tool {
-        connection_string: p.azurite.connection_string(),
-        queue: p.dead_letters.clone(),
-    };
+    let tool = Tool::of(&p);
     let target = ["--target-queue", p.queue.as_str()];
     let now = now_ms();
     let mut messages = Vec::new();
@@ -462,10 +476,7 @@ async fn a_replay_loop_stops_at_the_limit() {
     let Some(p) = Pipeline::start("deadletter_loop", &[], &[]).await else {
         return;
     };
-    let tool = Tool {
-        connection_string: p.azurite.connection_string(),
-        queue: p.dead_letters.clone(),
-    };
+    let tool = Tool::of(&p);
     publish_all(
         p.mosquitto.port,
         vec![(topic("loop-1"), b"{not json".to_vec())],
@@ -523,14 +534,8 @@ fn many(n: usize, reason: Reason, pad: usize) -> Vec<DeadLetter> {
 
 #[tokio::test]
 async fn kill_9_mid_replay_and_mid_purge_loses_nothing() {
-    if !tests::servers_available("deadletter_kill9") {
+    let Some((_azurite, account, tool)) = Tool::on_own_azurite("deadletter_kill9").await else {
         return;
-    }
-    let azurite = Azurite::start().await;
-    let account = azurite.account();
-    let tool = Tool {
-        connection_string: azurite.connection_string(),
-        queue: unique("dead"),
     };
     let target = unique("ingest");
     account.queue(&target).create_if_missing().await.unwrap();
@@ -617,10 +622,7 @@ async fn list_walks_a_large_queue_while_the_processor_appends() {
     let Some(p) = Pipeline::start("deadletter_concurrent", &[], &[]).await else {
         return;
     };
-    let tool = Tool {
-        connection_string: p.azurite.connection_string(),
-        queue: p.dead_letters.clone(),
-    };
+    let tool = Tool::of(&p);
     let existing = many(30_000, Reason::Schema, 50);
     put_records(&p.account.queue(&p.dead_letters), &existing).await;
     let bad: Vec<(String, Vec<u8>)> = (0..300)
@@ -633,10 +635,7 @@ async fn list_walks_a_large_queue_while_the_processor_appends() {
         .collect();
     // A long hold: everything the walk took must be given back at its end, not by timeout.
     let walk = tokio::spawn({
-        let tool = Tool {
-            connection_string: tool.connection_string.clone(),
-            queue: tool.queue.clone(),
-        };
+        let tool = tool.clone();
         async move { tool.ok(&["list", "--json", "--hold", "10m"]).await.json() }
     });
     publish_all(p.mosquitto.port, bad).await;
@@ -662,10 +661,7 @@ async fn a_trickle_of_dead_letters_is_packed_across_rounds() {
     let Some(p) = Pipeline::start("deadletter_trickle", &[], &[]).await else {
         return;
     };
-    let tool = Tool {
-        connection_string: p.azurite.connection_string(),
-        queue: p.dead_letters.clone(),
-    };
+    let tool = Tool::of(&p);
     // One bad message at a time, each in a round of its own. Without the writer's linger
     // this made 11 queue messages.
     for i in 0..12 {
