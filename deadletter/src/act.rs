@@ -270,8 +270,13 @@ async fn drive(
             count(failed),
         );
         if tally.not_removed > 0 {
+            let where_now = if matches!(mode, Mode::Purge) {
+                "they are still dead-lettered"
+            } else {
+                "they are in both places"
+            };
             line.push_str(&format!(
-                " {} of them could not be removed from the dead-letter queue (another reader took them after --hold ran out); they are in both places.",
+                " {} of them could not be removed from the dead-letter queue (another reader took them after --hold ran out); {where_now}.",
                 count(tally.not_removed)
             ));
         }

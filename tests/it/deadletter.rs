@@ -681,3 +681,45 @@ async fn a_trickle_of_dead_letters_is_packed_across_rounds() {
         "12 dead letters took {messages} queue messages"
     );
 }
+
+#[tokio::test]
+async fn two_operators_at_once_lose_nothing_and_say_what_they_missed() {
+    let Some((_azurite, account, tool)) = Tool::on_own_azurite("deadletter_two_operators").await
+    else {
+        return;
+    };
+    let target = unique("ingest");
+    account.queue(&target).create_if_missing().await.unwrap();
+    let mut records = many(10_000, Reason::Stale, 200);
+    records.extend(many(10_000, Reason::Schema, 200));
+    put_records(&account.queue(&tool.queue), &records).await;
+
+    let replay = [
+        "replay",
+        "--json",
+        "--reason",
+        "stale",
+        "--target-queue",
+        &target,
+    ];
+    let (listed, replayed) = tokio::join!(tool.ok(&["list", "--json"]), tool.ok(&replay));
+    let (listed, replayed) = (listed.json(), replayed.json());
+    // Each saw what the other was not holding, and says so when that was not everything.
+    if listed["records"].as_u64() < Some(20_000) {
+        assert!(listed["messages_unseen"].as_u64() > Some(0), "{listed}");
+    }
+    if replayed["replayed"].as_u64() < Some(10_000) {
+        assert!(replayed["messages_unseen"].as_u64() > Some(0), "{replayed}");
+    }
+    // Nothing lost, and nothing left hidden: every stale record is replayed or still here.
+    let in_target = drain_envelopes(&account, &target).await;
+    assert_eq!(
+        in_target.len() as u64,
+        replayed["replayed"].as_u64().unwrap()
+    );
+    let left = drain(&account, &tool.queue).await;
+    let mut found: Vec<Vec<u8>> = in_target.iter().map(|m| m.payload.clone()).collect();
+    found.extend(left.iter().map(|r| r.payload_bytes().unwrap()));
+    found.sort();
+    assert_eq!(found, payloads(&records), "each record exactly once");
+}
