@@ -28,6 +28,14 @@ use tokio_util::sync::CancellationToken;
 /// Runs one command. `Ok(false)` means it ran but did not finish cleanly (interrupted, or
 /// some records failed); the exit code says so.
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<bool> {
+    // Azure takes visibility timeouts up to 7 days; under a few seconds a walk cannot keep
+    // what it took hidden long enough to settle it.
+    anyhow::ensure!(
+        (MIN_HOLD..=MAX_HOLD).contains(&cli.hold),
+        "--hold must be between {} and {}",
+        humantime::format_duration(MIN_HOLD),
+        humantime::format_duration(MAX_HOLD)
+    );
     let session = Session {
         account: cli.storage.account()?,
         queue: cli.queue.clone(),
@@ -57,6 +65,9 @@ pub fn record_id(record: &DeadLetter) -> String {
         });
     format!("{hash:016x}")
 }
+
+const MIN_HOLD: Duration = Duration::from_secs(3);
+const MAX_HOLD: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Writes a command's output. A reader that went away (`| head`) is not an error worth a
 /// panic: the output was for it alone.

@@ -1,7 +1,7 @@
 //! The dead-letter writer: records from every round, packed many per queue message.
 //!
 //! A round hands over each finished queue message that has dead letters, with its records,
-//! and moves on. The writer gathers submissions for up to the linger (or until a batch is
+//! and moves on (it waits only while the writer holds [`MAX_PENDING`] messages: backpressure). The writer gathers submissions for up to the linger (or until a batch is
 //! large), packs all their records into as few dead-letter messages as fit, puts them, and only
 //! then deletes each submitted queue message whose records were all put. A failed put leaves
 //! its queue messages to reappear and be redone; a crash before the put does the same.
@@ -18,12 +18,15 @@ use infra::storage::{QueueMessage, StorageError};
 use schemas::{DeadLetter, DeviceMessage};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Packed text gathered before a flush, whatever the linger (about 16 full messages).
 const FLUSH_BYTES: usize = 1024 * 1024;
+/// Queue messages handed over and not yet finished. A round waits for room, so a writer that
+/// falls behind (slow or failing dead-letter puts) slows the fetcher instead of piling up.
+const MAX_PENDING: usize = 128;
 
 /// A finished queue message whose dead letters are still to be written.
 #[derive(Debug)]
@@ -37,7 +40,8 @@ pub struct Submission {
 
 #[derive(Debug, Clone)]
 pub struct Writer {
-    tx: mpsc::UnboundedSender<Submission>,
+    tx: mpsc::UnboundedSender<(Submission, OwnedSemaphorePermit)>,
+    room: Arc<Semaphore>,
 }
 
 impl Writer {
@@ -50,20 +54,28 @@ impl Writer {
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(run(ctx, rx, linger, closing));
-        (Self { tx }, task)
+        let room = Arc::new(Semaphore::new(MAX_PENDING));
+        (Self { tx, room }, task)
     }
 
-    pub fn submit(&self, submission: Submission) {
+    /// Hands a message over, once there is room.
+    pub async fn submit(&self, submission: Submission) {
+        let permit = self
+            .room
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
         // The receiver lives until `closing` and an empty channel; rounds end before that.
-        if let Err(lost) = self.tx.send(submission) {
-            tracing::warn!(id = %lost.0.message.id, "Dead-letter writer gone; the message will be redone.");
+        if let Err(lost) = self.tx.send((submission, permit)) {
+            tracing::warn!(id = %(lost.0).0.message.id, "Dead-letter writer gone; the message will be redone.");
         }
     }
 }
 
 async fn run(
     ctx: Arc<Ctx>,
-    mut rx: mpsc::UnboundedReceiver<Submission>,
+    mut rx: mpsc::UnboundedReceiver<(Submission, OwnedSemaphorePermit)>,
     linger: Duration,
     closing: CancellationToken,
 ) {
@@ -73,10 +85,12 @@ async fn run(
             s = rx.recv() => s,
             _ = closing.cancelled() => rx.try_recv().ok(),
         };
-        let Some(first) = first else { break };
+        let Some((first, permit)) = first else { break };
         let flush_at = Instant::now() + linger;
         let mut bytes = size(&first);
         let mut pending = vec![first];
+        // Released when the flush is done, making room for more.
+        let mut permits = vec![permit];
         while bytes < FLUSH_BYTES {
             let next = tokio::select! {
                 biased;
@@ -84,11 +98,13 @@ async fn run(
                 _ = closing.cancelled() => rx.try_recv().ok(),
                 _ = tokio::time::sleep_until(flush_at) => None,
             };
-            let Some(s) = next else { break };
+            let Some((s, permit)) = next else { break };
             bytes += size(&s);
             pending.push(s);
+            permits.push(permit);
         }
         flush(&ctx, pending).await;
+        drop(permits);
     }
 }
 

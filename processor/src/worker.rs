@@ -280,12 +280,14 @@ async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>) {
         } else if records.is_empty() {
             finished(ctx, &h.message, &h.devices, deadline).await;
         } else {
-            writer.submit(Submission {
-                message: h.message,
-                devices: h.devices,
-                records,
-                deadline,
-            });
+            writer
+                .submit(Submission {
+                    message: h.message,
+                    devices: h.devices,
+                    records,
+                    deadline,
+                })
+                .await;
         }
     }
 }
