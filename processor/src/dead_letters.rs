@@ -36,6 +36,8 @@ pub struct Submission {
     pub records: Vec<DeadLetter>,
     /// Retries stop here, so that the message is deleted before it reappears.
     pub deadline: Instant,
+    /// When the round had stored the message's valid readings.
+    pub stored_at_ms: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -160,7 +162,7 @@ async fn flush(ctx: &Ctx, pending: Vec<Submission>) {
                     metrics::counter!(m::MESSAGES_RETRIED).increment(1);
                     tracing::warn!(id = %s.message.id, %error, "Cannot write dead letters; leaving the message to reappear.");
                 }
-                None => finished(ctx, &s.message, &s.devices, s.deadline).await,
+                None => finished(ctx, &s.message, &s.devices, s.deadline, s.stored_at_ms).await,
             }
         })
         .await;

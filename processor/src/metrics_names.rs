@@ -12,7 +12,8 @@ pub const MESSAGES_RETRIED: &str = "processor_messages_retried_total";
 pub const TABLE_WRITES: &str = "processor_table_writes_total";
 /// Time to process one get of up to 32 queue messages.
 pub const ROUND_SECONDS: &str = "processor_round_seconds";
-/// From ingest receiving a message to its readings being stored.
+/// From ingest receiving a message to its readings being stored (recorded once the message is
+/// finished, so a message that is redone counts once).
 pub const LATENCY_SECONDS: &str = "processor_ingest_to_store_seconds";
 /// Approximate messages in the ingest queue.
 pub const QUEUE_DEPTH: &str = "processor_queue_depth";

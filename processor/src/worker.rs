@@ -19,6 +19,7 @@ use infra::storage::{BatchOutcome, Entity, Queue, QueueMessage, StorageError, Ta
 use schemas::dead_letter::{DeadLetter, Refusal};
 use schemas::envelope::{self, DeviceMessage};
 use schemas::reading::{self, Policy, Rejection};
+use schemas::timefmt::now_ms;
 use schemas::Reason;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -278,7 +279,7 @@ async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>) {
             metrics::counter!(m::MESSAGES_RETRIED).increment(1);
             tracing::warn!(id = %h.message.id, deliveries = h.message.dequeue_count, %error, "Leaving the message to reappear.");
         } else if records.is_empty() {
-            finished(ctx, &h.message, &h.devices, deadline).await;
+            finished(ctx, &h.message, &h.devices, deadline, now_ms()).await;
         } else {
             writer
                 .submit(Submission {
@@ -286,25 +287,27 @@ async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>) {
                     devices: h.devices,
                     records,
                     deadline,
+                    stored_at_ms: now_ms(),
                 })
                 .await;
         }
     }
 }
 
-/// Deletes a queue message whose every reading is stored or dead-lettered.
+/// Deletes a queue message whose every reading is stored or dead-lettered; `stored_at_ms` is
+/// when the round finished storing its readings (the latency the metric reports).
 pub(crate) async fn finished(
     ctx: &Ctx,
     message: &QueueMessage,
     devices: &[DeviceMessage],
     deadline: Instant,
+    stored_at_ms: i64,
 ) {
     match retry(deadline, || ctx.queue.delete(message)).await {
         Ok(()) => {
             metrics::counter!(m::MESSAGES_DONE).increment(1);
-            let now = schemas::timefmt::now_ms();
             for d in devices {
-                let seconds = (now - d.received_at_ms).max(0) as f64 / 1000.0;
+                let seconds = (stored_at_ms - d.received_at_ms).max(0) as f64 / 1000.0;
                 metrics::histogram!(m::LATENCY_SECONDS).record(seconds);
             }
         }
