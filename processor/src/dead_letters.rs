@@ -1,9 +1,10 @@
 //! The dead-letter writer: records from every round, packed many per queue message.
 //!
 //! A round hands over each finished queue message that has dead letters, with its records,
-//! and moves on (it waits only while the writer holds [`MAX_PENDING`] messages: backpressure). The writer gathers submissions for up to the linger (or until a batch is
-//! large), packs all their records into as few dead-letter messages as fit, puts them, and only
-//! then deletes each submitted queue message whose records were all put. A failed put leaves
+//! and moves on; it waits only while the writer holds [`MAX_PENDING`] messages
+//! (backpressure). The writer gathers submissions for up to the linger (or until a batch is
+//! large), packs all their records into as few dead-letter messages as fit, puts them, and
+//! only then deletes each submitted queue message whose records were all put. A failed put leaves
 //! its queue messages to reappear and be redone; a crash before the put does the same.
 //!
 //! Why gather across rounds: a dead-letter queue of one record per message is expensive to

@@ -1,10 +1,10 @@
 //! `processor`: Azure Storage Queue in, Azure Table Storage out.
 //!
 //! One fetcher ([`worker::run`]) takes up to 32 envelopes per get whenever one of many
-//! concurrent workers is free; the worker's round validates every reading
-//! with `schemas`, upserts the valid ones in same-partition transactions ([`plan`]) and hands
-//! the rest to the dead-letter writer ([`dead_letters`]), which packs records from many rounds
-//! into each dead-letter message. The invariant that makes crashes safe: a queue message is deleted only
+//! concurrent workers is free; the worker's round validates every reading with `schemas`,
+//! upserts the valid ones in same-partition transactions ([`plan`]) and hands the rest to the
+//! dead-letter writer ([`dead_letters`]), which packs records from many rounds into each
+//! dead-letter message. The invariant that makes crashes safe: a queue message is deleted only
 //! after every reading in it is stored or dead-lettered; everything before that is idempotent.
 
 mod config;

@@ -8,9 +8,9 @@
 //! record's JSON per queue message.
 
 use crate::envelope::DeviceMessage;
+use crate::framed::Framed;
 use crate::reading::Override;
 use crate::reason::Reason;
-use crate::{base64_len, QUEUE_MESSAGE_MAX_CHARS};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -20,7 +20,6 @@ pub const DEAD_LETTER_VERSION: u32 = 1;
 pub const MAX_DETAIL_BYTES: usize = 2048;
 
 const HEADER: &[u8] = b"{\"v\":1,\"d\":[";
-const FOOTER: &[u8] = b"]}";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -141,7 +140,7 @@ impl DeadLetter {
     /// most 32 KiB and the other fields are bounded; should a future field break that, the
     /// payload is cut further and flagged rather than the put failing.
     fn wire_json(&self) -> Vec<u8> {
-        const ROOM: usize = QUEUE_MESSAGE_MAX_CHARS / 4 * 3 - HEADER.len() - FOOTER.len();
+        const ROOM: usize = crate::framed::item_room(HEADER);
         // A struct of strings, integers and bools always serialises.
         let json = serde_json::to_vec(self).expect("record serialises");
         if json.len() <= ROOM {
@@ -165,75 +164,24 @@ impl DeadLetter {
     }
 }
 
-/// Packs dead-letter records into queue messages that never exceed the queue's limit.
-#[derive(Debug)]
-pub struct Packer {
-    body: Vec<u8>,
-    count: usize,
-}
-
-impl Default for Packer {
-    fn default() -> Self {
-        let mut body = Vec::with_capacity(QUEUE_MESSAGE_MAX_CHARS / 4 * 3);
-        body.extend_from_slice(HEADER);
-        Self { body, count: 0 }
-    }
-}
-
-impl Packer {
-    pub fn len(&self) -> usize {
-        self.count
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-
-    /// Adds `record` if the message, encoded, still fits; an empty packer takes any record.
-    #[must_use]
-    pub fn push(&mut self, record: &DeadLetter) -> bool {
-        let json = record.wire_json();
-        let separator = usize::from(self.count > 0);
-        if base64_len(self.body.len() + separator + json.len() + FOOTER.len())
-            > QUEUE_MESSAGE_MAX_CHARS
-        {
-            return false;
-        }
-        if separator == 1 {
-            self.body.push(b',');
-        }
-        self.body.extend_from_slice(&json);
-        self.count += 1;
-        true
-    }
-
-    /// The queue message text, leaving the packer empty.
-    pub fn finish(&mut self) -> String {
-        self.body.extend_from_slice(FOOTER);
-        let text = B64.encode(&self.body);
-        self.body.truncate(HEADER.len());
-        self.count = 0;
-        text
-    }
-}
-
 /// Packs `records` into as few queue messages as fit, in order. Each message is returned with
 /// the positions of the records it holds.
 pub fn pack<'a>(records: impl IntoIterator<Item = &'a DeadLetter>) -> Vec<(String, Vec<usize>)> {
     let mut out = Vec::new();
-    let mut packer = Packer::default();
+    let mut message = Framed::new(HEADER);
     let mut held = Vec::new();
     for (i, record) in records.into_iter().enumerate() {
-        if !packer.push(record) {
-            out.push((packer.finish(), std::mem::take(&mut held)));
-            // An empty packer takes any record.
-            let taken = packer.push(record);
+        let json = record.wire_json();
+        if !message.push(&json) {
+            out.push((message.finish(), std::mem::take(&mut held)));
+            // An empty message takes any record: `wire_json` cuts it to fit.
+            let taken = message.push(&json);
             debug_assert!(taken);
         }
         held.push(i);
     }
-    if !packer.is_empty() {
-        out.push((packer.finish(), held));
+    if message.len() > 0 {
+        out.push((message.finish(), held));
     }
     out
 }
@@ -274,6 +222,7 @@ pub enum DecodeError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::QUEUE_MESSAGE_MAX_CHARS;
 
     fn refusal(reason: Reason) -> Refusal {
         Refusal {

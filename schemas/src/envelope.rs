@@ -8,8 +8,9 @@
 //! the published size when ingest truncated an oversize payload; `"rc"` counts replays, and
 //! `"o"` carries an operator's [`Override`] on a replayed message.
 
+use crate::framed::Framed;
 use crate::reading::Override;
-use crate::{base64_len, MAX_PAYLOAD_BYTES, QUEUE_MESSAGE_MAX_CHARS};
+use crate::{base64_len, MAX_PAYLOAD_BYTES};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -20,7 +21,6 @@ pub const ENVELOPE_VERSION: u32 = 1;
 pub const MAX_TOPIC_BYTES: usize = 256;
 
 const HEADER: &[u8] = b"{\"v\":1,\"m\":[";
-const FOOTER: &[u8] = b"]}";
 
 /// One MQTT message as ingest received it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,11 +125,7 @@ fn json_string_len(s: &str) -> usize {
 
 /// Packs device messages into one envelope without ever exceeding the queue's limit.
 #[derive(Debug)]
-pub struct EnvelopeBuilder {
-    body: Vec<u8>,
-    count: usize,
-    max_chars: usize,
-}
+pub struct EnvelopeBuilder(Framed);
 
 /// The message did not fit; it is handed back untouched.
 #[derive(Debug)]
@@ -137,59 +133,36 @@ pub struct Full(pub DeviceMessage);
 
 impl Default for EnvelopeBuilder {
     fn default() -> Self {
-        Self::with_limit(QUEUE_MESSAGE_MAX_CHARS)
+        Self(Framed::new(HEADER))
     }
 }
 
 impl EnvelopeBuilder {
-    /// A builder whose encoded output stays within `max_chars` characters.
-    pub fn with_limit(max_chars: usize) -> Self {
-        let mut body = Vec::with_capacity(max_chars / 4 * 3);
-        body.extend_from_slice(HEADER);
-        Self {
-            body,
-            count: 0,
-            max_chars,
-        }
-    }
-
     pub fn len(&self) -> usize {
-        self.count
+        self.0.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.count == 0
+        self.0.len() == 0
     }
 
     /// The size the finished envelope would have now, as queue text.
     pub fn encoded_len(&self) -> usize {
-        base64_len(self.body.len() + FOOTER.len())
+        self.0.encoded_len()
     }
 
     /// Adds `msg` if the envelope, encoded, still fits; otherwise returns it.
     pub fn push(&mut self, msg: DeviceMessage) -> Result<(), Full> {
-        let entry = encode_entry(&msg);
-        let separator = usize::from(self.count > 0);
-        let total = self.body.len() + separator + entry.len() + FOOTER.len();
-        if base64_len(total) > self.max_chars {
-            return Err(Full(msg));
+        if self.0.push(&encode_entry(&msg)) {
+            Ok(())
+        } else {
+            Err(Full(msg))
         }
-        if separator == 1 {
-            self.body.push(b',');
-        }
-        self.body.extend_from_slice(&entry);
-        self.count += 1;
-        Ok(())
     }
 
     /// The queue message text, and a fresh empty builder in place of this one.
     pub fn finish(&mut self) -> String {
-        self.body.extend_from_slice(FOOTER);
-        let text = B64.encode(&self.body);
-        self.body.clear();
-        self.body.extend_from_slice(HEADER);
-        self.count = 0;
-        text
+        self.0.finish()
     }
 }
 
@@ -244,6 +217,7 @@ pub fn decode(text: &str) -> Result<Vec<DeviceMessage>, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::QUEUE_MESSAGE_MAX_CHARS;
 
     fn msg(topic: &str, payload: &[u8]) -> DeviceMessage {
         DeviceMessage::from_mqtt(topic, payload, 1_700_000_000_000)

@@ -20,6 +20,7 @@ pub mod dead_letter;
 pub mod device;
 pub mod entity;
 pub mod envelope;
+mod framed;
 pub mod reading;
 pub mod reason;
 pub mod timefmt;
