@@ -17,8 +17,8 @@ mod progress;
 pub use config::{Command, Config, FormatArg, RunArgs};
 pub use layout::Layout;
 
-use infra::retry::until_ok;
 use infra::serve::Health;
+use infra::storage::{create_missing, Resource};
 use layout::{floor_day, DAY_MS};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -73,10 +73,8 @@ async fn run_passes(args: RunArgs, shutdown: CancellationToken) -> anyhow::Resul
         "Archiver starting."
     );
     if !args.dry_run {
-        let created = until_ok("create the archive container", &shutdown, || {
-            ctx.target.container.create_if_missing()
-        });
-        if created.await.is_none() {
+        let container = [Resource::Container(&ctx.target.container)];
+        if !create_missing(&container, args.storage.create_missing, &shutdown).await {
             return Ok(true);
         }
     }

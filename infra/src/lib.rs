@@ -6,9 +6,12 @@
 //! - [`serve`]: tracing setup, the Prometheus recorder, and the `/metrics` + `/healthz` +
 //!   `/readyz` endpoint.
 //! - [`shutdown`]: SIGINT/SIGTERM into a `CancellationToken`.
-//! - [`cli`]: flags that several services share (storage account, broker, observability).
+//! - [`mqtt`]: the broker connection every MQTT client shares: `mqtts://`, CA and client
+//!   certificates, credentials, and one-line reasons for failed connections.
+//! - [`cli`]: flags that several services share (storage account, observability).
 
 pub mod cli;
+pub mod mqtt;
 pub mod progress;
 pub mod retry;
 pub mod serve;

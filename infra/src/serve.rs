@@ -6,6 +6,7 @@
 //! justify an HTTP server framework in every binary.
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -55,36 +56,55 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-/// Readiness, set by the service as it connects and loses connections.
+/// Readiness, set by the service as it connects and loses connections. Besides the main
+/// reason (`set_ready` / `set_not_ready`), parts of a service can hold reasons of their own
+/// under a key (`fail` / `recover`): the service is ready only when none is held, so one part
+/// recovering does not hide another's trouble.
 #[derive(Debug, Clone)]
 pub struct Health {
-    not_ready: Arc<Mutex<Option<String>>>,
+    reasons: Arc<Mutex<BTreeMap<&'static str, String>>>,
 }
+
+/// The key of the main reason.
+const MAIN: &str = "";
 
 impl Health {
     /// Starts not ready, for `reason`.
     pub fn new(reason: &str) -> Self {
-        Self {
-            not_ready: Arc::new(Mutex::new(Some(reason.to_owned()))),
-        }
+        let health = Self {
+            reasons: Arc::default(),
+        };
+        health.set_not_ready(reason);
+        health
     }
 
     pub fn set_ready(&self) {
-        *self.lock() = None;
+        self.recover(MAIN);
     }
 
     pub fn set_not_ready(&self, reason: impl Into<String>) {
-        *self.lock() = Some(reason.into());
+        self.fail(MAIN, reason);
+    }
+
+    /// Not ready while `key` holds `reason`.
+    pub fn fail(&self, key: &'static str, reason: impl Into<String>) {
+        self.lock().insert(key, reason.into());
+    }
+
+    /// Drops the reason held under `key`.
+    pub fn recover(&self, key: &'static str) {
+        self.lock().remove(key);
     }
 
     /// `None` when ready, else why not.
     pub fn not_ready_reason(&self) -> Option<String> {
-        self.lock().clone()
+        let reasons = self.lock();
+        (!reasons.is_empty()).then(|| reasons.values().cloned().collect::<Vec<_>>().join("; "))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {
-        // A panic while holding this lock cannot leave the Option half-written.
-        self.not_ready.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, String>> {
+        // A panic while holding this lock cannot leave the map half-written.
+        self.reasons.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

@@ -8,11 +8,13 @@
 mod account;
 mod blob;
 mod http;
+mod prepare;
 mod queue;
 mod table;
 
 pub use account::{Account, AccountError, DEVELOPMENT_STORAGE};
 pub use blob::{BlobContent, BlobInfo, Container, PutOptions, PutOutcome, Write};
+pub use prepare::{create_missing, Resource};
 pub use queue::{Queue, QueueMessage, NEVER_EXPIRE};
 pub use table::{BatchOutcome, Entity, RowRef, Table, MAX_BATCH_BYTES, MAX_BATCH_OPERATIONS};
 
@@ -66,13 +68,33 @@ impl StorageError {
         }
     }
 
+    /// Whether the service refused the request for what it carries (400, 413): another
+    /// request, with other content, can succeed, so the one entity or message is at fault.
+    /// Refused authorisation (401, 403), a missing resource (404) or a resource in the wrong
+    /// state (409) are about the account or the resource: the operator's to fix, never the
+    /// data's fault.
+    pub fn is_content_error(&self) -> bool {
+        match &self.kind {
+            ErrorKind::Status { status, code, .. } => {
+                matches!(status, 400 | 413) && !code.starts_with("Authentication")
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether only the operator can fix this: refused credentials or permissions, or a
+    /// missing resource. Retrying soon will not help; data is never blamed for it.
+    pub fn needs_operator(&self) -> bool {
+        !self.is_retriable() && !self.is_content_error()
+    }
+
     fn from_sdk(op: &'static str, e: &azure_core::Error) -> Self {
         let kind = match e.kind() {
             azure_core::error::ErrorKind::HttpResponse { status, error_code } => {
                 ErrorKind::Status {
                     status: u16::from(*status),
                     code: error_code.clone().unwrap_or_default(),
-                    message: e.to_string(),
+                    message: redact(&e.to_string()),
                 }
             }
             azure_core::error::ErrorKind::Io => ErrorKind::Transport(full_chain(e)),
@@ -91,7 +113,32 @@ fn full_chain(e: &dyn std::error::Error) -> String {
         s.push_str(&inner.to_string());
         source = inner.source();
     }
-    s
+    redact(&s)
+}
+
+/// Error text with every URL's query string cut: a SAS signature travels in one. The
+/// transport already drops URLs from its errors; this covers what the SDK writes itself.
+fn redact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (before, url) = rest.split_at(at);
+        out.push_str(before);
+        let end = url
+            .find(|c: char| c.is_whitespace() || matches!(c, ')' | '"' | '\'' | '>' | ','))
+            .unwrap_or(url.len());
+        let (url, after) = url.split_at(end);
+        match url.split_once('?') {
+            Some((path, _)) => {
+                out.push_str(path);
+                out.push_str("?<query redacted>");
+            }
+            None => out.push_str(url),
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Runs one SDK call under the timeout, counting and timing it and classifying its failure.
@@ -126,5 +173,46 @@ async fn create_if_missing(
     match call(op, timeout, fut).await {
         Err(e) if e.status() != Some(409) => Err(e),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_are_cut_from_error_text() {
+        let text = "error sending request for url (https://acct.queue.core.windows.net/q/messages?sv=2022&sig=SECRET%2B): connection refused; see http://x/y";
+        let clean = redact(text);
+        assert!(!clean.contains("SECRET"), "{clean}");
+        assert!(
+            clean.contains("https://acct.queue.core.windows.net/q/messages?<query redacted>)"),
+            "{clean}"
+        );
+        assert!(clean.ends_with("see http://x/y"), "{clean}");
+    }
+
+    #[test]
+    fn errors_are_classified_by_whom_to_blame() {
+        let status = |status: u16, code: &str| StorageError {
+            op: "table_upsert",
+            kind: ErrorKind::Status {
+                status,
+                code: code.into(),
+                message: String::new(),
+            },
+        };
+        let content = status(400, "PropertyValueTooLarge");
+        assert!(content.is_content_error() && !content.needs_operator());
+        for (s, code) in [
+            (403, "AuthorizationPermissionMismatch"),
+            (403, "AuthenticationFailed"),
+            (404, "TableNotFound"),
+            (409, "TableBeingDeleted"),
+        ] {
+            let e = status(s, code);
+            assert!(!e.is_content_error() && e.needs_operator(), "{s} {code}");
+        }
+        assert!(!status(503, "ServerBusy").needs_operator());
     }
 }

@@ -1,4 +1,5 @@
-use infra::cli::{LogArgs, MqttUrl, StorageArgs};
+use infra::cli::{LogArgs, StorageArgs};
+use infra::mqtt::MqttArgs;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -7,9 +8,9 @@ use std::time::Duration;
 #[derive(Debug, Clone, clap::Parser)]
 #[command(version, about, long_about = None)]
 pub struct Config {
-    /// MQTT broker (MQTT v5).
-    #[arg(long, env = "MQTT_URL", default_value = "mqtt://127.0.0.1:1883")]
-    pub mqtt_url: MqttUrl,
+    /// The broker (MQTT v5) and how to authenticate to it.
+    #[command(flatten)]
+    pub mqtt: MqttArgs,
 
     /// MQTT client id. It names the persistent session that holds unacknowledged messages
     /// across restarts, so it must be stable per replica and unique across replicas

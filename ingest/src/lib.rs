@@ -21,8 +21,8 @@ mod packer;
 
 pub use config::Config;
 
-use infra::retry::until_ok;
 use infra::serve::Health;
+use infra::storage::{create_missing, Resource};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -32,9 +32,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let metrics_addr =
         infra::serve::serve_http(config.metrics_addr, health.clone(), shutdown.clone()).await?;
     let account = config.storage.account()?;
+    let broker = config.mqtt.connection()?;
     let queue = account.queue(&config.queue_name);
+    if broker.sends_password_in_clear() {
+        tracing::warn!(broker = %broker.url, "The MQTT password is sent unencrypted; use an mqtts:// URL beyond a trusted network.");
+    }
     tracing::info!(
-        broker = %config.mqtt_url,
+        broker = %broker.url,
+        user = broker.username().unwrap_or("(anonymous)"),
         client_id = %config.client_id,
         queue = %config.queue_name,
         queue_endpoint = account.queue_endpoint(),
@@ -42,15 +47,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         %metrics_addr,
         "Ingest starting."
     );
-    let created = until_ok("create the ingest queue", &shutdown, || {
-        queue.create_if_missing()
-    });
-    if created.await.is_none() {
+    let create = config.storage.create_missing;
+    if !create_missing(&[Resource::Queue(&queue)], create, &shutdown).await {
         return Ok(());
     }
 
-    let (mqtt, publishes, acks) = mqtt::connect(&config, health.clone());
-    let packer = packer::Packer::new(queue, acks, config.linger, config.puts_in_flight, health);
+    let (mqtt, publishes, acks) = mqtt::connect(&config, &broker, health.clone());
+    let packer = packer::Packer::new(
+        queue,
+        acks,
+        config.linger,
+        config.puts_in_flight,
+        create,
+        health,
+    );
     let outcome = packer.run(publishes, shutdown.clone()).await;
 
     // Let the poller send the last PUBACKs, then leave the broker cleanly. The session persists,

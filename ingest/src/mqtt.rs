@@ -2,10 +2,11 @@
 
 use crate::config::Config;
 use crate::metrics_names as m;
+use infra::mqtt::{Connection, Reconnect};
 use infra::serve::Health;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event};
 use rumqttc::Outgoing;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -44,12 +45,12 @@ pub struct Mqtt {
 
 /// Starts the connection. Deliveries arrive on the returned receiver; whatever is sent on the
 /// returned [`Acks`] is acknowledged to the broker.
-pub fn connect(config: &Config, health: Health) -> (Mqtt, mpsc::UnboundedReceiver<Delivery>, Acks) {
-    let mut options = MqttOptions::new(
-        config.client_id.clone(),
-        config.mqtt_url.host.clone(),
-        config.mqtt_url.port,
-    );
+pub fn connect(
+    config: &Config,
+    broker: &Connection,
+    health: Health,
+) -> (Mqtt, mpsc::UnboundedReceiver<Delivery>, Acks) {
+    let mut options = broker.options(config.client_id.clone());
     let session_expiry = u32::try_from(config.session_expiry.as_secs()).unwrap_or(u32::MAX);
     options
         .set_keep_alive(Duration::from_secs(30))
@@ -72,15 +73,15 @@ pub fn connect(config: &Config, health: Health) -> (Mqtt, mpsc::UnboundedReceive
     let stop = CancellationToken::new();
 
     let poller = {
-        let (connection, connected, stop, health) = (
+        let (connection, connected, stop, health, url) = (
             connection.clone(),
             connected.clone(),
             stop.clone(),
             health.clone(),
+            broker.url.clone(),
         );
         tokio::spawn(async move {
-            let mut backoff =
-                infra::retry::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+            let mut reconnect = Reconnect::default();
             loop {
                 let event = tokio::select! {
                     _ = stop.cancelled() => break,
@@ -104,7 +105,7 @@ pub fn connect(config: &Config, health: Health) -> (Mqtt, mpsc::UnboundedReceive
                         }
                     }
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                        backoff.reset();
+                        reconnect.reset();
                         connection.fetch_add(1, Ordering::SeqCst);
                         tracing::info!(
                             session_present = ack.session_present,
@@ -135,9 +136,10 @@ pub fn connect(config: &Config, health: Health) -> (Mqtt, mpsc::UnboundedReceive
                     Ok(_) => {}
                     Err(error) => {
                         metrics::counter!(m::CONNECTION_ERRORS).increment(1);
-                        health.set_not_ready(format!("broker connection: {error}"));
-                        let delay = backoff.next_delay();
-                        tracing::warn!(%error, retry_in = ?delay, "Broker connection failed.");
+                        let (failure, why) = infra::mqtt::describe(&url, &error);
+                        health.set_not_ready(format!("broker: {why}"));
+                        let delay = reconnect.delay(failure);
+                        tracing::warn!(error = %why, retry_in = ?delay, "Broker connection failed.");
                         tokio::select! {
                             _ = stop.cancelled() => break,
                             _ = tokio::time::sleep(delay) => {}

@@ -30,6 +30,8 @@ pub struct Packer {
     queue: Queue,
     acks: Acks,
     linger: Duration,
+    /// Whether a missing queue may be created (`STORAGE_CREATE_MISSING`).
+    create_missing: bool,
     health: Health,
     envelope: EnvelopeBuilder,
     /// Deliveries inside `envelope`, to acknowledge once it is written.
@@ -52,12 +54,14 @@ impl Packer {
         acks: Acks,
         linger: Duration,
         puts_in_flight: usize,
+        create_missing: bool,
         health: Health,
     ) -> Self {
         Self {
             queue,
             acks,
             linger,
+            create_missing,
             health,
             envelope: EnvelopeBuilder::default(),
             held: Vec::new(),
@@ -178,13 +182,14 @@ impl Packer {
         }
         let text = self.envelope.finish();
         let held = std::mem::take(&mut self.held);
-        let (queue, health, abandon) = (
+        let (queue, health, abandon, create) = (
             self.queue.clone(),
             self.health.clone(),
             self.abandon.clone(),
+            self.create_missing,
         );
         self.writing.push_back(Box::pin(async move {
-            if write(&queue, &health, text, held.len(), &abandon).await {
+            if write(&queue, &health, create, text, held.len(), &abandon).await {
                 Ok(held)
             } else {
                 Err(held)
@@ -211,10 +216,13 @@ impl Packer {
     }
 }
 
-/// Writes one envelope, retrying until the queue takes it (true) or `cancel` (false).
+/// Writes one envelope, retrying until the queue takes it (true) or `cancel` (false). Every
+/// failure is retried, a refused credential (403) or a missing queue (404) included: those
+/// are the operator's to fix, and until then the broker keeps the messages unacknowledged.
 async fn write(
     queue: &Queue,
     health: &Health,
+    create_missing: bool,
     text: String,
     messages: usize,
     cancel: &CancellationToken,
@@ -227,7 +235,7 @@ async fn write(
             Err(error) => {
                 metrics::counter!(m::PUT_FAILURES).increment(1);
                 health.set_not_ready(format!("queue {} unavailable: {error}", queue.name()));
-                if error.status() == Some(404) {
+                if error.status() == Some(404) && create_missing {
                     let _ = queue.create_if_missing().await;
                 }
                 let delay = backoff.next_delay();

@@ -1,4 +1,5 @@
-use infra::cli::{LogArgs, MqttUrl, StorageArgs};
+use infra::cli::{LogArgs, StorageArgs};
+use infra::mqtt::MqttArgs;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -57,9 +58,9 @@ pub struct Config {
     )]
     pub processor_metrics: SocketAddr,
 
-    /// MQTT broker.
-    #[arg(long, env = "MQTT_URL", default_value = "mqtt://127.0.0.1:1883")]
-    pub mqtt_url: MqttUrl,
+    /// The broker; the simulator it drives and its probe connect with these settings.
+    #[command(flatten)]
+    pub mqtt: MqttArgs,
 
     #[command(flatten)]
     pub storage: StorageArgs,

@@ -149,7 +149,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         stop.clone(),
     ));
     let prober = tokio::spawn(measure::probe(
-        config.mqtt_url.clone(),
+        config.mqtt.connection()?,
         table.clone(),
         format!("{run_id}probe"),
         start,
@@ -268,7 +268,7 @@ async fn simulate(
     );
     let child = std::process::Command::new(&exe)
         .args(["--metrics-addr", "127.0.0.1:0", "--log-format", "json"])
-        .args(["--mqtt-url", &config.mqtt_url.to_string()])
+        .envs(config.mqtt.child_env())
         .args([
             "--duration",
             &humantime::format_duration(step.duration).to_string(),

@@ -1,10 +1,10 @@
 //! What the load tester watches while load runs: the processor's progress, publish-to-row
 //! latency of probe readings, and the services' CPU, memory and storage requests.
 
-use infra::cli::MqttUrl;
+use infra::mqtt::Connection;
 use infra::storage::{Queue, Table};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, MqttOptions};
+use rumqttc::v5::AsyncClient;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -53,7 +53,7 @@ const PROBE_EVERY: Duration = Duration::from_millis(250);
 /// It returns once every probe is seen, or at `stop` (after the drain), when a last query
 /// settles which probes never arrived: only those count as lost.
 pub async fn probe(
-    mqtt: MqttUrl,
+    mqtt: Connection,
     table: Table,
     device: String,
     start: Instant,
@@ -61,11 +61,7 @@ pub async fn probe(
     load_done: CancellationToken,
     stop: CancellationToken,
 ) {
-    let mut options = MqttOptions::new(
-        format!("{device}-{}", std::process::id()),
-        mqtt.host,
-        mqtt.port,
-    );
+    let mut options = mqtt.options(format!("{device}-{}", std::process::id()));
     options.set_keep_alive(Duration::from_secs(30));
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     let poller = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });

@@ -69,7 +69,9 @@ pub struct Config {
     #[arg(long, env = "PROCESSOR_VISIBILITY_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub visibility_timeout: Duration,
 
-    /// Deliveries after which a queue message that still fails is dead-lettered as `poison`.
+    /// Deliveries after which a queue message that still fails for a transient reason is
+    /// dead-lettered as `poison` (it is always validated and written first; a refusal only
+    /// the operator can fix, such as a 403, never poisons a message).
     #[arg(long, env = "PROCESSOR_MAX_DELIVERIES", default_value_t = 5)]
     pub max_deliveries: u64,
 

@@ -18,6 +18,7 @@ pub use config::Config;
 
 use infra::retry::until_ok;
 use infra::serve::Health;
+use infra::storage::{create_missing, Resource};
 use schemas::reading::Policy;
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +45,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         write_concurrency: config.write_concurrency,
         writes: tokio::sync::Semaphore::new(config.write_concurrency.max(1)),
         health: health.clone(),
+        stalled: std::sync::Mutex::default(),
     });
     tracing::info!(
         queue = %config.queue_name,
@@ -56,14 +58,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         %metrics_addr,
         "Processor starting."
     );
-    let created = until_ok("create the queues and tables", &shutdown, || async {
-        ctx.queue.create_if_missing().await?;
-        ctx.dead_letters.create_if_missing().await?;
-        ctx.table.create_if_missing().await?;
-        ctx.devices.table.create_if_missing().await?;
-        ctx.devices.load().await
+    let resources = [
+        Resource::Queue(&ctx.queue),
+        Resource::Queue(&ctx.dead_letters),
+        Resource::Table(&ctx.table),
+        Resource::Table(&ctx.devices.table),
+    ];
+    if !create_missing(&resources, config.storage.create_missing, &shutdown).await {
+        return Ok(());
+    }
+    let loaded = until_ok("load the device table", &shutdown, || async {
+        ctx.devices.load().await.inspect_err(|error| {
+            health.set_not_ready(format!(
+                "cannot load device table {}: {error}",
+                config.device_table
+            ));
+        })
     });
-    let Some(known) = created.await else {
+    let Some(known) = loaded.await else {
         return Ok(());
     };
     tracing::info!(devices = known, "Device table loaded.");

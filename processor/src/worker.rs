@@ -6,7 +6,10 @@
 //! refused readings goes to the dead-letter writer ([`crate::dead_letters`]), which deletes it
 //! once their records are written. A message with any failure is
 //! left alone; it reappears after the visibility timeout and is redone (upserts make that
-//! harmless). On its last allowed delivery, a failing message is dead-lettered as `poison`.
+//! harmless). On its last allowed delivery, a message still failing for a transient reason
+//! is dead-lettered as `poison`; one failing because storage refuses the processor (403, a
+//! missing table: [`StorageError::needs_operator`]) is never, and no reading is blamed for
+//! it: readiness names the error and the fetcher slows down until the operator fixes it.
 
 use crate::dead_letters::{Submission, Writer};
 use crate::devices::{self, Registry};
@@ -22,7 +25,7 @@ use schemas::reading::{self, Policy, Rejection};
 use schemas::timefmt::now_ms;
 use schemas::Reason;
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -47,6 +50,49 @@ pub struct Ctx {
     /// until they time out and are redone.
     pub writes: tokio::sync::Semaphore,
     pub health: Health,
+    /// Set while storage refuses this processor for a reason only the operator can fix (a
+    /// credential without a right, a missing table): the fetcher then spaces its gets by this
+    /// growing pause instead of cycling the queue through rounds that cannot succeed.
+    pub stalled: std::sync::Mutex<Option<Backoff>>,
+}
+
+/// The readiness key of storage trouble met by rounds.
+const STORAGE_TROUBLE: &str = "storage";
+
+impl Ctx {
+    /// A round met an error only the operator can fix: readiness says which, and the fetcher
+    /// slows down. Nothing is dead-lettered or deleted for it.
+    fn needs_operator(&self, error: &str) {
+        self.health.fail(
+            STORAGE_TROUBLE,
+            format!(
+                "storage refuses the processor: {error}; messages stay queued until it is fixed"
+            ),
+        );
+        let mut stalled = self.stalled.lock().unwrap_or_else(PoisonError::into_inner);
+        if stalled.is_none() {
+            tracing::error!(%error, "Storage refuses the processor; holding every message until the credential or resource is fixed.");
+            *stalled = Some(Backoff::new(
+                Duration::from_secs(2),
+                Duration::from_secs(30),
+            ));
+        }
+    }
+
+    /// A round finished every message: storage serves this processor again.
+    fn storage_works(&self) {
+        let mut stalled = self.stalled.lock().unwrap_or_else(PoisonError::into_inner);
+        if stalled.take().is_some() {
+            tracing::info!("Storage serves the processor again.");
+        }
+        self.health.recover(STORAGE_TROUBLE);
+    }
+
+    /// The pause before the next get while stalled.
+    fn stall_delay(&self) -> Option<Duration> {
+        let mut stalled = self.stalled.lock().unwrap_or_else(PoisonError::into_inner);
+        stalled.as_mut().map(Backoff::next_delay)
+    }
 }
 
 /// How the fetcher takes messages.
@@ -80,6 +126,12 @@ pub async fn run(ctx: Arc<Ctx>, writer: Writer, fetch: Fetch, shutdown: Cancella
             _ = shutdown.cancelled() => break,
             permit = free.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
         };
+        if let Some(pause) = ctx.stall_delay() {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
         let delay = match take(&ctx, fetch.round_bytes).await {
             Ok((messages, _)) if messages.is_empty() => {
                 failing.reset();
@@ -151,7 +203,25 @@ struct Held {
     message: QueueMessage,
     devices: Vec<DeviceMessage>,
     /// The last error that keeps this message from being finished.
-    failure: Option<String>,
+    failure: Option<Failure>,
+}
+
+/// Why a message cannot be finished this round.
+#[derive(Debug, Clone)]
+struct Failure {
+    error: String,
+    /// Only the operator can fix it (403, a missing table): the message is never given up
+    /// as poison for it.
+    needs_operator: bool,
+}
+
+impl Failure {
+    fn of(error: &StorageError) -> Self {
+        Self {
+            error: error.to_string(),
+            needs_operator: error.needs_operator(),
+        }
+    }
 }
 
 /// A dead letter to write, and the queue message it belongs to.
@@ -171,9 +241,7 @@ async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>) {
     let mut latest = devices::Latest::new();
 
     for (owner, message) in messages.into_iter().enumerate() {
-        let decoded = envelope::decode(&message.text);
-        let readable = decoded.is_ok();
-        let devices = match decoded {
+        let devices = match envelope::decode(&message.text) {
             Ok(devices) => devices,
             Err(error) => {
                 tracing::warn!(%error, id = %message.id, "Unreadable queue message; dead-lettering it.");
@@ -187,57 +255,64 @@ async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>) {
                 Vec::new()
             }
         };
-        let mut failure = None;
-        if readable && message.dequeue_count > ctx.max_deliveries {
-            // An earlier delivery ended without finishing: a crash or a timeout mid-round.
-            failure = Some(format!(
-                "delivered {} times; earlier attempts did not finish",
-                message.dequeue_count
-            ));
-        } else {
-            for (index, device) in devices.iter().enumerate() {
-                let outcome = reading::validate(
-                    &ctx.topic_prefix,
-                    &device.topic,
-                    &device.payload,
-                    device.original_len,
-                    now,
-                    &ctx.policy,
-                    &device.overrides,
-                );
-                for r in &outcome.readings {
-                    devices::keep_newest(&mut latest, r, device.received_at_ms);
-                    rows.push((
-                        (owner, index),
-                        schemas::entity::to_entity(r, device.received_at_ms),
-                    ));
-                }
-                if !outcome.rejections.is_empty() {
-                    let record =
-                        refuse(ctx, device, &outcome.rejections, message.dequeue_count, now);
-                    dead.push(Pending { owner, record });
-                }
+        // A message past its delivery limit is still validated and written: earlier attempts
+        // may have failed for reasons that are gone (storage refused the processor, or
+        // was down), and its valid readings must not be dead-lettered unseen.
+        for (index, device) in devices.iter().enumerate() {
+            let outcome = reading::validate(
+                &ctx.topic_prefix,
+                &device.topic,
+                &device.payload,
+                device.original_len,
+                now,
+                &ctx.policy,
+                &device.overrides,
+            );
+            for r in &outcome.readings {
+                devices::keep_newest(&mut latest, r, device.received_at_ms);
+                rows.push((
+                    (owner, index),
+                    schemas::entity::to_entity(r, device.received_at_ms),
+                ));
+            }
+            if !outcome.rejections.is_empty() {
+                let record = refuse(ctx, device, &outcome.rejections, message.dequeue_count, now);
+                dead.push(Pending { owner, record });
             }
         }
         held.push(Held {
             message,
             devices,
-            failure,
+            failure: None,
         });
     }
 
     write_rows(ctx, rows, &mut held, &mut dead, deadline, now).await;
-    if let Err(error) = register_devices(ctx, latest, deadline).await {
-        tracing::warn!(%error, "Cannot register new devices; the round will be redone.");
+    if let Err(failure) = register_devices(ctx, latest, deadline).await {
+        tracing::warn!(error = %failure.error, "Cannot register new devices; the round will be redone.");
         for h in &mut held {
-            h.failure.get_or_insert_with(|| error.clone());
+            h.failure.get_or_insert_with(|| failure.clone());
         }
     }
+    match held
+        .iter()
+        .filter_map(|h| h.failure.as_ref())
+        .find(|f| f.needs_operator)
+    {
+        Some(failure) => ctx.needs_operator(&failure.error),
+        None if held.iter().all(|h| h.failure.is_none()) => ctx.storage_works(),
+        None => {}
+    }
 
-    // Last allowed delivery and still failing: dead-letter it whole, so the queue moves on.
+    // Last allowed delivery and still failing for a transient reason: dead-letter it whole,
+    // so the queue moves on. A failure only the operator can fix never poisons a message.
     let mut poisoned = 0;
     for (owner, h) in held.iter_mut().enumerate() {
-        let Some(error) = h.failure.clone() else {
+        let Some(Failure {
+            error,
+            needs_operator: false,
+        }) = h.failure.clone()
+        else {
             continue;
         };
         if h.message.dequeue_count < ctx.max_deliveries {
@@ -275,9 +350,9 @@ async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>) {
         records[p.owner].push(p.record);
     }
     for (h, records) in held.into_iter().zip(records) {
-        if let Some(error) = &h.failure {
+        if let Some(failure) = &h.failure {
             metrics::counter!(m::MESSAGES_RETRIED).increment(1);
-            tracing::warn!(id = %h.message.id, deliveries = h.message.dequeue_count, %error, "Leaving the message to reappear.");
+            tracing::warn!(id = %h.message.id, deliveries = h.message.dequeue_count, error = %failure.error, "Leaving the message to reappear.");
         } else if records.is_empty() {
             finished(ctx, &h.message, &h.devices, deadline, now_ms()).await;
         } else {
@@ -316,6 +391,9 @@ pub(crate) async fn finished(
             tracing::debug!(%error, "Message already gone or retaken.");
         }
         Err(error) => {
+            if error.needs_operator() {
+                ctx.needs_operator(&error.to_string());
+            }
             tracing::warn!(%error, "Cannot delete a finished message; it will be redone.");
         }
     }
@@ -327,14 +405,20 @@ async fn register_devices(
     ctx: &Ctx,
     latest: devices::Latest,
     deadline: Instant,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     for rows in ctx.devices.note(latest) {
         match retry(deadline, || ctx.devices.table.merge_batch(&rows)).await {
             Ok(BatchOutcome::Committed) => ctx.devices.registered(&rows),
             Ok(BatchOutcome::Rejected { status }) => {
-                return Err(format!("device rows refused with HTTP {status}"))
+                return Err(Failure {
+                    error: format!(
+                        "device rows refused by table {} with HTTP {status}",
+                        ctx.devices.table.name()
+                    ),
+                    needs_operator: !matches!(status, 400 | 413),
+                })
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(Failure::of(&e)),
         }
     }
     Ok(())
@@ -388,7 +472,7 @@ fn topic_device(ctx: &Ctx, device: &DeviceMessage) -> Option<String> {
 enum Written {
     Stored(usize),
     /// Try the whole queue message again later.
-    Retry(String),
+    Retry(Failure),
     /// These entities were refused outright (after the others were stored one by one).
     Refused(usize, Vec<(usize, String)>),
 }
@@ -419,9 +503,9 @@ async fn write_rows(
     for (batch, written) in results {
         match written {
             Written::Stored(_) => {}
-            Written::Retry(error) => {
+            Written::Retry(failure) => {
                 for (owner, _) in batch.all_origins() {
-                    held[owner].failure = Some(error.clone());
+                    held[owner].failure = Some(failure.clone());
                 }
             }
             Written::Refused(_, refused) => {
@@ -459,16 +543,29 @@ async fn write_batch(ctx: &Ctx, batch: &Batch<(usize, usize)>, deadline: Instant
         metrics::counter!(m::TABLE_WRITES, "kind" => "single").increment(1);
         return match retry(deadline, || ctx.table.upsert(entity)).await {
             Ok(()) => Written::Stored(1),
-            Err(e) if e.is_retriable() => Written::Retry(e.to_string()),
-            Err(e) => Written::Refused(0, vec![(0, e.to_string())]),
+            Err(e) if e.is_content_error() => Written::Refused(0, vec![(0, e.to_string())]),
+            Err(e) => Written::Retry(Failure::of(&e)),
         };
     }
     metrics::counter!(m::TABLE_WRITES, "kind" => "batch").increment(1);
+    // Only a refusal for what the batch carries (400, 413) can be one entity's fault; any
+    // other leaves the whole round to be redone, and blames no reading.
     let why = match retry(deadline, || ctx.table.upsert_batch(&batch.entities)).await {
         Ok(BatchOutcome::Committed) => return Written::Stored(batch.entities.len()),
-        Ok(BatchOutcome::Rejected { status }) => format!("transaction refused with HTTP {status}"),
-        Err(e) if e.is_retriable() => return Written::Retry(e.to_string()),
-        Err(e) => e.to_string(),
+        Ok(BatchOutcome::Rejected {
+            status: status @ (400 | 413),
+        }) => format!("transaction refused with HTTP {status}"),
+        Ok(BatchOutcome::Rejected { status }) => {
+            return Written::Retry(Failure {
+                error: format!(
+                    "transaction refused by table {} with HTTP {status}",
+                    ctx.table.name()
+                ),
+                needs_operator: true,
+            })
+        }
+        Err(e) if e.is_content_error() => e.to_string(),
+        Err(e) => return Written::Retry(Failure::of(&e)),
     };
     // A refused transaction wrote nothing; find the culprit by writing one at a time.
     tracing::warn!(reason = %why, entities = batch.entities.len(), "Transaction refused; writing its entities one by one.");
@@ -478,8 +575,8 @@ async fn write_batch(ctx: &Ctx, batch: &Batch<(usize, usize)>, deadline: Instant
         metrics::counter!(m::TABLE_WRITES, "kind" => "single").increment(1);
         match retry(deadline, || ctx.table.upsert(entity)).await {
             Ok(()) => stored += 1,
-            Err(e) if e.is_retriable() => return Written::Retry(e.to_string()),
-            Err(e) => refused.push((k, e.to_string())),
+            Err(e) if e.is_content_error() => refused.push((k, e.to_string())),
+            Err(e) => return Written::Retry(Failure::of(&e)),
         }
     }
     Written::Refused(stored, refused)

@@ -1,6 +1,8 @@
 use crate::faults::Faults;
-use infra::cli::{LogArgs, MqttUrl};
+use infra::cli::LogArgs;
+use infra::mqtt::{MqttArgs, Secret};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Publishes realistic readings for many sensors, with optional fault injection: the
@@ -9,9 +11,25 @@ use std::time::Duration;
 #[derive(Debug, Clone, clap::Parser)]
 #[command(version, about, long_about = None)]
 pub struct Config {
-    /// MQTT broker.
-    #[arg(long, env = "MQTT_URL", default_value = "mqtt://127.0.0.1:1883")]
-    pub mqtt_url: MqttUrl,
+    /// The broker, and the identity multiplexed connections use (a gateway identity).
+    #[command(flatten)]
+    pub mqtt: MqttArgs,
+
+    /// Gives every device its own MQTT identity, as real sensors have: one connection per
+    /// device, user name = device id, password = HMAC-SHA256 of the device id under this
+    /// secret (`--print-credentials` writes the broker's password file from it). Never
+    /// printed; prefer `SIMULATOR_DEVICE_SECRET_FILE`.
+    #[arg(long, env = "SIMULATOR_DEVICE_SECRET", hide_env_values = true)]
+    pub device_secret: Option<Secret>,
+
+    /// File holding the device secret; wins over `SIMULATOR_DEVICE_SECRET`.
+    #[arg(long, env = "SIMULATOR_DEVICE_SECRET_FILE")]
+    pub device_secret_file: Option<PathBuf>,
+
+    /// Print `deviceId:password` for every device under the device secret, one per line, and
+    /// exit: the broker's password file in plain text, to hash with `mosquitto_passwd -U`.
+    #[arg(long, env = "SIMULATOR_PRINT_CREDENTIALS")]
+    pub print_credentials: bool,
 
     /// Number of simulated devices.
     #[arg(long, env = "SIMULATOR_DEVICES", default_value_t = 10_000)]
@@ -80,6 +98,23 @@ pub struct Config {
 }
 
 impl Config {
+    /// The device secret, from its file or its flag; `None` when devices share the gateway
+    /// identity.
+    pub fn device_secret(&self) -> anyhow::Result<Option<Secret>> {
+        match &self.device_secret_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot read SIMULATOR_DEVICE_SECRET_FILE ({}): {e}",
+                        path.display()
+                    )
+                })?;
+                Ok(Some(Secret::new(text.trim_end_matches(['\r', '\n']))))
+            }
+            None => Ok(self.device_secret.clone()),
+        }
+    }
+
     /// The interval, after `--rate`.
     pub fn effective_interval(&self) -> Duration {
         match self.rate {

@@ -18,10 +18,11 @@ pub use metrics_names::PUBLISHED;
 pub use sensor::{Generator, Message};
 
 use anyhow::Context;
+use infra::mqtt::{Connection, Reconnect};
 use infra::serve::Health;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event};
 use rumqttc::Outgoing;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -46,7 +47,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             stop.cancel();
         });
     }
+    let broker = config.mqtt.connection()?;
+    let device_secret = config.device_secret()?;
+    // Per-device identities need per-device connections.
     let connections = match config.connections {
+        _ if device_secret.is_some() => config.devices.max(1),
         0 => config.devices.max(1),
         n => n.clamp(1, config.devices.max(1)),
     };
@@ -66,7 +71,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         batch = config.batch,
         faults = ?config.faults,
         connections,
-        broker = %config.mqtt_url,
+        broker = %broker.url,
+        identities = if device_secret.is_some() { "per device" } else { "shared" },
         "Simulator starting."
     );
     let generator = Arc::new(Generator {
@@ -89,7 +95,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut tasks = tokio::task::JoinSet::new();
     for conn in 0..connections {
         let devices: Vec<usize> = (conn..config.devices).step_by(connections).collect();
+        let broker = match &device_secret {
+            // One device per connection here: it connects as itself.
+            Some(secret) => {
+                let id = generator.device_id(conn);
+                let password = infra::mqtt::device_password(secret, &id);
+                broker.with_credentials(id, password)
+            }
+            None => broker.clone(),
+        };
         tasks.spawn(connection(Conn {
+            broker,
             config: config.clone(),
             interval,
             index: conn,
@@ -106,6 +122,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     progress.finish().await;
     tracing::info!("Simulator stopped.");
     Ok(tally.summary(started.elapsed().as_secs_f64()))
+}
+
+/// Writes `deviceId:password` for every device, one per line (`--print-credentials`).
+pub fn print_credentials(config: &Config, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    let secret = config.device_secret()?.context(
+        "--print-credentials needs SIMULATOR_DEVICE_SECRET or SIMULATOR_DEVICE_SECRET_FILE",
+    )?;
+    for device in 0..config.devices {
+        let id = sensor::device_id(&config.device_prefix, device, config.devices);
+        let password = infra::mqtt::device_password(&secret, &id);
+        writeln!(out, "{id}:{}", password.expose())?;
+    }
+    Ok(())
 }
 
 /// One connection with one device per connection needs a descriptor each: fail clearly
@@ -130,6 +159,7 @@ fn check_fd_limit(connections: usize) -> anyhow::Result<()> {
 }
 
 struct Conn {
+    broker: Connection,
     config: Config,
     interval: Duration,
     index: usize,
@@ -142,8 +172,7 @@ struct Conn {
 
 async fn connection(c: Conn) -> anyhow::Result<()> {
     let id = format!("simulator-{}-{}", std::process::id(), c.index);
-    let url = &c.config.mqtt_url;
-    let mut options = MqttOptions::new(id, url.host.clone(), url.port);
+    let mut options = c.broker.options(id);
     options
         .set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(Some(1024 * 1024));
@@ -154,14 +183,26 @@ async fn connection(c: Conn) -> anyhow::Result<()> {
     let poller = {
         let stop = poll_stop.clone();
         let (health, tally, acked) = (c.health.clone(), c.tally.clone(), acked.clone());
+        let url = c.broker.url.clone();
         tokio::spawn(async move {
+            let mut reconnect = Reconnect::default();
+            let mut last_failure = None;
+            let mut connected_once = false;
             loop {
                 let event = tokio::select! {
                     _ = stop.cancelled() => break,
                     event = eventloop.poll() => event,
                 };
                 match event {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => health.set_ready(),
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        reconnect.reset();
+                        last_failure = None;
+                        if !connected_once {
+                            connected_once = true;
+                            tally.connected();
+                        }
+                        health.set_ready();
+                    }
                     Ok(Event::Incoming(Packet::PubAck(_))) => {
                         acked.fetch_add(1, Relaxed);
                         tally.acked.fetch_add(1, Relaxed);
@@ -170,9 +211,19 @@ async fn connection(c: Conn) -> anyhow::Result<()> {
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
                     Ok(_) => {}
                     Err(error) => {
-                        health.set_not_ready(format!("broker: {error}"));
-                        tracing::warn!(%error, "Broker connection failed; reconnecting.");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        let (failure, why) = infra::mqtt::describe(&url, &error);
+                        health.set_not_ready(format!("broker: {why}"));
+                        // With thousands of device connections: one line per change of
+                        // reason, not one per attempt.
+                        let delay = reconnect.delay(failure);
+                        if last_failure.as_ref() != Some(&why) {
+                            tracing::warn!(error = %why, retry_in = ?delay, "Broker connection failed; reconnecting.");
+                            last_failure = Some(why);
+                        }
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
                     }
                 }
             }

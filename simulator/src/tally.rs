@@ -16,6 +16,21 @@ pub struct Tally {
     /// Distinct readings the pipeline must store.
     pub valid: AtomicU64,
     faults: [AtomicU64; Fault::ALL.len()],
+    /// Connections that have connected at least once, and when the last of them did
+    /// (milliseconds since the tally began).
+    connections: AtomicU64,
+    all_connected_ms: AtomicU64,
+    started: OnceInstant,
+}
+
+/// The moment a tally is created, for connection set-up times.
+#[derive(Debug)]
+struct OnceInstant(std::time::Instant);
+
+impl Default for OnceInstant {
+    fn default() -> Self {
+        Self(std::time::Instant::now())
+    }
 }
 
 impl Tally {
@@ -28,6 +43,13 @@ impl Tally {
             self.faults[index(fault)].fetch_add(1, Relaxed);
             metrics::counter!(m::INJECTED, "fault" => fault.name()).increment(1);
         }
+    }
+
+    /// Records a connection's first CONNACK.
+    pub fn connected(&self) {
+        self.connections.fetch_add(1, Relaxed);
+        let ms = u64::try_from(self.started.0.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.all_connected_ms.fetch_max(ms, Relaxed);
     }
 
     pub fn published(&self) {
@@ -65,6 +87,8 @@ impl Tally {
             "expected_rows": self.valid.load(Relaxed),
             "injected": injected,
             "expected_dead_letters": dead,
+            "connections": self.connections.load(Relaxed),
+            "all_connected_seconds": self.all_connected_ms.load(Relaxed) as f64 / 1000.0,
         })
     }
 }

@@ -7,6 +7,7 @@ mod compose;
 mod deadletter;
 mod failures;
 mod pipeline;
+mod secure;
 mod simulator;
 
 use infra::storage::Account;

@@ -9,7 +9,7 @@ pub mod servers;
 pub mod services;
 pub mod storage;
 
-pub use servers::{Azurite, Mosquitto};
+pub use servers::{Azurite, Mosquitto, SecureMosquitto};
 pub use services::Service;
 
 use std::future::Future;

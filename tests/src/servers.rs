@@ -186,3 +186,118 @@ impl Mosquitto {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
 }
+
+/// Mosquitto with the production configuration (deploy/mosquitto/): TLS only, passwords on
+/// one listener and client certificates on the other, the shipped ACL, and identities made
+/// by the shipped script (deploy/mosquitto/gen-identities.sh), so the tests prove what
+/// operators deploy.
+#[derive(Debug)]
+pub struct SecureMosquitto {
+    /// TLS with user name and password.
+    pub tls_port: u16,
+    /// Mutual TLS: the client certificate's CN is the identity.
+    pub mtls_port: u16,
+    /// What the script wrote: `ca.crt`, `ingest.crt`, `ingest.password`, ...
+    pub identities: TempDir,
+    _child: Child,
+}
+
+impl SecureMosquitto {
+    /// Starts it with the service identities and `devices` (`user:password` lines).
+    pub async fn start(devices: &str) -> Self {
+        let identities = TempDir::new("identities");
+        let credentials = identities.0.join("devices.txt");
+        std::fs::write(&credentials, devices).expect("write device credentials");
+        let script = repo_root().join("deploy/mosquitto/gen-identities.sh");
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .arg(identities.0.join("out"))
+            .env("DEVICE_CREDENTIALS", &credentials)
+            .output()
+            .expect("run gen-identities.sh");
+        assert!(
+            out.status.success(),
+            "gen-identities.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (tls_port, mtls_port) = (free_port(), free_port());
+        let dir = identities.0.join("out");
+        let data = identities.0.join("data");
+        std::fs::create_dir_all(&data).expect("data dir");
+        let shipped = std::fs::read_to_string(repo_root().join("deploy/mosquitto/mosquitto.conf"))
+            .expect("deploy/mosquitto/mosquitto.conf");
+        let mut listeners = [tls_port, mtls_port].into_iter();
+        let file = |name: &str| dir.join(name).display().to_string();
+        let conf: String = shipped
+            .lines()
+            .map(|line| {
+                let directive = line.split_whitespace().next().unwrap_or_default();
+                match directive {
+                    "listener" => format!(
+                        "listener {} 127.0.0.1",
+                        listeners.next().expect("two listeners")
+                    ),
+                    "cafile" => format!("cafile {}", file("ca.crt")),
+                    "certfile" => format!("certfile {}", file("server.crt")),
+                    "keyfile" => format!("keyfile {}", file("server.key")),
+                    "password_file" => format!("password_file {}", file("passwd")),
+                    "acl_file" => format!(
+                        "acl_file {}",
+                        repo_root().join("deploy/mosquitto/acl").display()
+                    ),
+                    "persistence_location" => {
+                        format!("persistence_location {}/", data.display())
+                    }
+                    _ => line.to_owned(),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let conf_path = identities.0.join("mosquitto.conf");
+        std::fs::write(&conf_path, conf).expect("write mosquitto.conf");
+        let log = std::fs::File::create(identities.0.join("mosquitto.log")).expect("log");
+        let child = Command::new(mosquitto_bin().expect("mosquitto installed"))
+            .arg("-c")
+            .arg(&conf_path)
+            .stdout(Stdio::from(log.try_clone().expect("log handle")))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start mosquitto");
+        wait_for(
+            "the secure mosquitto to listen",
+            Duration::from_secs(10),
+            || async move { (port_open(tls_port).await && port_open(mtls_port).await).then_some(()) },
+        )
+        .await;
+        Self {
+            tls_port,
+            mtls_port,
+            identities,
+            _child: child,
+        }
+    }
+
+    /// A file the identity script wrote.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.identities.0.join("out").join(name)
+    }
+
+    /// The generated password of a service identity (`ingest`, `gateway`).
+    pub fn password(&self, identity: &str) -> String {
+        std::fs::read_to_string(self.file(&format!("{identity}.password"))).expect("password file")
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtts://127.0.0.1:{}", self.tls_port)
+    }
+
+    pub fn mtls_url(&self) -> String {
+        format!("mqtts://127.0.0.1:{}", self.mtls_port)
+    }
+
+    /// The broker's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.identities.0.join("mosquitto.log")).unwrap_or_default()
+    }
+}

@@ -56,7 +56,58 @@ impl Service {
         s
     }
 
+    /// Starts a service without waiting for it to be ready (one that is expected not to be).
+    pub async fn spawn(name: &'static str, env: &[(&str, String)]) -> Self {
+        let mut s = Self {
+            name,
+            args: Vec::new(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+            metrics_port: free_port(),
+            child: None,
+            logs: TempDir::new(name),
+            starts: 0,
+        };
+        s.run();
+        s
+    }
+
+    /// Everything the service logged, over all its starts.
+    pub fn log_text(&self) -> String {
+        (1..=self.starts)
+            .filter_map(|n| {
+                std::fs::read_to_string(self.logs.0.join(format!("{}-{n}.log", self.name))).ok()
+            })
+            .collect()
+    }
+
+    /// Sets an environment variable for the next start (a rotated credential, say).
+    pub fn set_env(&mut self, key: &str, value: String) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value));
+    }
+
+    /// Whether the process has exited.
+    pub fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| c.try_wait().ok().flatten().is_some())
+    }
+
     async fn launch(&mut self) {
+        self.run();
+        let (port, name) = (self.metrics_port, self.name);
+        wait_for(
+            &format!("{name} to be ready"),
+            Duration::from_secs(60),
+            || async move { (http_get(port, "/readyz").await?.0 == 200).then_some(()) },
+        )
+        .await;
+    }
+
+    fn run(&mut self) {
         self.starts += 1;
         let log_path = self
             .logs
@@ -84,13 +135,6 @@ impl Service {
             cmd.spawn()
                 .unwrap_or_else(|e| panic!("start {}: {e}", self.name)),
         );
-        let (port, name) = (self.metrics_port, self.name);
-        wait_for(
-            &format!("{name} to be ready"),
-            Duration::from_secs(60),
-            || async move { (http_get(port, "/readyz").await?.0 == 200).then_some(()) },
-        )
-        .await;
     }
 
     /// SIGKILL: no flushing, no goodbye.

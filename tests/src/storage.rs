@@ -3,7 +3,7 @@
 use infra::storage::{Account, Entity, StorageError};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event};
 use schemas::DeadLetter;
 use std::time::Duration;
 
@@ -33,7 +33,14 @@ pub async fn drain_dead_letters(account: &Account, queue: &str) -> Vec<DeadLette
 
 /// Publishes `(topic, payload)` pairs with QoS 1 and returns once the broker acknowledged all.
 pub async fn publish_all(broker_port: u16, messages: Vec<(String, Vec<u8>)>) {
-    let mut options = MqttOptions::new(crate::unique("pub"), "127.0.0.1", broker_port);
+    let url = format!("mqtt://127.0.0.1:{broker_port}");
+    let broker = infra::mqtt::Connection::plain(url.parse().expect("a broker URL"));
+    publish_with(&broker, messages).await;
+}
+
+/// [`publish_all`] through any broker connection (TLS, credentials).
+pub async fn publish_with(broker: &infra::mqtt::Connection, messages: Vec<(String, Vec<u8>)>) {
+    let mut options = broker.options(crate::unique("pub"));
     options.set_max_packet_size(Some(1024 * 1024));
     let (client, mut eventloop) = AsyncClient::new(options, 256);
     let total = messages.len();
@@ -72,4 +79,114 @@ pub fn reading(device: &str, at_ms: i64, seq: u64) -> Vec<u8> {
 
 pub fn topic(device: &str) -> String {
     schemas::reading::topic_for("devices", device)
+}
+
+/// An account SAS for the emulator's account (signed with its well-known key) that holds
+/// exactly `services` (`bqt` subset), `resource_types` (`sco` subset) and `permissions`
+/// (`rwdlacup` subset) until `expiry`, as a connection string to `azurite`.
+pub fn sas_connection_string(
+    azurite: &crate::Azurite,
+    services: &str,
+    resource_types: &str,
+    permissions: &str,
+    expiry: time::OffsetDateTime,
+) -> String {
+    use base64::Engine;
+    use hmac::Mac;
+    const ACCOUNT: &str = "devstoreaccount1";
+    const KEY: &str =
+        "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+    const VERSION: &str = "2019-12-12";
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let expiry = expiry
+        .to_offset(time::UtcOffset::UTC)
+        .format(time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second]Z"
+        ))
+        .expect("format the expiry");
+    // Account SAS string-to-sign (versions before 2020-12-06): no encryption scope field.
+    let to_sign = format!(
+        "{ACCOUNT}\n{permissions}\n{services}\n{resource_types}\n\n{expiry}\n\n\n{VERSION}\n"
+    );
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&b64.decode(KEY).expect("key"))
+        .expect("any key length");
+    mac.update(to_sign.as_bytes());
+    let sig = b64.encode(mac.finalize().into_bytes());
+    let encode = |s: &str| {
+        s.replace('%', "%25")
+            .replace('+', "%2B")
+            .replace('/', "%2F")
+            .replace('=', "%3D")
+            .replace(':', "%3A")
+    };
+    format!(
+        "AccountName={ACCOUNT};\
+         SharedAccessSignature=sv={VERSION}&ss={services}&srt={resource_types}&sp={permissions}&se={}&sig={};\
+         QueueEndpoint=http://127.0.0.1:{}/{ACCOUNT};\
+         TableEndpoint=http://127.0.0.1:{}/{ACCOUNT};\
+         BlobEndpoint=http://127.0.0.1:{}/{ACCOUNT}",
+        encode(&expiry),
+        encode(&sig),
+        azurite.queue_port,
+        azurite.table_port,
+        azurite.blob_port
+    )
+}
+
+/// The `sig=` value of a SAS connection string, as it appears in it (URL-encoded).
+pub fn sas_signature(connection_string: &str) -> String {
+    connection_string
+        .split(['&', ';'])
+        .find_map(|p| p.strip_prefix("sig="))
+        .expect("a signature")
+        .to_owned()
+}
+
+/// Publishes one message with QoS 1 on a fresh connection and returns the broker's answer:
+/// the PUBACK's reason, or the connection error that came instead.
+pub async fn publish_one(
+    broker: &infra::mqtt::Connection,
+    topic: &str,
+    payload: Vec<u8>,
+) -> Result<rumqttc::v5::mqttbytes::v5::PubAckReason, rumqttc::v5::ConnectionError> {
+    let (client, mut eventloop) = AsyncClient::new(broker.options(crate::unique("one")), 16);
+    client
+        .publish(topic, QoS::AtLeastOnce, false, payload)
+        .await
+        .expect("queue a publish");
+    let outcome = loop {
+        match tokio::time::timeout(Duration::from_secs(15), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => break Ok(ack.reason),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => break Err(e),
+            Err(_) => panic!("no answer to a publish within 15 s"),
+        }
+    };
+    let _ = client.disconnect().await;
+    outcome
+}
+
+/// Subscribes to `filter` on a fresh connection and collects what arrives for `listen`.
+pub async fn listen(
+    broker: &infra::mqtt::Connection,
+    filter: &str,
+    listen: Duration,
+) -> Vec<String> {
+    let (client, mut eventloop) = AsyncClient::new(broker.options(crate::unique("sub")), 16);
+    client
+        .subscribe(filter, QoS::AtLeastOnce)
+        .await
+        .expect("queue a subscribe");
+    let mut got = Vec::new();
+    let until = tokio::time::Instant::now() + listen;
+    loop {
+        match tokio::time::timeout_at(until, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                got.push(String::from_utf8_lossy(&p.topic).into_owned());
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    got
 }

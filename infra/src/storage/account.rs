@@ -15,12 +15,68 @@ const EMULATOR_ACCOUNT: &str = "devstoreaccount1";
 const EMULATOR_KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
+/// A connection string that cannot be used. Names the part at fault, never a value: the
+/// string holds the account key or SAS.
 #[derive(Debug, thiserror::Error)]
 pub enum AccountError {
-    #[error("the storage connection string cannot be parsed: {0}")]
-    Parse(String),
+    #[error("the storage connection string is malformed: {0}")]
+    Malformed(String),
     #[error("the storage connection string has no {0}")]
     Missing(&'static str),
+}
+
+/// The settings a connection string may hold.
+const KNOWN_KEYS: &[&str] = &[
+    "UseDevelopmentStorage",
+    "DevelopmentStorageProxyUri",
+    "DefaultEndpointsProtocol",
+    "AccountName",
+    "AccountKey",
+    "SharedAccessSignature",
+    "EndpointSuffix",
+    "BlobEndpoint",
+    "QueueEndpoint",
+    "TableEndpoint",
+    "FileEndpoint",
+    "BlobSecondaryEndpoint",
+    "QueueSecondaryEndpoint",
+    "TableSecondaryEndpoint",
+    "FileSecondaryEndpoint",
+];
+
+/// Checks the `Key=value;...` shape before the SDK sees the string: the SDK's own parse
+/// errors quote the whole string, key included.
+fn check_shape(s: &str) -> Result<(), AccountError> {
+    for (n, part) in s.split(';').map(str::trim).enumerate() {
+        if part.is_empty() {
+            continue;
+        }
+        let Some((key, value)) = part.split_once('=') else {
+            return Err(AccountError::Malformed(format!(
+                "part {} is not Key=value",
+                n + 1
+            )));
+        };
+        match KNOWN_KEYS
+            .iter()
+            .find(|k| k.eq_ignore_ascii_case(key.trim()))
+        {
+            None => {
+                // Name the key only when it cannot be a pasted secret.
+                let printable = key.len() <= 32 && key.chars().all(|c| c.is_ascii_alphabetic());
+                return Err(AccountError::Malformed(if printable {
+                    format!("part {} has the unknown key {key:?}", n + 1)
+                } else {
+                    format!("part {} has an unknown key", n + 1)
+                }));
+            }
+            Some(k) if value.trim().is_empty() => {
+                return Err(AccountError::Malformed(format!("{k} is empty")))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }
 
 /// A storage account: credentials plus the queue and table endpoints.
@@ -53,7 +109,10 @@ impl Account {
     /// `DevelopmentStorageProxyUri`), account name and key, or a SAS, with either explicit
     /// `QueueEndpoint`/`TableEndpoint`/`BlobEndpoint` or `DefaultEndpointsProtocol` + `EndpointSuffix`.
     pub fn from_connection_string(s: &str, timeout: Duration) -> Result<Self, AccountError> {
-        let cs = ConnectionString::new(s).map_err(|e| AccountError::Parse(e.to_string()))?;
+        check_shape(s)?;
+        let cs = ConnectionString::new(s).map_err(|_| {
+            AccountError::Malformed("the SDK cannot read it (check each Key=value)".to_owned())
+        })?;
         let (account, credentials, queue_endpoint, table_endpoint, blob_endpoint);
         if cs.use_development_storage == Some(true) {
             let host = cs
@@ -73,8 +132,9 @@ impl Account {
                 .ok_or(AccountError::Missing("AccountName"))?;
             credentials = match (cs.account_key, cs.sas) {
                 (Some(key), _) => StorageCredentials::access_key(account.clone(), key.to_owned()),
-                (None, Some(sas)) => StorageCredentials::sas_token(sas)
-                    .map_err(|e| AccountError::Parse(format!("SharedAccessSignature: {e}")))?,
+                (None, Some(sas)) => StorageCredentials::sas_token(sas).map_err(|_| {
+                    AccountError::Malformed("SharedAccessSignature cannot be read".to_owned())
+                })?,
                 (None, None) => {
                     return Err(AccountError::Missing("AccountKey or SharedAccessSignature"))
                 }
@@ -211,6 +271,36 @@ mod tests {
         let sas = parse("QueueEndpoint=https://acme.queue.core.windows.net;TableEndpoint=https://acme.table.core.windows.net;SharedAccessSignature=sv=2022-11-02&ss=qt&sig=abc");
         assert_eq!(sas.name(), "acme");
         assert!(!format!("{sas:?}").contains("sig=abc"));
+    }
+
+    #[test]
+    fn malformed_strings_name_the_part_never_the_value() {
+        let key = "c2VjcmV0LWtleS12YWx1ZQ==";
+        let cases = [
+            (
+                format!("AccountName=acme;{}", key.trim_end_matches('=')),
+                "part 2 is not Key=value",
+            ),
+            (
+                format!("AccountName=acme;AcountKey={key}"),
+                "unknown key \"AcountKey\"",
+            ),
+            (
+                format!("AccountName=acme;{key}=x"),
+                "part 2 has an unknown key",
+            ),
+            (
+                "AccountName=acme;AccountKey=".to_owned(),
+                "AccountKey is empty",
+            ),
+        ];
+        for (s, expected) in cases {
+            let err = Account::from_connection_string(&s, Duration::from_secs(1))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{err}");
+            assert!(!err.contains("c2VjcmV0"), "{err}");
+        }
     }
 
     #[test]

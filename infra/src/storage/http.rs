@@ -55,6 +55,8 @@ impl HttpClient for Pooled {
         let response = builder
             .send()
             .await
+            // Without the URL: with a SAS credential its query string holds the signature.
+            .map_err(reqwest::Error::without_url)
             .context(ErrorKind::Io, "sending the request")?;
         let status = azure_core::StatusCode::try_from(response.status().as_u16())
             .map_err(|_| ErrorKind::DataConversion.into_error())?;
@@ -70,6 +72,7 @@ impl HttpClient for Pooled {
         let body = response
             .bytes()
             .await
+            .map_err(reqwest::Error::without_url)
             .context(ErrorKind::Io, "reading the response body")?;
         let once = futures::stream::once(async move { Ok(body) });
         Ok(Response::new(status, headers, Box::pin(once)))

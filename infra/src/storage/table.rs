@@ -69,6 +69,10 @@ impl Table {
         Self { client, timeout }
     }
 
+    pub fn name(&self) -> &str {
+        self.client.table_name()
+    }
+
     /// Creates the table unless it exists.
     pub async fn create_if_missing(&self) -> Result<(), StorageError> {
         super::create_if_missing(

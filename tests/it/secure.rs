@@ -1,0 +1,720 @@
+//! The secure edge: the production broker configuration (TLS, passwords, client certificates,
+//! the ACL), per-device identities, least-privilege storage credentials, a storage 403 in the
+//! middle of a run, and no secret in any log or endpoint.
+
+use infra::mqtt::{Connection, MqttArgs, Secret};
+use rumqttc::v5::mqttbytes::v5::PubAckReason;
+use schemas::timefmt::now_ms;
+use std::path::PathBuf;
+use std::time::Duration;
+use tests::storage::{listen, publish_one, publish_with, reading, topic};
+use tests::{unique, Azurite, SecureMosquitto, Service};
+
+const FLEET_SECRET: &str = "fleet-secret-for-tests";
+
+/// `user:password` lines for `devices`, derived from [`FLEET_SECRET`] as the simulator does.
+fn device_credentials(devices: &[String]) -> String {
+    let secret = Secret::new(FLEET_SECRET);
+    devices
+        .iter()
+        .map(|d| {
+            format!(
+                "{d}:{}\n",
+                infra::mqtt::device_password(&secret, d).expose()
+            )
+        })
+        .collect()
+}
+
+/// A client of `url` that trusts `ca`, with optional credentials and client certificate.
+fn client(
+    url: &str,
+    ca: PathBuf,
+    user: Option<(&str, &str)>,
+    cert: Option<(PathBuf, PathBuf)>,
+) -> Connection {
+    MqttArgs {
+        mqtt_url: url.parse().unwrap(),
+        mqtt_ca_file: Some(ca),
+        mqtt_client_cert: cert.as_ref().map(|c| c.0.clone()),
+        mqtt_client_key: cert.map(|c| c.1),
+        mqtt_username: user.map(|u| u.0.to_owned()),
+        mqtt_password: user.map(|u| Secret::new(u.1)),
+        mqtt_password_file: None,
+    }
+    .connection()
+    .unwrap()
+}
+
+fn device(broker: &SecureMosquitto, id: &str) -> Connection {
+    let password = infra::mqtt::device_password(&Secret::new(FLEET_SECRET), id);
+    client(
+        &broker.url(),
+        broker.file("ca.crt"),
+        Some((id, password.expose())),
+        None,
+    )
+}
+
+/// Ingest's environment for the password listener.
+fn ingest_env(broker: &SecureMosquitto, storage: &str, queue: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("MQTT_URL", broker.url()),
+        ("MQTT_CA_FILE", broker.file("ca.crt").display().to_string()),
+        ("MQTT_USERNAME", "ingest".into()),
+        (
+            "MQTT_PASSWORD_FILE",
+            broker.file("ingest.password").display().to_string(),
+        ),
+        ("AZURE_STORAGE_CONNECTION_STRING", storage.to_owned()),
+        ("INGEST_QUEUE_NAME", queue.to_owned()),
+        ("INGEST_CLIENT_ID", unique("ingest")),
+    ]
+}
+
+/// Names of one pipeline's queues and tables.
+struct Names {
+    queue: String,
+    dead: String,
+    table: String,
+    devices: String,
+}
+
+impl Names {
+    fn new() -> Self {
+        Self {
+            queue: unique("ingest"),
+            dead: unique("dead"),
+            table: unique("telemetry"),
+            devices: unique("devices"),
+        }
+    }
+
+    fn processor_env(&self, storage: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("AZURE_STORAGE_CONNECTION_STRING", storage.to_owned()),
+            ("PROCESSOR_QUEUE_NAME", self.queue.clone()),
+            ("PROCESSOR_DEAD_LETTER_QUEUE", self.dead.clone()),
+            ("PROCESSOR_TABLE_NAME", self.table.clone()),
+            ("PROCESSOR_DEVICE_TABLE", self.devices.clone()),
+            ("PROCESSOR_WORKERS", "2".into()),
+        ]
+    }
+}
+
+async fn rows(azurite: &Azurite, table: &str) -> Vec<infra::storage::Entity> {
+    tests::storage::rows(&azurite.account(), table)
+        .await
+        .unwrap_or_default()
+}
+
+async fn wait_rows(azurite: &Azurite, table: &str, n: usize) -> Vec<infra::storage::Entity> {
+    tests::wait_for(&format!("{n} rows"), Duration::from_secs(90), || async {
+        let r = rows(azurite, table).await;
+        (r.len() >= n).then_some(r)
+    })
+    .await
+}
+
+/// Waits until the service's `/readyz` answers 503 with a body containing `words`.
+async fn wait_not_ready(svc: &Service, words: &str) -> String {
+    tests::wait_for(
+        &format!("readiness to say {words:?}"),
+        Duration::from_secs(60),
+        || async {
+            let (status, body) = tests::services::http_get(svc.metrics_port, "/readyz").await?;
+            (status == 503 && body.contains(words)).then_some(body)
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_secure_broker_binds_every_device_to_its_own_topic() {
+    if !tests::servers_available("secure_broker") {
+        return;
+    }
+    let ids: Vec<String> = ["sensor-00001", "sensor-00002"].map(String::from).to_vec();
+    let credentials = device_credentials(&ids);
+    let (azurite, broker) = tokio::join!(Azurite::start(), SecureMosquitto::start(&credentials));
+    let names = Names::new();
+    let storage = azurite.connection_string();
+    let (ienv, penv) = (
+        ingest_env(&broker, &storage, &names.queue),
+        names.processor_env(&storage),
+    );
+    let (_ingest, _processor) = tokio::join!(
+        Service::start("ingest", &ienv),
+        Service::start("processor", &penv)
+    );
+    let ca = broker.file("ca.crt");
+    let at = now_ms() - 60_000;
+
+    // Strangers: no credentials, a wrong password, a device's password for another device.
+    for (who, conn) in [
+        ("anonymous", client(&broker.url(), ca.clone(), None, None)),
+        (
+            "wrong password",
+            client(&broker.url(), ca.clone(), Some(("ingest", "guess")), None),
+        ),
+        ("borrowed password", {
+            let other = infra::mqtt::device_password(&Secret::new(FLEET_SECRET), "sensor-00002");
+            client(
+                &broker.url(),
+                ca.clone(),
+                Some(("sensor-00001", other.expose())),
+                None,
+            )
+        }),
+    ] {
+        let error = publish_one(
+            &conn,
+            &topic("sensor-00001"),
+            reading("sensor-00001", at, 99),
+        )
+        .await
+        .expect_err(who);
+        let (failure, line) = infra::mqtt::describe(&conn.url, &error);
+        assert!(
+            matches!(
+                failure,
+                infra::mqtt::Failure::Credentials | infra::mqtt::Failure::NotAuthorised
+            ),
+            "{who}: {line}"
+        );
+    }
+
+    // A device publishes as itself, and tries to publish as another device.
+    let a = device(&broker, "sensor-00001");
+    let b = device(&broker, "sensor-00002");
+    assert_eq!(
+        publish_one(&a, &topic("sensor-00001"), reading("sensor-00001", at, 1))
+            .await
+            .ok(),
+        Some(PubAckReason::Success)
+    );
+    let forged = publish_one(
+        &a,
+        &topic("sensor-00002"),
+        reading("sensor-00002", at + 1, 666),
+    )
+    .await;
+    assert!(
+        !matches!(
+            forged,
+            Ok(PubAckReason::Success | PubAckReason::NoMatchingSubscribers)
+        ),
+        "{forged:?}"
+    );
+    assert_eq!(
+        publish_one(
+            &b,
+            &topic("sensor-00002"),
+            reading("sensor-00002", at + 2, 2)
+        )
+        .await
+        .ok(),
+        Some(PubAckReason::Success)
+    );
+
+    // A device listening to everything hears nothing, while readings keep flowing to ingest.
+    let eavesdrop = tokio::spawn({
+        let a = a.clone();
+        async move { listen(&a, "#", Duration::from_secs(4)).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    publish_with(
+        &b,
+        vec![(topic("sensor-00002"), reading("sensor-00002", at + 3, 3))],
+    )
+    .await;
+    assert_eq!(
+        eavesdrop.await.unwrap(),
+        Vec::<String>::new(),
+        "a device received others' readings"
+    );
+
+    let stored = wait_rows(&azurite, &names.table, 3).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stored = if rows(&azurite, &names.table).await.len() > stored.len() {
+        rows(&azurite, &names.table).await
+    } else {
+        stored
+    };
+    let seqs: Vec<(String, i64)> = stored
+        .iter()
+        .map(|r| {
+            (
+                r["PartitionKey"].as_str().unwrap().to_owned(),
+                r["Seq"]
+                    .as_str()
+                    .and_then(|s| s.parse().ok())
+                    .or_else(|| r["Seq"].as_i64())
+                    .unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seqs,
+        vec![
+            ("sensor-00001".into(), 1),
+            ("sensor-00002".into(), 2),
+            ("sensor-00002".into(), 3)
+        ],
+        "only each device's own readings, and the forged one nowhere"
+    );
+    let dead = tests::storage::drain_dead_letters(&azurite.account(), &names.dead).await;
+    assert!(
+        dead.is_empty(),
+        "the forged reading became a dead letter: {dead:#?}"
+    );
+
+    // ingest refuses a broker whose certificate its CA file does not vouch for.
+    let stranger = tests::TempDir::new("other-ca");
+    let made = std::process::Command::new("bash")
+        .arg(tests::repo_root().join("deploy/mosquitto/gen-identities.sh"))
+        .arg(stranger.0.join("out"))
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let mut env = ingest_env(&broker, &storage, &names.queue);
+    env.retain(|(k, _)| *k != "MQTT_CA_FILE");
+    env.push((
+        "MQTT_CA_FILE",
+        stranger.0.join("out/ca.crt").display().to_string(),
+    ));
+    let untrusting = Service::spawn("ingest", &env).await;
+    let body = wait_not_ready(&untrusting, "not signed by a trusted CA").await;
+    assert!(body.contains("TLS handshake"), "{body}");
+    // And one with a wrong password says so, in one line, without the password.
+    let mut env = ingest_env(&broker, &storage, &names.queue);
+    env.retain(|(k, _)| *k != "MQTT_PASSWORD_FILE");
+    env.push(("MQTT_PASSWORD", "not-the-password".into()));
+    let refused = Service::spawn("ingest", &env).await;
+    let body = wait_not_ready(&refused, "refused").await;
+    assert!(!body.contains("not-the-password"), "{body}");
+    assert!(!refused.log_text().contains("not-the-password"));
+}
+
+#[tokio::test]
+async fn ingest_with_a_client_certificate_and_simulated_devices_with_their_own_identities() {
+    if !tests::servers_available("secure_mtls") {
+        return;
+    }
+    // The broker's password file comes from the documented command.
+    let devices = 12;
+    let printed = std::process::Command::new(tests::services::bin_path("simulator"))
+        .args(["--print-credentials", "--devices", &devices.to_string()])
+        .env("SIMULATOR_DEVICE_SECRET", FLEET_SECRET)
+        .output()
+        .unwrap();
+    assert!(printed.status.success());
+    let credentials = String::from_utf8(printed.stdout).unwrap();
+    assert_eq!(credentials.lines().count(), devices);
+    assert_eq!(
+        credentials.lines().next(),
+        device_credentials(&["sensor-00".to_owned()]).lines().next()
+    );
+    let (azurite, broker) = tokio::join!(Azurite::start(), SecureMosquitto::start(&credentials));
+    let names = Names::new();
+    let storage = azurite.connection_string();
+    let ingest_env = vec![
+        ("MQTT_URL", broker.mtls_url()),
+        ("MQTT_CA_FILE", broker.file("ca.crt").display().to_string()),
+        (
+            "MQTT_CLIENT_CERT",
+            broker.file("ingest.crt").display().to_string(),
+        ),
+        (
+            "MQTT_CLIENT_KEY",
+            broker.file("ingest.key").display().to_string(),
+        ),
+        ("AZURE_STORAGE_CONNECTION_STRING", storage.clone()),
+        ("INGEST_QUEUE_NAME", names.queue.clone()),
+        ("INGEST_CLIENT_ID", unique("ingest")),
+    ];
+    let penv = names.processor_env(&storage);
+    let (_ingest, _processor) = tokio::join!(
+        Service::start("ingest", &ingest_env),
+        Service::start("processor", &penv)
+    );
+    // Every simulated device connects as itself over TLS.
+    let secret_file = broker.identities.0.join("fleet.secret");
+    std::fs::write(&secret_file, FLEET_SECRET).unwrap();
+    let out = tokio::process::Command::new(tests::services::bin_path("simulator"))
+        .args([
+            "--devices",
+            &devices.to_string(),
+            "--interval",
+            "1s",
+            "--rounds",
+            "2",
+        ])
+        .args(["--metrics-addr", "127.0.0.1:0", "--log-format", "json"])
+        .env("MQTT_URL", broker.url())
+        .env("MQTT_CA_FILE", broker.file("ca.crt"))
+        .env("SIMULATOR_DEVICE_SECRET_FILE", &secret_file)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "simulator failed: {stderr}");
+    assert!(!stderr.contains(FLEET_SECRET));
+    let summary: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(summary["connections"], devices as u64, "{summary}");
+    assert_eq!(summary["acked"], summary["messages"], "{summary}");
+    let expected = summary["expected_rows"].as_u64().unwrap() as usize;
+    assert_eq!(expected, devices * 2);
+    wait_rows(&azurite, &names.table, expected).await;
+
+    // A device with a client certificate publishes as its certificate's name.
+    let cert = client(
+        &broker.mtls_url(),
+        broker.file("ca.crt"),
+        None,
+        Some((
+            broker.file("sensor-00001.crt"),
+            broker.file("sensor-00001.key"),
+        )),
+    );
+    let at = now_ms() - 5_000;
+    assert_eq!(
+        publish_one(
+            &cert,
+            &topic("sensor-00001"),
+            reading("sensor-00001", at, 7)
+        )
+        .await
+        .ok(),
+        Some(PubAckReason::Success)
+    );
+    let forged = publish_one(
+        &cert,
+        &topic("sensor-00002"),
+        reading("sensor-00002", at, 8),
+    )
+    .await;
+    assert!(!matches!(forged, Ok(PubAckReason::Success)), "{forged:?}");
+    wait_rows(&azurite, &names.table, expected + 1).await;
+}
+
+/// Each service's least privilege, as an account SAS: (services, resource types, permissions).
+const INGEST_SAS: (&str, &str, &str) = ("q", "o", "a");
+const PROCESSOR_SAS: (&str, &str, &str) = ("qt", "co", "rapu");
+const ARCHIVER_SAS: (&str, &str, &str) = ("bt", "co", "rwd");
+const DEADLETTER_SAS: (&str, &str, &str) = ("q", "co", "rapu");
+
+/// The processor's environment on `storage`, plus `extra`.
+fn processor_env_with(
+    names: &Names,
+    storage: &str,
+    extra: &[(&'static str, String)],
+) -> Vec<(&'static str, String)> {
+    let mut env = names.processor_env(storage);
+    env.extend(extra.iter().cloned());
+    env
+}
+
+fn sas(azurite: &Azurite, (ss, srt, sp): (&str, &str, &str), valid_for: Duration) -> String {
+    let expiry = time::OffsetDateTime::now_utc() + valid_for;
+    tests::storage::sas_connection_string(azurite, ss, srt, sp, expiry)
+}
+
+#[tokio::test]
+async fn least_privilege_credentials_run_the_pipeline_a_403_loses_nothing_and_no_secret_leaks() {
+    if !tests::servers_available("least_privilege") {
+        return;
+    }
+    let ids = vec!["sensor-00001".to_owned()];
+    let credentials = device_credentials(&ids);
+    let (mut azurite, broker) =
+        tokio::join!(Azurite::start(), SecureMosquitto::start(&credentials));
+    let names = Names::new();
+    let container = unique("archive");
+    // The operator creates the resources; no service credential may.
+    let admin = azurite.account();
+    for q in [&names.queue, &names.dead] {
+        admin.queue(q).create_if_missing().await.unwrap();
+    }
+    for t in [&names.table, &names.devices] {
+        admin.table(t).create_if_missing().await.unwrap();
+    }
+    admin
+        .container(&container)
+        .create_if_missing()
+        .await
+        .unwrap();
+
+    let day = Duration::from_secs(86_400);
+    let ingest_sas = sas(&azurite, INGEST_SAS, day);
+    // The processor's credential expires mid-run: every call after that is a 403.
+    let short_sas = sas(&azurite, PROCESSOR_SAS, Duration::from_secs(25));
+    let processor_sas = sas(&azurite, PROCESSOR_SAS, day);
+    let archiver_sas = sas(&azurite, ARCHIVER_SAS, day);
+    let deadletter_sas = sas(&azurite, DEADLETTER_SAS, day);
+    let sas_of = |cs: &str| {
+        infra::storage::Account::from_connection_string(cs, Duration::from_secs(10)).unwrap()
+    };
+
+    // Least means least: ingest's credential cannot read its own queue.
+    let denied = sas_of(&ingest_sas)
+        .queue(&names.queue)
+        .get(1, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.status(), Some(403), "{denied}");
+
+    let ingest = Service::start("ingest", &ingest_env(&broker, &ingest_sas, &names.queue)).await;
+    let penv = [
+        ("PROCESSOR_MAX_DELIVERIES", "2".to_owned()),
+        ("PROCESSOR_VISIBILITY_TIMEOUT", "6s".to_owned()),
+        ("PROCESSOR_MAX_AGE", "60days".to_owned()),
+    ];
+    let mut processor =
+        Service::start("processor", &processor_env_with(&names, &short_sas, &penv)).await;
+    let sensor = device(&broker, "sensor-00001");
+
+    // Before the expiry: readings stored (one 40 days old, for the archiver), one malformed
+    // dead-lettered.
+    let now = now_ms();
+    let old_ms = now - 40 * 86_400_000;
+    let mut first: Vec<(String, Vec<u8>)> = (0..20)
+        .map(|i| {
+            (
+                topic("sensor-00001"),
+                reading("sensor-00001", now - 100_000 + i, i as u64),
+            )
+        })
+        .collect();
+    first.push((topic("sensor-00001"), reading("sensor-00001", old_ms, 100)));
+    first.push((topic("sensor-00001"), b"{not json".to_vec()));
+    publish_with(&sensor, first).await;
+    wait_rows(&azurite, &names.table, 21).await;
+    let dl_queue = admin.queue(&names.dead);
+    tests::wait_for("the first dead letter", Duration::from_secs(30), || async {
+        (dl_queue.approximate_depth().await.ok()? >= 1).then_some(())
+    })
+    .await;
+
+    // After the expiry: the processor is refused, holds everything, blames no reading.
+    tokio::time::sleep(
+        Duration::from_secs(26).saturating_sub(Duration::from_millis((now_ms() - now) as u64)),
+    )
+    .await;
+    // Through the gateway identity, one reading each for 30 devices.
+    let gateway = client(
+        &broker.url(),
+        broker.file("ca.crt"),
+        Some(("gateway", &broker.password("gateway"))),
+        None,
+    );
+    let second: Vec<(String, Vec<u8>)> = (0..30)
+        .map(|i| {
+            let id = format!("gw-{i:02}");
+            (topic(&id), reading(&id, now - 50_000 + i, 200 + i as u64))
+        })
+        .collect();
+    publish_with(&gateway, second).await;
+    let body = wait_not_ready(&processor, "403").await;
+    let mut endpoint_bodies = vec![body];
+
+    // A credential that may read the queue but not write rows (a rotation gone wrong; the
+    // emulator lets it write transactions, so these are single-row writes): rounds fail on
+    // every write, deliveries pile up past PROCESSOR_MAX_DELIVERIES, and still no reading is
+    // dead-lettered or deleted.
+    processor.kill9().await;
+    let narrow_sas = sas(&azurite, ("qt", "co", "rp"), day);
+    let mut narrow =
+        Service::spawn("processor", &processor_env_with(&names, &narrow_sas, &penv)).await;
+    let body = wait_not_ready(&narrow, "storage refuses the processor").await;
+    assert!(body.contains("403"), "{body}");
+    endpoint_bodies.push(body);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    endpoint_bodies.push(
+        tests::services::http_get(narrow.metrics_port, "/metrics")
+            .await
+            .unwrap()
+            .1,
+    );
+    assert_eq!(rows(&azurite, &names.table).await.len(), 21);
+    assert_eq!(
+        dl_queue.approximate_depth().await.unwrap(),
+        1,
+        "a 403 made dead letters"
+    );
+    assert!(admin.queue(&names.queue).approximate_depth().await.unwrap() > 0);
+    narrow.kill9().await;
+    let narrow_log = narrow.log_text();
+
+    // Storage goes away for a moment while ingest writes: transport errors, not secrets.
+    azurite.stop().await;
+    publish_with(
+        &sensor,
+        vec![(
+            topic("sensor-00001"),
+            reading("sensor-00001", now - 10_000, 300),
+        )],
+    )
+    .await;
+    tests::wait_for(
+        "ingest to meet the outage",
+        Duration::from_secs(30),
+        || async { (ingest.metric("ingest_queue_put_failures_total").await > 0.0).then_some(()) },
+    )
+    .await;
+    endpoint_bodies.push(
+        tests::services::http_get(ingest.metrics_port, "/readyz")
+            .await
+            .unwrap()
+            .1,
+    );
+    azurite.restart().await;
+
+    // The operator rotates the credential by restarting with a new one: everything arrives,
+    // and the only dead letter is the malformed reading.
+    processor.set_env("AZURE_STORAGE_CONNECTION_STRING", processor_sas.clone());
+    processor.restart().await;
+    assert!(
+        narrow_log.contains("Storage refuses the processor"),
+        "{narrow_log}"
+    );
+    wait_rows(&azurite, &names.table, 52).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(rows(&azurite, &names.table).await.len(), 52);
+    endpoint_bodies.push(
+        tests::services::http_get(processor.metrics_port, "/metrics")
+            .await
+            .unwrap()
+            .1,
+    );
+
+    // The archiver and the dead-letter tool on their own least privilege.
+    let archived = tokio::process::Command::new(tests::services::bin_path("archiver"))
+        .args(["run", "--once"])
+        .env("AZURE_STORAGE_CONNECTION_STRING", &archiver_sas)
+        .env("ARCHIVER_TABLE_NAME", &names.table)
+        .env("ARCHIVER_DEVICE_TABLE", &names.devices)
+        .env("ARCHIVER_CONTAINER", &container)
+        .env("ARCHIVER_METRICS_ADDR", "127.0.0.1:0")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let archiver_out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&archived.stdout),
+        String::from_utf8_lossy(&archived.stderr)
+    );
+    assert!(archived.status.success(), "{archiver_out}");
+    assert_eq!(
+        rows(&azurite, &names.table).await.len(),
+        51,
+        "the old reading left the table"
+    );
+    assert_eq!(admin.container(&container).list("").await.unwrap().len(), 1);
+    let listed = tokio::process::Command::new(tests::services::bin_path("deadletter"))
+        .args(["list", "--json", "--queue", &names.dead, "--hold", "3s"])
+        .env("AZURE_STORAGE_CONNECTION_STRING", &deadletter_sas)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let deadletter_out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&listed.stdout),
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    assert!(listed.status.success(), "{deadletter_out}");
+    assert!(
+        deadletter_out.contains("malformed_json"),
+        "{deadletter_out}"
+    );
+
+    // A malformed connection string holding a secret is refused by name, not by value.
+    let malformed = format!(
+        "AccountName=devstoreaccount1;{};Nonsense",
+        processor_sas.split(';').nth(1).unwrap()
+    );
+    let refused = tokio::process::Command::new(tests::services::bin_path("processor"))
+        .env("AZURE_STORAGE_CONNECTION_STRING", &malformed)
+        .env("PROCESSOR_METRICS_ADDR", "127.0.0.1:0")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    assert!(!refused.status.success());
+    let refused_out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&refused.stdout),
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(
+        refused_out.contains("part 3 is not Key=value"),
+        "{refused_out}"
+    );
+
+    // No secret anywhere: logs at debug level too, endpoints, tool output.
+    let mut wrong = ingest_env(&broker, &ingest_sas, &names.queue);
+    wrong.push(("RUST_LOG", "debug".into()));
+    wrong.retain(|(k, _)| *k != "MQTT_PASSWORD_FILE");
+    wrong.push(("MQTT_PASSWORD", "wrong-password-secret".into()));
+    let wrong = Service::spawn("ingest", &wrong).await;
+    endpoint_bodies.push(wait_not_ready(&wrong, "refused").await);
+    let help = std::process::Command::new(tests::services::bin_path("ingest"))
+        .arg("--help")
+        .env("MQTT_PASSWORD", "help-password-secret")
+        .env("AZURE_STORAGE_CONNECTION_STRING", &ingest_sas)
+        .output()
+        .unwrap();
+    let texts = [
+        ingest.log_text(),
+        processor.log_text(),
+        narrow_log,
+        wrong.log_text(),
+        archiver_out,
+        deadletter_out,
+        refused_out,
+        String::from_utf8_lossy(&help.stdout).into_owned(),
+        endpoint_bodies.join("\n"),
+    ];
+    let mut secrets: Vec<String> = [
+        &ingest_sas,
+        &short_sas,
+        &processor_sas,
+        &archiver_sas,
+        &deadletter_sas,
+    ]
+    .iter()
+    .map(|cs| tests::storage::sas_signature(cs))
+    .collect();
+    secrets.extend(secrets.clone().iter().map(|s| {
+        s.replace("%2B", "+")
+            .replace("%2F", "/")
+            .replace("%3D", "=")
+    }));
+    secrets.extend([
+        broker.password("ingest"),
+        broker.password("gateway"),
+        infra::mqtt::device_password(&Secret::new(FLEET_SECRET), "sensor-00001")
+            .expose()
+            .to_owned(),
+        "wrong-password-secret".into(),
+        "help-password-secret".into(),
+        "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq".into(),
+    ]);
+    assert!(
+        texts[0].contains("queue_put failed"),
+        "the scan must cover the outage's errors"
+    );
+    assert!(
+        texts[1].contains("403") && texts[2].contains("403"),
+        "the scan must cover the 403s"
+    );
+    for text in &texts {
+        for secret in &secrets {
+            assert!(!text.contains(secret.as_str()), "a secret leaked:\n{text}");
+        }
+    }
+}
