@@ -1,7 +1,7 @@
 //! `list` and `show`: walks that change nothing.
 
 use crate::config::{ListArgs, ShowArgs};
-use crate::summary::{count, rows_table, Summary};
+use crate::summary::{count, rows_table, terminal_safe, Summary};
 use crate::{record_id, stdout, Session};
 use schemas::DeadLetter;
 use std::sync::atomic::Ordering::Relaxed;
@@ -137,8 +137,9 @@ fn with_id(id: &str, record: &DeadLetter) -> serde_json::Value {
 /// A record for reading: its fields, then the payload, pretty-printed when it is JSON.
 fn render(id: &str, r: &DeadLetter) -> String {
     let mut out = String::new();
+    // Values may be device-controlled: escaped, so they cannot drive the terminal.
     let mut field = |name: &str, value: &str| {
-        out.push_str(&format!("{name:<16} {value}\n"));
+        out.push_str(&format!("{name:<16} {}\n", terminal_safe(value, false)));
     };
     field("id", id);
     field("reason", r.reason.as_str());
@@ -176,8 +177,8 @@ fn render(id: &str, r: &DeadLetter) -> String {
                 .ok()
                 .and_then(|v| serde_json::to_string_pretty(&v).ok());
             match (pretty, std::str::from_utf8(&bytes)) {
-                (Some(json), _) => out.push_str(&json),
-                (None, Ok(text)) => out.push_str(text),
+                (Some(json), _) => out.push_str(&terminal_safe(&json, true)),
+                (None, Ok(text)) => out.push_str(&terminal_safe(text, true)),
                 (None, Err(_)) => {
                     out.push_str("(not UTF-8; base64) ");
                     out.push_str(r.payload_base64.as_deref().unwrap_or_default());

@@ -153,6 +153,29 @@ pub fn rows_table(rows: &[(String, DeadLetter)]) -> String {
     table.render()
 }
 
+/// `text` with every control character (and every Unicode direction override) escaped, so
+/// device-controlled text (topic, payload, detail) cannot move the cursor, recolour or
+/// rewrite the operator's terminal, or reorder what it shows. Line breaks are kept only when
+/// `keep_newlines` (a payload printed whole); in a table cell they are escaped too.
+pub fn terminal_safe(text: &str, keep_newlines: bool) -> String {
+    let risky = |c: char| {
+        (c.is_control() && !(keep_newlines && matches!(c, '\n' | '\t')))
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.contains(risky) {
+        return text.to_owned();
+    }
+    text.chars()
+        .map(|c| {
+            if risky(c) {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// `12,345`.
 pub fn count(n: usize) -> String {
     let digits = n.to_string();
@@ -178,8 +201,10 @@ impl Table {
         }
     }
 
+    /// Adds a row; cells may be device-controlled, so they are made terminal-safe here.
     fn row<const N: usize>(&mut self, cells: [String; N]) {
-        self.rows.push(cells.into());
+        self.rows
+            .push(cells.iter().map(|c| terminal_safe(c, false)).collect());
     }
 
     fn render(&self) -> String {
@@ -266,5 +291,22 @@ mod tests {
         assert_eq!(count(999), "999");
         assert_eq!(count(1000), "1,000");
         assert_eq!(count(1_234_567), "1,234,567");
+    }
+
+    #[test]
+    fn device_text_cannot_drive_the_terminal() {
+        let hostile = "ok\u{1b}[2J\u{1b}]0;pwned\u{7}\rline\nnext\u{202e}txt";
+        let cell = terminal_safe(hostile, false);
+        assert!(
+            !cell.chars().any(|c| c.is_control() || c == '\u{202e}'),
+            "{cell}"
+        );
+        assert!(cell.starts_with("ok\\u{1b}[2J"), "{cell}");
+        let whole = terminal_safe(hostile, true);
+        assert!(
+            whole.contains("line\nnext") && !whole.contains('\u{1b}'),
+            "{whole}"
+        );
+        assert_eq!(terminal_safe("plain text", false), "plain text");
     }
 }

@@ -400,6 +400,23 @@ async fn ingest_with_a_client_certificate_and_simulated_devices_with_their_own_i
     wait_rows(&azurite, &names.table, expected + 1).await;
 }
 
+/// Runs a binary of the workspace to its end: whether it succeeded, and all it printed.
+async fn run_tool(bin: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let out = tokio::process::Command::new(tests::services::bin_path(bin))
+        .args(args)
+        .envs(env.iter().copied())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// Each service's least privilege, as an account SAS: (services, resource types, permissions).
 const INGEST_SAS: (&str, &str, &str) = ("q", "o", "a");
 const PROCESSOR_SAS: (&str, &str, &str) = ("qt", "co", "rapu");
@@ -591,42 +608,32 @@ async fn least_privilege_credentials_run_the_pipeline_a_403_loses_nothing_and_no
     );
 
     // The archiver and the dead-letter tool on their own least privilege.
-    let archived = tokio::process::Command::new(tests::services::bin_path("archiver"))
-        .args(["run", "--once"])
-        .env("AZURE_STORAGE_CONNECTION_STRING", &archiver_sas)
-        .env("ARCHIVER_TABLE_NAME", &names.table)
-        .env("ARCHIVER_DEVICE_TABLE", &names.devices)
-        .env("ARCHIVER_CONTAINER", &container)
-        .env("ARCHIVER_METRICS_ADDR", "127.0.0.1:0")
-        .kill_on_drop(true)
-        .output()
-        .await
-        .unwrap();
-    let archiver_out = format!(
-        "{}{}",
-        String::from_utf8_lossy(&archived.stdout),
-        String::from_utf8_lossy(&archived.stderr)
-    );
-    assert!(archived.status.success(), "{archiver_out}");
+    let (archived, archiver_out) = run_tool(
+        "archiver",
+        &["run", "--once"],
+        &[
+            ("AZURE_STORAGE_CONNECTION_STRING", archiver_sas.as_str()),
+            ("ARCHIVER_TABLE_NAME", &names.table),
+            ("ARCHIVER_DEVICE_TABLE", &names.devices),
+            ("ARCHIVER_CONTAINER", &container),
+            ("ARCHIVER_METRICS_ADDR", "127.0.0.1:0"),
+        ],
+    )
+    .await;
+    assert!(archived, "{archiver_out}");
     assert_eq!(
         rows(&azurite, &names.table).await.len(),
         51,
         "the old reading left the table"
     );
     assert_eq!(admin.container(&container).list("").await.unwrap().len(), 1);
-    let listed = tokio::process::Command::new(tests::services::bin_path("deadletter"))
-        .args(["list", "--json", "--queue", &names.dead, "--hold", "3s"])
-        .env("AZURE_STORAGE_CONNECTION_STRING", &deadletter_sas)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .unwrap();
-    let deadletter_out = format!(
-        "{}{}",
-        String::from_utf8_lossy(&listed.stdout),
-        String::from_utf8_lossy(&listed.stderr)
-    );
-    assert!(listed.status.success(), "{deadletter_out}");
+    let (listed, deadletter_out) = run_tool(
+        "deadletter",
+        &["list", "--json", "--queue", &names.dead, "--hold", "3s"],
+        &[("AZURE_STORAGE_CONNECTION_STRING", deadletter_sas.as_str())],
+    )
+    .await;
+    assert!(listed, "{deadletter_out}");
     assert!(
         deadletter_out.contains("malformed_json"),
         "{deadletter_out}"
@@ -637,19 +644,16 @@ async fn least_privilege_credentials_run_the_pipeline_a_403_loses_nothing_and_no
         "AccountName=devstoreaccount1;{};Nonsense",
         processor_sas.split(';').nth(1).unwrap()
     );
-    let refused = tokio::process::Command::new(tests::services::bin_path("processor"))
-        .env("AZURE_STORAGE_CONNECTION_STRING", &malformed)
-        .env("PROCESSOR_METRICS_ADDR", "127.0.0.1:0")
-        .kill_on_drop(true)
-        .output()
-        .await
-        .unwrap();
-    assert!(!refused.status.success());
-    let refused_out = format!(
-        "{}{}",
-        String::from_utf8_lossy(&refused.stdout),
-        String::from_utf8_lossy(&refused.stderr)
-    );
+    let (refused, refused_out) = run_tool(
+        "processor",
+        &[],
+        &[
+            ("AZURE_STORAGE_CONNECTION_STRING", malformed.as_str()),
+            ("PROCESSOR_METRICS_ADDR", "127.0.0.1:0"),
+        ],
+    )
+    .await;
+    assert!(!refused);
     assert!(
         refused_out.contains("part 3 is not Key=value"),
         "{refused_out}"

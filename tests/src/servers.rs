@@ -130,6 +130,21 @@ impl Azurite {
     }
 }
 
+/// Writes `conf` into `dir` and starts Mosquitto on it, logging to `dir/mosquitto.log`.
+fn launch_mosquitto(dir: &std::path::Path, conf: &str) -> Child {
+    let conf_path = dir.join("mosquitto.conf");
+    std::fs::write(&conf_path, conf).expect("write mosquitto.conf");
+    let log = std::fs::File::create(dir.join("mosquitto.log")).expect("mosquitto log");
+    Command::new(mosquitto_bin().expect("mosquitto installed"))
+        .arg("-c")
+        .arg(&conf_path)
+        .stdout(Stdio::from(log.try_clone().expect("log handle")))
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start mosquitto")
+}
+
 /// Mosquitto with the project's shipped configuration (deploy/mosquitto.conf), so the tests
 /// prove the configuration users get, not a friendlier one.
 #[derive(Debug)]
@@ -158,17 +173,7 @@ impl Mosquitto {
             })
             .collect::<Vec<_>>()
             .join("\n");
-        let conf_path = dir.0.join("mosquitto.conf");
-        std::fs::write(&conf_path, conf).expect("write mosquitto.conf");
-        let log = std::fs::File::create(dir.0.join("mosquitto.log")).expect("mosquitto log");
-        let child = Command::new(mosquitto_bin().expect("mosquitto installed"))
-            .arg("-c")
-            .arg(&conf_path)
-            .stdout(Stdio::from(log.try_clone().expect("log handle")))
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start mosquitto");
+        let child = launch_mosquitto(&dir.0, &conf);
         wait_for(
             "mosquitto to listen",
             Duration::from_secs(10),
@@ -253,17 +258,7 @@ impl SecureMosquitto {
             })
             .collect::<Vec<_>>()
             .join("\n");
-        let conf_path = identities.0.join("mosquitto.conf");
-        std::fs::write(&conf_path, conf).expect("write mosquitto.conf");
-        let log = std::fs::File::create(identities.0.join("mosquitto.log")).expect("log");
-        let child = Command::new(mosquitto_bin().expect("mosquitto installed"))
-            .arg("-c")
-            .arg(&conf_path)
-            .stdout(Stdio::from(log.try_clone().expect("log handle")))
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start mosquitto");
+        let child = launch_mosquitto(&identities.0, &conf);
         wait_for(
             "the secure mosquitto to listen",
             Duration::from_secs(10),

@@ -40,7 +40,13 @@ impl Service {
         args: &[&str],
         env: &[(&str, String)],
     ) -> Self {
-        let mut s = Self {
+        let mut s = Self::new(name, args, env);
+        s.launch().await;
+        s
+    }
+
+    fn new(name: &'static str, args: &[&str], env: &[(&str, String)]) -> Self {
+        Self {
             name,
             args: args.iter().map(|a| (*a).to_owned()).collect(),
             env: env
@@ -51,25 +57,12 @@ impl Service {
             child: None,
             logs: TempDir::new(name),
             starts: 0,
-        };
-        s.launch().await;
-        s
+        }
     }
 
     /// Starts a service without waiting for it to be ready (one that is expected not to be).
     pub async fn spawn(name: &'static str, env: &[(&str, String)]) -> Self {
-        let mut s = Self {
-            name,
-            args: Vec::new(),
-            env: env
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), v.clone()))
-                .collect(),
-            metrics_port: free_port(),
-            child: None,
-            logs: TempDir::new(name),
-            starts: 0,
-        };
+        let mut s = Self::new(name, &[], env);
         s.run();
         s
     }
