@@ -93,6 +93,11 @@ async fn run_passes(args: RunArgs, shutdown: CancellationToken) -> anyhow::Resul
                     health.set_ready();
                     metrics::gauge!(metrics_names::LAST_SUCCESS)
                         .set(schemas::timefmt::now_ms() as f64 / 1000.0);
+                } else if let Some(why) = &report.last_failure {
+                    health.set_not_ready(format!(
+                        "{} device-days failed in the last pass; the last: {why}",
+                        report.failures
+                    ));
                 }
                 tracing::info!(
                     rows = report.rows,

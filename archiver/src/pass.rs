@@ -33,6 +33,9 @@ pub struct PassReport {
     /// Rows left because they changed after being read; the next pass takes them.
     pub changed: usize,
     pub failures: usize,
+    /// What the last failure was (an error only the operator can fix, such as a 403, shows
+    /// here and in readiness).
+    pub last_failure: Option<String>,
     pub elapsed: Duration,
     /// Stopped early by shutdown.
     pub interrupted: bool,
@@ -111,6 +114,11 @@ pub async fn run(
     let mut report = PassReport {
         devices: devices.len(),
         failures: counters.failures.load(Relaxed),
+        last_failure: counters
+            .last_failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take(),
         elapsed: started.elapsed(),
         interrupted: shutdown.is_cancelled(),
         ..PassReport::default()
@@ -139,6 +147,11 @@ async fn archive_device(
     let cutoff_key = quote(&timefmt::format_ms(cutoff_ms));
     let fail = |what: &str, error: &dyn std::fmt::Display| {
         counters.failures.fetch_add(1, Relaxed);
+        *counters
+            .last_failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(format!("device {id}, {what}: {error}"));
         metrics::counter!(m::FAILURES).increment(1);
         tracing::error!(device = %id, %error, "Cannot archive {what}; it stays in the table for the next pass.");
     };

@@ -10,6 +10,8 @@ pub struct Counters {
     pub rows: AtomicUsize,
     pub bytes: AtomicUsize,
     pub failures: AtomicUsize,
+    /// The last failure's error, for readiness.
+    pub last_failure: std::sync::Mutex<Option<String>>,
 }
 
 /// Starts reporting `counters` for a pass over `devices` devices.

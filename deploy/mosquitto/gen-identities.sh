@@ -6,7 +6,7 @@
 # tests. Production certificates come from the operator's CA and production keys and
 # passwords are mounted as secrets; never ship what this script writes.
 #
-# Needs only Debian's `openssl` and `mosquitto` packages (mosquitto_passwd).
+# Needs only Debian's `openssl` and `mosquitto` packages, and python3.
 #
 # Writes into OUT_DIR (created, mode 0755; existing files of these names are replaced):
 #   ca.crt, ca.key                 test CA, EC P-256, valid CA_DAYS (ca.key is 0600)
@@ -14,10 +14,11 @@
 #                                  extendedKeyUsage serverAuth
 #   ingest.crt, ingest.key         client certificate CN=ingest (clientAuth)
 #   <DEVICE_CERT_ID>.crt, .key     client certificate CN=<DEVICE_CERT_ID> (clientAuth)
-#   passwd                         Mosquitto password file, hashed (mosquitto_passwd -U)
+#   dynamic-security.json          identities (hashed passwords) and permissions for the
+#                                  dynamic-security plugin (dynsec.py)
 #   ingest.password                ingest's password, plain text, 0600, no trailing newline
 #   gateway.password               gateway's password, plain text, 0600, no trailing newline
-# Certificates and their keys (except ca.key) and passwd are 0644 so that a broker started as
+# Certificates and their keys (except ca.key) and dynamic-security.json are 0644 so that a broker started as
 # root, which drops to the `mosquitto` user, can read them. That is for local/test use only.
 # The folders above OUT_DIR must be searchable by that user too (a 0700 mktemp parent is not).
 #
@@ -50,8 +51,8 @@ cert_days=${CERT_DAYS:-825}
 
 die() { echo "gen-identities: $*" >&2; exit 1; }
 
-for tool in openssl mosquitto_passwd; do
-  command -v "$tool" >/dev/null || die "$tool not found (Debian: apt-get install openssl mosquitto)"
+for tool in openssl python3; do
+  command -v "$tool" >/dev/null || die "$tool not found (Debian: apt-get install openssl python3)"
 done
 [[ $device_id =~ ^[A-Za-z0-9._-]+$ ]] || die "DEVICE_CERT_ID must match [A-Za-z0-9._-]+: '$device_id'"
 [[ $device_id != ingest && $device_id != gateway ]] || die "DEVICE_CERT_ID cannot be a service identity"
@@ -64,8 +65,7 @@ fi
 # Everything is checked before anything is written to OUT_DIR. Plain-text secrets are kept
 # in a private temporary folder (mktemp, 0700) until they are written out.
 work=$(mktemp -d)
-pw_tmp=
-trap 'rm -rf -- "$work"; if [[ -n $pw_tmp ]]; then rm -f -- "$pw_tmp"; fi' EXIT
+trap 'rm -rf -- "$work"' EXIT
 
 # Passwords of the service identities.
 service_password() { # name value-or-empty
@@ -189,22 +189,15 @@ for name in ingest gateway; do
   install -m 0600 -- "$work/$name.password" "$out/$name.password"
 done
 
-# Password file: written in plain text (0600) next to its destination, hashed in place with
-# mosquitto_passwd -U, then made readable and moved into place.
-pw_tmp="$out/.passwd.tmp.$$"
-(
-  umask 077
-  {
-    printf 'ingest:%s\n' "$(cat "$work/ingest.password")"
-    printf 'gateway:%s\n' "$(cat "$work/gateway.password")"
-    cat "$work/devices"
-  } >"$pw_tmp"
-)
-quiet mosquitto_passwd -U "$pw_tmp"
-chmod 0644 "$pw_tmp"
-mv -f -- "$pw_tmp" "$out/passwd"
-pw_tmp=
+# The broker's identities and permissions: the dynamic-security plugin's file (dynsec.py),
+# passwords hashed, never written in plain text outside the private work folder.
+{
+  printf 'ingest:%s\n' "$(cat "$work/ingest.password")"
+  printf 'gateway:%s\n' "$(cat "$work/gateway.password")"
+  cat "$work/devices"
+} | python3 "$(dirname -- "${BASH_SOURCE[0]}")/dynsec.py" "$out/dynamic-security.json" "$device_id" \
+  || die "failed: dynsec.py"
 
 echo "gen-identities: wrote to $out: test CA (ca.crt, ca.key), server.crt/.key (SAN $broker_names)," \
-  "client certs ingest and $device_id, passwd (ingest, gateway + $devices device users, hashed)," \
+  "client certs ingest and $device_id, dynamic-security.json (ingest, gateway + $devices devices, hashed)," \
   "ingest.password, gateway.password"

@@ -81,6 +81,17 @@ impl std::fmt::Display for MqttUrl {
     }
 }
 
+/// Outgoing QoS 1 publishes a connection keeps in flight, at most. rumqttc's default
+/// (65,535) allocates a slot for each in every connection: several megabytes each, which
+/// killed the simulator (out of memory) at 10,000 per-device connections. The broker's own
+/// Receive Maximum (Mosquitto: 20) is the real limit anyway.
+pub const OUTGOING_INFLIGHT: u16 = 256;
+
+/// How long a connection attempt (TCP, TLS handshake, CONNACK) may take. rumqttc's 5 s is
+/// too short when thousands of TLS handshakes queue at one broker (after its restart, say):
+/// attempts abandoned midway cost the broker the handshake anyway and come straight back.
+pub const CONNECT_TIMEOUT_SECS: u64 = 20;
+
 /// A value that must never be printed: its `Debug` and `Display` say `<redacted>`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -281,10 +292,13 @@ impl Connection {
         self.password.is_some() && self.tls.is_none()
     }
 
-    /// MQTT v5 options for `client_id`: address, transport and credentials. The caller adds
-    /// session and flow settings.
+    /// MQTT v5 options for `client_id`: address, transport, credentials, and a bound on
+    /// outgoing QoS 1 publishes in flight. The caller adds session and flow settings.
     pub fn options(&self, client_id: impl Into<String>) -> MqttOptions {
         let mut options = MqttOptions::new(client_id, self.url.host.clone(), self.url.port);
+        options
+            .set_outgoing_inflight_upper_limit(OUTGOING_INFLIGHT)
+            .set_connection_timeout(CONNECT_TIMEOUT_SECS);
         if let Some(config) = &self.tls {
             options.set_transport(Transport::Tls(TlsConfiguration::Rustls(config.clone())));
         }

@@ -95,20 +95,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut tasks = tokio::task::JoinSet::new();
     for conn in 0..connections {
         let devices: Vec<usize> = (conn..config.devices).step_by(connections).collect();
-        let broker = match &device_secret {
-            // One device per connection here: it connects as itself.
+        let (broker, client_id) = match &device_secret {
+            // One device per connection here: it connects as itself, with its id as client id
+            // too (the secure broker binds each device to it).
             Some(secret) => {
                 let id = generator.device_id(conn);
                 let password = infra::mqtt::device_password(secret, &id);
-                broker.with_credentials(id, password)
+                (broker.with_credentials(id.clone(), password), id)
             }
-            None => broker.clone(),
+            None => (
+                broker.clone(),
+                format!("simulator-{}-{conn}", std::process::id()),
+            ),
+        };
+        let opens_after = if config.connect_rate > 0.0 {
+            Duration::from_secs_f64(conn as f64 / config.connect_rate)
+        } else {
+            Duration::ZERO
         };
         tasks.spawn(connection(Conn {
             broker,
+            client_id,
+            opens_after,
             config: config.clone(),
             interval,
-            index: conn,
             devices,
             generator: generator.clone(),
             tally: tally.clone(),
@@ -160,9 +170,11 @@ fn check_fd_limit(connections: usize) -> anyhow::Result<()> {
 
 struct Conn {
     broker: Connection,
+    client_id: String,
+    /// When to connect, counted from the start (`--connect-rate`).
+    opens_after: Duration,
     config: Config,
     interval: Duration,
-    index: usize,
     devices: Vec<usize>,
     generator: Arc<Generator>,
     tally: Arc<Tally>,
@@ -171,8 +183,11 @@ struct Conn {
 }
 
 async fn connection(c: Conn) -> anyhow::Result<()> {
-    let id = format!("simulator-{}-{}", std::process::id(), c.index);
-    let mut options = c.broker.options(id);
+    tokio::select! {
+        _ = c.shutdown.cancelled() => return Ok(()),
+        _ = tokio::time::sleep(c.opens_after) => {}
+    }
+    let mut options = c.broker.options(c.client_id.clone());
     options
         .set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(Some(1024 * 1024));

@@ -4,6 +4,7 @@
 
 use infra::mqtt::{Connection, MqttArgs, Secret};
 use rumqttc::v5::mqttbytes::v5::PubAckReason;
+use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode;
 use schemas::timefmt::now_ms;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -217,23 +218,33 @@ async fn the_secure_broker_binds_every_device_to_its_own_topic() {
         Some(PubAckReason::Success)
     );
 
-    // A device listening to everything hears nothing, while readings keep flowing to ingest.
-    let eavesdrop = tokio::spawn({
-        let a = a.clone();
-        async move { listen(&a, "#", Duration::from_secs(4)).await }
-    });
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    publish_with(
-        &b,
-        vec![(topic("sensor-00002"), reading("sensor-00002", at + 3, 3))],
-    )
-    .await;
-    assert_eq!(
-        eavesdrop.await.unwrap(),
-        Vec::<String>::new(),
-        "a device received others' readings"
-    );
-
+    // A device may subscribe to nothing: not to everything, not into ingest's share group
+    // (where it would take a share of every reading), and it may not take over another
+    // client's session by its client id.
+    for filter in ["#", "$SYS/#", "$share/ingest/devices/+/telemetry"] {
+        let listening = tokio::spawn({
+            let a = a.clone();
+            async move { listen(&a, filter, Duration::from_secs(3)).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        publish_with(
+            &b,
+            vec![(topic("sensor-00002"), reading("sensor-00002", at + 3, 3))],
+        )
+        .await;
+        let (codes, got) = listening.await.unwrap();
+        assert!(
+            matches!(codes.as_slice(), [SubscribeReasonCode::NotAuthorized]),
+            "{filter}: {codes:?}"
+        );
+        assert_eq!(
+            got,
+            Vec::<String>::new(),
+            "{filter}: a device received readings"
+        );
+    }
+    let takeover = tests::storage::connect_as(&a, "ingest-1").await;
+    assert!(takeover.is_err(), "a device connected as ingest-1");
     let stored = wait_rows(&azurite, &names.table, 3).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let stored = if rows(&azurite, &names.table).await.len() > stored.len() {
@@ -721,4 +732,68 @@ async fn least_privilege_credentials_run_the_pipeline_a_403_loses_nothing_and_no
             assert!(!text.contains(secret.as_str()), "a secret leaked:\n{text}");
         }
     }
+}
+
+#[tokio::test]
+async fn without_create_rights_a_missing_queue_is_named_in_readiness_and_nothing_is_lost() {
+    if !tests::servers_available("missing_queue") {
+        return;
+    }
+    let (azurite, mosquitto) = tokio::join!(Azurite::start(), tests::Mosquitto::start());
+    let queue = unique("ingest");
+    let mut ingest = Service::spawn(
+        "ingest",
+        &[
+            ("MQTT_URL", mosquitto.url()),
+            (
+                "AZURE_STORAGE_CONNECTION_STRING",
+                azurite.connection_string(),
+            ),
+            ("INGEST_QUEUE_NAME", queue.clone()),
+            ("INGEST_CLIENT_ID", unique("ingest")),
+            ("STORAGE_CREATE_MISSING", "false".into()),
+        ],
+    )
+    .await;
+    // Nothing is created or probed at start: ingest subscribes and is ready.
+    tests::wait_for("ingest to be ready", Duration::from_secs(30), || async {
+        (tests::services::http_get(ingest.metrics_port, "/readyz")
+            .await?
+            .0
+            == 200)
+            .then_some(())
+    })
+    .await;
+    let at = now_ms() - 1_000;
+    tests::storage::publish_all(
+        mosquitto.port,
+        vec![(topic("dev-q"), reading("dev-q", at, 1))],
+    )
+    .await;
+    let body = wait_not_ready(&ingest, "QueueNotFound").await;
+    assert!(body.contains(&queue), "{body}");
+    assert!(!ingest.exited(), "ingest must keep running");
+    assert_eq!(ingest.metric("ingest_messages_acked_total").await, 0.0);
+    // The operator creates the queue: the held reading goes in, and ingest is ready again.
+    let q = azurite.account().queue(&queue);
+    q.create_if_missing().await.unwrap();
+    tests::wait_for(
+        "the reading in the queue",
+        Duration::from_secs(30),
+        || async { (q.approximate_depth().await.ok()? == 1).then_some(()) },
+    )
+    .await;
+    tests::wait_for(
+        "ingest to be ready again",
+        Duration::from_secs(30),
+        || async {
+            (tests::services::http_get(ingest.metrics_port, "/readyz")
+                .await?
+                .0
+                == 200)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(ingest.metric("ingest_messages_acked_total").await, 1.0);
 }

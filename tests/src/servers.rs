@@ -130,6 +130,19 @@ impl Azurite {
     }
 }
 
+/// Where this machine's Mosquitto keeps its dynamic-security plugin (Debian: multiarch).
+fn dynamic_security_plugin() -> PathBuf {
+    ["x86_64-linux-gnu", "aarch64-linux-gnu", ""]
+        .iter()
+        .map(|arch| {
+            PathBuf::from("/usr/lib")
+                .join(arch)
+                .join("mosquitto_dynamic_security.so")
+        })
+        .find(|p| p.is_file())
+        .expect("mosquitto's dynamic-security plugin (Debian package mosquitto)")
+}
+
 /// Writes `conf` into `dir` and starts Mosquitto on it, logging to `dir/mosquitto.log`.
 fn launch_mosquitto(dir: &std::path::Path, conf: &str) -> Child {
     let conf_path = dir.join("mosquitto.conf");
@@ -193,9 +206,9 @@ impl Mosquitto {
 }
 
 /// Mosquitto with the production configuration (deploy/mosquitto/): TLS only, passwords on
-/// one listener and client certificates on the other, the shipped ACL, and identities made
-/// by the shipped script (deploy/mosquitto/gen-identities.sh), so the tests prove what
-/// operators deploy.
+/// one listener and client certificates on the other, permissions by the dynamic-security
+/// plugin, and identities made by the shipped script (deploy/mosquitto/gen-identities.sh), so
+/// the tests prove what operators deploy.
 #[derive(Debug)]
 pub struct SecureMosquitto {
     /// TLS with user name and password.
@@ -245,11 +258,10 @@ impl SecureMosquitto {
                     "cafile" => format!("cafile {}", file("ca.crt")),
                     "certfile" => format!("certfile {}", file("server.crt")),
                     "keyfile" => format!("keyfile {}", file("server.key")),
-                    "password_file" => format!("password_file {}", file("passwd")),
-                    "acl_file" => format!(
-                        "acl_file {}",
-                        repo_root().join("deploy/mosquitto/acl").display()
-                    ),
+                    "plugin" => format!("plugin {}", dynamic_security_plugin().display()),
+                    "plugin_opt_config_file" => {
+                        format!("plugin_opt_config_file {}", file("dynamic-security.json"))
+                    }
                     "persistence_location" => {
                         format!("persistence_location {}/", data.display())
                     }

@@ -1,7 +1,7 @@
 //! Reading results back, and publishing device messages.
 
 use infra::storage::{Account, Entity, StorageError};
-use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
 use schemas::DeadLetter;
@@ -40,7 +40,7 @@ pub async fn publish_all(broker_port: u16, messages: Vec<(String, Vec<u8>)>) {
 
 /// [`publish_all`] through any broker connection (TLS, credentials).
 pub async fn publish_with(broker: &infra::mqtt::Connection, messages: Vec<(String, Vec<u8>)>) {
-    let mut options = broker.options(crate::unique("pub"));
+    let mut options = broker.options(client_id(broker, "pub"));
     options.set_max_packet_size(Some(1024 * 1024));
     let (client, mut eventloop) = AsyncClient::new(options, 256);
     let total = messages.len();
@@ -149,7 +149,7 @@ pub async fn publish_one(
     topic: &str,
     payload: Vec<u8>,
 ) -> Result<rumqttc::v5::mqttbytes::v5::PubAckReason, rumqttc::v5::ConnectionError> {
-    let (client, mut eventloop) = AsyncClient::new(broker.options(crate::unique("one")), 16);
+    let (client, mut eventloop) = AsyncClient::new(broker.options(client_id(broker, "one")), 16);
     client
         .publish(topic, QoS::AtLeastOnce, false, payload)
         .await
@@ -166,21 +166,31 @@ pub async fn publish_one(
     outcome
 }
 
-/// Subscribes to `filter` on a fresh connection and collects what arrives for `listen`.
+/// The client id a test connection uses: its user name when it has one (the secure broker
+/// binds each device to its id as client id), else a fresh one.
+fn client_id(broker: &infra::mqtt::Connection, prefix: &str) -> String {
+    broker
+        .username()
+        .map_or_else(|| crate::unique(prefix), str::to_owned)
+}
+
+/// Subscribes to `filter` on a fresh connection and collects what arrives for `listen`:
+/// the SUBACK's reason codes, and the topics of what was delivered.
 pub async fn listen(
     broker: &infra::mqtt::Connection,
     filter: &str,
     listen: Duration,
-) -> Vec<String> {
-    let (client, mut eventloop) = AsyncClient::new(broker.options(crate::unique("sub")), 16);
+) -> (Vec<SubscribeReasonCode>, Vec<String>) {
+    let (client, mut eventloop) = AsyncClient::new(broker.options(client_id(broker, "sub")), 16);
     client
         .subscribe(filter, QoS::AtLeastOnce)
         .await
         .expect("queue a subscribe");
-    let mut got = Vec::new();
+    let (mut codes, mut got) = (Vec::new(), Vec::new());
     let until = tokio::time::Instant::now() + listen;
     loop {
         match tokio::time::timeout_at(until, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(ack)))) => codes.extend(ack.return_codes),
             Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
                 got.push(String::from_utf8_lossy(&p.topic).into_owned());
             }
@@ -188,5 +198,21 @@ pub async fn listen(
             Ok(Err(_)) | Err(_) => break,
         }
     }
-    got
+    (codes, got)
+}
+
+/// Connects with `client_id` and returns the broker's verdict.
+pub async fn connect_as(
+    broker: &infra::mqtt::Connection,
+    client_id: &str,
+) -> Result<(), rumqttc::v5::ConnectionError> {
+    let (_client, mut eventloop) = AsyncClient::new(broker.options(client_id), 16);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(15), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok(()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => panic!("no answer to a connect within 15 s"),
+        }
+    }
 }
