@@ -2,7 +2,7 @@
 //! point at a local emulator and broker, so a newcomer needs none of them.
 
 use crate::serve::LogFormat;
-use crate::storage::{Account, AccountError, DEVELOPMENT_STORAGE};
+use crate::storage::{Account, AccountError, Auth, DEVELOPMENT_STORAGE};
 use std::time::Duration;
 
 /// The storage account.
@@ -19,6 +19,27 @@ pub struct StorageArgs {
     )]
     pub connection_string: String,
 
+    /// How to authenticate: `key` (the connection string's account key or SAS), or a
+    /// Microsoft Entra ID token with no key at all: `workload-identity` (AKS),
+    /// `managed-identity`, `azure-cli`. With a token, the account comes from
+    /// `AZURE_STORAGE_ACCOUNT`, or from a connection string that names endpoints only.
+    #[arg(
+        long = "storage-auth",
+        env = "AZURE_STORAGE_AUTH",
+        value_enum,
+        default_value = "key"
+    )]
+    pub auth: Auth,
+
+    /// Storage account name, for Entra ID (endpoints `https://<name>.<service>.core.windows.net`).
+    #[arg(long = "storage-account", env = "AZURE_STORAGE_ACCOUNT")]
+    pub account: Option<String>,
+
+    /// PEM bundle of CAs trusted for the storage endpoints besides the public roots (a
+    /// private endpoint, or an emulator behind TLS).
+    #[arg(long = "storage-ca-file", env = "AZURE_STORAGE_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
+
     /// Create missing queues, tables and containers at start-up. Turn off for a credential
     /// that holds only data rights; a create refused with 403 is skipped either way.
     #[arg(long, env = "STORAGE_CREATE_MISSING", default_value_t = true, action = clap::ArgAction::Set)]
@@ -33,6 +54,9 @@ impl std::fmt::Debug for StorageArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StorageArgs")
             .field("connection_string", &"<redacted>")
+            .field("auth", &self.auth)
+            .field("account", &self.account)
+            .field("ca_file", &self.ca_file)
             .field("create_missing", &self.create_missing)
             .field("storage_timeout", &self.storage_timeout)
             .finish()
@@ -41,7 +65,25 @@ impl std::fmt::Debug for StorageArgs {
 
 impl StorageArgs {
     pub fn account(&self) -> Result<Account, AccountError> {
-        Account::from_connection_string(&self.connection_string, self.storage_timeout)
+        let ca =
+            match &self.ca_file {
+                Some(path) => Some(std::fs::read(path).map_err(|e| {
+                    AccountError::Ca(format!("cannot read {}: {e}", path.display()))
+                })?),
+                None => None,
+            };
+        let connection_string = match (&self.account, self.auth) {
+            (Some(name), auth) if auth != Auth::Key => {
+                format!("DefaultEndpointsProtocol=https;AccountName={name};EndpointSuffix=core.windows.net")
+            }
+            _ => self.connection_string.clone(),
+        };
+        Account::open(
+            &connection_string,
+            self.storage_timeout,
+            self.auth,
+            ca.as_deref(),
+        )
     }
 }
 

@@ -7,6 +7,7 @@
 
 mod account;
 mod blob;
+mod entra;
 mod http;
 mod prepare;
 mod queue;
@@ -14,6 +15,7 @@ mod table;
 
 pub use account::{Account, AccountError, DEVELOPMENT_STORAGE};
 pub use blob::{BlobContent, BlobInfo, Container, PutOptions, PutOutcome, Write};
+pub use entra::Auth;
 pub use prepare::{create_missing, Resource};
 pub use queue::{Queue, QueueMessage, NEVER_EXPIRE};
 pub use table::{BatchOutcome, Entity, RowRef, Table, MAX_BATCH_BYTES, MAX_BATCH_OPERATIONS};
@@ -47,6 +49,9 @@ pub enum ErrorKind {
     /// The service answered something this adapter cannot read.
     #[error("unexpected response: {0}")]
     Protocol(String),
+    /// No Entra ID token: the identity is misconfigured or its endpoint refused.
+    #[error("no storage token: {0}")]
+    Credential(String),
 }
 
 impl StorageError {
@@ -56,7 +61,7 @@ impl StorageError {
         match &self.kind {
             ErrorKind::Status { status, .. } => *status >= 500 || *status == 408 || *status == 429,
             ErrorKind::Timeout(_) | ErrorKind::Transport(_) => true,
-            ErrorKind::Protocol(_) => false,
+            ErrorKind::Protocol(_) | ErrorKind::Credential(_) => false,
         }
     }
 
@@ -99,6 +104,7 @@ impl StorageError {
             }
             azure_core::error::ErrorKind::Io => ErrorKind::Transport(full_chain(e)),
             azure_core::error::ErrorKind::DataConversion => ErrorKind::Protocol(full_chain(e)),
+            azure_core::error::ErrorKind::Credential => ErrorKind::Credential(full_chain(e)),
             _ => ErrorKind::Transport(full_chain(e)),
         };
         Self { op, kind }

@@ -797,3 +797,202 @@ async fn without_create_rights_a_missing_queue_is_named_in_readiness_and_nothing
     .await;
     assert_eq!(ingest.metric("ingest_messages_acked_total").await, 1.0);
 }
+
+/// An Entra ID access token as Azurite's OAuth mode checks it (audience, issuer, lifetime;
+/// not the signature).
+fn fake_entra_token() -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let now = now_ms() / 1000;
+    let payload = serde_json::json!({
+        "aud": "https://storage.azure.com",
+        "iss": "https://sts.windows.net/00000000-0000-0000-0000-000000000000/",
+        "iat": now - 60, "nbf": now - 60, "exp": now + 3600,
+    });
+    format!(
+        "{}.{}.c2ln",
+        b64.encode(r#"{"alg":"RS256","typ":"JWT"}"#),
+        b64.encode(payload.to_string())
+    )
+}
+
+/// A stand-in for the Entra ID token endpoint: answers every request with `answer` and keeps
+/// the request bodies.
+async fn token_endpoint(answer: String) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut raw = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Headers, then as much body as Content-Length says.
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                raw.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&raw);
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let length = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if body.len() >= length {
+                        keep.lock().unwrap().push(body.to_owned());
+                        break;
+                    }
+                }
+            }
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                answer.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test]
+async fn entra_id_tokens_from_the_azure_cli_and_workload_identity_reach_storage_with_no_key() {
+    if !tests::servers_available("entra_id") {
+        return;
+    }
+    // Certificates for Azurite's HTTPS, from the shipped script.
+    let dir = tests::TempDir::new("entra");
+    let made = std::process::Command::new("bash")
+        .arg(tests::repo_root().join("deploy/mosquitto/gen-identities.sh"))
+        .arg(dir.0.join("tls"))
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let tls = |f: &str| dir.0.join("tls").join(f);
+    let ca = tls("ca.crt");
+    let (azurite, mosquitto) = tokio::join!(
+        Azurite::start_oauth(tls("server.crt"), tls("server.key"), &ca),
+        tests::Mosquitto::start()
+    );
+    let token = fake_entra_token();
+    let names = Names::new();
+    let endpoints = format!("AccountName=devstoreaccount1;{}", azurite.endpoints());
+
+    // ingest: the Azure CLI, here a stand-in `az` that prints what `az account
+    // get-access-token` prints.
+    let bin = dir.0.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let answer = dir.0.join("az-answer.json");
+    std::fs::write(
+        &answer,
+        serde_json::json!({
+            "accessToken": token, "expires_on": now_ms() / 1000 + 3600,
+            "subscription": "s", "tenant": "t", "tokenType": "Bearer",
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let az = bin.join("az");
+    std::fs::write(
+        &az,
+        format!(
+            "#!/bin/sh\n[ \"$1 $2\" = \"account get-access-token\" ] || exit 2\ncat {}\n",
+            answer.display()
+        ),
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .arg("755")
+        .arg(&az)
+        .status()
+        .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let ingest = Service::start(
+        "ingest",
+        &[
+            ("MQTT_URL", mosquitto.url()),
+            ("AZURE_STORAGE_AUTH", "azure-cli".into()),
+            ("AZURE_STORAGE_CONNECTION_STRING", endpoints.clone()),
+            ("AZURE_STORAGE_CA_FILE", tls("ca.crt").display().to_string()),
+            ("PATH", path),
+            ("INGEST_QUEUE_NAME", names.queue.clone()),
+            ("INGEST_CLIENT_ID", unique("ingest")),
+        ],
+    )
+    .await;
+
+    // processor: workload identity, against a stand-in token endpoint.
+    let answer =
+        serde_json::json!({"access_token": token, "expires_in": 3600, "token_type": "Bearer"});
+    let (port, requests) = token_endpoint(answer.to_string()).await;
+    let federated = dir.0.join("federated-token");
+    std::fs::write(&federated, "federated-assertion-1").unwrap();
+    let mut penv = names.processor_env(&endpoints);
+    penv.extend([
+        ("AZURE_STORAGE_AUTH", "workload-identity".to_owned()),
+        ("AZURE_STORAGE_CA_FILE", tls("ca.crt").display().to_string()),
+        ("AZURE_TENANT_ID", "tenant-1".to_owned()),
+        ("AZURE_CLIENT_ID", "client-1".to_owned()),
+        (
+            "AZURE_FEDERATED_TOKEN_FILE",
+            federated.display().to_string(),
+        ),
+        ("AZURE_AUTHORITY_HOST", format!("http://127.0.0.1:{port}")),
+    ]);
+    let processor = Service::start("processor", &penv).await;
+
+    let at = now_ms() - 10_000;
+    let readings = (0..5)
+        .map(|i| (topic("dev-e"), reading("dev-e", at + i, i as u64)))
+        .collect();
+    tests::storage::publish_all(mosquitto.port, readings).await;
+    let stored = tests::wait_for(
+        "rows written with Entra ID tokens",
+        Duration::from_secs(60),
+        || async {
+            let rows = tests::storage::rows(&azurite.account(), &names.table)
+                .await
+                .ok()?;
+            (rows.len() == 5).then_some(rows)
+        },
+    )
+    .await;
+    assert_eq!(stored[0]["PartitionKey"], "dev-e");
+    let sent = requests.lock().unwrap().clone();
+    assert!(!sent.is_empty(), "the processor never asked for a token");
+    assert!(
+        sent[0].contains("client_assertion=federated-assertion-1")
+            && sent[0].contains("client_id=client-1")
+            && sent[0].contains("scope=https%3A%2F%2Fstorage.azure.com%2F.default"),
+        "{sent:?}"
+    );
+    // deadletter: a managed identity (the App Service / Container Apps style endpoint).
+    let ca = ca.display().to_string();
+    let identity_endpoint = format!("http://127.0.0.1:{port}/msi/token");
+    let (listed, listed_out) = run_tool(
+        "deadletter",
+        &["list", "--json", "--queue", &names.dead, "--hold", "3s"],
+        &[
+            ("AZURE_STORAGE_AUTH", "managed-identity"),
+            ("AZURE_STORAGE_CONNECTION_STRING", endpoints.as_str()),
+            ("AZURE_STORAGE_CA_FILE", ca.as_str()),
+            ("IDENTITY_ENDPOINT", identity_endpoint.as_str()),
+            ("IDENTITY_HEADER", "header-1"),
+        ],
+    )
+    .await;
+    assert!(listed, "{listed_out}");
+    for text in [ingest.log_text(), processor.log_text(), listed_out] {
+        assert!(!text.contains(&token), "a token leaked");
+        assert!(!text.contains("federated-assertion"), "an assertion leaked");
+    }
+}

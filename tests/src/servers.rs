@@ -40,16 +40,31 @@ pub struct Azurite {
     pub blob_port: u16,
     dir: TempDir,
     child: Option<Child>,
+    /// HTTPS with OAuth (`--oauth basic`): the certificate and key it serves, and the CA
+    /// clients must trust.
+    tls: Option<(PathBuf, PathBuf, Vec<u8>)>,
 }
 
 impl Azurite {
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Azurite over HTTPS, accepting Entra ID bearer tokens (`--oauth basic`: their
+    /// signature is not checked) besides the account key.
+    pub async fn start_oauth(cert: PathBuf, key: PathBuf, ca: &std::path::Path) -> Self {
+        let ca = std::fs::read(ca).expect("read the CA");
+        Self::start_with(Some((cert, key, ca))).await
+    }
+
+    async fn start_with(tls: Option<(PathBuf, PathBuf, Vec<u8>)>) -> Self {
         let mut a = Self {
             queue_port: free_port(),
             table_port: free_port(),
             blob_port: free_port(),
             dir: TempDir::new("azurite"),
             child: None,
+            tls,
         };
         a.launch().await;
         a
@@ -57,7 +72,14 @@ impl Azurite {
 
     async fn launch(&mut self) {
         let log = std::fs::File::create(self.dir.0.join("azurite.log")).expect("azurite log");
-        let child = Command::new(azurite_bin())
+        let mut cmd = Command::new(azurite_bin());
+        if let Some((cert, key, _)) = &self.tls {
+            cmd.args(["--oauth", "basic", "--cert"])
+                .arg(cert)
+                .arg("--key")
+                .arg(key);
+        }
+        let child = cmd
             .args(["--silent", "--skipApiVersionCheck", "--location"])
             .arg(self.dir.0.join("data"))
             .args([
@@ -112,19 +134,29 @@ impl Azurite {
 
     pub fn connection_string(&self) -> String {
         format!(
-            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;\
-             AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;\
-             QueueEndpoint=http://127.0.0.1:{}/devstoreaccount1;\
-             TableEndpoint=http://127.0.0.1:{}/devstoreaccount1;\
-             BlobEndpoint=http://127.0.0.1:{}/devstoreaccount1",
+            "AccountName=devstoreaccount1;\
+             AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;{}",
+            self.endpoints()
+        )
+    }
+
+    /// The account's endpoints alone, as a connection string (for Entra ID: no key).
+    pub fn endpoints(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!(
+            "QueueEndpoint={scheme}://127.0.0.1:{}/devstoreaccount1;\
+             TableEndpoint={scheme}://127.0.0.1:{}/devstoreaccount1;\
+             BlobEndpoint={scheme}://127.0.0.1:{}/devstoreaccount1",
             self.queue_port, self.table_port, self.blob_port
         )
     }
 
     pub fn account(&self) -> infra::storage::Account {
-        infra::storage::Account::from_connection_string(
+        infra::storage::Account::open(
             &self.connection_string(),
             Duration::from_secs(10),
+            infra::storage::Auth::Key,
+            self.tls.as_ref().map(|t| t.2.as_slice()),
         )
         .expect("valid connection string")
     }

@@ -1,10 +1,12 @@
 //! Which storage account to talk to, from an Azure connection string.
 
+use super::entra::{Auth, Entra};
 use super::{blob::Container, queue::Queue, table::Table};
 use azure_data_tables::prelude::TableServiceClient;
 use azure_storage::{CloudLocation, ConnectionString, StorageCredentials};
 use azure_storage_blobs::prelude::BlobServiceClient;
 use azure_storage_queues::QueueServiceClient;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The connection string for the local emulator, and the default everywhere.
@@ -23,6 +25,10 @@ pub enum AccountError {
     Malformed(String),
     #[error("the storage connection string has no {0}")]
     Missing(&'static str),
+    #[error("Entra ID authentication: {0}")]
+    Entra(String),
+    #[error("AZURE_STORAGE_CA_FILE: {0}")]
+    Ca(String),
 }
 
 /// The settings a connection string may hold.
@@ -109,12 +115,35 @@ impl Account {
     /// `DevelopmentStorageProxyUri`), account name and key, or a SAS, with either explicit
     /// `QueueEndpoint`/`TableEndpoint`/`BlobEndpoint` or `DefaultEndpointsProtocol` + `EndpointSuffix`.
     pub fn from_connection_string(s: &str, timeout: Duration) -> Result<Self, AccountError> {
+        Self::open(s, timeout, Auth::Key, None)
+    }
+
+    /// Like [`Account::from_connection_string`], authenticating with `auth`: with an Entra ID
+    /// method the string gives only the account and endpoints (no key), and
+    /// `trusted_ca` (PEM) adds CAs the storage endpoints' certificates may come from.
+    pub fn open(
+        s: &str,
+        timeout: Duration,
+        auth: Auth,
+        trusted_ca: Option<&[u8]>,
+    ) -> Result<Self, AccountError> {
+        let token = match auth {
+            Auth::Key => None,
+            other => Some(Entra::from_env(other).map_err(AccountError::Entra)?),
+        };
         check_shape(s)?;
         let cs = ConnectionString::new(s).map_err(|_| {
             AccountError::Malformed("the SDK cannot read it (check each Key=value)".to_owned())
         })?;
         let (account, credentials, queue_endpoint, table_endpoint, blob_endpoint);
         if cs.use_development_storage == Some(true) {
+            if token.is_some() {
+                return Err(AccountError::Entra(
+                    "it needs https endpoints: set AZURE_STORAGE_ACCOUNT, or a connection string \
+                     with the account's endpoints"
+                        .to_owned(),
+                ));
+            }
             let host = cs
                 .development_storage_proxy_uri
                 .unwrap_or("http://127.0.0.1")
@@ -130,12 +159,15 @@ impl Account {
                 .map(str::to_owned)
                 .or_else(|| cs.queue_endpoint.and_then(account_from_endpoint))
                 .ok_or(AccountError::Missing("AccountName"))?;
-            credentials = match (cs.account_key, cs.sas) {
-                (Some(key), _) => StorageCredentials::access_key(account.clone(), key.to_owned()),
-                (None, Some(sas)) => StorageCredentials::sas_token(sas).map_err(|_| {
+            credentials = match (token, cs.account_key, cs.sas) {
+                (Some(token), _, _) => StorageCredentials::token_credential(Arc::new(token)),
+                (None, Some(key), _) => {
+                    StorageCredentials::access_key(account.clone(), key.to_owned())
+                }
+                (None, None, Some(sas)) => StorageCredentials::sas_token(sas).map_err(|_| {
                     AccountError::Malformed("SharedAccessSignature cannot be read".to_owned())
                 })?,
-                (None, None) => {
+                (None, None, None) => {
                     return Err(AccountError::Missing("AccountKey or SharedAccessSignature"))
                 }
             };
@@ -159,7 +191,9 @@ impl Account {
             account: account.clone(),
             uri: uri.trim_end_matches('/').to_owned(),
         };
-        let transport = azure_core::TransportOptions::new(super::http::Pooled::shared());
+        let transport = azure_core::TransportOptions::new(
+            super::http::Pooled::shared(trusted_ca).map_err(AccountError::Ca)?,
+        );
         let queues = azure_storage_queues::QueueServiceClientBuilder::with_location(
             location(&queue_endpoint),
             credentials.clone(),

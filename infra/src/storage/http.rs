@@ -25,15 +25,26 @@ const IDLE: Duration = Duration::from_secs(3);
 pub(super) struct Pooled(reqwest::Client);
 
 impl Pooled {
-    /// The client, as the SDK's builders take it.
-    pub(super) fn shared() -> Arc<dyn HttpClient> {
-        let client = reqwest::Client::builder()
+    /// The client, as the SDK's builders take it; `trusted_ca` (PEM) adds CAs to the
+    /// built-in web roots (a private endpoint, or an emulator behind TLS).
+    pub(super) fn shared(trusted_ca: Option<&[u8]>) -> Result<Arc<dyn HttpClient>, String> {
+        let mut builder = reqwest::Client::builder()
             .pool_idle_timeout(IDLE)
-            .tcp_nodelay(true)
+            .tcp_nodelay(true);
+        if let Some(pem) = trusted_ca {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|_| "holds no readable PEM certificate".to_owned())?;
+            if certs.is_empty() {
+                return Err("holds no PEM certificate".to_owned());
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let client = builder
             .build()
-            // Only fails when the TLS backend cannot initialise, which is a broken build.
-            .unwrap_or_else(|e| panic!("cannot build the HTTP client: {e}"));
-        Arc::new(Self(client))
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        Ok(Arc::new(Self(client)))
     }
 }
 
