@@ -12,7 +12,8 @@ The plugin refuses it. It has no %u patterns, hence one role per device.
 
 - Default: nothing allowed (publish, receive, subscribe, unsubscribe).
 - ingest: may subscribe only to $share/ingest/devices/+/telemetry and receive
-  devices/+/telemetry; publishes nothing.
+  devices/+/telemetry; publishes nothing. (INGEST_SHARE_GROUP and INGEST_TOPIC_PREFIX in the
+  environment change `ingest` and `devices` here, as they do for ingest.)
 - gateway: may publish to devices/+/telemetry (load tests; gateways fronting many sensors).
 - a device: may publish only to devices/<its id>/telemetry, and must connect with its id as
   client id (so it cannot take over another client's session, such as ingest's).
@@ -28,14 +29,18 @@ import os
 import sys
 
 ITERATIONS = 101
+# The same settings as ingest's INGEST_TOPIC_PREFIX and INGEST_SHARE_GROUP.
+PREFIX = os.environ.get("INGEST_TOPIC_PREFIX") or "devices"
+GROUP = os.environ.get("INGEST_SHARE_GROUP") or "ingest"
+ALL = f"{PREFIX}/+/telemetry"
 SERVICES = {
     "ingest": [
-        {"acltype": "subscribeLiteral", "topic": "$share/ingest/devices/+/telemetry", "allow": True},
-        {"acltype": "unsubscribeLiteral", "topic": "$share/ingest/devices/+/telemetry", "allow": True},
-        {"acltype": "publishClientReceive", "topic": "devices/+/telemetry", "allow": True},
+        {"acltype": "subscribeLiteral", "topic": f"$share/{GROUP}/{ALL}", "allow": True},
+        {"acltype": "unsubscribeLiteral", "topic": f"$share/{GROUP}/{ALL}", "allow": True},
+        {"acltype": "publishClientReceive", "topic": ALL, "allow": True},
     ],
     "gateway": [
-        {"acltype": "publishClientSend", "topic": "devices/+/telemetry", "allow": True},
+        {"acltype": "publishClientSend", "topic": ALL, "allow": True},
     ],
 }
 
@@ -63,7 +68,7 @@ def main():
             role = "device-" + user
             client = {"username": user, "clientid": user, "roles": [{"rolename": role}]}
             roles.append({"rolename": role, "acls": [
-                {"acltype": "publishClientSend", "topic": f"devices/{user}/telemetry", "allow": True},
+                {"acltype": "publishClientSend", "topic": f"{PREFIX}/{user}/telemetry", "allow": True},
             ]})
         if password is not None:
             client.update(hashed(password))
