@@ -62,6 +62,9 @@ def main():
     clients, roles = [], [{"rolename": name, "acls": acls} for name, acls in SERVICES.items()]
 
     def add(user, password):
+        # A name with wildcards or separators would widen the topic it may publish to.
+        if not user or any(c in user for c in "+#/ \t") or user.startswith("$"):
+            sys.exit(f"dynsec.py: {user!r} cannot be an identity (no + # / $ or blanks)")
         if user in SERVICES:
             client = {"username": user, "roles": [{"rolename": user}]}
         else:

@@ -56,12 +56,12 @@ impl std::str::FromStr for MqttUrl {
             Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => (
                 h,
                 p.parse()
-                    .map_err(|_| format!("{p:?} in {s:?} is not a port number"))?,
+                    .map_err(|_| "its port is not a number".to_owned())?,
             ),
             _ => (authority, if tls { 8883 } else { 1883 }),
         };
         if host.is_empty() || host.contains('/') {
-            return Err(format!("{s:?} has no host"));
+            return Err("it has no host".to_owned());
         }
         Ok(Self {
             host: host
@@ -133,8 +133,15 @@ impl std::fmt::Display for Secret {
 pub struct MqttArgs {
     /// MQTT broker: `mqtt://host:1883` (plain) or `mqtts://host:8883` (TLS; the broker's
     /// certificate is always verified).
-    #[arg(long, env = "MQTT_URL", default_value = "mqtt://127.0.0.1:1883")]
-    pub mqtt_url: MqttUrl,
+    /// (Parsed after the command line, so a rejected URL, which may hold a password, is
+    /// never echoed.)
+    #[arg(
+        long,
+        env = "MQTT_URL",
+        default_value = "mqtt://127.0.0.1:1883",
+        hide_env_values = true
+    )]
+    pub mqtt_url: String,
 
     /// PEM bundle of the CAs trusted to sign the broker's certificate. Unset: the public web
     /// roots (Mozilla's list, built in), so a broker with a public certificate just works.
@@ -184,6 +191,8 @@ pub enum ConfigError {
     TlsSettingWithoutTls(&'static str),
     #[error("a password is set without MQTT_USERNAME")]
     PasswordWithoutUser,
+    #[error("MQTT_URL: {0}")]
+    Url(String),
 }
 
 /// Ready-to-use connection settings: TLS configuration built and the password read, once.
@@ -200,7 +209,7 @@ impl MqttArgs {
     /// load tester's simulator): through the environment, so no password shows in its
     /// command line.
     pub fn child_env(&self) -> Vec<(&'static str, std::ffi::OsString)> {
-        let mut env = vec![("MQTT_URL", self.mqtt_url.to_string().into())];
+        let mut env = vec![("MQTT_URL", self.mqtt_url.clone().into())];
         let files = [
             ("MQTT_CA_FILE", &self.mqtt_ca_file),
             ("MQTT_CLIENT_CERT", &self.mqtt_client_cert),
@@ -223,11 +232,12 @@ impl MqttArgs {
 
     /// Reads the files the settings name and builds the TLS configuration.
     pub fn connection(&self) -> Result<Connection, ConfigError> {
+        let url: MqttUrl = self.mqtt_url.parse().map_err(ConfigError::Url)?;
         let tls_only = [
             ("MQTT_CA_FILE", self.mqtt_ca_file.is_some()),
             ("MQTT_CLIENT_CERT", self.mqtt_client_cert.is_some()),
         ];
-        if !self.mqtt_url.tls {
+        if !url.tls {
             if let Some((setting, _)) = tls_only.iter().find(|(_, set)| *set) {
                 return Err(ConfigError::TlsSettingWithoutTls(setting));
             }
@@ -243,7 +253,7 @@ impl MqttArgs {
         if password.is_some() && self.mqtt_username.is_none() {
             return Err(ConfigError::PasswordWithoutUser);
         }
-        let tls = if self.mqtt_url.tls {
+        let tls = if url.tls {
             let identity = match (&self.mqtt_client_cert, &self.mqtt_client_key) {
                 (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
                 _ => None,
@@ -253,7 +263,7 @@ impl MqttArgs {
             None
         };
         Ok(Connection {
-            url: self.mqtt_url.clone(),
+            url,
             tls,
             username: self.mqtt_username.clone(),
             password,
@@ -407,33 +417,50 @@ pub enum Failure {
 /// The wait before the next connection attempt: quick after a broken connection, slow after a
 /// refusal or a TLS failure. Those are the operator's to fix and will not fix themselves in
 /// seconds; thousands of clients retrying them fast would only load the broker.
+///
+/// The waits start over only after a connection has stayed up for [`STABLE`]: a client that
+/// is accepted and then thrown out at once (its session taken over by another client with the
+/// same id, say) backs off like one that is refused, instead of reconnecting ten times a
+/// second.
 #[derive(Debug, Clone)]
 pub struct Reconnect {
     quick: Backoff,
     slow: Backoff,
+    connected_at: Option<std::time::Instant>,
 }
+
+/// How long a connection must last for the backoff to start over.
+pub const STABLE: Duration = Duration::from_secs(10);
 
 impl Default for Reconnect {
     fn default() -> Self {
         Self {
             quick: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
             slow: Backoff::new(Duration::from_secs(5), Duration::from_secs(60)),
+            connected_at: None,
         }
     }
 }
 
 impl Reconnect {
+    /// A connection was accepted (CONNACK).
+    pub fn connected(&mut self) {
+        self.connected_at = Some(std::time::Instant::now());
+    }
+
     pub fn delay(&mut self, failure: Failure) -> Duration {
+        if self
+            .connected_at
+            .take()
+            .is_some_and(|at| at.elapsed() >= STABLE)
+        {
+            self.quick.reset();
+            self.slow.reset();
+        }
         match failure {
             Failure::Unreachable | Failure::Lost => self.quick.next_delay(),
             Failure::Credentials | Failure::NotAuthorised | Failure::Tls => self.slow.next_delay(),
         }
-    }
-
-    /// Starts over after a successful connection.
-    pub fn reset(&mut self) {
-        self.quick.reset();
-        self.slow.reset();
     }
 }
 
@@ -594,7 +621,7 @@ mod tests {
         let s = Secret::new("hunter2");
         assert_eq!(format!("{s} {s:?}"), "<redacted> <redacted>");
         let args = MqttArgs {
-            mqtt_url: "mqtt://b".parse().unwrap(),
+            mqtt_url: "mqtt://b".into(),
             mqtt_ca_file: None,
             mqtt_client_cert: None,
             mqtt_client_key: None,
@@ -624,7 +651,7 @@ mod tests {
         let ca = dir.join("ca.pem");
         std::fs::write(&ca, "not a certificate, but a secret-looking line").unwrap();
         let args = MqttArgs {
-            mqtt_url: "mqtts://b".parse().unwrap(),
+            mqtt_url: "mqtts://b".into(),
             mqtt_ca_file: Some(ca.clone()),
             mqtt_client_cert: None,
             mqtt_client_key: None,
@@ -647,7 +674,7 @@ mod tests {
             .to_string()
             .contains("missing.pem"));
         let plain = MqttArgs {
-            mqtt_url: "mqtt://b".parse().unwrap(),
+            mqtt_url: "mqtt://b".into(),
             ..args
         };
         assert!(plain

@@ -78,11 +78,28 @@ impl StorageError {
     /// Refused authorisation (401, 403), a missing resource (404) or a resource in the wrong
     /// state (409) are about the account or the resource: the operator's to fix, never the
     /// data's fault.
+    ///
+    /// Only codes that name the entity or message count: Azure answers 400 for request-level
+    /// mistakes too (an invalid table name, a malformed header), and those must not blame
+    /// the data. An unlisted 400 is treated as the operator's, so at worst a bad entity
+    /// waits in the queue with readiness naming it, rather than good ones being dead-lettered.
     pub fn is_content_error(&self) -> bool {
+        const ENTITY_CODES: &[&str] = &[
+            "PropertyValueTooLarge",
+            "EntityTooLarge",
+            "PropertyNameTooLong",
+            "PropertyNameInvalid",
+            "TooManyProperties",
+            "InvalidValueType",
+            "InvalidDuplicateRow",
+            "RequestBodyTooLarge",
+            "MessageTooLarge",
+        ];
         match &self.kind {
-            ErrorKind::Status { status, code, .. } => {
-                matches!(status, 400 | 413) && !code.starts_with("Authentication")
-            }
+            ErrorKind::Status { status: 413, .. } => true,
+            ErrorKind::Status {
+                status: 400, code, ..
+            } => ENTITY_CODES.contains(&code.as_str()),
             _ => false,
         }
     }
@@ -215,6 +232,9 @@ mod tests {
             (403, "AuthenticationFailed"),
             (404, "TableNotFound"),
             (409, "TableBeingDeleted"),
+            (400, "OutOfRangeInput"),
+            (400, "InvalidHeaderValue"),
+            (400, "InvalidAuthenticationInfo"),
         ] {
             let e = status(s, code);
             assert!(!e.is_content_error() && e.needs_operator(), "{s} {code}");

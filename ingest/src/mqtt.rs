@@ -105,7 +105,7 @@ pub fn connect(
                         }
                     }
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                        reconnect.reset();
+                        reconnect.connected();
                         connection.fetch_add(1, Ordering::SeqCst);
                         tracing::info!(
                             session_present = ack.session_present,

@@ -152,7 +152,15 @@ async fn flush(ctx: &Ctx, pending: Vec<Submission>) {
                 Ok(()) => {
                     metrics::counter!(m::DEAD_LETTERS, "reason" => reasons[i]).increment(1);
                 }
-                Err(error) => failed[owners[i]] = Some(error.to_string()),
+                Err(error) => {
+                    if error.needs_operator() {
+                        ctx.needs_operator(&format!(
+                            "dead-letter queue {}: {error}",
+                            ctx.dead_letters.name()
+                        ));
+                    }
+                    failed[owners[i]] = Some(error.to_string());
+                }
             }
         }
     }

@@ -46,6 +46,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         writes: tokio::sync::Semaphore::new(config.write_concurrency.max(1)),
         health: health.clone(),
         stalled: std::sync::Mutex::default(),
+        poison_from: std::sync::Mutex::new(
+            tokio::time::Instant::now() + worker::poison_grace(&config),
+        ),
     });
     tracing::info!(
         queue = %config.queue_name,

@@ -54,6 +54,18 @@ pub struct Ctx {
     /// credential without a right, a missing table): the fetcher then spaces its gets by this
     /// growing pause instead of cycling the queue through rounds that cannot succeed.
     pub stalled: std::sync::Mutex<Option<Backoff>>,
+    /// No message is given up as `poison` before this: a while after start and after every
+    /// stall, deliveries counted while storage refused the processor (or before a restart
+    /// with a fixed credential) must not make a first transient error fatal.
+    pub poison_from: std::sync::Mutex<Instant>,
+}
+
+/// How long poisoning waits after start and after a stall: as long as it takes a message to
+/// use up its deliveries.
+pub fn poison_grace(config: &crate::Config) -> Duration {
+    config
+        .visibility_timeout
+        .saturating_mul(u32::try_from(config.max_deliveries).unwrap_or(u32::MAX))
 }
 
 /// The readiness key of storage trouble met by rounds.
@@ -62,7 +74,14 @@ const STORAGE_TROUBLE: &str = "storage";
 impl Ctx {
     /// A round met an error only the operator can fix: readiness says which, and the fetcher
     /// slows down. Nothing is dead-lettered or deleted for it.
-    fn needs_operator(&self, error: &str) {
+    pub(crate) fn needs_operator(&self, error: &str) {
+        let grace = self
+            .visibility
+            .saturating_mul(u32::try_from(self.max_deliveries).unwrap_or(u32::MAX));
+        *self
+            .poison_from
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now() + grace;
         self.health.fail(
             STORAGE_TROUBLE,
             format!(
@@ -215,6 +234,17 @@ struct Failure {
     needs_operator: bool,
 }
 
+impl Held {
+    /// Records a failure; one only the operator can fix outweighs a transient one, so a
+    /// message is never poisoned for a round that storage refused.
+    fn fail(&mut self, failure: Failure) {
+        match &self.failure {
+            Some(held) if held.needs_operator && !failure.needs_operator => {}
+            _ => self.failure = Some(failure),
+        }
+    }
+}
+
 impl Failure {
     fn of(error: &StorageError) -> Self {
         Self {
@@ -291,7 +321,7 @@ async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>) {
     if let Err(failure) = register_devices(ctx, latest, deadline).await {
         tracing::warn!(error = %failure.error, "Cannot register new devices; the round will be redone.");
         for h in &mut held {
-            h.failure.get_or_insert_with(|| failure.clone());
+            h.fail(failure.clone());
         }
     }
     match held
@@ -307,7 +337,15 @@ async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>) {
     // Last allowed delivery and still failing for a transient reason: dead-letter it whole,
     // so the queue moves on. A failure only the operator can fix never poisons a message.
     let mut poisoned = 0;
+    let may_poison = Instant::now()
+        >= *ctx
+            .poison_from
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
     for (owner, h) in held.iter_mut().enumerate() {
+        if !may_poison {
+            break;
+        }
         let Some(Failure {
             error,
             needs_operator: false,
@@ -505,7 +543,7 @@ async fn write_rows(
             Written::Stored(_) => {}
             Written::Retry(failure) => {
                 for (owner, _) in batch.all_origins() {
-                    held[owner].failure = Some(failure.clone());
+                    held[owner].fail(failure.clone());
                 }
             }
             Written::Refused(_, refused) => {

@@ -210,7 +210,7 @@ async fn connection(c: Conn) -> anyhow::Result<()> {
                 };
                 match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        reconnect.reset();
+                        reconnect.connected();
                         last_failure = None;
                         if !connected_once {
                             connected_once = true;
