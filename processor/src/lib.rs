@@ -47,7 +47,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         health: health.clone(),
         stalled: std::sync::Mutex::default(),
         poison_from: std::sync::Mutex::new(
-            tokio::time::Instant::now() + worker::poison_grace(&config),
+            tokio::time::Instant::now()
+                + worker::poison_grace(config.visibility_timeout, config.max_deliveries),
         ),
     });
     tracing::info!(

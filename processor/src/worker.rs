@@ -62,10 +62,8 @@ pub struct Ctx {
 
 /// How long poisoning waits after start and after a stall: as long as it takes a message to
 /// use up its deliveries.
-pub fn poison_grace(config: &crate::Config) -> Duration {
-    config
-        .visibility_timeout
-        .saturating_mul(u32::try_from(config.max_deliveries).unwrap_or(u32::MAX))
+pub fn poison_grace(visibility: Duration, max_deliveries: u64) -> Duration {
+    visibility.saturating_mul(u32::try_from(max_deliveries).unwrap_or(u32::MAX))
 }
 
 /// The readiness key of storage trouble met by rounds.
@@ -75,9 +73,7 @@ impl Ctx {
     /// A round met an error only the operator can fix: readiness says which, and the fetcher
     /// slows down. Nothing is dead-lettered or deleted for it.
     pub(crate) fn needs_operator(&self, error: &str) {
-        let grace = self
-            .visibility
-            .saturating_mul(u32::try_from(self.max_deliveries).unwrap_or(u32::MAX));
+        let grace = poison_grace(self.visibility, self.max_deliveries);
         *self
             .poison_from
             .lock()
