@@ -94,10 +94,23 @@ else
   sed -e "s|^listener .*|listener $MQTT_PORT 127.0.0.1|" \
       -e "s|^persistence_location .*|persistence_location $store/|" \
       deploy/mosquitto.conf >"$RUN/mosquitto.conf"
+  # Started as root, Mosquitto switches to its own user and can then not write its store here:
+  # a broker restart would lose ingest's session and every reading queued for it.
+  [ "$(id -u)" = 0 ] && echo "user root" >>"$RUN/mosquitto.conf"
   MOSQUITTO="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
   "$MOSQUITTO" -c "$RUN/mosquitto.conf" >"$RUN/logs/mosquitto.log" 2>&1 &
   started+=($!); graces+=(10)
+  mosquitto_pid=$!
   for _ in $(seq 1 50); do port_open "$MQTT_PORT" && break; sleep 0.2; done
+  # Prove it can persist: SIGUSR1 makes it save its store now.
+  kill -USR1 "$mosquitto_pid"
+  for _ in $(seq 1 50); do grep -q "Saving in-memory database" "$RUN/logs/mosquitto.log" && break; sleep 0.1; done
+  sleep 0.2
+  if ! grep -q "Saving in-memory database" "$RUN/logs/mosquitto.log" || grep -q "Error saving" "$RUN/logs/mosquitto.log"; then
+    echo "error: Mosquitto cannot save its store in $store; a broker restart would lose readings:" >&2
+    tail -n 5 "$RUN/logs/mosquitto.log" >&2
+    exit 1
+  fi
 fi
 
 echo "==> Building (release)"

@@ -11,9 +11,10 @@ device could join ingest's shared subscription and take (and lose) a share of al
 The plugin refuses it. It has no %u patterns, hence one role per device.
 
 - Default: nothing allowed (publish, receive, subscribe, unsubscribe).
-- ingest: may subscribe only to $share/ingest/devices/+/telemetry and receive
-  devices/+/telemetry; publishes nothing. (INGEST_SHARE_GROUP and INGEST_TOPIC_PREFIX in the
-  environment change `ingest` and `devices` here, as they do for ingest.)
+- ingest: may subscribe only to devices/+/telemetry (or, with INGEST_SHARE_GROUP=g, only to
+  $share/g/devices/+/telemetry) and receive devices/+/telemetry; publishes nothing.
+  (INGEST_SHARE_GROUP and INGEST_TOPIC_PREFIX in the environment change the group and
+  `devices` here, as they do for ingest.)
 - gateway: may publish to devices/+/telemetry (load tests; gateways fronting many sensors).
 - a device: may publish only to devices/<its id>/telemetry, and must connect with its id as
   client id (so it cannot take over another client's session, such as ingest's).
@@ -31,12 +32,13 @@ import sys
 ITERATIONS = 101
 # The same settings as ingest's INGEST_TOPIC_PREFIX and INGEST_SHARE_GROUP.
 PREFIX = os.environ.get("INGEST_TOPIC_PREFIX") or "devices"
-GROUP = os.environ.get("INGEST_SHARE_GROUP") or "ingest"
+GROUP = os.environ.get("INGEST_SHARE_GROUP") or ""
 ALL = f"{PREFIX}/+/telemetry"
+INGEST_FILTER = f"$share/{GROUP}/{ALL}" if GROUP else ALL
 SERVICES = {
     "ingest": [
-        {"acltype": "subscribeLiteral", "topic": f"$share/{GROUP}/{ALL}", "allow": True},
-        {"acltype": "unsubscribeLiteral", "topic": f"$share/{GROUP}/{ALL}", "allow": True},
+        {"acltype": "subscribeLiteral", "topic": INGEST_FILTER, "allow": True},
+        {"acltype": "unsubscribeLiteral", "topic": INGEST_FILTER, "allow": True},
         {"acltype": "publishClientReceive", "topic": ALL, "allow": True},
     ],
     "gateway": [

@@ -32,7 +32,7 @@
 #                       text (`simulator --print-credentials` writes it); blank lines and
 #                       lines starting with `#` are skipped. Unset: no device lines.
 #   INGEST_SHARE_GROUP, INGEST_TOPIC_PREFIX
-#                       as set for ingest (defaults `ingest`, `devices`): the permissions name them
+#                       as set for ingest (defaults: none, `devices`): the permissions name them
 #   CA_DAYS             test CA validity in days (default 3650)
 #   CERT_DAYS           server and client certificate validity in days (default 825)
 #

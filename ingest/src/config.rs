@@ -22,9 +22,12 @@ pub struct Config {
     #[arg(long, env = "INGEST_TOPIC_PREFIX", default_value = "devices")]
     pub topic_prefix: String,
 
-    /// Shared-subscription group; replicas in one group split the load. Empty subscribes
-    /// without sharing (every replica then receives every message).
-    #[arg(long, env = "INGEST_SHARE_GROUP", default_value = "ingest")]
+    /// Shared-subscription group, for several replicas that split the load. Empty (the default)
+    /// subscribes without sharing, which is loss-free across broker restarts: Mosquitto (2.0)
+    /// restores a plain subscription of a persistent session after a restart, but not a shared
+    /// one, so readings published between a broker restart and ingest's resubscribe are routed
+    /// nowhere. Set a group only when running several replicas, and accept that window.
+    #[arg(long, env = "INGEST_SHARE_GROUP", default_value = "")]
     pub share_group: String,
 
     /// Queue that receives the envelopes.

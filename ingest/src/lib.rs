@@ -1,6 +1,7 @@
 //! `ingest`: MQTT in, Azure Storage Queue out.
 //!
-//! It subscribes with QoS 1 under a persistent session and a shared subscription, packs device
+//! It subscribes with QoS 1 under a persistent session (a plain subscription by default, a
+//! shared one when replicas split the load; see [`Config::share_group`]), packs device
 //! messages into envelopes, and acknowledges each message to the broker only after the queue
 //! holds the envelope containing it. Until then the broker keeps the message and redelivers it
 //! if this process dies, so a crash can duplicate messages (the table upsert absorbs that) but
@@ -44,9 +45,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         queue = %config.queue_name,
         queue_endpoint = account.queue_endpoint(),
         account = account.name(),
+        filter = %config.filter(),
         %metrics_addr,
         "Ingest starting."
     );
+    if !config.share_group.is_empty() {
+        tracing::warn!(group = %config.share_group, "Shared subscription: Mosquitto does not restore it after a broker restart, so readings published between the restart and this replica's resubscribe are routed nowhere and lost. Unset INGEST_SHARE_GROUP when one replica runs.");
+    }
     let create = config.storage.create_missing;
     if !create_missing(&[Resource::Queue(&queue)], create, &shutdown).await {
         return Ok(());

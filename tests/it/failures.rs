@@ -160,3 +160,57 @@ async fn a_message_past_its_delivery_limit_is_still_validated_and_stored() {
     let dead = tests::storage::drain_dead_letters(&p.account, &p.dead_letters).await;
     assert!(dead.is_empty(), "{dead:#?}");
 }
+
+#[tokio::test]
+async fn readings_acknowledged_around_a_broker_restart_are_all_stored() {
+    let Some(mut p) = Pipeline::start("broker_restart", &[], &[]).await else {
+        return;
+    };
+    // Four devices' worth of publishers at about 300 readings/s for about 10 s; the broker
+    // restarts (SIGTERM, saving its store) a third of the way in. Whatever it acknowledged,
+    // before, during or after, must become a row: ingest's session and subscription, and the
+    // readings queued for it while it reconnects, must survive the restart.
+    let messages = readings(3_000, 40, 0);
+    let port = p.mosquitto.port;
+    let publishing = tokio::spawn({
+        let messages = messages.clone();
+        async move {
+            tests::storage::publish_through_trouble(port, messages, 4, Duration::from_millis(12))
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    p.mosquitto.restart().await;
+    let acked = publishing.await.expect("publishers");
+    assert!(
+        acked.len() > 2_500,
+        "too few publishes acknowledged ({}) to prove anything",
+        acked.len()
+    );
+    let rows = p.wait_rows(acked.len(), Duration::from_secs(120)).await;
+    let stored: BTreeSet<(String, i64)> = rows
+        .iter()
+        .map(|e| {
+            let row = schemas::entity::from_entity(e).expect("a telemetry row");
+            (row.reading.device_id, row.reading.measured_at_ms)
+        })
+        .collect();
+    let missing: Vec<usize> = acked
+        .iter()
+        .copied()
+        .filter(|&i| {
+            let payload: serde_json::Value = serde_json::from_slice(&messages[i].1).unwrap();
+            let device = payload["deviceId"].as_str().unwrap().to_owned();
+            let at =
+                schemas::timefmt::parse_rfc3339_ms(payload["timestamp"].as_str().unwrap()).unwrap();
+            !stored.contains(&(device, at))
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged readings never became rows (first: {:?}); broker log:\n{}",
+        missing.len(),
+        &missing[..missing.len().min(5)],
+        p.mosquitto.log()
+    );
+}

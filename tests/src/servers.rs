@@ -176,10 +176,23 @@ fn dynamic_security_plugin() -> PathBuf {
 }
 
 /// Writes `conf` into `dir` and starts Mosquitto on it, logging to `dir/mosquitto.log`.
+///
+/// Started as root, Mosquitto switches to its `mosquitto` user unless told otherwise, and can
+/// then not write its store in a folder root made: sessions and queued readings would not
+/// survive a restart, and only its log would say so. So as root it is told to stay root (what
+/// scripts/run.sh does too).
 fn launch_mosquitto(dir: &std::path::Path, conf: &str) -> Child {
     let conf_path = dir.join("mosquitto.conf");
+    let mut conf = conf.to_owned();
+    if running_as_root() {
+        conf.push_str("\nuser root\n");
+    }
     std::fs::write(&conf_path, conf).expect("write mosquitto.conf");
-    let log = std::fs::File::create(dir.join("mosquitto.log")).expect("mosquitto log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("mosquitto.log"))
+        .expect("mosquitto log");
     Command::new(mosquitto_bin().expect("mosquitto installed"))
         .arg("-c")
         .arg(&conf_path)
@@ -190,13 +203,48 @@ fn launch_mosquitto(dir: &std::path::Path, conf: &str) -> Child {
         .expect("start mosquitto")
 }
 
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// Asks the broker to save its store now (SIGUSR1) and panics, with its log, if it cannot:
+/// a broker that cannot persist loses every session and queued reading when it restarts.
+async fn assert_persists(child: &Child, log: &std::path::Path) {
+    let saves = |text: &str| text.matches("Saving in-memory database").count();
+    let before = saves(&std::fs::read_to_string(log).unwrap_or_default());
+    let pid = child.id().expect("mosquitto running");
+    let status = std::process::Command::new("kill")
+        .args(["-USR1", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "cannot signal mosquitto");
+    let text = wait_for(
+        "mosquitto to save its store",
+        Duration::from_secs(10),
+        || async move {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            (saves(&text) > before).then_some(text)
+        },
+    )
+    .await;
+    // The error lines follow the save line at once; give the log a moment to show them.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let text = std::fs::read_to_string(log).unwrap_or(text);
+    assert!(
+        !text.contains("Error saving"),
+        "mosquitto cannot write its store, so a restart would lose sessions and readings:\n{text}"
+    );
+}
+
 /// Mosquitto with the project's shipped configuration (deploy/mosquitto.conf), so the tests
 /// prove the configuration users get, not a friendlier one.
 #[derive(Debug)]
 pub struct Mosquitto {
     pub port: u16,
-    _dir: TempDir,
-    _child: Child,
+    dir: TempDir,
+    conf: String,
+    child: Option<Child>,
 }
 
 impl Mosquitto {
@@ -218,18 +266,50 @@ impl Mosquitto {
             })
             .collect::<Vec<_>>()
             .join("\n");
-        let child = launch_mosquitto(&dir.0, &conf);
+        let mut m = Self {
+            port,
+            dir,
+            conf,
+            child: None,
+        };
+        m.launch().await;
+        m
+    }
+
+    async fn launch(&mut self) {
+        let child = launch_mosquitto(&self.dir.0, &self.conf);
+        let port = self.port;
         wait_for(
             "mosquitto to listen",
             Duration::from_secs(10),
             || async move { port_open(port).await.then_some(()) },
         )
         .await;
-        Self {
-            port,
-            _dir: dir,
-            _child: child,
+        assert_persists(&child, &self.dir.0.join("mosquitto.log")).await;
+        self.child = Some(child);
+    }
+
+    /// Stops the broker the way an operator would (SIGTERM: it saves its store), then starts
+    /// it again on the same port and store.
+    pub async fn restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id().expect("mosquitto running");
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+            if tokio::time::timeout(Duration::from_secs(15), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
         }
+        self.launch().await;
+    }
+
+    /// The broker's log so far (every start).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("mosquitto.log")).unwrap_or_default()
     }
 
     pub fn url(&self) -> String {
@@ -309,6 +389,7 @@ impl SecureMosquitto {
             || async move { (port_open(tls_port).await && port_open(mtls_port).await).then_some(()) },
         )
         .await;
+        assert_persists(&child, &identities.0.join("mosquitto.log")).await;
         Self {
             tls_port,
             mtls_port,

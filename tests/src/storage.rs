@@ -67,6 +67,68 @@ pub async fn publish_with(broker: &infra::mqtt::Connection, messages: Vec<(Strin
     let _ = tokio::time::timeout(Duration::from_secs(2), eventloop.poll()).await;
 }
 
+/// Publishes `messages` the way devices do through broker trouble: one publisher per chunk of
+/// `lanes`, each message with QoS 1 and waiting for its PUBACK, `pause` between messages,
+/// reconnecting whenever the connection fails. Returns the indexes of the messages the broker
+/// acknowledged: those it took responsibility for, and the pipeline must store. A message
+/// whose publish failed is not retried (a device would; here it is simply not counted).
+pub async fn publish_through_trouble(
+    broker_port: u16,
+    messages: Vec<(String, Vec<u8>)>,
+    lanes: usize,
+    pause: Duration,
+) -> Vec<usize> {
+    let url = format!("mqtt://127.0.0.1:{broker_port}");
+    let broker = infra::mqtt::Connection::plain(url.parse().expect("a broker URL"));
+    let mut lanes_of: Vec<Vec<(usize, String, Vec<u8>)>> = vec![Vec::new(); lanes.max(1)];
+    for (i, (topic, payload)) in messages.into_iter().enumerate() {
+        lanes_of[i % lanes.max(1)].push((i, topic, payload));
+    }
+    let tasks: Vec<_> = lanes_of
+        .into_iter()
+        .map(|lane| {
+            let broker = broker.clone();
+            tokio::spawn(async move {
+                let mut acked = Vec::new();
+                let mut link = None;
+                for (i, topic, payload) in lane {
+                    let (client, eventloop) = link.get_or_insert_with(|| {
+                        AsyncClient::new(broker.options(crate::unique("steady")), 16)
+                    });
+                    client
+                        .publish(topic, QoS::AtLeastOnce, false, payload)
+                        .await
+                        .expect("queue a publish");
+                    let answer = tokio::time::timeout(Duration::from_secs(10), async {
+                        loop {
+                            match eventloop.poll().await {
+                                Ok(Event::Incoming(Packet::PubAck(_))) => return true,
+                                Ok(_) => {}
+                                Err(_) => return false,
+                            }
+                        }
+                    })
+                    .await;
+                    if answer == Ok(true) {
+                        acked.push(i);
+                    } else {
+                        link = None;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+                acked
+            })
+        })
+        .collect();
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.expect("publisher task"));
+    }
+    acked.sort_unstable();
+    acked
+}
+
 /// A valid single reading for `device` at `at_ms`.
 pub fn reading(device: &str, at_ms: i64, seq: u64) -> Vec<u8> {
     format!(
