@@ -155,14 +155,19 @@ pub async fn purge(session: &Session, args: &PurgeArgs) -> anyhow::Result<bool> 
 
 pub async fn export(session: &Session, args: &ExportArgs) -> anyhow::Result<bool> {
     let out: Box<dyn Write + Send> = if args.output.as_os_str() == "-" {
+        // What goes to a pipe is not durable when the write returns (the reader may die with
+        // it unread), so nothing may be removed for having been written there.
+        anyhow::ensure!(
+            !args.delete,
+            "--delete needs a file: standard output cannot be synced, so records would be removed \
+             before they are safe. Export to a file (`-o FILE --delete`), or export to `-` and \
+             purge once what read it has kept the records."
+        );
         Box::new(std::io::stdout())
     } else {
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&args.output)
-            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", args.output.display()))?;
-        Box::new(Synced(std::io::BufWriter::new(file)))
+        Box::new(Synced(std::io::BufWriter::new(create_durably(
+            &args.output,
+        )?)))
     };
     let mode = Mode::Export(out, args.delete);
     let ok = drive(session, &args.filter, args.limit, mode, "exported", false).await?;
@@ -523,6 +528,24 @@ impl Pacer {
         }
         self.next += Duration::from_secs_f64(records as f64 / f64::from(self.rate));
     }
+}
+
+/// Creates `path` (never overwriting) and syncs its directory, so the file's name survives a
+/// crash as well as the data later synced into it.
+fn create_durably(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| anyhow::anyhow!("cannot sync directory {}: {e}", dir.display()))?;
+    Ok(file)
 }
 
 /// A file writer whose flush also syncs to disk, so "flushed" means "survives a crash".

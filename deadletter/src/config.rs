@@ -158,6 +158,7 @@ pub struct ExportArgs {
     pub output: PathBuf,
 
     /// Remove each exported record from the queue, once it is on disk (flushed and synced).
+    /// Needs a file: refused with `-o -`, since standard output cannot be synced.
     #[arg(long, env = "DEADLETTER_DELETE")]
     pub delete: bool,
 

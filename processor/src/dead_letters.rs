@@ -137,6 +137,11 @@ async fn flush(ctx: &Ctx, pending: Vec<Submission>) {
         .flat_map(|s| s.records.iter().map(|r| r.reason.as_str()))
         .collect();
     let packed = schemas::dead_letter::pack(pending.iter().flat_map(|s| &s.records));
+    // A record in no packed message was not written: its queue message must stay.
+    let mut unpacked = vec![true; owners.len()];
+    for i in packed.iter().flat_map(|(_, records)| records) {
+        unpacked[*i] = false;
+    }
     let results: Vec<(Vec<usize>, Result<(), StorageError>)> = stream::iter(packed)
         .map(|(text, records)| async move {
             let put = crate::worker::retry(deadline, || ctx.dead_letters.put(text.clone())).await;
@@ -146,6 +151,9 @@ async fn flush(ctx: &Ctx, pending: Vec<Submission>) {
         .collect()
         .await;
     let mut failed = vec![None; pending.len()];
+    for (i, _) in unpacked.iter().enumerate().filter(|(_, u)| **u) {
+        failed[owners[i]] = Some("a dead-letter record could not be packed".to_owned());
+    }
     for (records, result) in results {
         for i in records {
             match &result {

@@ -59,7 +59,18 @@ pub struct DeadLetter {
     /// The override an operator's replay applied, when the replayed message failed again.
     #[serde(default, skip_serializing_if = "Override::is_none")]
     pub overrides: Override,
+    /// Fields (other than the payload) cut so that the record fits a queue message, by their
+    /// wire names: `rejectedIndexes`, `overrides`, `detail`. Empty for nearly every record.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shortened: Vec<String>,
 }
+
+/// Most rejected indexes a record keeps when it must be shortened to fit.
+const SHORT_INDEXES: usize = 1000;
+/// Most bytes of overrides a record keeps when it must be shortened to fit.
+const SHORT_OVERRIDE_BYTES: usize = 8 * 1024;
+/// Longest detail when nothing else makes a record fit.
+const SHORTEST_DETAIL_BYTES: usize = 256;
 
 /// The facts about one refusal that are not in the message itself.
 #[derive(Debug, Clone)]
@@ -97,6 +108,7 @@ impl DeadLetter {
             payload_bytes: msg.original_len,
             payload_truncated: msg.is_truncated(),
             overrides: msg.overrides.clone(),
+            shortened: Vec::new(),
         };
         record.set_payload(&msg.payload);
         record
@@ -136,9 +148,11 @@ impl DeadLetter {
         }
     }
 
-    /// The record's JSON, cut so that it fits a queue message on its own: the payload is at
-    /// most 32 KiB and the other fields are bounded; should a future field break that, the
-    /// payload is cut further and flagged rather than the put failing.
+    /// The record's JSON, cut so that it always fits a queue message on its own: first the
+    /// payload (flagged `payloadTruncated`), then, should the rest still not fit (a gateway
+    /// array refused element by element has thousands of indexes; a replay may carry many
+    /// overrides), the lists and the detail, each named in `shortened`. The source message
+    /// is never lost for a record too large.
     fn wire_json(&self) -> Vec<u8> {
         const ROOM: usize = crate::framed::item_room(HEADER);
         // A struct of strings, integers and bools always serialises.
@@ -151,10 +165,56 @@ impl DeadLetter {
         cut.payload = None;
         cut.payload_base64 = Some(String::new());
         cut.payload_truncated = true;
-        let overhead = serde_json::to_vec(&cut).expect("record serialises").len();
-        let keep = (ROOM.saturating_sub(overhead) / 4 * 3).min(bytes.len());
-        cut.payload_base64 = Some(B64.encode(&bytes[..keep]));
+        for harshness in 0..3 {
+            match harshness {
+                0 => {}
+                1 => cut.shorten_lists(),
+                _ => {
+                    cut.rejected_indexes.clear();
+                    cut.overrides.device_ids.clear();
+                    let detail = crate::reading::truncate(&cut.detail, SHORTEST_DETAIL_BYTES);
+                    cut.detail = detail.to_owned();
+                    cut.mark_shortened(&["rejectedIndexes", "overrides", "detail"]);
+                }
+            }
+            let overhead = serde_json::to_vec(&cut).expect("record serialises").len();
+            if overhead <= ROOM {
+                let keep = ((ROOM - overhead) / 4 * 3).min(bytes.len());
+                cut.payload_base64 = Some(B64.encode(&bytes[..keep]));
+                break;
+            }
+        }
         serde_json::to_vec(&cut).expect("record serialises")
+    }
+
+    /// Keeps the first [`SHORT_INDEXES`] rejected indexes and the overrides that fit
+    /// [`SHORT_OVERRIDE_BYTES`].
+    fn shorten_lists(&mut self) {
+        if self.rejected_indexes.len() > SHORT_INDEXES {
+            self.rejected_indexes.truncate(SHORT_INDEXES);
+            self.mark_shortened(&["rejectedIndexes"]);
+        }
+        let mut bytes = 0;
+        let ids = &mut self.overrides.device_ids;
+        let keep = ids
+            .iter()
+            .take_while(|(from, to)| {
+                bytes += from.len() + to.len() + 8;
+                bytes <= SHORT_OVERRIDE_BYTES
+            })
+            .count();
+        if keep < ids.len() {
+            ids.truncate(keep);
+            self.mark_shortened(&["overrides"]);
+        }
+    }
+
+    fn mark_shortened(&mut self, fields: &[&str]) {
+        for field in fields {
+            if !self.shortened.iter().any(|f| f == field) {
+                self.shortened.push((*field).to_owned());
+            }
+        }
     }
 
     /// The record as the JSON of one line of an export file.
@@ -165,7 +225,8 @@ impl DeadLetter {
 }
 
 /// Packs `records` into as few queue messages as fit, in order. Each message is returned with
-/// the positions of the records it holds.
+/// the positions of the records it holds; a record in no message (which [`DeadLetter`]'s
+/// shortening rules out) was not packed, and its source must be kept.
 pub fn pack<'a>(records: impl IntoIterator<Item = &'a DeadLetter>) -> Vec<(String, Vec<usize>)> {
     let mut out = Vec::new();
     let mut message = Framed::new(HEADER);
@@ -173,10 +234,13 @@ pub fn pack<'a>(records: impl IntoIterator<Item = &'a DeadLetter>) -> Vec<(Strin
     for (i, record) in records.into_iter().enumerate() {
         let json = record.wire_json();
         if !message.push(&json) {
-            out.push((message.finish(), std::mem::take(&mut held)));
+            if message.len() > 0 {
+                out.push((message.finish(), std::mem::take(&mut held)));
+            }
             // An empty message takes any record: `wire_json` cuts it to fit.
-            let taken = message.push(&json);
-            debug_assert!(taken);
+            if !message.push(&json) {
+                continue;
+            }
         }
         held.push(i);
     }
@@ -324,5 +388,39 @@ mod tests {
         let raw = "z".repeat(QUEUE_MESSAGE_MAX_CHARS);
         let text = one(&DeadLetter::for_unreadable(&raw, "bad".into(), 6, 1));
         assert!(text.len() <= QUEUE_MESSAGE_MAX_CHARS);
+    }
+
+    #[test]
+    fn a_record_too_large_even_without_its_payload_is_shortened_not_dropped() {
+        // A 32 KiB gateway array of empty objects, every element refused, replayed with many
+        // id mappings: the indexes and overrides alone exceed a queue message.
+        let payload = format!("[{}{{}}]", "{},".repeat(10_900));
+        let mut msg = DeviceMessage::from_mqtt("devices/gw-1/telemetry", payload.as_bytes(), 1);
+        msg.overrides.device_ids = (0..2_000)
+            .map(|i| {
+                (
+                    format!("old-{i:05}-{}", "x".repeat(30)),
+                    format!("new-{i:05}"),
+                )
+            })
+            .collect();
+        let mut refused = refusal(Reason::Schema);
+        refused.rejected_indexes = (0..10_901).collect();
+        let record = DeadLetter::new(&msg, refused);
+        let packed = pack([&record, &record]);
+        assert_eq!(packed.len(), 2, "each in a message of its own");
+        for (text, held) in &packed {
+            assert_eq!(held.len(), 1);
+            assert!(text.len() <= QUEUE_MESSAGE_MAX_CHARS);
+            let back = &decode_message(text).unwrap()[0];
+            assert_eq!(back.shortened, ["rejectedIndexes", "overrides"]);
+            assert_eq!(
+                back.rejected_indexes,
+                (0..SHORT_INDEXES).collect::<Vec<_>>()
+            );
+            assert!(back.payload_truncated);
+            assert_eq!(back.payload_bytes, payload.len());
+            assert_eq!(back.topic, record.topic);
+        }
     }
 }

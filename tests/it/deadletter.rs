@@ -195,6 +195,20 @@ async fn every_command_with_combined_filters() {
     let want = records.iter().filter(|r| expected(r)).count();
     assert!(want > 5 && want < 40, "{want}");
 
+    // Standard output cannot be synced, so removing what went there could lose it.
+    let refused = tool.run(&["export", "-o", "-", "--delete"]).await;
+    assert!(
+        !refused.ok && refused.stdout.is_empty(),
+        "{}\n{}",
+        refused.stdout,
+        refused.stderr
+    );
+    assert!(
+        refused.stderr.contains("--delete needs a file"),
+        "{}",
+        refused.stderr
+    );
+
     // list: the summary, with the filter and without.
     let all = tool.ok(&["list", "--json"]).await.json();
     assert_eq!(all["records"], records.len());
