@@ -222,14 +222,14 @@ async fn delete(table: &Table, rows: &[RowRef<'_>]) -> Result<(usize, usize), St
     match retried(|| table.delete_batch(rows)).await? {
         BatchOutcome::Committed => return Ok((rows.len(), 0)),
         // A row deleted (404) or rewritten (412) since it was read: go one by one.
-        BatchOutcome::Rejected { .. } => {}
+        BatchOutcome::Rejected(_) => {}
     }
     let (mut deleted, mut changed) = (0, 0);
     for row in rows {
         match retried(|| table.delete(row)).await {
             Ok(true) => deleted += 1,
             Ok(false) => {}
-            Err(e) if e.status() == Some(412) => changed += 1,
+            Err(e) if e.is_changed() => changed += 1,
             Err(e) => return Err(e),
         }
     }

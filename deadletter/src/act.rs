@@ -85,15 +85,16 @@ struct Tally {
 
 pub async fn replay(session: &Session, args: &ReplayArgs) -> anyhow::Result<bool> {
     let target = session.account.queue(&args.target_queue);
-    retried(|| target.approximate_depth())
-        .await
-        .map_err(|e| match e.status() {
-            Some(404) => anyhow::anyhow!(
+    retried(|| target.approximate_depth()).await.map_err(|e| {
+        if e.is_not_found() {
+            anyhow::anyhow!(
                 "target queue {:?} does not exist (is --target-queue the ingest queue?)",
                 args.target_queue
-            ),
-            _ => anyhow::Error::new(e).context("cannot reach the target queue"),
-        })?;
+            )
+        } else {
+            anyhow::Error::new(e).context("cannot reach the target queue")
+        }
+    })?;
     let mode = Mode::Replay(Replay {
         target,
         shutdown: session.shutdown.clone(),

@@ -52,6 +52,49 @@ pub enum Command {
     Export(ExportArgs),
     /// Add dead letters from a JSON Lines file written by `export`.
     Import(ImportArgs),
+    /// The queue messages the processor could not decode, kept whole: list, replay, purge.
+    Quarantine(QuarantineArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct QuarantineArgs {
+    /// The quarantine queue (the processor's `PROCESSOR_QUARANTINE_QUEUE`).
+    #[arg(
+        long,
+        env = "DEADLETTER_QUARANTINE_QUEUE",
+        default_value = "telemetry-quarantine"
+    )]
+    pub quarantine_queue: String,
+
+    #[command(subcommand)]
+    pub action: QuarantineAction,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum QuarantineAction {
+    /// Show each quarantined message: its size, deliveries, and why it cannot be decoded.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long, env = "DEADLETTER_JSON")]
+        json: bool,
+    },
+    /// Put the quarantined messages back on the ingest queue, unchanged (after deploying a
+    /// processor that reads them); each leaves quarantine only once the ingest queue holds it.
+    Replay {
+        /// The ingest queue.
+        #[arg(
+            long,
+            env = "DEADLETTER_TARGET_QUEUE",
+            default_value = "telemetry-ingest"
+        )]
+        target_queue: String,
+    },
+    /// Delete the quarantined messages for good.
+    Purge {
+        /// Required: there is no undo.
+        #[arg(long, env = "DEADLETTER_YES")]
+        yes: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]

@@ -3,7 +3,8 @@
 //! - [`walk`]: the one way this tool reads the queue, and the guarantees it keeps (nothing
 //!   deleted by reading, nothing hidden for longer than `--hold`).
 //! - [`filter`]: which records a command touches.
-//! - `inspect`: `list` and `show`; `act`: `replay`, `purge` and `export`; `import`.
+//! - `inspect`: `list` and `show`; `act`: `replay`, `purge` and `export`; `import`;
+//!   `quarantine`: the undecodable ingest messages the processor kept whole.
 //!
 //! Invariant: a record leaves the dead-letter queue only after it is safe where it goes (the
 //! ingest queue holds it, or the export file has it on disk), or when an operator purges it.
@@ -13,6 +14,7 @@ mod config;
 pub mod filter;
 mod import;
 mod inspect;
+mod quarantine;
 mod summary;
 pub mod walk;
 
@@ -50,6 +52,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<bool> 
         Command::Purge(args) => act::purge(&session, args).await,
         Command::Export(args) => act::export(&session, args).await,
         Command::Import(args) => import::import(&session, args).await,
+        Command::Quarantine(args) => quarantine::run(&session, args).await,
     }
 }
 

@@ -73,15 +73,16 @@ pub struct Walker {
 impl Walker {
     /// Starts a walk of `queue`. Fails with a clear message when the queue does not exist.
     pub async fn start(queue: Queue, hold: Duration) -> anyhow::Result<Self> {
-        let depth = retried(|| queue.approximate_depth())
-            .await
-            .map_err(|e| match e.status() {
-                Some(404) => anyhow::anyhow!(
+        let depth = retried(|| queue.approximate_depth()).await.map_err(|e| {
+            if e.is_not_found() {
+                anyhow::anyhow!(
                     "queue {:?} does not exist (is --queue right, and the connection string?)",
                     queue.name()
-                ),
-                _ => anyhow::Error::new(e).context(format!("cannot read queue {:?}", queue.name())),
-            })?;
+                )
+            } else {
+                anyhow::Error::new(e).context(format!("cannot read queue {:?}", queue.name()))
+            }
+        })?;
         Ok(Self {
             queue,
             hold,
@@ -163,7 +164,7 @@ impl Walker {
                         self.held.remove(&id);
                         Ok(Settled::Deleted)
                     }
-                    Err(e) if matches!(e.status(), Some(400 | 404)) => {
+                    Err(e) if e.is_gone() => {
                         self.held.remove(&id);
                         Ok(Settled::Gone)
                     }
@@ -187,7 +188,7 @@ impl Walker {
                 match result {
                     Ok(_) => 0,
                     // Retaken by someone else after this walk's hold ran out: theirs now.
-                    Err(e) if matches!(e.status(), Some(400 | 404)) => 0,
+                    Err(e) if e.is_gone() => 0,
                     Err(error) => {
                         tracing::warn!(%error, id = %message.id, "Cannot release a message; it becomes visible when its hold ends.");
                         1

@@ -79,7 +79,9 @@ where
 }
 
 /// Runs a storage call until it succeeds, fails for good (a non-retriable error), or the next
-/// backoff would pass `deadline`; `on_retry` sees each retried error.
+/// backoff would pass `deadline`; `on_retry` sees each retried error. No attempt outlives
+/// `deadline`: one still waiting then fails with [`ErrorKind::OutOfTime`](crate::storage::ErrorKind)
+/// (the request may still take effect, which idempotent callers allow for).
 pub async fn until_deadline<T, F, Fut>(
     deadline: tokio::time::Instant,
     mut op: F,
@@ -91,7 +93,16 @@ where
 {
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
     loop {
-        match op().await {
+        let attempt = match tokio::time::timeout_at(deadline, op()).await {
+            Ok(result) => result,
+            Err(_) => {
+                return Err(StorageError {
+                    op: "deadline",
+                    kind: crate::storage::ErrorKind::OutOfTime,
+                })
+            }
+        };
+        match attempt {
             Err(e) if e.is_retriable() => {
                 let delay = backoff.next_delay();
                 if tokio::time::Instant::now() + delay >= deadline {

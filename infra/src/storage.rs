@@ -18,12 +18,14 @@ pub use blob::{BlobContent, BlobInfo, Container, PutOptions, PutOutcome, Write};
 pub use entra::Auth;
 pub use prepare::{create_missing, Resource};
 pub use queue::{Queue, QueueMessage, NEVER_EXPIRE};
-pub use table::{BatchOutcome, Entity, RowRef, Table, MAX_BATCH_BYTES, MAX_BATCH_OPERATIONS};
+pub use table::{
+    BatchOutcome, Entity, Refusal, RowRef, Table, MAX_BATCH_BYTES, MAX_BATCH_OPERATIONS,
+};
 
 use std::time::Duration;
 
 /// A failed storage call.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("{op} failed: {kind}")]
 pub struct StorageError {
     /// The operation, as in the `op` metric label (`queue_put`, `table_batch`, ...).
@@ -31,7 +33,7 @@ pub struct StorageError {
     pub kind: ErrorKind,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ErrorKind {
     /// The service answered with an error status.
     #[error("HTTP {status} {code}: {message}")]
@@ -52,6 +54,9 @@ pub enum ErrorKind {
     /// No Entra ID token: the identity is misconfigured or its endpoint refused.
     #[error("no storage token: {0}")]
     Credential(String),
+    /// The caller's deadline came before the answer (the request may still take effect).
+    #[error("out of time: the caller's deadline passed first")]
+    OutOfTime,
 }
 
 impl StorageError {
@@ -60,17 +65,34 @@ impl StorageError {
     pub fn is_retriable(&self) -> bool {
         match &self.kind {
             ErrorKind::Status { status, .. } => *status >= 500 || *status == 408 || *status == 429,
-            ErrorKind::Timeout(_) | ErrorKind::Transport(_) => true,
+            ErrorKind::Timeout(_) | ErrorKind::Transport(_) | ErrorKind::OutOfTime => true,
             ErrorKind::Protocol(_) | ErrorKind::Credential(_) => false,
         }
     }
 
-    /// The HTTP status, when the service answered.
+    /// The HTTP status, when the service answered (for logs and tests; services decide with
+    /// the typed questions below).
     pub fn status(&self) -> Option<u16> {
         match &self.kind {
             ErrorKind::Status { status, .. } => Some(*status),
             _ => None,
         }
+    }
+
+    /// The thing named does not exist (404): a queue, table, message or row.
+    pub fn is_not_found(&self) -> bool {
+        self.status() == Some(404)
+    }
+
+    /// A queue message this caller held is no longer its own: deleted, or taken again by
+    /// another reader after the hold ran out (404, or 400 for a stale pop receipt).
+    pub fn is_gone(&self) -> bool {
+        matches!(self.status(), Some(400 | 404))
+    }
+
+    /// A conditional write or delete found the thing changed since it was read (412).
+    pub fn is_changed(&self) -> bool {
+        self.status() == Some(412)
     }
 
     /// Whether the service refused the request for what it carries (400, 413): another

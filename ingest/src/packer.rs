@@ -235,7 +235,7 @@ async fn write(
             Err(error) => {
                 metrics::counter!(m::PUT_FAILURES).increment(1);
                 health.set_not_ready(format!("queue {} unavailable: {error}", queue.name()));
-                if error.status() == Some(404) && create_missing {
+                if error.is_not_found() && create_missing {
                     let _ = queue.create_if_missing().await;
                 }
                 let delay = backoff.next_delay();

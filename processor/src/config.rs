@@ -19,6 +19,16 @@ pub struct Config {
     )]
     pub dead_letter_queue: String,
 
+    /// Queue where queue messages that cannot be decoded (wholly or in part) are kept whole,
+    /// as they were, before they leave the ingest queue; `deadletter quarantine` inspects
+    /// and replays them.
+    #[arg(
+        long,
+        env = "PROCESSOR_QUARANTINE_QUEUE",
+        default_value = "telemetry-quarantine"
+    )]
+    pub quarantine_queue: String,
+
     /// Table that receives readings.
     #[arg(long, env = "PROCESSOR_TABLE_NAME", default_value = schemas::entity::DEFAULT_TABLE)]
     pub table_name: String,

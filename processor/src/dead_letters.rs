@@ -12,8 +12,10 @@
 //! more as the queue grows). At a trickle of faults each round has one or two records; a few
 //! seconds of lingering packs dozens into a message.
 
+use crate::ctx::{retry, Ctx};
+use crate::failure::Failure;
 use crate::metrics_names as m;
-use crate::worker::{finished, Ctx};
+use crate::settle;
 use futures::{stream, StreamExt};
 use infra::storage::{QueueMessage, StorageError};
 use schemas::{DeadLetter, DeviceMessage};
@@ -144,15 +146,15 @@ async fn flush(ctx: &Ctx, pending: Vec<Submission>) {
     }
     let results: Vec<(Vec<usize>, Result<(), StorageError>)> = stream::iter(packed)
         .map(|(text, records)| async move {
-            let put = crate::worker::retry(deadline, || ctx.dead_letters.put(text.clone())).await;
+            let put = retry(deadline, || ctx.dead_letters.put(text.clone())).await;
             (records, put)
         })
         .buffer_unordered(ctx.write_concurrency.max(1))
         .collect()
         .await;
-    let mut failed = vec![None; pending.len()];
+    let mut failed: Vec<Option<Failure>> = vec![None; pending.len()];
     for (i, _) in unpacked.iter().enumerate().filter(|(_, u)| **u) {
-        failed[owners[i]] = Some("a dead-letter record could not be packed".to_owned());
+        failed[owners[i]] = Some(Failure::Unpacked);
     }
     for (records, result) in results {
         for i in records {
@@ -167,7 +169,10 @@ async fn flush(ctx: &Ctx, pending: Vec<Submission>) {
                             ctx.dead_letters.name()
                         ));
                     }
-                    failed[owners[i]] = Some(error.to_string());
+                    failed[owners[i]] = Some(Failure::Storage {
+                        stage: crate::failure::Stage::DeadLetter,
+                        error: error.clone(),
+                    });
                 }
             }
         }
@@ -175,11 +180,10 @@ async fn flush(ctx: &Ctx, pending: Vec<Submission>) {
     stream::iter(pending.into_iter().zip(failed))
         .for_each_concurrent(ctx.write_concurrency.max(1), |(s, failure)| async move {
             match failure {
-                Some(error) => {
-                    metrics::counter!(m::MESSAGES_RETRIED).increment(1);
-                    tracing::warn!(id = %s.message.id, %error, "Cannot write dead letters; leaving the message to reappear.");
+                Some(failure) => settle::leave(&s.message, &failure),
+                None => {
+                    settle::finished(ctx, &s.message, &s.devices, s.deadline, s.stored_at_ms).await;
                 }
-                None => finished(ctx, &s.message, &s.devices, s.deadline, s.stored_at_ms).await,
             }
         })
         .await;

@@ -7,10 +7,13 @@
 //! reading.
 
 use crate::metrics_names as m;
-use infra::storage::{BatchOutcome, Entity, StorageError, Table, MAX_BATCH_OPERATIONS};
+use infra::storage::{BatchOutcome, Entity, Refusal, StorageError, Table, MAX_BATCH_OPERATIONS};
 use schemas::{device, Reading};
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
+
+/// How long one refresh of a chunk of device rows may retry.
+const FLUSH_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The newest reading of each device seen in one round, with its ingest time.
 pub type Latest = HashMap<String, (Reading, i64)>;
@@ -78,14 +81,11 @@ impl Registry {
     }
 
     /// Marks the devices of written registration rows as registered.
-    pub fn registered(&self, rows: &[Entity]) {
+    pub fn registered<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
         let mut state = self.state();
-        for row in rows {
-            if let Some(id) = device::device_id(row) {
-                state.entry(id.to_owned()).or_default().registered = true;
-            }
+        for id in ids {
+            state.entry(id.to_owned()).or_default().registered = true;
         }
-        metrics::counter!(m::DEVICE_ROWS).increment(rows.len() as u64);
     }
 
     /// Writes every pending latest state. Failed devices stay pending for the next flush.
@@ -106,19 +106,16 @@ impl Registry {
             .chunks(MAX_BATCH_OPERATIONS)
             .zip(pending.chunks(MAX_BATCH_OPERATIONS))
         {
-            let failure = match self.table.merge_batch(rows).await {
-                Ok(BatchOutcome::Committed) => {
-                    metrics::counter!(m::DEVICE_ROWS).increment(rows.len() as u64);
-                    continue;
-                }
-                Ok(BatchOutcome::Rejected { status }) => {
-                    format!("transaction refused with HTTP {status}")
-                }
-                Err(e) => e.to_string(),
-            };
-            tracing::warn!(error = %failure, devices = rows.len(), "Cannot refresh device rows; will retry.");
+            let deadline = tokio::time::Instant::now() + FLUSH_TIME;
+            let failed = self.merge_each(rows, deadline).await;
+            if failed.is_empty() {
+                continue;
+            }
             let mut state = self.state();
             for (reading, ingested) in readings {
+                if !failed.contains_key(&reading.device_id) {
+                    continue;
+                }
                 let entry = state.entry(reading.device_id.clone()).or_default();
                 if entry.pending.is_none() {
                     entry.pending = Some((reading.clone(), *ingested));
@@ -126,6 +123,57 @@ impl Registry {
             }
         }
     }
+
+    /// Merges up to 100 device rows in one transaction; if it is refused for what one of them
+    /// carries, each row on its own, so one bad row never holds back the others. Returns the
+    /// devices whose rows were not written, each with why.
+    pub async fn merge_each(
+        &self,
+        rows: &[Entity],
+        deadline: tokio::time::Instant,
+    ) -> HashMap<String, Trouble> {
+        let ids = |rows: &[Entity]| {
+            rows.iter()
+                .filter_map(device::device_id)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        let all_fail = |rows: &[Entity], why: Trouble| {
+            ids(rows).into_iter().map(|id| (id, why.clone())).collect()
+        };
+        let merged = infra::retry::until_deadline(
+            deadline,
+            || self.table.merge_batch(rows),
+            |_| metrics::counter!(m::STORAGE_ERRORS).increment(1),
+        );
+        match merged.await {
+            Ok(BatchOutcome::Committed) => {
+                metrics::counter!(m::DEVICE_ROWS).increment(rows.len() as u64);
+                return HashMap::new();
+            }
+            Ok(BatchOutcome::Rejected(Refusal::Content(_))) if rows.len() > 1 => {}
+            Ok(BatchOutcome::Rejected(refusal)) => {
+                tracing::warn!(%refusal, devices = rows.len(), "Device rows refused.");
+                return all_fail(rows, Trouble::Refused(refusal));
+            }
+            Err(error) => {
+                tracing::warn!(%error, devices = rows.len(), "Cannot write device rows.");
+                return all_fail(rows, Trouble::Storage(error));
+            }
+        }
+        let mut failed = HashMap::new();
+        for row in rows {
+            failed.extend(Box::pin(self.merge_each(std::slice::from_ref(row), deadline)).await);
+        }
+        failed
+    }
+}
+
+/// Why a device row was not written.
+#[derive(Debug, Clone)]
+pub enum Trouble {
+    Storage(StorageError),
+    Refused(Refusal),
 }
 
 fn chunk(rows: Vec<Entity>) -> Vec<Vec<Entity>> {
@@ -187,7 +235,7 @@ mod tests {
         let fresh = r.note(latest.clone());
         assert_eq!(fresh.iter().map(Vec::len).sum::<usize>(), 2);
         assert!(fresh[0].iter().all(|e| e.contains_key(device::FIRST_SEEN)));
-        r.registered(&fresh.concat());
+        r.registered(fresh.concat().iter().filter_map(device::device_id));
 
         // Known now: nothing to register; only readings newer than the row are queued.
         let mut next = Latest::new();

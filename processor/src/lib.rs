@@ -1,18 +1,27 @@
 //! `processor`: Azure Storage Queue in, Azure Table Storage out.
 //!
-//! One fetcher ([`worker::run`]) takes up to 32 envelopes per get whenever one of many
-//! concurrent workers is free; the worker's round validates every reading with `schemas`,
-//! upserts the valid ones in same-partition transactions ([`plan`]) and hands the rest to the
-//! dead-letter writer ([`dead_letters`]), which packs records from many rounds into each
-//! dead-letter message. The invariant that makes crashes safe: a queue message is deleted only
-//! after every reading in it is stored or dead-lettered; everything before that is idempotent.
+//! One fetcher ([`fetch::run`]) takes up to 32 envelopes per get whenever one of many
+//! concurrent workers is free and starts a [`round`] on them: [`classify`] sorts the messages
+//! (pure: decode, validate), then the round writes the valid readings in same-partition
+//! transactions ([`plan`], [`write`]), registers new devices ([`devices`]), keeps unreadable
+//! messages whole in quarantine, and settles each message: [`settle`] deletes it, or the
+//! dead-letter writer ([`dead_letters`]) packs its refusals with those of other rounds and then
+//! has it deleted. The invariant that makes crashes safe: a queue message is deleted only after
+//! every reading in it is stored or dead-lettered and what could not be decoded is kept whole;
+//! everything before that is idempotent.
 
+mod classify;
 mod config;
+mod ctx;
 mod dead_letters;
 mod devices;
+mod failure;
+mod fetch;
 mod metrics_names;
 mod plan;
-mod worker;
+mod round;
+mod settle;
+mod write;
 
 pub use config::Config;
 
@@ -30,15 +39,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let metrics_addr =
         infra::serve::serve_http(config.metrics_addr, health.clone(), shutdown.clone()).await?;
     let account = config.storage.account()?;
-    let ctx = Arc::new(worker::Ctx {
+    let ctx = Arc::new(ctx::Ctx {
         queue: account.queue(&config.queue_name),
         dead_letters: account.queue(&config.dead_letter_queue),
+        quarantine: account.queue(&config.quarantine_queue),
         table: account.table(&config.table_name),
         devices: devices::Registry::new(account.table(&config.device_table)),
-        topic_prefix: config.topic_prefix.clone(),
-        policy: Policy {
-            max_future: config.max_future,
-            max_age: config.max_age,
+        rules: classify::Rules {
+            topic_prefix: config.topic_prefix.clone(),
+            policy: Policy {
+                max_future: config.max_future,
+                max_age: config.max_age,
+            },
+            quarantine_queue: config.quarantine_queue.clone(),
         },
         visibility: config.visibility_timeout,
         max_deliveries: config.max_deliveries,
@@ -48,12 +61,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         stalled: std::sync::Mutex::default(),
         poison_from: std::sync::Mutex::new(
             tokio::time::Instant::now()
-                + worker::poison_grace(config.visibility_timeout, config.max_deliveries),
+                + ctx::poison_grace(config.visibility_timeout, config.max_deliveries),
         ),
+        newer_seen: std::sync::Mutex::default(),
     });
     tracing::info!(
         queue = %config.queue_name,
         dead_letters = %config.dead_letter_queue,
+        quarantine = %config.quarantine_queue,
         table = %config.table_name,
         device_table = %config.device_table,
         workers = config.workers,
@@ -65,6 +80,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let resources = [
         Resource::Queue(&ctx.queue),
         Resource::Queue(&ctx.dead_letters),
+        Resource::Queue(&ctx.quarantine),
         Resource::Table(&ctx.table),
         Resource::Table(&ctx.devices.table),
     ];
@@ -90,12 +106,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let linger = config.dead_letter_linger.min(config.visibility_timeout / 4);
     let (writer, writer_task) = dead_letters::Writer::spawn(ctx.clone(), linger, closing.clone());
     let tracker = tokio_util::task::TaskTracker::new();
-    let fetch = worker::Fetch {
+    let fetch = fetch::Fetch {
         workers: config.workers,
         round_bytes: config.round_kib.saturating_mul(1024),
         batch_wait: config.batch_wait,
     };
-    tracker.spawn(worker::run(ctx.clone(), writer, fetch, shutdown.clone()));
+    tracker.spawn(fetch::run(ctx.clone(), writer, fetch, shutdown.clone()));
     tracker.spawn(report_depth(ctx.clone(), shutdown.clone()));
     tracker.spawn(refresh_devices(
         ctx.clone(),
@@ -115,7 +131,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 }
 
 /// Writes the devices' latest readings every `interval` (the last flush follows the workers).
-async fn refresh_devices(ctx: Arc<worker::Ctx>, interval: Duration, shutdown: CancellationToken) {
+async fn refresh_devices(ctx: Arc<ctx::Ctx>, interval: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -127,7 +143,7 @@ async fn refresh_devices(ctx: Arc<worker::Ctx>, interval: Duration, shutdown: Ca
 }
 
 /// Publishes the ingest queue's approximate depth every few seconds.
-async fn report_depth(ctx: Arc<worker::Ctx>, shutdown: CancellationToken) {
+async fn report_depth(ctx: Arc<ctx::Ctx>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {

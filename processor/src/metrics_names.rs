@@ -6,7 +6,8 @@ pub const STORED: &str = "processor_readings_stored_total";
 pub const DEAD_LETTERS: &str = "processor_dead_letters_total";
 /// Queue messages finished and deleted.
 pub const MESSAGES_DONE: &str = "processor_messages_done_total";
-/// Queue messages left to reappear after a failure.
+/// Queue messages left to reappear after a failure, by `stage` (`quarantine`, `write`,
+/// `register`, `dead_letter`).
 pub const MESSAGES_RETRIED: &str = "processor_messages_retried_total";
 /// Table requests, by `kind` (`batch` or `single`).
 pub const TABLE_WRITES: &str = "processor_table_writes_total";
@@ -21,3 +22,10 @@ pub const QUEUE_DEPTH: &str = "processor_queue_depth";
 pub const STORAGE_ERRORS: &str = "processor_storage_errors_total";
 /// Device-table rows written (registrations and latest-state refreshes).
 pub const DEVICE_ROWS: &str = "processor_device_rows_written_total";
+/// Readings that replaced another of the same device and millisecond with other values,
+/// within one round (a re-sent correction; copies of one reading do not count).
+pub const OVERWRITES: &str = "processor_row_overwrites_total";
+/// Unreadable queue messages kept whole in the quarantine queue.
+pub const QUARANTINED: &str = "processor_quarantined_total";
+/// Deliveries of queue messages whose envelope version this build cannot read (left queued).
+pub const NEWER_ENVELOPES: &str = "processor_newer_envelopes_total";

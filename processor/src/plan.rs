@@ -29,12 +29,23 @@ impl<O: Copy> Batch<O> {
     }
 }
 
+/// The writes of a round.
+#[derive(Debug)]
+pub struct Plan<O> {
+    pub batches: Vec<Batch<O>>,
+    /// Readings that replaced another of the same device and millisecond with other values
+    /// (a re-sent correction, or a device clock that repeats); copies of one reading do not
+    /// count.
+    pub overwrites: usize,
+}
+
 /// Plans the writes for `(owner, entity)` pairs. Every batch stays inside one partition, holds
 /// at most 100 operations and 4 MiB, and never repeats a RowKey (Azure rejects a transaction
 /// that touches one entity twice). When two readings share a key, the later one wins, and the
 /// batch owes its result to both messages.
-pub fn plan<O: Copy>(items: impl IntoIterator<Item = (O, Entity)>) -> Vec<Batch<O>> {
+pub fn plan<O: Copy>(items: impl IntoIterator<Item = (O, Entity)>) -> Plan<O> {
     let mut partitions: BTreeMap<String, BTreeMap<String, (Entity, Vec<O>)>> = BTreeMap::new();
+    let mut overwrites = 0;
     for (owner, entity) in items {
         let key = |name: &str| {
             entity
@@ -49,6 +60,9 @@ pub fn plan<O: Copy>(items: impl IntoIterator<Item = (O, Entity)>) -> Vec<Batch<
             .or_default()
             .entry(rk)
             .or_insert_with(|| (Entity::new(), Vec::new()));
+        if !slot.1.is_empty() && !same_reading(&slot.0, &entity) {
+            overwrites += 1;
+        }
         slot.0 = entity;
         slot.1.push(owner);
     }
@@ -70,7 +84,16 @@ pub fn plan<O: Copy>(items: impl IntoIterator<Item = (O, Entity)>) -> Vec<Batch<
             batches.push(current);
         }
     }
-    batches
+    Plan {
+        batches,
+        overwrites,
+    }
+}
+
+/// Whether two entities hold the same reading (when ingest received each aside).
+fn same_reading(a: &Entity, b: &Entity) -> bool {
+    let received = |k: &String| k.starts_with("IngestedAt");
+    a.len() == b.len() && a.iter().all(|(k, v)| received(k) || b.get(k) == Some(v))
 }
 
 #[cfg(test)]
@@ -92,7 +115,7 @@ mod tests {
             items.push((i % 7, entity("b", i, 10)));
         }
         items.push((9, entity("c", 1, 10)));
-        let batches = plan(items);
+        let batches = plan(items).batches;
         let sizes: Vec<usize> = batches.iter().map(|b| b.entities.len()).collect();
         assert_eq!(sizes, [100, 100, 50, 100, 100, 50, 1]);
         for b in &batches {
@@ -106,17 +129,29 @@ mod tests {
     fn duplicate_keys_collapse_and_keep_both_owners() {
         let mut later = entity("a", 1, 0);
         later.insert("V".into(), 2.into());
-        let batches = plan([(0, entity("a", 1, 0)), (3, later), (1, entity("a", 2, 0))]);
+        let received = |at: i64| {
+            let mut e = entity("a", 2, 0);
+            e.insert("IngestedAt".into(), at.into());
+            e
+        };
+        let planned = plan([
+            (0, entity("a", 1, 0)),
+            (3, later),
+            (1, received(6)),
+            (4, received(7)),
+        ]);
+        assert_eq!(planned.overwrites, 1, "a copy is not an overwrite");
+        let batches = planned.batches;
         assert_eq!(batches.len(), 1);
         assert_eq!(batches[0].entities.len(), 2);
         assert_eq!(batches[0].entities[0]["V"], 2);
-        assert_eq!(batches[0].origins, [vec![0, 3], vec![1]]);
+        assert_eq!(batches[0].origins, [vec![0, 3], vec![1, 4]]);
     }
 
     #[test]
     fn large_entities_split_by_bytes() {
         let items = (0..60).map(|i| (0, entity("a", i, 200_000)));
-        let batches = plan(items);
+        let batches = plan(items).batches;
         assert!(batches.len() >= 3);
         for b in &batches {
             let bytes: usize = b

@@ -9,7 +9,7 @@
 //! its readings is deleted, so every partition of the telemetry table is listed here.
 
 use crate::entity;
-use crate::reading::Reading;
+use crate::reading::{Extra, Reading};
 use serde_json::{Map, Value};
 
 pub const DEFAULT_TABLE: &str = "devices";
@@ -18,17 +18,41 @@ pub const PARTITION: &str = "device";
 
 /// When the pipeline first stored a reading of the device (written once, at registration).
 pub const FIRST_SEEN: &str = "FirstSeen";
+/// The latest reading's extras, as one JSON object in a string (`{}` when it had none).
+pub const EXTRAS: &str = "Extras";
 
 /// The device row for `latest` (its newest reading so far): the reading's properties under
 /// their telemetry-table names (`MeasuredAt`, `IngestedAt` = last seen, `Temperature`, ...),
 /// plus [`FIRST_SEEN`] when `first_seen_ms` is given. Written with merge semantics, so a row
 /// keeps its `FirstSeen` when later updates leave it out.
+///
+/// The schema is fixed: extras go into the one [`EXTRAS`] property, never `Ext_*` ones, since
+/// merge keeps every property ever written, and a device that varies its extra names would
+/// otherwise grow its row to Azure's 252-property limit, after which every update fails.
 pub fn row(
     latest: &Reading,
     ingested_at_ms: i64,
     first_seen_ms: Option<i64>,
 ) -> Map<String, Value> {
-    let mut e = entity::to_entity(latest, ingested_at_ms);
+    let extras: Map<String, Value> = latest
+        .extras
+        .iter()
+        .map(|(name, extra)| {
+            let value = match extra {
+                Extra::Int(i) => (*i).into(),
+                Extra::Float(f) => (*f).into(),
+                Extra::Bool(b) => (*b).into(),
+                Extra::Str(s) => s.clone().into(),
+            };
+            (name.clone(), value)
+        })
+        .collect();
+    let bare = Reading {
+        extras: Vec::new(),
+        ..latest.clone()
+    };
+    let mut e = entity::to_entity(&bare, ingested_at_ms);
+    e.insert(EXTRAS.into(), Value::Object(extras).to_string().into());
     e.insert("PartitionKey".into(), PARTITION.into());
     e.insert("RowKey".into(), latest.device_id.clone().into());
     if let Some(ms) = first_seen_ms {
@@ -63,5 +87,28 @@ mod tests {
         assert_eq!(e["FirstSeen@odata.type"], "Edm.DateTime");
         assert_eq!(e["Temperature"], 20.5);
         assert!(!row(&reading, 0, None).contains_key(FIRST_SEEN));
+        assert_eq!(e[EXTRAS], "{}");
+    }
+
+    #[test]
+    fn extras_never_add_properties() {
+        let with = |name: &str| Reading {
+            device_id: "dev-7".into(),
+            measured_at_ms: 1,
+            seq: None,
+            temperature: Some(1.0),
+            humidity: None,
+            pressure: None,
+            extras: vec![
+                (name.to_owned(), Extra::Int(3)),
+                ("mode".into(), Extra::Str("eco".into())),
+            ],
+        };
+        let a = row(&with("fanA"), 2, None);
+        let b = row(&with("fanB"), 2, None);
+        let names = |e: &Map<String, Value>| e.keys().cloned().collect::<Vec<_>>();
+        assert_eq!(names(&a), names(&b), "a fixed set of properties");
+        assert!(names(&a).iter().all(|k| !k.starts_with("Ext_")));
+        assert_eq!(a[EXTRAS], r#"{"fanA":3,"mode":"eco"}"#);
     }
 }

@@ -166,52 +166,122 @@ impl EnvelopeBuilder {
     }
 }
 
-/// Why an envelope could not be read.
+/// Why an envelope could not be read at all.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     #[error("queue message is not base64: {0}")]
     Base64(#[from] base64::DecodeError),
     #[error("envelope is not valid JSON: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("envelope is JSON but not an envelope: {0}")]
+    Shape(&'static str),
+    /// Written by another version of ingest; a processor of that version can read it.
     #[error("envelope version {0} is not supported (this build reads {ENVELOPE_VERSION})")]
-    Version(u32),
-    #[error("envelope entry {index} has no payload (neither \"p\" nor \"b\")")]
-    MissingPayload { index: usize },
-    #[error("envelope entry {index} payload is not base64: {source}")]
-    EntryBase64 {
-        index: usize,
-        source: base64::DecodeError,
-    },
+    Version(u64),
+    #[error("envelope entry {index} is unreadable: {source}")]
+    Entry { index: usize, source: EntryError },
 }
 
-/// Decodes a queue message text into its device messages.
+/// Why one entry of a readable envelope could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    #[error("no payload (neither \"p\" nor \"b\")")]
+    MissingPayload,
+    #[error("payload is not base64: {0}")]
+    Base64(#[from] base64::DecodeError),
+    #[error("not an entry: {0}")]
+    Shape(#[from] serde_json::Error),
+}
+
+/// An entry that could not be read: its position, its JSON as found, and why.
+#[derive(Debug)]
+pub struct BadEntry {
+    pub index: usize,
+    pub json: String,
+    pub error: EntryError,
+}
+
+/// Decodes a queue message text into its device messages; any unreadable entry fails it all.
 pub fn decode(text: &str) -> Result<Vec<DeviceMessage>, DecodeError> {
-    let raw = B64.decode(text.trim())?;
-    let doc: Document<'_> = serde_json::from_slice(&raw)?;
-    if doc.v != ENVELOPE_VERSION {
-        return Err(DecodeError::Version(doc.v));
+    let (messages, bad) = decode_entries(text)?;
+    match bad.into_iter().next() {
+        None => Ok(messages),
+        Some(b) => Err(DecodeError::Entry {
+            index: b.index,
+            source: b.error,
+        }),
     }
-    doc.m
-        .into_iter()
-        .enumerate()
-        .map(|(index, e)| {
-            let payload = match (e.text, e.base64) {
-                (Some(t), _) => t.into_owned().into_bytes(),
-                (None, Some(b)) => B64
-                    .decode(b)
-                    .map_err(|source| DecodeError::EntryBase64 { index, source })?,
-                (None, None) => return Err(DecodeError::MissingPayload { index }),
-            };
-            Ok(DeviceMessage {
-                topic: e.topic.into_owned(),
-                received_at_ms: e.received_at_ms,
-                original_len: e.original_len.unwrap_or(payload.len()),
-                payload,
-                replay_count: e.replay_count,
-                overrides: e.overrides,
-            })
-        })
-        .collect()
+}
+
+/// Decodes entry by entry, so that one unreadable entry does not condemn the others: the
+/// readable device messages, and the entries that are not. Fails only when the text is not
+/// an envelope of this version at all.
+pub fn decode_entries(text: &str) -> Result<(Vec<DeviceMessage>, Vec<BadEntry>), DecodeError> {
+    let raw = B64.decode(text.trim())?;
+    let mut good = Vec::new();
+    let mut bad = Vec::new();
+    // The common case in one pass: every entry has the right shape.
+    if let Ok(doc) = serde_json::from_slice::<Document<'_>>(&raw) {
+        if u64::from(doc.v) != u64::from(ENVELOPE_VERSION) {
+            return Err(DecodeError::Version(u64::from(doc.v)));
+        }
+        for (index, entry) in doc.m.into_iter().enumerate() {
+            let json = || serde_json::to_string(&entry).unwrap_or_default();
+            match device_message(&entry) {
+                Ok(m) => good.push(m),
+                Err(error) => bad.push(BadEntry {
+                    index,
+                    json: json(),
+                    error,
+                }),
+            }
+        }
+        return Ok((good, bad));
+    }
+    // Otherwise read it as any JSON, check the version first (another version may have
+    // another shape), and read each entry on its own.
+    let doc: serde_json::Value = serde_json::from_slice(&raw)?;
+    let version = doc
+        .get("v")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or(DecodeError::Shape("no version number \"v\""))?;
+    if version != u64::from(ENVELOPE_VERSION) {
+        return Err(DecodeError::Version(version));
+    }
+    let entries = doc
+        .get("m")
+        .and_then(serde_json::Value::as_array)
+        .ok_or(DecodeError::Shape("no entry array \"m\""))?;
+    for (index, value) in entries.iter().enumerate() {
+        let read = Entry::deserialize(value)
+            .map_err(EntryError::from)
+            .and_then(|entry| device_message(&entry));
+        match read {
+            Ok(m) => good.push(m),
+            Err(error) => bad.push(BadEntry {
+                index,
+                json: value.to_string(),
+                error,
+            }),
+        }
+    }
+    Ok((good, bad))
+}
+
+fn device_message(e: &Entry<'_>) -> Result<DeviceMessage, EntryError> {
+    let payload = match (&e.text, &e.base64) {
+        (Some(t), _) => t.as_bytes().to_vec(),
+        (None, Some(b)) => B64.decode(b)?,
+        (None, None) => return Err(EntryError::MissingPayload),
+    };
+    Ok(DeviceMessage {
+        topic: e.topic.clone().into_owned(),
+        received_at_ms: e.received_at_ms,
+        original_len: e.original_len.unwrap_or(payload.len()),
+        payload,
+        replay_count: e.replay_count,
+        overrides: e.overrides.clone(),
+    })
 }
 
 #[cfg(test)]
@@ -305,7 +375,38 @@ mod tests {
         let no_payload = B64.encode(br#"{"v":1,"m":[{"t":"x","r":1}]}"#);
         assert!(matches!(
             decode(&no_payload),
-            Err(DecodeError::MissingPayload { index: 0 })
+            Err(DecodeError::Entry {
+                index: 0,
+                source: EntryError::MissingPayload
+            })
         ));
+        // Another version may have another shape: still reported as a version.
+        let v3 = B64.encode(br#"{"v":3,"m":{"other":"shape"}}"#);
+        assert!(matches!(decode(&v3), Err(DecodeError::Version(3))));
+        let no_version = B64.encode(br#"{"m":[]}"#);
+        assert!(matches!(decode(&no_version), Err(DecodeError::Shape(_))));
+    }
+
+    #[test]
+    fn one_bad_entry_does_not_condemn_the_others() {
+        let good = r#"{"t":"devices/a/telemetry","r":5,"p":"{}"}"#;
+        for bad in [
+            r#"{"t":"x","r":1}"#,
+            r#"{"t":"x","r":1,"b":"%%"}"#,
+            r#"{"t":7}"#,
+            "42",
+        ] {
+            let text = B64.encode(format!(r#"{{"v":1,"m":[{good},{bad},{good}]}}"#));
+            let (messages, broken) = decode_entries(&text).unwrap();
+            assert_eq!(messages.len(), 2, "{bad}");
+            assert_eq!(messages[1].topic, "devices/a/telemetry");
+            assert_eq!(broken.len(), 1);
+            assert_eq!(broken[0].index, 1);
+            let back: serde_json::Value = serde_json::from_str(&broken[0].json).unwrap();
+            assert_eq!(
+                back,
+                serde_json::from_str::<serde_json::Value>(bad).unwrap()
+            );
+        }
     }
 }

@@ -252,8 +252,37 @@ pub fn validate(
             ));
         }
         Value::Array(items) => {
+            // Element index of each reading kept, to name the first of two that collide.
+            let mut kept_from: Vec<usize> = Vec::new();
             for (i, item) in items.into_iter().enumerate() {
+                let before = out.readings.len();
                 check(Some(i), item, &mut out);
+                if out.readings.len() == before {
+                    continue;
+                }
+                // One row per device and millisecond: a second reading for the same one would
+                // silently overwrite the first. An identical copy is harmless and dropped; a
+                // different one is refused, naming the element it collides with.
+                let new = &out.readings[before];
+                let earlier = out.readings[..before].iter().position(|r| {
+                    r.device_id == new.device_id && r.measured_at_ms == new.measured_at_ms
+                });
+                if let Some(j) = earlier {
+                    let same = out.readings[j] == *new;
+                    out.readings.pop();
+                    if !same {
+                        out.rejections.push(Rejection {
+                            reason: Reason::DuplicateTimestamp,
+                            detail: format!(
+                                "same device and millisecond as element {} with other values; the first is stored",
+                                kept_from[j]
+                            ),
+                            index: Some(i),
+                        });
+                    }
+                    continue;
+                }
+                kept_from.push(i);
             }
         }
         other => check(None, other, &mut out),
@@ -507,5 +536,31 @@ mod tests {
         assert_eq!(out.readings[0].device_id, "d-1");
         // A mapping does not excuse anything else.
         assert_eq!(check(topic, &stale, &map), [Reason::Stale]);
+    }
+
+    #[test]
+    fn two_readings_of_one_millisecond_in_an_array_are_one_row_or_a_refusal() {
+        let at = timefmt::format_ms(NOW);
+        let r = |t: f64| format!(r#"{{"deviceId":"gw-1","timestamp":"{at}","temperature":{t}}}"#);
+        let other = timefmt::format_ms(NOW + 1);
+        let later = format!(r#"{{"deviceId":"gw-1","timestamp":"{other}","temperature":1}}"#);
+        let payload = format!("[{},{},{later},{}]", r(1.0), r(1.0), r(2.0));
+        let out = validate(
+            "devices",
+            "devices/gw-1/telemetry",
+            payload.as_bytes(),
+            payload.len(),
+            NOW,
+            &Policy::default(),
+            &Override::NONE,
+        );
+        // The identical copy is harmless; the different one is refused, naming the first.
+        assert_eq!(out.readings.len(), 2);
+        assert_eq!(out.readings[0].temperature, Some(1.0));
+        assert_eq!(out.rejections.len(), 1);
+        let refused = &out.rejections[0];
+        assert_eq!(refused.reason, Reason::DuplicateTimestamp);
+        assert_eq!(refused.index, Some(3));
+        assert!(refused.detail.contains("element 0"), "{}", refused.detail);
     }
 }

@@ -30,10 +30,13 @@ pub enum Reason {
     InvalidEnvelope,
     /// Table Storage refused the entity although it passed validation.
     StorageRejected,
+    /// Another reading of the same message has the same device and millisecond (one row
+    /// each) with other values; the first is stored.
+    DuplicateTimestamp,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::MalformedJson,
         Reason::Schema,
         Reason::InvalidDeviceId,
@@ -46,6 +49,7 @@ impl Reason {
         Reason::Poison,
         Reason::InvalidEnvelope,
         Reason::StorageRejected,
+        Reason::DuplicateTimestamp,
     ];
 
     /// The wire code, also used as a metric label.
@@ -63,6 +67,7 @@ impl Reason {
             Reason::Poison => "poison",
             Reason::InvalidEnvelope => "invalid_envelope",
             Reason::StorageRejected => "storage_rejected",
+            Reason::DuplicateTimestamp => "duplicate_timestamp",
         }
     }
 }

@@ -64,7 +64,10 @@ async fn adapter_pitfalls() {
             .await
             .expect("the service answered");
         assert!(
-            matches!(outcome, BatchOutcome::Rejected { status } if status >= 400),
+            matches!(
+                outcome,
+                BatchOutcome::Rejected(infra::storage::Refusal::Content(_))
+            ),
             "{outcome:?}"
         );
     }

@@ -382,6 +382,7 @@ fn processor_env(p: &Pipeline) -> Vec<(&'static str, String)> {
         ),
         ("PROCESSOR_QUEUE_NAME", p.queue.clone()),
         ("PROCESSOR_DEAD_LETTER_QUEUE", p.dead_letters.clone()),
+        ("PROCESSOR_QUARANTINE_QUEUE", p.quarantine.clone()),
         ("PROCESSOR_TABLE_NAME", p.table.clone()),
         ("PROCESSOR_DEVICE_TABLE", p.devices.clone()),
     ]
@@ -736,4 +737,133 @@ async fn two_operators_at_once_lose_nothing_and_say_what_they_missed() {
     found.extend(left.iter().map(|r| r.payload_bytes().unwrap()));
     found.sort();
     assert_eq!(found, payloads(&records), "each record exactly once");
+}
+
+#[tokio::test]
+async fn undecodable_messages_are_kept_whole_and_replayable_and_newer_envelopes_wait() {
+    use base64::Engine;
+    let Some(p) = Pipeline::start("quarantine", &[], &[]).await else {
+        return;
+    };
+    let b64 = |json: &str| base64::engine::general_purpose::STANDARD.encode(json);
+    let entry = |device: &str, at: i64| {
+        let payload = String::from_utf8(reading(device, at, 1)).unwrap();
+        format!(
+            r#"{{"t":"{}","r":{},"p":{}}}"#,
+            topic(device),
+            now_ms(),
+            serde_json::to_string(&payload).unwrap()
+        )
+    };
+    let now = now_ms();
+    // Near the queue's 64 KiB, and not base64: once cut to 32 KiB and deleted. (It ends in
+    // no blank: the queue service trims trailing whitespace from any message text.)
+    let garbage = format!("{}!", "not an envelope; ".repeat(3_800));
+    // A readable envelope with one unreadable entry between two good ones.
+    let mixed = b64(&format!(
+        r#"{{"v":1,"m":[{},{{"t":"x","r":1}},{}]}}"#,
+        entry("q-a", now - 1_000),
+        entry("q-b", now - 1_000)
+    ));
+    // Written by a newer ingest: this processor cannot read it and must not destroy it.
+    let newer = b64(r#"{"v":2,"m":{"shape":"unknown"}}"#);
+    let queue = p.account.queue(&p.queue);
+    for text in [&garbage, &mixed, &newer] {
+        queue.put(text.clone()).await.unwrap();
+    }
+
+    // The readable entries are stored; each unreadable part is a dead letter naming the
+    // quarantine; the unreadable messages are kept whole there.
+    p.wait_rows(2, Duration::from_secs(60)).await;
+    wait_dead_letters(&p, 2.0).await;
+    let tool = Tool {
+        connection_string: p.azurite.connection_string(),
+        queue: p.dead_letters.clone(),
+    };
+    let q = ["quarantine", "--quarantine-queue", p.quarantine.as_str()];
+    let listed = tests::wait_for("two quarantined messages", Duration::from_secs(30), || {
+        let tool = tool.clone();
+        async move {
+            let run = tool.ok(&[q[0], q[1], q[2], "list", "--json"]).await.json();
+            (run.as_array()?.len() == 2).then_some(run)
+        }
+    })
+    .await;
+    let mut sizes: Vec<u64> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["bytes"].as_u64().unwrap())
+        .collect();
+    sizes.sort_unstable();
+    assert_eq!(
+        sizes,
+        [mixed.len() as u64, garbage.len() as u64],
+        "{listed}"
+    );
+    let problems = listed.to_string();
+    assert!(
+        problems.contains("not base64") && problems.contains("entry 1"),
+        "{problems}"
+    );
+    let held = p.account.queue(&p.quarantine);
+    let taken = held.get(32, Duration::from_secs(1)).await.unwrap();
+    let mut texts: Vec<&str> = taken.iter().map(|m| m.text.as_str()).collect();
+    texts.sort_unstable_by_key(|t| t.len());
+    assert_eq!(
+        texts,
+        [mixed.as_str(), garbage.as_str()],
+        "kept whole, as they were"
+    );
+    let records = tests::storage::drain_dead_letters(&p.account, &p.dead_letters).await;
+    assert_eq!(records.len(), 2);
+    assert!(records
+        .iter()
+        .all(|r| r.reason == Reason::InvalidEnvelope && r.detail.contains(&p.quarantine)));
+
+    // The newer envelope stays queued, and readiness and a metric say why.
+    let (status, body) = tests::services::http_get(p.processor.metrics_port, "/readyz")
+        .await
+        .unwrap();
+    assert_eq!(status, 503);
+    assert!(body.contains("envelope version 2"), "{body}");
+    assert!(p.processor.metric("processor_newer_envelopes_total").await >= 1.0);
+    assert!(p.processor.metric("processor_quarantined_total").await >= 2.0);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+
+    // What a processor once could not read, replayed now: a message an older processor
+    // quarantined becomes rows; the still-unreadable ones come back to quarantine, once.
+    held.put(b64(&format!(
+        r#"{{"v":1,"m":[{}]}}"#,
+        entry("q-c", now - 500)
+    )))
+    .await
+    .unwrap();
+    tool.ok(&[
+        q[0],
+        q[1],
+        q[2],
+        "replay",
+        "--target-queue",
+        p.queue.as_str(),
+    ])
+    .await;
+    let rows = p.wait_rows(3, Duration::from_secs(60)).await;
+    assert!(rows.iter().any(|r| r["PartitionKey"] == "q-c"));
+    tests::wait_for(
+        "the unreadable two back in quarantine",
+        Duration::from_secs(60),
+        || {
+            let tool = tool.clone();
+            async move {
+                let run = tool.ok(&[q[0], q[1], q[2], "list", "--json"]).await.json();
+                (run.as_array()?.len() == 2).then_some(())
+            }
+        },
+    )
+    .await;
+    assert!(
+        queue.approximate_depth().await.unwrap() >= 1,
+        "the newer envelope is still queued"
+    );
 }

@@ -22,6 +22,7 @@ pub struct Pipeline {
     pub account: Account,
     pub queue: String,
     pub dead_letters: String,
+    pub quarantine: String,
     pub table: String,
     pub devices: String,
     pub ingest: Service,
@@ -41,6 +42,7 @@ impl Pipeline {
         let (azurite, mosquitto) = tokio::join!(Azurite::start(), Mosquitto::start());
         let (queue, dead_letters, table) = (unique("ingest"), unique("dead"), unique("telemetry"));
         let devices = unique("devices");
+        let quarantine = unique("quarantine");
         let storage = azurite.connection_string();
         let mut ienv = vec![
             ("MQTT_URL", mosquitto.url()),
@@ -53,6 +55,7 @@ impl Pipeline {
             ("AZURE_STORAGE_CONNECTION_STRING", storage),
             ("PROCESSOR_QUEUE_NAME", queue.clone()),
             ("PROCESSOR_DEAD_LETTER_QUEUE", dead_letters.clone()),
+            ("PROCESSOR_QUARANTINE_QUEUE", quarantine.clone()),
             ("PROCESSOR_TABLE_NAME", table.clone()),
             ("PROCESSOR_DEVICE_TABLE", devices.clone()),
             ("PROCESSOR_WORKERS", "4".into()),
@@ -68,6 +71,7 @@ impl Pipeline {
             mosquitto,
             queue,
             dead_letters,
+            quarantine,
             table,
             devices,
             ingest,

@@ -55,7 +55,41 @@ pub enum BatchOutcome {
     Committed,
     /// The service refused the transaction; nothing was written. The SDK reports this as
     /// success, so it is read from the per-operation statuses here.
-    Rejected { status: u16 },
+    Rejected(Refusal),
+}
+
+/// Why a transaction was refused, as far as its answer tells (the SDK keeps only statuses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Something an operation carries (400, 413): the same operations one by one tell which,
+    /// and the others can succeed.
+    Content(u16),
+    /// A row was changed (412) or deleted (404) since it was read.
+    Changed(u16),
+    /// The account, table or credential (403, 409, ...): no operation can succeed until the
+    /// operator acts.
+    Refused(u16),
+}
+
+impl Refusal {
+    fn of(status: u16, conditional: bool) -> Self {
+        match status {
+            400 | 413 => Self::Content(status),
+            404 | 412 if conditional => Self::Changed(status),
+            _ => Self::Refused(status),
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (what, status) = match self {
+            Self::Content(s) => ("an operation's content", s),
+            Self::Changed(s) => ("a row changed since it was read", s),
+            Self::Refused(s) => ("the table or credential", s),
+        };
+        write!(f, "refused for {what} (HTTP {status})")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -116,7 +150,7 @@ impl Table {
 
     /// Deletes up to [`MAX_BATCH_OPERATIONS`] rows of one partition atomically, each only if
     /// it still has the ETag it was read with. A row changed or deleted meanwhile makes the
-    /// whole transaction `Rejected` (412 or 404), and nothing is deleted.
+    /// whole transaction [`Refusal::Changed`], and nothing is deleted.
     pub async fn delete_batch(&self, rows: &[RowRef<'_>]) -> Result<BatchOutcome, StorageError> {
         self.transact(rows.iter().map(Op::Delete).collect()).await
     }
@@ -133,7 +167,7 @@ impl Table {
             .if_match(IfMatchCondition::Etag(row.etag.into()));
         match call(OP, self.timeout, request.into_future()).await {
             Ok(_) => Ok(true),
-            Err(e) if e.status() == Some(404) => Ok(false),
+            Err(e) if e.is_not_found() => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -152,6 +186,7 @@ impl Table {
             return Ok(BatchOutcome::Committed);
         };
         let pk = first.keys(OP)?.0;
+        let conditional = matches!(first, Op::Delete(_));
         let mut tx = self.client.partition_key_client(pk).transaction();
         for op in &ops {
             let (epk, rk) = op.keys(OP)?;
@@ -174,7 +209,7 @@ impl Table {
             .map(|r| u16::from(r.status_code))
             .find(|&s| s >= 300);
         Ok(match failed {
-            Some(status) => BatchOutcome::Rejected { status },
+            Some(status) => BatchOutcome::Rejected(Refusal::of(status, conditional)),
             None if response.operation_responses.len() == count => BatchOutcome::Committed,
             None => {
                 return Err(invalid(format!(

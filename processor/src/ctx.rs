@@ -1,0 +1,146 @@
+//! What every round shares: the storage handles, the rules, and the processor-wide state that
+//! rounds report into (storage refusing the processor, envelopes of another version).
+
+use crate::classify::Rules;
+use crate::devices::Registry;
+use crate::metrics_names as m;
+use infra::retry::Backoff;
+use infra::serve::Health;
+use infra::storage::{Queue, StorageError, Table};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The readiness key of storage trouble met by rounds.
+const STORAGE_TROUBLE: &str = "storage";
+/// The readiness key of envelopes this build cannot read.
+const NEWER_ENVELOPES: &str = "envelope";
+/// How long readiness keeps naming an unreadable envelope version after the last one.
+const NEWER_ENVELOPES_SHOWN: Duration = Duration::from_secs(300);
+
+#[derive(Debug)]
+pub struct Ctx {
+    pub queue: Queue,
+    pub dead_letters: Queue,
+    /// Where unreadable queue messages are kept whole before they leave the ingest queue.
+    pub quarantine: Queue,
+    pub table: Table,
+    pub devices: Registry,
+    pub rules: Rules,
+    pub visibility: Duration,
+    pub max_deliveries: u64,
+    pub write_concurrency: usize,
+    /// Table writes in flight across all rounds (`write_concurrency` permits): a backlog
+    /// fills every worker, and more concurrent requests than storage serves only queue there
+    /// until they time out and are redone.
+    pub writes: tokio::sync::Semaphore,
+    pub health: Health,
+    /// Set while storage refuses this processor for a reason only the operator can fix (a
+    /// credential without a right, a missing table): the fetcher then spaces its gets by this
+    /// growing pause instead of cycling the queue through rounds that cannot succeed.
+    pub stalled: Mutex<Option<Backoff>>,
+    /// No message is given up as `poison` before this: a while after start and after every
+    /// stall, deliveries counted while storage refused the processor (or before a restart
+    /// with a fixed credential) must not make a first transient error fatal.
+    pub poison_from: Mutex<Instant>,
+    /// When a message of an envelope version this build cannot read was last seen.
+    pub newer_seen: Mutex<Option<Instant>>,
+}
+
+/// How long poisoning waits after start and after a stall: as long as it takes a message to
+/// use up its deliveries.
+pub fn poison_grace(visibility: Duration, max_deliveries: u64) -> Duration {
+    visibility.saturating_mul(u32::try_from(max_deliveries).unwrap_or(u32::MAX))
+}
+
+impl Ctx {
+    /// A round met an error only the operator can fix: readiness says which, and the fetcher
+    /// slows down. Nothing is dead-lettered or deleted for it.
+    pub fn needs_operator(&self, error: &str) {
+        let grace = poison_grace(self.visibility, self.max_deliveries);
+        *self
+            .poison_from
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now() + grace;
+        self.health.fail(
+            STORAGE_TROUBLE,
+            format!(
+                "storage refuses the processor: {error}; messages stay queued until it is fixed"
+            ),
+        );
+        let mut stalled = self.stalled.lock().unwrap_or_else(PoisonError::into_inner);
+        if stalled.is_none() {
+            tracing::error!(%error, "Storage refuses the processor; holding every message until the credential or resource is fixed.");
+            *stalled = Some(Backoff::new(
+                Duration::from_secs(2),
+                Duration::from_secs(30),
+            ));
+        }
+    }
+
+    /// A round finished every message: storage serves this processor again.
+    pub fn storage_works(&self) {
+        let mut stalled = self.stalled.lock().unwrap_or_else(PoisonError::into_inner);
+        if stalled.take().is_some() {
+            tracing::info!("Storage serves the processor again.");
+        }
+        self.health.recover(STORAGE_TROUBLE);
+    }
+
+    /// The pause before the next get while stalled.
+    pub fn stall_delay(&self) -> Option<Duration> {
+        let mut stalled = self.stalled.lock().unwrap_or_else(PoisonError::into_inner);
+        stalled.as_mut().map(Backoff::next_delay)
+    }
+
+    /// Whether a message may be given up as poison now.
+    pub fn may_poison(&self) -> bool {
+        Instant::now()
+            >= *self
+                .poison_from
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A round left `count` messages of envelope `version` queued for a processor that reads
+    /// it (a rolling upgrade in progress, or this one is out of date).
+    pub fn newer_envelopes(&self, version: u64, count: usize) {
+        metrics::counter!(m::NEWER_ENVELOPES).increment(count as u64);
+        *self
+            .newer_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+        tracing::warn!(version, messages = count, "Envelopes of a version this build cannot read; leaving them queued for a processor that can.");
+        self.health.fail(
+            NEWER_ENVELOPES,
+            format!(
+                "queue messages of envelope version {version}, which this build cannot read, \
+                 stay queued for a processor that can: upgrade this one"
+            ),
+        );
+    }
+
+    /// Readiness stops naming newer envelopes a while after the last one.
+    pub fn forget_newer_envelopes(&self) {
+        let mut seen = self
+            .newer_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if seen.is_some_and(|at| at.elapsed() >= NEWER_ENVELOPES_SHOWN) {
+            *seen = None;
+            self.health.recover(NEWER_ENVELOPES);
+        }
+    }
+}
+
+/// Runs `op` until it succeeds, fails for good, or `deadline` passes (no attempt outlives it).
+pub async fn retry<T, F, Fut>(deadline: Instant, op: F) -> Result<T, StorageError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StorageError>>,
+{
+    infra::retry::until_deadline(deadline, op, |_| {
+        metrics::counter!(m::STORAGE_ERRORS).increment(1);
+    })
+    .await
+}

@@ -1,0 +1,123 @@
+//! Why a queue message cannot be finished in a round. Typed, so that tests, logs and metrics
+//! tell the causes apart, and so that what may poison a message is decided in one place.
+
+use infra::storage::{Refusal, StorageError};
+
+/// The step of a round that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Keeping an unreadable message whole in the quarantine queue.
+    Quarantine,
+    /// Writing readings to the telemetry table.
+    Write,
+    /// Registering a device in the device table.
+    Register,
+    /// Writing dead-letter records.
+    DeadLetter,
+}
+
+impl Stage {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Quarantine => "quarantine",
+            Stage::Write => "write",
+            Stage::Register => "register",
+            Stage::DeadLetter => "dead_letter",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Failure {
+    /// A storage call failed, or the round's time ran out before it answered.
+    Storage { stage: Stage, error: StorageError },
+    /// A transaction was refused for a reason that blames none of its operations.
+    Refused {
+        stage: Stage,
+        table: String,
+        refusal: Refusal,
+    },
+    /// A dead-letter record fitted no queue message (ruled out by the record's shortening,
+    /// and handled all the same: its message stays).
+    Unpacked,
+}
+
+impl Failure {
+    pub fn stage(&self) -> Stage {
+        match self {
+            Failure::Storage { stage, .. } | Failure::Refused { stage, .. } => *stage,
+            Failure::Unpacked => Stage::DeadLetter,
+        }
+    }
+
+    /// Only the operator can fix it (a credential without a right, a missing table): the
+    /// message stays, readiness names the error, and the fetcher slows down.
+    pub fn needs_operator(&self) -> bool {
+        match self {
+            Failure::Storage { error, .. } => error.needs_operator(),
+            Failure::Refused { .. } => true,
+            Failure::Unpacked => false,
+        }
+    }
+
+    /// Whether a message still failing this way on its last delivery may be given up as
+    /// `poison` (its device messages dead-lettered whole, so a replay restores them). Only
+    /// for transient failures to write its readings: never for the operator's problems (no
+    /// reading is to blame); never for a failed registration (the message's rows may be
+    /// written already, and deleting it before its device has a row would hide them from the
+    /// archiver for good); never for a failed quarantine (the record keeps only part of an
+    /// unreadable message's text).
+    pub fn may_poison(&self) -> bool {
+        !self.needs_operator() && self.stage() == Stage::Write
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Storage { stage, error } => write!(f, "{}: {error}", stage.as_str()),
+            Failure::Refused {
+                stage,
+                table,
+                refusal,
+            } => write!(f, "{}: table {table} {refusal}", stage.as_str()),
+            Failure::Unpacked => f.write_str("a dead-letter record could not be packed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use infra::storage::ErrorKind;
+
+    fn storage(stage: Stage, status: u16, code: &str) -> Failure {
+        Failure::Storage {
+            stage,
+            error: StorageError {
+                op: "table_upsert",
+                kind: ErrorKind::Status {
+                    status,
+                    code: code.into(),
+                    message: String::new(),
+                },
+            },
+        }
+    }
+
+    #[test]
+    fn only_transient_failures_outside_registration_may_poison() {
+        assert!(storage(Stage::Write, 503, "ServerBusy").may_poison());
+        assert!(!storage(Stage::Write, 403, "AuthorizationFailure").may_poison());
+        assert!(!storage(Stage::Write, 404, "TableNotFound").may_poison());
+        assert!(!storage(Stage::Register, 503, "ServerBusy").may_poison());
+        let refused = Failure::Refused {
+            stage: Stage::Write,
+            table: "t".into(),
+            refusal: Refusal::Refused(409),
+        };
+        assert!(refused.needs_operator() && !refused.may_poison());
+        assert!(!storage(Stage::Quarantine, 500, "InternalError").may_poison());
+    }
+}

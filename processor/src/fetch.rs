@@ -1,0 +1,117 @@
+//! The fetcher that feeds the workers: it takes messages from the ingest queue whenever a
+//! worker is free and starts a [`round`] on them.
+
+use crate::ctx::Ctx;
+use crate::dead_letters::Writer;
+use crate::metrics_names as m;
+use crate::round::round;
+use infra::retry::Backoff;
+use infra::storage::{QueueMessage, StorageError};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How the fetcher takes messages.
+#[derive(Debug, Clone, Copy)]
+pub struct Fetch {
+    /// Rounds in progress at once.
+    pub workers: usize,
+    /// Queue text one round takes under backlog (gets of 32 while they come back full), in
+    /// bytes; a round may exceed it by one get.
+    pub round_bytes: usize,
+    /// Pause after a get that came back short.
+    pub batch_wait: Duration,
+}
+
+/// Takes messages and hands them to rounds until `shutdown`; rounds in progress finish.
+///
+/// One fetcher serves every worker: it gets messages only when a worker is free, so storage
+/// sees one get per round under load instead of one per worker per poll. Under backlog (gets
+/// come back full) it keeps getting, up to `round_bytes` of queue text, so that one round holds
+/// many envelopes and can write a device's readings from all of them in one transaction. A
+/// get that comes back short means there is no backlog: the fetcher then waits `batch_wait` so
+/// the next get finds a fuller queue, which bounds both the gets per reading and the latency it
+/// adds. An empty queue is polled with a backoff up to 1 s.
+pub async fn run(ctx: Arc<Ctx>, writer: Writer, fetch: Fetch, shutdown: CancellationToken) {
+    let free = Arc::new(tokio::sync::Semaphore::new(fetch.workers.max(1)));
+    let rounds = tokio_util::task::TaskTracker::new();
+    let mut idle = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    let mut failing = Backoff::default();
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = free.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        if let Some(pause) = ctx.stall_delay() {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+        let taken_at = Instant::now();
+        let delay = match take(&ctx, fetch.round_bytes).await {
+            Ok((messages, _)) if messages.is_empty() => {
+                failing.reset();
+                ctx.health.set_ready();
+                idle.next_delay()
+            }
+            Ok((messages, backlog)) => {
+                failing.reset();
+                idle.reset();
+                ctx.health.set_ready();
+                let (ctx, writer) = (ctx.clone(), writer.clone());
+                rounds.spawn(async move {
+                    let started = std::time::Instant::now();
+                    round(&ctx, &writer, messages, taken_at).await;
+                    metrics::histogram!(m::ROUND_SECONDS).record(started.elapsed().as_secs_f64());
+                    drop(permit);
+                });
+                if backlog {
+                    continue;
+                }
+                fetch.batch_wait
+            }
+            Err(error) => {
+                metrics::counter!(m::STORAGE_ERRORS).increment(1);
+                ctx.health
+                    .set_not_ready(format!("queue {} unavailable: {error}", ctx.queue.name()));
+                let delay = failing.next_delay();
+                tracing::warn!(%error, retry_in = ?delay, "Cannot read the ingest queue.");
+                delay
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    rounds.close();
+    rounds.wait().await;
+}
+
+/// Messages in gets of 32 while they come back full, until they hold `max_bytes` of text
+/// (full envelopes, 64 KiB each, reach 1 MiB in one get; small ones take several gets). Also
+/// says whether the last get was full (a backlog). A failed get after some succeeded ends the
+/// take with what it has.
+async fn take(ctx: &Ctx, max_bytes: usize) -> Result<(Vec<QueueMessage>, bool), StorageError> {
+    let mut messages = Vec::new();
+    let mut bytes = 0;
+    loop {
+        let got = match ctx.queue.get(32, ctx.visibility).await {
+            Ok(got) => got,
+            Err(error) if messages.is_empty() => return Err(error),
+            Err(error) => {
+                metrics::counter!(m::STORAGE_ERRORS).increment(1);
+                tracing::warn!(%error, "A get failed; the round goes on with what it has.");
+                return Ok((messages, false));
+            }
+        };
+        let full = got.len() == 32;
+        bytes += got.iter().map(|m| m.text.len()).sum::<usize>();
+        messages.extend(got);
+        if !full || bytes >= max_bytes {
+            return Ok((messages, full));
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! A worker's round on the messages of one take: sort them ([`classify`]), carry out what the
+//! sorting asks (quarantine, table writes, device registration), then settle each message:
+//! delete it ([`settle`]), hand it with its dead letters to the writer
+//! ([`crate::dead_letters`]), or leave it to reappear.
+//!
+//! A message with any failure is left alone; it reappears after the visibility timeout and is
+//! redone (upserts make that harmless). On its last allowed delivery, a message still failing
+//! to write its readings for a transient reason is dead-lettered as `poison`; one failing for
+//! a reason only the operator can fix ([`Failure::needs_operator`]) never is, and no reading is
+//! blamed for it: readiness names the error and the fetcher slows down until it is fixed.
+//!
+//! Time: the writes end by half the visibility timeout, counted from the first get of the
+//! take; settling (dead letters, deletes) ends by seven eighths of it, before the messages
+//! can reappear to another worker.
+
+use crate::classify::{self, classify, Classified, Keep, Origin, Sorted};
+use crate::ctx::{retry, Ctx};
+use crate::dead_letters::{Submission, Writer};
+use crate::devices::Trouble;
+use crate::failure::{Failure, Stage};
+use crate::metrics_names as m;
+use crate::plan::plan;
+use crate::settle;
+use crate::write::{write_all, Written};
+use infra::storage::QueueMessage;
+use schemas::timefmt::now_ms;
+use schemas::Reason;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use tokio::time::Instant;
+
+/// A queue message and what became of it this round.
+struct Held {
+    message: QueueMessage,
+    sorted: Sorted,
+    /// The failure that keeps this message from being finished.
+    failure: Option<Failure>,
+}
+
+impl Held {
+    /// Records a failure; one only the operator can fix outweighs a transient one, so a
+    /// message is never poisoned for a round that storage refused.
+    fn fail(&mut self, failure: Failure) {
+        match &self.failure {
+            Some(held) if held.needs_operator() && !failure.needs_operator() => {}
+            _ => self.failure = Some(failure),
+        }
+    }
+}
+
+/// Runs a round on `messages`, taken with the first get at `taken_at`.
+#[tracing::instrument(skip_all, fields(messages = messages.len()))]
+pub async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>, taken_at: Instant) {
+    let write_by = taken_at + ctx.visibility / 2;
+    let settle_by = taken_at + ctx.visibility / 8 * 7;
+    let now = now_ms();
+    let Classified {
+        messages: sorted,
+        rows,
+        latest,
+    } = classify(
+        messages.iter().map(|m| (m.text.as_str(), m.dequeue_count)),
+        &ctx.rules,
+        now,
+    );
+    let mut held: Vec<Held> = messages
+        .into_iter()
+        .zip(sorted)
+        .map(|(message, sorted)| Held {
+            message,
+            sorted,
+            failure: None,
+        })
+        .collect();
+
+    quarantine(ctx, &mut held, write_by).await;
+
+    // Which messages carry each device's readings: a failed registration holds back those.
+    let mut carriers: HashMap<String, BTreeSet<usize>> = HashMap::new();
+    for (origin, entity) in &rows {
+        if let Some(id) = entity.get("PartitionKey").and_then(|v| v.as_str()) {
+            carriers
+                .entry(id.to_owned())
+                .or_default()
+                .insert(origin.message);
+        }
+    }
+    let planned = plan(rows);
+    if planned.overwrites > 0 {
+        metrics::counter!(m::OVERWRITES).increment(planned.overwrites as u64);
+    }
+    let written = write_all(ctx, planned.batches, write_by).await;
+    for (batch, written) in written {
+        match written {
+            Written::Stored(_) => {}
+            Written::Retry(failure) => {
+                for origin in batch.all_origins() {
+                    held[origin.message].fail(failure.clone());
+                }
+            }
+            Written::Refused { refused, .. } => {
+                let mut seen = BTreeSet::new();
+                for (k, error) in refused {
+                    for origin in batch.origins[k].iter().copied() {
+                        if seen.insert(origin) {
+                            let row = batch.entities[k]["RowKey"].to_string();
+                            storage_refused(ctx, &mut held, origin, &row, &error, now);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    register(ctx, latest, &carriers, &mut held, write_by).await;
+
+    match held
+        .iter()
+        .filter_map(|h| h.failure.as_ref())
+        .find(|f| f.needs_operator())
+    {
+        Some(failure) => ctx.needs_operator(&failure.to_string()),
+        None if held.iter().all(|h| h.failure.is_none()) => ctx.storage_works(),
+        None => {}
+    }
+    poison(ctx, &mut held, now);
+
+    let mut newer: BTreeMap<u64, usize> = BTreeMap::new();
+    for h in held {
+        let Held {
+            message,
+            sorted,
+            failure,
+        } = h;
+        if let Keep::Queued(version) = sorted.keep {
+            *newer.entry(version).or_default() += 1;
+            continue;
+        }
+        if let Some(failure) = &failure {
+            settle::leave(&message, failure);
+        } else if sorted.refusals.is_empty() {
+            settle::finished(ctx, &message, &sorted.devices, settle_by, now_ms()).await;
+        } else {
+            writer
+                .submit(Submission {
+                    message,
+                    devices: sorted.devices,
+                    records: sorted.refusals,
+                    deadline: settle_by,
+                    stored_at_ms: now_ms(),
+                })
+                .await;
+        }
+    }
+    for (version, count) in newer {
+        ctx.newer_envelopes(version, count);
+    }
+    ctx.forget_newer_envelopes();
+}
+
+/// Keeps each message that could not be wholly decoded in the quarantine queue, as it is,
+/// before anything lets it leave the ingest queue.
+async fn quarantine(ctx: &Ctx, held: &mut [Held], deadline: Instant) {
+    for h in held
+        .iter_mut()
+        .filter(|h| h.sorted.keep == Keep::Quarantine)
+    {
+        let text = &h.message.text;
+        match retry(deadline, || ctx.quarantine.put(text.clone())).await {
+            Ok(()) => {
+                metrics::counter!(m::QUARANTINED).increment(1);
+                tracing::warn!(id = %h.message.id, queue = ctx.quarantine.name(), "Unreadable queue message kept whole in quarantine.");
+            }
+            Err(error) => h.fail(Failure::Storage {
+                stage: Stage::Quarantine,
+                error,
+            }),
+        }
+    }
+}
+
+/// Dead-letters one reading the table refused for its content.
+fn storage_refused(ctx: &Ctx, held: &mut [Held], origin: Origin, row: &str, error: &str, now: i64) {
+    let h = &mut held[origin.message];
+    let record = classify::record(
+        &ctx.rules,
+        &h.sorted.devices[origin.device],
+        Reason::StorageRejected,
+        format!("row {row} refused by Table Storage: {error}"),
+        Vec::new(),
+        h.message.dequeue_count,
+        now,
+    );
+    h.sorted.refusals.push(record);
+}
+
+/// Writes the device-table rows of devices seen for the first time, so the archiver can find
+/// their partitions, before any message carrying their readings is deleted. A device whose row
+/// cannot be written holds back only the messages that carry it.
+async fn register(
+    ctx: &Ctx,
+    latest: crate::devices::Latest,
+    carriers: &HashMap<String, BTreeSet<usize>>,
+    held: &mut [Held],
+    deadline: Instant,
+) {
+    for rows in ctx.devices.note(latest) {
+        let failed = ctx.devices.merge_each(&rows, deadline).await;
+        ctx.devices.registered(
+            rows.iter()
+                .filter_map(schemas::device::device_id)
+                .filter(|id| !failed.contains_key(*id)),
+        );
+        metrics::counter!(m::DEVICE_ROWS).increment((rows.len() - failed.len()) as u64);
+        for (id, trouble) in failed {
+            let failure = match trouble {
+                Trouble::Storage(error) => Failure::Storage {
+                    stage: Stage::Register,
+                    error,
+                },
+                Trouble::Refused(refusal) => Failure::Refused {
+                    stage: Stage::Register,
+                    table: ctx.devices.table.name().to_owned(),
+                    refusal,
+                },
+            };
+            tracing::warn!(device = %id, error = %failure, "Cannot register a device; its messages will be redone.");
+            for &message in carriers.get(&id).into_iter().flatten() {
+                held[message].fail(failure.clone());
+            }
+        }
+    }
+}
+
+/// On its last allowed delivery, a message still failing to write its readings for a
+/// transient reason is dead-lettered whole (each device message as `poison`), so the queue
+/// moves on and a replay can restore it.
+fn poison(ctx: &Ctx, held: &mut [Held], now: i64) {
+    if !ctx.may_poison() {
+        return;
+    }
+    let mut poisoned = 0;
+    for h in held.iter_mut() {
+        let Some(failure) = h.failure.as_ref() else {
+            continue;
+        };
+        if !failure.may_poison() || h.message.dequeue_count < ctx.max_deliveries {
+            continue;
+        }
+        let detail = format!(
+            "gave up after {} deliveries: {failure}",
+            h.message.dequeue_count
+        );
+        for device in &h.sorted.devices {
+            let record = classify::record(
+                &ctx.rules,
+                device,
+                Reason::Poison,
+                detail.clone(),
+                Vec::new(),
+                h.message.dequeue_count,
+                now,
+            );
+            h.sorted.refusals.push(record);
+        }
+        h.failure = None;
+        poisoned += 1;
+    }
+    if poisoned > 0 {
+        tracing::warn!(messages = poisoned, "Dead-lettering poison messages.");
+    }
+}

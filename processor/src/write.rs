@@ -1,0 +1,125 @@
+//! A round's table writes: one same-partition transaction per planned batch, and, when a
+//! transaction is refused for what it carries, its entities one by one to find the culprit.
+//! Every step, waiting for a write permit included, ends by the round's deadline.
+
+use crate::classify::Origin;
+use crate::ctx::{retry, Ctx};
+use crate::failure::{Failure, Stage};
+use crate::metrics_names as m;
+use crate::plan::Batch;
+use futures::{stream, StreamExt};
+use infra::storage::{BatchOutcome, ErrorKind, Refusal, StorageError};
+use tokio::time::Instant;
+
+/// Single writes at once when a refused transaction is retried entity by entity.
+const SINGLE_WRITES: usize = 8;
+
+/// What a batch's write came to.
+#[derive(Debug)]
+pub enum Written {
+    Stored(usize),
+    /// Try the messages again later.
+    Retry(Failure),
+    /// These entities (by position in the batch) were refused for their content, with the
+    /// service's error; the others were stored one by one.
+    Refused {
+        stored: usize,
+        refused: Vec<(usize, String)>,
+    },
+}
+
+/// Writes every batch, at most `write_concurrency` at once across all rounds.
+pub async fn write_all(
+    ctx: &Ctx,
+    batches: Vec<Batch<Origin>>,
+    deadline: Instant,
+) -> Vec<(Batch<Origin>, Written)> {
+    stream::iter(batches)
+        .map(|batch| async move {
+            let written = match tokio::time::timeout_at(deadline, ctx.writes.acquire()).await {
+                Ok(permit) => {
+                    let written = write_batch(ctx, &batch, deadline).await;
+                    drop(permit);
+                    written
+                }
+                Err(_) => Written::Retry(out_of_time()),
+            };
+            // Counted as each write lands, not when the round ends, so the rate is live.
+            if let Written::Stored(n) | Written::Refused { stored: n, .. } = &written {
+                metrics::counter!(m::STORED).increment(*n as u64);
+            }
+            (batch, written)
+        })
+        .buffer_unordered(ctx.write_concurrency.max(1))
+        .collect()
+        .await
+}
+
+fn out_of_time() -> Failure {
+    Failure::Storage {
+        stage: Stage::Write,
+        error: StorageError {
+            op: "table_write_permit",
+            kind: ErrorKind::OutOfTime,
+        },
+    }
+}
+
+fn failed(error: StorageError) -> Failure {
+    Failure::Storage {
+        stage: Stage::Write,
+        error,
+    }
+}
+
+async fn write_batch(ctx: &Ctx, batch: &Batch<Origin>, deadline: Instant) -> Written {
+    if let [entity] = batch.entities.as_slice() {
+        metrics::counter!(m::TABLE_WRITES, "kind" => "single").increment(1);
+        return match retry(deadline, || ctx.table.upsert(entity)).await {
+            Ok(()) => Written::Stored(1),
+            Err(e) if e.is_content_error() => Written::Refused {
+                stored: 0,
+                refused: vec![(0, e.to_string())],
+            },
+            Err(e) => Written::Retry(failed(e)),
+        };
+    }
+    metrics::counter!(m::TABLE_WRITES, "kind" => "batch").increment(1);
+    // Only a refusal for what the batch carries can be one entity's fault; any other leaves
+    // the messages to be redone, and blames no reading.
+    let why = match retry(deadline, || ctx.table.upsert_batch(&batch.entities)).await {
+        Ok(BatchOutcome::Committed) => return Written::Stored(batch.entities.len()),
+        Ok(BatchOutcome::Rejected(refusal @ Refusal::Content(_))) => refusal.to_string(),
+        Ok(BatchOutcome::Rejected(refusal)) => {
+            return Written::Retry(Failure::Refused {
+                stage: Stage::Write,
+                table: ctx.table.name().to_owned(),
+                refusal,
+            })
+        }
+        Err(e) if e.is_content_error() => e.to_string(),
+        Err(e) => return Written::Retry(failed(e)),
+    };
+    // A refused transaction wrote nothing; find the culprit by writing one at a time.
+    tracing::warn!(reason = %why, entities = batch.entities.len(), "Transaction refused; writing its entities one by one.");
+    let entities = &batch.entities;
+    let results: Vec<(usize, Result<(), StorageError>)> = stream::iter(0..entities.len())
+        .map(|k| async move {
+            metrics::counter!(m::TABLE_WRITES, "kind" => "single").increment(1);
+            (k, retry(deadline, || ctx.table.upsert(&entities[k])).await)
+        })
+        .buffer_unordered(SINGLE_WRITES)
+        .collect()
+        .await;
+    let mut stored = 0;
+    let mut refused = Vec::new();
+    for (k, result) in results {
+        match result {
+            Ok(()) => stored += 1,
+            Err(e) if e.is_content_error() => refused.push((k, e.to_string())),
+            Err(e) => return Written::Retry(failed(e)),
+        }
+    }
+    refused.sort_unstable_by_key(|(k, _)| *k);
+    Written::Refused { stored, refused }
+}
