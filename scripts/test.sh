@@ -8,6 +8,8 @@ bash scripts/prereqs.sh --test
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
+echo "==> unused dependencies"
+python3 scripts/unused-deps.py
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> Building the service binaries the end-to-end tests run"

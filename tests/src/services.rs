@@ -159,8 +159,15 @@ impl Service {
         assert!(exit.success(), "{} exited with {exit}", self.name);
     }
 
-    /// Sum of a metric's samples across label sets (0 when absent).
+    /// Sum of a metric's samples across label sets: 0 until its first sample, since
+    /// counters appear on first use. Panics for a name the service's code never uses, so a
+    /// typo or a renamed metric fails the test instead of reading 0 for ever.
     pub async fn metric(&self, name: &str) -> f64 {
+        assert!(
+            exports(self.name, name),
+            "{} exports no metric named {name:?}",
+            self.name
+        );
         let Some((_, body)) = http_get(self.metrics_port, "/metrics").await else {
             return 0.0;
         };
@@ -181,4 +188,26 @@ impl Service {
 /// A bare HTTP GET on loopback: (status, body).
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     infra::serve::http_get(([127, 0, 0, 1], port).into(), path).await
+}
+
+/// Whether `service`'s code (or the shared `infra`) names metric `name` as a string literal.
+fn exports(service: &str, name: &str) -> bool {
+    fn sources(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+    let root = crate::repo_root();
+    let mut files = Vec::new();
+    sources(&root.join(service).join("src"), &mut files);
+    sources(&root.join("infra/src"), &mut files);
+    let literal = format!("\"{name}\"");
+    files
+        .iter()
+        .any(|f| std::fs::read_to_string(f).is_ok_and(|text| text.contains(&literal)))
 }
