@@ -86,7 +86,9 @@ impl Generator {
                 match fault {
                     Some(Fault::Schema) => temperature = "\"warm\"".into(),
                     Some(Fault::OutOfRange) => v.temperature = 999.0,
-                    Some(Fault::Future) => at += 3_600_000,
+                    // An hour ahead of the clock, not of the reading: a backfilled reading
+                    // an hour later is still in the past, and valid.
+                    Some(Fault::Future) => at = at.max(schemas::timefmt::now_ms()) + 3_600_000,
                     Some(Fault::Stale) => at -= 60 * 86_400_000,
                     _ => {}
                 }

@@ -3,6 +3,7 @@
 
 mod adapter;
 mod archive;
+mod chaos;
 mod compose;
 mod deadletter;
 mod failures;

@@ -137,6 +137,18 @@ impl Service {
         }
     }
 
+    /// The binary's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// SIGKILL, then starts it again at once, without waiting for it to be ready (storage
+    /// may be down).
+    pub async fn restart_now(&mut self) {
+        self.kill9().await;
+        self.run();
+    }
+
     /// Starts the same service again, with the same settings and metrics port.
     pub async fn restart(&mut self) {
         self.kill9().await;
@@ -206,6 +218,8 @@ fn exports(service: &str, name: &str) -> bool {
     let mut files = Vec::new();
     sources(&root.join(service).join("src"), &mut files);
     sources(&root.join("infra/src"), &mut files);
+    // A sample selector (`name{label="v"}`) names the metric before its labels.
+    let name = name.split('{').next().unwrap_or(name);
     let literal = format!("\"{name}\"");
     files
         .iter()

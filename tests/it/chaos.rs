@@ -1,0 +1,364 @@
+//! The whole chain under sustained, mixed faults, checked Jepsen-style: a steady load of
+//! readings with every fault kind of the simulator, while ingest, processor and archiver are
+//! killed with SIGKILL at random moments, Mosquitto and Azurite are restarted, and a proxy in
+//! front of every storage endpoint answers 503/500, drops responses after the write, holds
+//! them past the client timeout, or resets connections. At the end, from the simulators'
+//! exact accounting: every valid reading is stored exactly once (in the table or in the
+//! archive), every refused reading is a dead letter with its reason, nothing is in neither
+//! place, and every service is running and ready.
+//!
+//! `CHAOS_SECONDS` sets the length of the load (default 90); `CHAOS_SEED` replays a run's
+//! choice of faults; `CHAOS_REPORT` names a file for the JSON report. `scripts/chaos.sh` runs
+//! it as a long soak.
+
+use schemas::archive::{self, Format};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+use tests::proxy::{FaultProxy, Rates};
+use tests::services::{bin_path, http_get};
+use tests::{unique, Azurite, Mosquitto, Service};
+
+/// Longer than the services' storage timeout, so a held response is a timeout to them.
+const HOLD: Duration = Duration::from_secs(8);
+const STORAGE_TIMEOUT: &str = "5s";
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A storage connection string through the proxies.
+fn through(queue: &FaultProxy, table: &FaultProxy, blob: &FaultProxy) -> String {
+    format!(
+        "AccountName=devstoreaccount1;\
+         AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;\
+         QueueEndpoint=http://127.0.0.1:{}/devstoreaccount1;\
+         TableEndpoint=http://127.0.0.1:{}/devstoreaccount1;\
+         BlobEndpoint=http://127.0.0.1:{}/devstoreaccount1",
+        queue.port, table.port, blob.port
+    )
+}
+
+/// Runs a simulator to completion in the background; its JSON summary at the end.
+fn simulate(
+    mqtt: String,
+    args: Vec<(&'static str, String)>,
+) -> tokio::task::JoinHandle<serde_json::Value> {
+    tokio::spawn(async move {
+        let out = tokio::process::Command::new(bin_path("simulator"))
+            .env("MQTT_URL", mqtt)
+            .env("SIMULATOR_METRICS_ADDR", "127.0.0.1:0")
+            .env("LOG_FORMAT", "json")
+            .envs(args)
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("run the simulator");
+        assert!(
+            out.status.success(),
+            "simulator failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("simulator summary")
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Action {
+    KillIngest,
+    KillProcessor,
+    KillArchiver,
+    RestartBroker,
+    RestartStorage,
+    StorageFaults,
+}
+
+impl Action {
+    const ALL: [Action; 6] = [
+        Action::KillIngest,
+        Action::KillProcessor,
+        Action::KillArchiver,
+        Action::RestartBroker,
+        Action::RestartStorage,
+        Action::StorageFaults,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Action::KillIngest => "kill -9 ingest",
+            Action::KillProcessor => "kill -9 processor",
+            Action::KillArchiver => "kill -9 archiver",
+            Action::RestartBroker => "restart mosquitto",
+            Action::RestartStorage => "restart azurite",
+            Action::StorageFaults => "storage faults for 6 s",
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_reading_survives_kills_restarts_and_storage_faults() {
+    if !tests::servers_available("chaos") {
+        return;
+    }
+    let seconds: u64 = env_or("CHAOS_SECONDS", 90);
+    let seed: u64 = env_or("CHAOS_SEED", fastrand::u64(..));
+    eprintln!("chaos: {seconds} s of load, CHAOS_SEED={seed}");
+    let mut rng = fastrand::Rng::with_seed(seed);
+
+    let (mut azurite, mut mosquitto) = tokio::join!(Azurite::start(), Mosquitto::start());
+    let queue_proxy = FaultProxy::start(azurite.queue_port, HOLD).await;
+    let table_proxy = FaultProxy::start(azurite.table_port, HOLD).await;
+    let blob_proxy = FaultProxy::start(azurite.blob_port, HOLD).await;
+    let storage = through(&queue_proxy, &table_proxy, &blob_proxy);
+    let (queue, dead, quarantine) = (unique("ingest"), unique("dead"), unique("quarantine"));
+    let (table, devices, container) = (unique("telemetry"), unique("devices"), unique("archive"));
+    let common = |extra: &[(&'static str, String)]| {
+        let mut env = vec![
+            ("AZURE_STORAGE_CONNECTION_STRING", storage.clone()),
+            ("STORAGE_TIMEOUT", STORAGE_TIMEOUT.to_owned()),
+        ];
+        env.extend(extra.iter().cloned());
+        env
+    };
+    let ingest_env = common(&[
+        ("MQTT_URL", mosquitto.url()),
+        ("INGEST_QUEUE_NAME", queue.clone()),
+        ("INGEST_CLIENT_ID", unique("ingest")),
+    ]);
+    let processor_env = common(&[
+        ("PROCESSOR_QUEUE_NAME", queue.clone()),
+        ("PROCESSOR_DEAD_LETTER_QUEUE", dead.clone()),
+        ("PROCESSOR_QUARANTINE_QUEUE", quarantine.clone()),
+        ("PROCESSOR_TABLE_NAME", table.clone()),
+        ("PROCESSOR_DEVICE_TABLE", devices.clone()),
+        ("PROCESSOR_WORKERS", "4".into()),
+        ("PROCESSOR_VISIBILITY_TIMEOUT", "20s".into()),
+        ("PROCESSOR_DEVICE_UPDATE_INTERVAL", "2s".into()),
+    ]);
+    // Readings older than a day are archived while the chaos goes on.
+    let archiver_env = common(&[
+        ("ARCHIVER_TABLE_NAME", table.clone()),
+        ("ARCHIVER_DEVICE_TABLE", devices.clone()),
+        ("ARCHIVER_CONTAINER", container.clone()),
+        ("ARCHIVER_RETENTION", "1day".into()),
+        ("ARCHIVER_INTERVAL", "5s".into()),
+    ]);
+    let mut processor = Service::start("processor", &processor_env).await;
+    let mut ingest = Service::start("ingest", &ingest_env).await;
+    let mut archiver = Service::start_with_args("archiver", &["run"], &archiver_env).await;
+
+    let faults = "malformed=0.01,schema=0.01,out_of_range=0.01,spoofed=0.01,future=0.01,\
+                  stale=0.01,oversize=0.005,duplicate=0.03,out_of_order=0.03";
+    // Live: 150 devices every second. History: 20 devices every half hour over the last
+    // three days (the archiver's work), published as fast as the broker takes it.
+    let live = simulate(
+        mosquitto.url(),
+        vec![
+            ("SIMULATOR_DEVICES", "150".into()),
+            ("SIMULATOR_INTERVAL", "1s".into()),
+            ("SIMULATOR_ROUNDS", seconds.to_string()),
+            ("SIMULATOR_SEED", seed.to_string()),
+            ("SIMULATOR_CONNECTIONS", "4".into()),
+            ("SIMULATOR_FAULTS", faults.into()),
+        ],
+    );
+    let history = simulate(
+        mosquitto.url(),
+        vec![
+            ("SIMULATOR_DEVICES", "20".into()),
+            ("SIMULATOR_DEVICE_PREFIX", "old".into()),
+            ("SIMULATOR_INTERVAL", "30m".into()),
+            ("SIMULATOR_BACKFILL", "3days".into()),
+            ("SIMULATOR_DURATION", "20s".into()),
+            ("SIMULATOR_SEED", (seed ^ 1).to_string()),
+            ("SIMULATOR_FAULTS", faults.into()),
+        ],
+    );
+
+    // The chaos: one fault every 3 to 7 s while the live load runs.
+    let started = Instant::now();
+    let mut done: BTreeMap<Action, u32> = BTreeMap::new();
+    while !live.is_finished() && started.elapsed() < Duration::from_secs(seconds + 120) {
+        tokio::time::sleep(Duration::from_millis(rng.u64(3_000..7_000))).await;
+        if live.is_finished() {
+            break;
+        }
+        let action = Action::ALL[rng.usize(..Action::ALL.len())];
+        eprintln!(
+            "chaos: {:>5.1} s  {}",
+            started.elapsed().as_secs_f64(),
+            action.name()
+        );
+        *done.entry(action).or_default() += 1;
+        match action {
+            Action::KillIngest => ingest.restart_now().await,
+            Action::KillProcessor => processor.restart_now().await,
+            Action::KillArchiver => archiver.restart_now().await,
+            Action::RestartBroker => mosquitto.restart().await,
+            Action::RestartStorage => azurite.restart().await,
+            Action::StorageFaults => {
+                let rates = Rates::all(0.02);
+                for proxy in [&queue_proxy, &table_proxy, &blob_proxy] {
+                    proxy.set_all(rates);
+                }
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                for proxy in [&queue_proxy, &table_proxy, &blob_proxy] {
+                    proxy.clear();
+                }
+            }
+        }
+    }
+    let summaries = [
+        live.await.expect("live simulator"),
+        history.await.expect("history simulator"),
+    ];
+    let mut expected_rows = 0;
+    let mut expected_dead: BTreeMap<String, u64> = BTreeMap::new();
+    for s in &summaries {
+        expected_rows += s["expected_rows"].as_u64().expect("expected_rows");
+        for (reason, n) in s["expected_dead_letters"]
+            .as_object()
+            .expect("dead letters")
+        {
+            *expected_dead.entry(reason.clone()).or_default() += n.as_u64().unwrap_or(0);
+        }
+    }
+    let mut injected: BTreeMap<String, u64> = BTreeMap::new();
+    for proxy in [&queue_proxy, &table_proxy, &blob_proxy] {
+        for (k, n) in proxy.injected() {
+            *injected.entry(k).or_default() += n;
+        }
+    }
+    eprintln!("chaos: actions {done:?}; storage faults injected {injected:?}");
+
+    // Quiet now: everything must settle into exactly the expected state.
+    let account = azurite.account();
+    let (stored, archived) = tests::wait_for(
+        "every valid reading stored once and the archiver caught up",
+        Duration::from_secs(240),
+        || {
+            let (account, table, container) = (&account, &table, &container);
+            async move {
+                let rows = tests::storage::rows(account, table).await.ok()?;
+                let stored: BTreeSet<(String, String)> = rows
+                    .iter()
+                    .map(|e| {
+                        (
+                            e["PartitionKey"].as_str().unwrap_or_default().to_owned(),
+                            e["RowKey"].as_str().unwrap_or_default().to_owned(),
+                        )
+                    })
+                    .collect();
+                let archived = archived_rows(account, container).await?;
+                let overlap = stored.intersection(&archived).count();
+                let total = stored.len() + archived.len() - overlap;
+                (total as u64 >= expected_rows && overlap == 0).then_some((stored, archived))
+            }
+        },
+    )
+    .await;
+    // Dead letters linger in the processor's writer, and redone rounds add theirs late:
+    // collect until every expected one is there, then a little longer for stragglers.
+    let mut dead_letters = Vec::new();
+    let mut got_dead: BTreeMap<String, u64> = BTreeMap::new();
+    let collect_until = Instant::now() + Duration::from_secs(120);
+    let mut quiet_from: Option<Instant> = None;
+    loop {
+        let more = tests::storage::drain_dead_letters(&account, &dead).await;
+        for r in &more {
+            *got_dead.entry(r.reason.as_str().to_owned()).or_default() += 1;
+        }
+        dead_letters.extend(more);
+        let complete = expected_dead
+            .iter()
+            .all(|(reason, want)| got_dead.get(reason).copied().unwrap_or(0) >= *want);
+        if complete {
+            let since = *quiet_from.get_or_insert_with(Instant::now);
+            if since.elapsed() >= Duration::from_secs(10) {
+                break;
+            }
+        }
+        if Instant::now() >= collect_until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let refused: u64 = expected_dead.values().sum();
+    let mut duplicates = 0;
+    for (reason, want) in &expected_dead {
+        let got = got_dead.get(reason).copied().unwrap_or(0);
+        assert!(
+            got >= *want,
+            "{reason}: {got} dead letters for {want} refused readings (lost)"
+        );
+        duplicates += got - want;
+    }
+    let unexpected: Vec<_> = got_dead
+        .iter()
+        .filter(|(reason, _)| !expected_dead.contains_key(*reason))
+        .collect();
+    let report = serde_json::json!({
+        "seed": seed,
+        "seconds": seconds,
+        "actions": done.iter().map(|(a, n)| (a.name(), n)).collect::<BTreeMap<_, _>>(),
+        "storage_faults_injected": injected,
+        "readings_offered": summaries.iter().map(|s| s["readings"].as_u64().unwrap_or(0)).sum::<u64>(),
+        "expected_rows": expected_rows,
+        "stored_in_table": stored.len(),
+        "archived": archived.len(),
+        "refused_readings": refused,
+        "dead_letters": dead_letters.len(),
+        "dead_letters_by_reason": got_dead,
+        "duplicate_dead_letters": duplicates,
+        "lost": expected_rows.saturating_sub((stored.len() + archived.len()) as u64),
+    });
+    eprintln!("chaos report: {report:#}");
+    if let Ok(path) = std::env::var("CHAOS_REPORT") {
+        std::fs::write(path, format!("{report:#}\n")).expect("write the report");
+    }
+    assert_eq!(
+        (stored.len() + archived.len()) as u64,
+        expected_rows,
+        "every valid reading exactly once"
+    );
+    assert!(
+        unexpected.is_empty(),
+        "dead letters for reasons no fault explains (a valid reading refused?): {unexpected:?}"
+    );
+    // Duplicates come from redone work (a dead-letter put whose answer was lost, a round
+    // redone after a kill); they are reported and must stay a small share.
+    assert!(
+        duplicates * 5 <= refused.max(20),
+        "{duplicates} duplicate dead letters for {refused} refused readings"
+    );
+    for svc in [&ingest, &processor, &archiver] {
+        let ready = http_get(svc.metrics_port, "/readyz").await.map(|r| r.0);
+        assert_eq!(ready, Some(200), "{} not ready at the end", svc.name());
+    }
+}
+
+/// The (device, RowKey) of every archived reading; `None` while the archive cannot be read.
+async fn archived_rows(
+    account: &infra::storage::Account,
+    container: &str,
+) -> Option<BTreeSet<(String, String)>> {
+    let container = account.container(container);
+    let listed = match container.list("").await {
+        Ok(listed) => listed,
+        Err(e) if e.is_not_found() => Vec::new(),
+        Err(_) => return None,
+    };
+    let mut out = BTreeSet::new();
+    for info in listed {
+        let content = container.get(&info.name).await.ok()??;
+        for row in archive::decode(Format::Parquet, content.bytes).ok()? {
+            out.insert((
+                row.reading.device_id.clone(),
+                schemas::entity::row_key(&row.reading),
+            ));
+        }
+    }
+    Some(out)
+}
