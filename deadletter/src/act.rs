@@ -81,6 +81,12 @@ struct Tally {
     not_removed: usize,
     removed: usize,
     unreadable: usize,
+    /// Records repeating one already chosen in this walk (the processor redid work): never
+    /// replayed or exported twice; removed along with it once it is safe.
+    duplicates: usize,
+    /// Identities chosen in this walk, and those of them made safe.
+    chosen: std::collections::HashSet<u64>,
+    safe: std::collections::HashSet<u64>,
 }
 
 pub async fn replay(session: &Session, args: &ReplayArgs) -> anyhow::Result<bool> {
@@ -258,6 +264,7 @@ async fn drive(
             "failed": failed,
             "removed": tally.removed,
             "not_removed": tally.not_removed,
+            "duplicates": tally.duplicates,
             "messages_walked": walked,
             "messages_unseen": unseen,
             "messages_unreadable": tally.unreadable,
@@ -286,6 +293,12 @@ async fn drive(
                 count(tally.not_removed)
             ));
         }
+        if tally.duplicates > 0 {
+            line.push_str(&format!(
+                " {} more records repeated one of these (the processor redid work) and were not {verb} again.",
+                count(tally.duplicates)
+            ));
+        }
         line.push('\n');
         for (skip, n) in &tally.skipped {
             line.push_str(&format!("  skipped {}: {}\n", count(*n), skip.as_str()));
@@ -307,6 +320,9 @@ struct Chosen {
     record: DeadLetter,
     /// Set once the record is safe where it goes (or, for purge, may simply go).
     safe: bool,
+    id: u64,
+    /// A duplicate of a record chosen before: not placed itself; safe when that one is.
+    twin: bool,
 }
 
 async fn walk_and_act(
@@ -343,6 +359,17 @@ async fn walk_and_act(
                     staying.push(record);
                     continue;
                 }
+                let id = record.identity();
+                if tally.chosen.contains(&id) {
+                    tally.duplicates += 1;
+                    chosen.push(Chosen {
+                        record,
+                        safe: false,
+                        id,
+                        twin: true,
+                    });
+                    continue;
+                }
                 counters.matched.fetch_add(1, Relaxed);
                 if let Some(skip) = skip_reason(mode, &record) {
                     counters.skipped.fetch_add(1, Relaxed);
@@ -350,22 +377,38 @@ async fn walk_and_act(
                     staying.push(record);
                     continue;
                 }
+                tally.chosen.insert(id);
                 chosen.push(Chosen {
                     record,
                     safe: false,
+                    id,
+                    twin: false,
                 });
             }
             if !chosen.is_empty() {
                 plan.push((taken.id, staying, chosen));
             }
         }
-        let mut chosen: Vec<&mut Chosen> =
-            plan.iter_mut().flat_map(|(_, _, c)| c.iter_mut()).collect();
+        let mut chosen: Vec<&mut Chosen> = plan
+            .iter_mut()
+            .flat_map(|(_, _, c)| c.iter_mut())
+            .filter(|c| !c.twin)
+            .collect();
         if dry_run {
             counters.done.fetch_add(chosen.len(), Relaxed);
             continue;
         }
         place(mode, &mut chosen, counters).await?;
+        for c in plan.iter().flat_map(|(_, _, c)| c) {
+            if c.safe {
+                tally.safe.insert(c.id);
+            }
+        }
+        for c in plan.iter_mut().flat_map(|(_, _, c)| c.iter_mut()) {
+            if c.twin {
+                c.safe = tally.safe.contains(&c.id);
+            }
+        }
 
         // Remove what is safe; a record that did not make it stays in its message.
         let mut changes = Vec::new();

@@ -66,8 +66,16 @@ pub async fn list(session: &Session, args: &ListArgs) -> anyhow::Result<bool> {
         match args.limit {
             Some(_) => stdout(&rows_table(&rows)),
             None => {
+                let duplicates = if summary.duplicates > 0 {
+                    format!(
+                        " ({} more records repeat one of them and are not counted)",
+                        count(summary.duplicates)
+                    )
+                } else {
+                    String::new()
+                };
                 stdout(&format!(
-                    "{} dead letters match ({}) in queue {}.\n\n",
+                    "{} dead letters match ({}) in queue {}{duplicates}.\n\n",
                     count(summary.records),
                     args.filter.describe(),
                     session.queue_name()

@@ -34,6 +34,10 @@ impl Group {
 #[derive(Debug, Default)]
 pub struct Summary {
     pub records: usize,
+    /// Records that repeat another's identity (the processor redid work that had already
+    /// dead-lettered them); left out of every other count.
+    pub duplicates: usize,
+    seen: std::collections::HashSet<u64>,
     pub by_reason: BTreeMap<Reason, Group>,
     pub by_device: HashMap<String, Group>,
     pub by_day: BTreeMap<String, usize>,
@@ -41,6 +45,10 @@ pub struct Summary {
 
 impl Summary {
     pub fn add(&mut self, record: &DeadLetter) {
+        if !self.seen.insert(record.identity()) {
+            self.duplicates += 1;
+            return;
+        }
         let at = record.received_at.as_str();
         self.records += 1;
         self.by_reason.entry(record.reason).or_default().add(at);
@@ -84,6 +92,7 @@ impl Summary {
             .collect();
         serde_json::json!({
             "records": self.records,
+            "duplicates": self.duplicates,
             "by_reason": groups(reasons, "reason"),
             "by_device": groups(devices, "device"),
             "by_day": days,

@@ -135,6 +135,11 @@ pub fn connect(
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
                     Ok(_) => {}
                     Err(error) => {
+                        // The connection is gone: deliveries from it must not be acked from
+                        // now on (an ack sent during the backoff would go out on the next
+                        // connection, where a new session may have given its packet id to
+                        // another message). Its messages are redelivered and queued again.
+                        connection.fetch_add(1, Ordering::SeqCst);
                         metrics::counter!(m::CONNECTION_ERRORS).increment(1);
                         let (failure, why) = infra::mqtt::describe(&url, &error);
                         health.set_not_ready(format!("broker: {why}"));

@@ -21,6 +21,7 @@ use tests::{unique, Azurite, Mosquitto, Service};
 /// Longer than the services' storage timeout, so a held response is a timeout to them.
 const HOLD: Duration = Duration::from_secs(8);
 const STORAGE_TIMEOUT: &str = "5s";
+const STORED: &str = "processor_readings_stored_total";
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -180,6 +181,7 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
     // The chaos: one fault every 3 to 7 s while the live load runs.
     let started = Instant::now();
     let mut done: BTreeMap<Action, u32> = BTreeMap::new();
+    let mut recovery: BTreeMap<Action, Vec<f64>> = BTreeMap::new();
     while !live.is_finished() && started.elapsed() < Duration::from_secs(seconds + 120) {
         tokio::time::sleep(Duration::from_millis(rng.u64(3_000..7_000))).await;
         if live.is_finished() {
@@ -192,6 +194,11 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
             action.name()
         );
         *done.entry(action).or_default() += 1;
+        let before = if action == Action::KillProcessor {
+            0.0
+        } else {
+            processor.metric(STORED).await
+        };
         match action {
             Action::KillIngest => ingest.restart_now().await,
             Action::KillProcessor => processor.restart_now().await,
@@ -209,6 +216,17 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
                 }
             }
         }
+        // Recovery: from the end of the fault until readings are being stored again.
+        let fault_over = Instant::now();
+        let recovered = tests::wait_for("readings stored again", Duration::from_secs(120), || {
+            let processor = &processor;
+            async move { (processor.metric(STORED).await > before).then_some(()) }
+        });
+        recovered.await;
+        recovery
+            .entry(action)
+            .or_default()
+            .push(fault_over.elapsed().as_secs_f64());
     }
     let summaries = [
         live.await.expect("live simulator"),
@@ -303,6 +321,14 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
         "seed": seed,
         "seconds": seconds,
         "actions": done.iter().map(|(a, n)| (a.name(), n)).collect::<BTreeMap<_, _>>(),
+        "recovery_seconds": recovery.iter().map(|(a, times)| {
+            let mut t = times.clone();
+            t.sort_by(f64::total_cmp);
+            (a.name(), serde_json::json!({
+                "median": (t[t.len() / 2] * 10.0).round() / 10.0,
+                "max": (t[t.len() - 1] * 10.0).round() / 10.0,
+            }))
+        }).collect::<BTreeMap<_, _>>(),
         "storage_faults_injected": injected,
         "readings_offered": summaries.iter().map(|s| s["readings"].as_u64().unwrap_or(0)).sum::<u64>(),
         "expected_rows": expected_rows,

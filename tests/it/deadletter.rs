@@ -867,3 +867,38 @@ async fn undecodable_messages_are_kept_whole_and_replayable_and_newer_envelopes_
         "the newer envelope is still queued"
     );
 }
+
+#[tokio::test]
+async fn a_refusal_written_twice_is_counted_and_exported_once() {
+    let Some((_azurite, account, tool)) = Tool::on_own_azurite("deadletter_duplicates").await
+    else {
+        return;
+    };
+    let t0 = now_ms() - HOUR;
+    let original = record(Reason::Schema, "dup-1", t0, br#"{"deviceId":"dup-1"}"#);
+    // The processor redid the round: the same refusal, a later delivery, other words.
+    let mut redone = original.clone();
+    redone.attempts = 3;
+    redone.detail = "redone".into();
+    let other = record(Reason::Schema, "dup-2", t0, br#"{"deviceId":"dup-2"}"#);
+    put_records(&account.queue(&tool.queue), &[original, other, redone]).await;
+
+    let listed = tool.ok(&["list", "--json"]).await.json();
+    assert_eq!(listed["records"], 2, "{listed}");
+    assert_eq!(listed["duplicates"], 1, "{listed}");
+
+    let dir = TempDir::new("dl-dup");
+    let file = dir.0.join("out.jsonl");
+    let run = tool
+        .ok(&["export", "--delete", "-o", file.to_str().unwrap()])
+        .await;
+    assert!(
+        run.stderr.contains("Exported 2 of 2") && run.stderr.contains("1 more records repeated"),
+        "{}",
+        run.stderr
+    );
+    let lines = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(lines.lines().count(), 2, "each refused message once");
+    // The duplicate left with its twin, once the twin was on disk.
+    assert!(drain(&account, &tool.queue).await.is_empty());
+}
