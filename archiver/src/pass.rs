@@ -78,12 +78,7 @@ pub async fn run(
     let started = Instant::now();
     let devices = if only.is_empty() {
         let filter = format!("PartitionKey eq '{}'", device::PARTITION);
-        let rows = retried(|| ctx.devices.query(&filter)).await?;
-        let mut ids: Vec<String> = rows
-            .iter()
-            .filter_map(device::device_id)
-            .map(str::to_owned)
-            .collect();
+        let mut ids = retried(|| ctx.devices.row_keys(&filter)).await?;
         ids.sort();
         ids
     } else {

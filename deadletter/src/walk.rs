@@ -28,6 +28,10 @@ use std::time::{Duration, Instant};
 const CONCURRENCY: usize = 16;
 /// How long one storage call is retried before the walk gives up on it.
 const RETRY_FOR: Duration = Duration::from_secs(30);
+/// Message text a walk keeps to give messages back at its end (a release rewrites the text,
+/// so it must be at hand). Beyond it, messages are held by id and receipt alone and reappear
+/// by themselves when `--hold` runs out: memory stays bounded for any queue.
+const MAX_HELD_TEXT: usize = 64 * 1024 * 1024;
 
 /// A message taken in this walk for the first time, with its records.
 #[derive(Debug)]
@@ -60,6 +64,10 @@ pub struct Walker {
     hold: Duration,
     /// Messages taken and not deleted, by id, as last seen (current pop receipt and text).
     held: HashMap<String, QueueMessage>,
+    /// Held messages whose text was not kept ([`MAX_HELD_TEXT`]): not given back at the end.
+    textless: HashSet<String>,
+    /// Text kept in `held`, in bytes.
+    held_text: usize,
     /// Every id taken in this walk, deleted ones included.
     taken: HashSet<String>,
     started: Instant,
@@ -87,6 +95,8 @@ impl Walker {
             queue,
             hold,
             held: HashMap::new(),
+            textless: HashSet::new(),
+            held_text: 0,
             taken: HashSet::new(),
             started: Instant::now(),
             warned: false,
@@ -113,7 +123,7 @@ impl Walker {
             for message in got {
                 if !self.taken.insert(message.id.clone()) {
                     // Taken earlier in this walk and reappeared: keep the new receipt only.
-                    self.held.insert(message.id.clone(), message);
+                    self.hold_message(message);
                     continue;
                 }
                 let records = dead_letter::decode_message(&message.text);
@@ -124,12 +134,27 @@ impl Walker {
                     id: message.id.clone(),
                     records,
                 });
-                self.held.insert(message.id.clone(), message);
+                self.hold_message(message);
             }
             if !fresh.is_empty() {
                 return Ok(fresh);
             }
         }
+    }
+
+    /// Keeps `message` held, with its text while the walk's text budget lasts.
+    fn hold_message(&mut self, mut message: QueueMessage) {
+        if let Some(old) = self.held.get(&message.id) {
+            self.held_text -= old.text.len();
+        }
+        if self.textless.contains(&message.id)
+            || self.held_text + message.text.len() > MAX_HELD_TEXT
+        {
+            self.textless.insert(message.id.clone());
+            message.text = String::new();
+        }
+        self.held_text += message.text.len();
+        self.held.insert(message.id.clone(), message);
     }
 
     /// Takes records out of held messages: each `(id, keep)` deletes the message when `keep`
@@ -157,15 +182,17 @@ impl Walker {
             .map(|(id, result)| {
                 let outcome = match result {
                     Ok(Some(rewritten)) => {
-                        self.held.insert(id.clone(), rewritten);
+                        // Its text is the records that stay: given back whole at the end.
+                        self.textless.remove(&id);
+                        self.hold_message(rewritten);
                         Ok(Settled::Rewritten)
                     }
                     Ok(None) => {
-                        self.held.remove(&id);
+                        self.forget(&id);
                         Ok(Settled::Deleted)
                     }
                     Err(e) if e.is_gone() => {
-                        self.held.remove(&id);
+                        self.forget(&id);
                         Ok(Settled::Gone)
                     }
                     Err(e) => Err(e),
@@ -175,11 +202,28 @@ impl Walker {
             .collect()
     }
 
+    fn forget(&mut self, id: &str) {
+        if let Some(old) = self.held.remove(id) {
+            self.held_text -= old.text.len();
+        }
+        self.textless.remove(id);
+    }
+
     /// Makes every message still held visible again. Returns how many could not be released
-    /// (they become visible by themselves when their hold ends).
+    /// (they become visible by themselves when their hold ends), those held without their
+    /// text included.
     pub async fn release(self) -> usize {
         let queue = &self.queue;
-        let failed: usize = stream::iter(self.held.into_values())
+        let textless = self.textless;
+        if !textless.is_empty() {
+            tracing::info!(messages = textless.len(), "Held beyond the walk's text budget; these reappear by themselves when --hold runs out.");
+        }
+        let unheld = textless.len();
+        let held = self
+            .held
+            .into_values()
+            .filter(|m| !textless.contains(&m.id));
+        let failed: usize = stream::iter(held)
             .map(|message| async move {
                 let result = retried(|| {
                     queue.update(&message, message.text.clone(), Duration::ZERO)
@@ -200,7 +244,7 @@ impl Walker {
             .await
             .into_iter()
             .sum();
-        failed
+        failed + unheld
     }
 
     /// Messages the queue reported at the start that a walk to the end never saw: held by

@@ -135,7 +135,7 @@ impl Packer {
 
     /// Adds a delivery, writing the current envelope first when it is full. Returns whether
     /// the delivery starts a new envelope.
-    async fn add(&mut self, delivery: Delivery) -> bool {
+    async fn add(&mut self, mut delivery: Delivery) -> bool {
         let message = DeviceMessage::from_mqtt(
             &String::from_utf8_lossy(&delivery.publish.topic),
             &delivery.publish.payload,
@@ -158,6 +158,11 @@ impl Packer {
                 .push(message)
                 .expect("a single capped device message fits an empty envelope");
         }
+        // The envelope holds the message now (capped at 32 KiB); the ack needs only the packet
+        // id, so a held delivery costs bytes, not the publish's size (up to the broker's
+        // limit), whatever the devices send.
+        delivery.publish.payload = Default::default();
+        delivery.publish.topic = Default::default();
         self.held.push(delivery);
         metrics::gauge!(m::PENDING).increment(1.0);
         self.held.len() == 1

@@ -260,6 +260,29 @@ impl Table {
         Ok(first)
     }
 
+    /// The RowKey of every entity matching an OData `$filter` (all pages), fetching nothing
+    /// else: a listing of a million rows costs their keys, not their properties.
+    pub async fn row_keys(&self, filter: &str) -> Result<Vec<String>, StorageError> {
+        let query = self
+            .client
+            .query()
+            .filter(filter.to_owned())
+            .select("RowKey");
+        let mut out = Vec::new();
+        self.each_page(query, |page| {
+            out.extend(
+                page.into_iter()
+                    .filter_map(|mut e| match e.remove("RowKey") {
+                        Some(serde_json::Value::String(k)) => Some(k),
+                        _ => None,
+                    }),
+            );
+            true
+        })
+        .await?;
+        Ok(out)
+    }
+
     /// Every entity matching an OData `$filter` (all pages).
     pub async fn query(&self, filter: &str) -> Result<Vec<Entity>, StorageError> {
         let mut out = Vec::new();
