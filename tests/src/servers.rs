@@ -26,6 +26,21 @@ pub fn mosquitto_bin() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// SIGTERM, so the server saves its data; SIGKILL if it has not exited within 15 s.
+async fn terminate(mut child: Child) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    }
+    if tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+}
+
 async fn port_open(port: u16) -> bool {
     tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -111,18 +126,8 @@ impl Azurite {
     /// Stops the emulator the way an operator would (SIGTERM, so it saves its database);
     /// its data stays on disk.
     pub async fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            if let Some(pid) = child.id() {
-                let _ = std::process::Command::new("kill")
-                    .args(["-TERM", &pid.to_string()])
-                    .status();
-            }
-            if tokio::time::timeout(Duration::from_secs(15), child.wait())
-                .await
-                .is_err()
-            {
-                let _ = child.kill().await;
-            }
+        if let Some(child) = self.child.take() {
+            terminate(child).await;
         }
     }
 
@@ -292,17 +297,8 @@ impl Mosquitto {
     /// Stops the broker the way an operator would (SIGTERM: it saves its store), then starts
     /// it again on the same port and store.
     pub async fn restart(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let pid = child.id().expect("mosquitto running");
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-            if tokio::time::timeout(Duration::from_secs(15), child.wait())
-                .await
-                .is_err()
-            {
-                let _ = child.kill().await;
-            }
+        if let Some(child) = self.child.take() {
+            terminate(child).await;
         }
         self.launch().await;
     }
