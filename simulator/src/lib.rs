@@ -32,6 +32,8 @@ use tokio_util::sync::CancellationToken;
 
 /// How long a stopping connection waits for the broker's last acknowledgements.
 const ACK_GRACE: Duration = Duration::from_secs(10);
+/// How long the broker keeps a simulated device's session while it is disconnected.
+const SESSION_EXPIRY_SECONDS: u32 = 600;
 /// File descriptors kept free beyond one per connection.
 const SPARE_FDS: u64 = 64;
 
@@ -188,8 +190,14 @@ async fn connection(c: Conn) -> anyhow::Result<()> {
         _ = tokio::time::sleep(c.opens_after) => {}
     }
     let mut options = c.broker.options(c.client_id.clone());
+    // A persistent session, as a device that must not lose readings keeps: after a broker
+    // restart (which restores sessions from its store) the client resumes it and resends what
+    // was not acknowledged. With a clean start, rumqttc drops every unacknowledged and queued
+    // publish at the first reconnect to a new session.
     options
         .set_keep_alive(Duration::from_secs(30))
+        .set_clean_start(false)
+        .set_session_expiry_interval(Some(SESSION_EXPIRY_SECONDS))
         .set_max_packet_size(Some(1024 * 1024));
     let (client, mut eventloop) = AsyncClient::new(options, 1024);
     let poll_stop = CancellationToken::new();
