@@ -194,10 +194,25 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
             action.name()
         );
         *done.entry(action).or_default() += 1;
-        let before = if action == Action::KillProcessor {
+        // Recovery is the end of the fault until the service it hit makes progress again:
+        // ingest receiving (its kill, a broker restart), the archiver finishing a pass,
+        // the processor storing (anything storage-side).
+        let watched = |a: Action| match a {
+            Action::KillIngest | Action::RestartBroker => "ingest_messages_received_total",
+            Action::KillArchiver => "archiver_last_success_timestamp_seconds",
+            _ => STORED,
+        };
+        let killed = matches!(
+            action,
+            Action::KillIngest | Action::KillProcessor | Action::KillArchiver
+        );
+        let metric = watched(action);
+        let before = if killed {
             0.0
         } else {
-            processor.metric(STORED).await
+            owner(metric, [&ingest, &processor, &archiver])
+                .metric(metric)
+                .await
         };
         match action {
             Action::KillIngest => ingest.restart_now().await,
@@ -218,10 +233,12 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
         }
         // Recovery: from the end of the fault until readings are being stored again.
         let fault_over = Instant::now();
-        let recovered = tests::wait_for("readings stored again", Duration::from_secs(120), || {
-            let processor = &processor;
-            async move { (processor.metric(STORED).await > before).then_some(()) }
-        });
+        let watch = owner(metric, [&ingest, &processor, &archiver]);
+        let recovered = tests::wait_for(
+            "progress after the fault",
+            Duration::from_secs(120),
+            || async move { (watch.metric(metric).await > before).then_some(()) },
+        );
         recovered.await;
         recovery
             .entry(action)
@@ -380,6 +397,15 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
         let ready = http_get(svc.metrics_port, "/readyz").await.map(|r| r.0);
         assert_eq!(ready, Some(200), "{} not ready at the end", svc.name());
     }
+}
+
+/// The service of `services` that exports `metric` (named after it).
+fn owner<'a>(metric: &str, services: [&'a Service; 3]) -> &'a Service {
+    let prefix = metric.split('_').next().unwrap_or_default();
+    services
+        .into_iter()
+        .find(|s| s.name() == prefix)
+        .unwrap_or(services[1])
 }
 
 /// The (device, RowKey) of every archived reading; `None` while the archive cannot be read.
