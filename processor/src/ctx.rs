@@ -15,8 +15,10 @@ use tokio::time::Instant;
 const STORAGE_TROUBLE: &str = "storage";
 /// The readiness key of envelopes this build cannot read.
 const NEWER_ENVELOPES: &str = "envelope";
-/// How long readiness keeps naming an unreadable envelope version after the last one.
-const NEWER_ENVELOPES_SHOWN: Duration = Duration::from_secs(300);
+/// The readiness key of device rows the device table refuses.
+const REFUSED_DEVICES: &str = "device";
+/// How long readiness keeps naming a held-back message's cause after it was last seen.
+const SHOWN_FOR: Duration = Duration::from_secs(300);
 
 #[derive(Debug)]
 pub struct Ctx {
@@ -43,8 +45,10 @@ pub struct Ctx {
     /// stall, deliveries counted while storage refused the processor (or before a restart
     /// with a fixed credential) must not make a first transient error fatal.
     pub poison_from: Mutex<Instant>,
-    /// When a message of an envelope version this build cannot read was last seen.
-    pub newer_seen: Mutex<Option<Instant>>,
+    /// Readiness reasons for messages held back while everything else flows (newer
+    /// envelopes, a refused device row), by key, with when each was last seen: they stay in
+    /// `/readyz` a while after, rather than flapping with every round that does not meet them.
+    pub held_back: Mutex<std::collections::HashMap<&'static str, Instant>>,
 }
 
 /// How long poisoning waits after start and after a stall: as long as it takes a message to
@@ -106,12 +110,8 @@ impl Ctx {
     /// it (a rolling upgrade in progress, or this one is out of date).
     pub fn newer_envelopes(&self, version: u64, count: usize) {
         metrics::counter!(m::NEWER_ENVELOPES).increment(count as u64);
-        *self
-            .newer_seen
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
         tracing::warn!(version, messages = count, "Envelopes of a version this build cannot read; leaving them queued for a processor that can.");
-        self.health.fail(
+        self.held_back(
             NEWER_ENVELOPES,
             format!(
                 "queue messages of envelope version {version}, which this build cannot read, \
@@ -120,16 +120,40 @@ impl Ctx {
         );
     }
 
-    /// Readiness stops naming newer envelopes a while after the last one.
-    pub fn forget_newer_envelopes(&self) {
-        let mut seen = self
-            .newer_seen
+    /// The device table refuses a device's row for what it holds: the messages carrying the
+    /// device stay queued (their readings are stored; the archiver would not find them).
+    pub fn refused_device(&self, device: &str, error: &str) {
+        self.held_back(
+            REFUSED_DEVICES,
+            format!(
+                "device table {} refuses the row of device {device} ({error}); the messages \
+                 carrying it stay queued",
+                self.devices.table.name()
+            ),
+        );
+    }
+
+    fn held_back(&self, key: &'static str, reason: String) {
+        self.held_back
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, Instant::now());
+        self.health.fail(key, reason);
+    }
+
+    /// Readiness stops naming a held-back cause a while after it was last seen.
+    pub fn forget_held_back(&self) {
+        let mut held = self
+            .held_back
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if seen.is_some_and(|at| at.elapsed() >= NEWER_ENVELOPES_SHOWN) {
-            *seen = None;
-            self.health.recover(NEWER_ENVELOPES);
-        }
+        held.retain(|key, at| {
+            let keep = at.elapsed() < SHOWN_FOR;
+            if !keep {
+                self.health.recover(key);
+            }
+            keep
+        });
     }
 }
 

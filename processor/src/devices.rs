@@ -154,6 +154,9 @@ impl Registry {
                 return HashMap::new();
             }
             Ok(BatchOutcome::Rejected(Refusal::Content(_))) if rows.len() > 1 => {}
+            Err(error) if error.is_content_error() && rows.len() > 1 => {
+                tracing::warn!(%error, "Device rows refused for their content; writing them one by one.");
+            }
             Ok(BatchOutcome::Rejected(refusal)) => {
                 tracing::warn!(%refusal, devices = rows.len(), "Device rows refused.");
                 return all_fail(rows, Trouble::Refused(refusal));

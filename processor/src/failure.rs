@@ -51,11 +51,26 @@ impl Failure {
         }
     }
 
+    /// The storage refused what the request carried (one entity's content).
+    pub fn blames_content(&self) -> bool {
+        match self {
+            Failure::Storage { error, .. } => error.is_content_error(),
+            Failure::Refused { refusal, .. } => matches!(refusal, Refusal::Content(_)),
+            Failure::Unpacked => false,
+        }
+    }
+
     /// Only the operator can fix it (a credential without a right, a missing table): the
     /// message stays, readiness names the error, and the fetcher slows down.
     pub fn needs_operator(&self) -> bool {
         match self {
             Failure::Storage { error, .. } => error.needs_operator(),
+            // One entity's content: held back on its own (`Ctx::refused_device`), not a
+            // reason to slow every round down.
+            Failure::Refused {
+                refusal: Refusal::Content(_),
+                ..
+            } => false,
             Failure::Refused { .. } => true,
             Failure::Unpacked => false,
         }

@@ -63,7 +63,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             tokio::time::Instant::now()
                 + ctx::poison_grace(config.visibility_timeout, config.max_deliveries),
         ),
-        newer_seen: std::sync::Mutex::default(),
+        held_back: std::sync::Mutex::default(),
     });
     tracing::info!(
         queue = %config.queue_name,

@@ -153,7 +153,7 @@ pub async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>, take
     for (version, count) in newer {
         ctx.newer_envelopes(version, count);
     }
-    ctx.forget_newer_envelopes();
+    ctx.forget_held_back();
 }
 
 /// Keeps each message that could not be wholly decoded in the quarantine queue, as it is,
@@ -223,6 +223,9 @@ async fn register(
                 },
             };
             tracing::warn!(device = %id, error = %failure, "Cannot register a device; its messages will be redone.");
+            if failure.blames_content() {
+                ctx.refused_device(&id, &failure.to_string());
+            }
             for &message in carriers.get(&id).into_iter().flatten() {
                 held[message].fail(failure.clone());
             }

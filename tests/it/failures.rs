@@ -214,3 +214,94 @@ async fn readings_acknowledged_around_a_broker_restart_are_all_stored() {
         p.mosquitto.log()
     );
 }
+
+#[tokio::test]
+async fn a_device_the_table_refuses_holds_back_only_its_own_messages() {
+    let penv = [
+        ("PROCESSOR_MAX_DELIVERIES", "2".to_owned()),
+        ("PROCESSOR_VISIBILITY_TIMEOUT", "3s".to_owned()),
+    ];
+    let Some(mut p) = Pipeline::start("device_refused", &[], &penv).await else {
+        return;
+    };
+    // The processor reaches the tables through a proxy that refuses bad-dev's device row
+    // (and only that row) for its content, as Azure would refuse an entity.
+    let proxy = tests::proxy::FaultProxy::start(p.azurite.table_port, Duration::from_secs(8)).await;
+    proxy.refuse_containing(r#""RowKey":"bad-dev""#, 400, "PropertyValueTooLarge");
+    let direct = format!("127.0.0.1:{}/", p.azurite.table_port);
+    let proxied = p
+        .azurite
+        .connection_string()
+        .replace(&direct, &format!("127.0.0.1:{}/", proxy.port));
+    p.processor.kill9().await;
+    p.processor
+        .set_env("AZURE_STORAGE_CONNECTION_STRING", proxied);
+
+    // Two envelopes for one round: bad-dev's reading, and twenty other new devices'.
+    let at = now_ms() - 1_000;
+    let envelope = |devices: &[String]| {
+        let mut b = schemas::EnvelopeBuilder::default();
+        for (i, d) in devices.iter().enumerate() {
+            let msg = schemas::DeviceMessage::from_mqtt(&topic(d), &reading(d, at, i as u64), at);
+            b.push(msg).expect("fits");
+        }
+        b.finish()
+    };
+    let good: Vec<String> = (0..20).map(|i| format!("good-{i:02}")).collect();
+    let queue = p.account.queue(&p.queue);
+    queue.put(envelope(&["bad-dev".to_owned()])).await.unwrap();
+    queue.put(envelope(&good)).await.unwrap();
+    p.processor.restart_now().await;
+
+    // Every reading is written, the twenty devices are registered one by one past the
+    // refused one, and only bad-dev's message stays queued.
+    p.wait_rows(21, Duration::from_secs(60)).await;
+    let registered = || async {
+        let rows = tests::storage::rows(&p.account, &p.devices).await.ok()?;
+        Some(
+            rows.iter()
+                .filter_map(|r| r["RowKey"].as_str().map(str::to_owned))
+                .collect::<BTreeSet<String>>(),
+        )
+    };
+    tests::wait_for(
+        "the twenty devices registered",
+        Duration::from_secs(30),
+        || async { (registered().await?.len() == 20).then_some(()) },
+    )
+    .await;
+    assert!(!registered().await.unwrap().contains("bad-dev"));
+    tests::wait_for(
+        "the good message finished",
+        Duration::from_secs(30),
+        || async { (queue.approximate_depth().await.ok()? == 1).then_some(()) },
+    )
+    .await;
+    // Well past its delivery limit and the poison grace: never poisoned, since its reading
+    // is in the table and deleting the message would hide it from the archiver.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(queue.approximate_depth().await.unwrap(), 1);
+    let (status, body) = tests::services::http_get(p.processor.metrics_port, "/readyz")
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains(&p.devices), "{body}");
+    assert!(
+        tests::storage::drain_dead_letters(&p.account, &p.dead_letters)
+            .await
+            .is_empty()
+    );
+
+    // Once the table takes the row, the message is finished.
+    proxy.clear();
+    tests::wait_for(
+        "bad-dev registered and its message finished",
+        Duration::from_secs(60),
+        || async {
+            let done = registered().await?.contains("bad-dev")
+                && queue.approximate_depth().await.ok()? == 0;
+            done.then_some(())
+        },
+    )
+    .await;
+}

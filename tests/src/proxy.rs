@@ -71,6 +71,8 @@ struct State {
     default: Rates,
     /// Faults injected, by `kind/fault`.
     injected: BTreeMap<String, u64>,
+    /// Requests whose body holds the text are refused with the status and error code.
+    refusals: Vec<(String, u16, String)>,
     /// Requests forwarded.
     forwarded: u64,
 }
@@ -131,9 +133,18 @@ impl FaultProxy {
         self.state().rates.insert(kind, rates);
     }
 
-    /// No faults from now on.
+    /// No faults from now on (refusals included).
     pub fn clear(&self) {
         self.set_all(Rates::default());
+        self.state().refusals.clear();
+    }
+
+    /// Refuses every request whose body contains `needle` with `status` and error `code`,
+    /// without forwarding it (for example one entity's rows, by `"RowKey":"id"`).
+    pub fn refuse_containing(&self, needle: &str, status: u16, code: &str) {
+        self.state()
+            .refusals
+            .push((needle.to_owned(), status, code.to_owned()));
     }
 
     /// Faults injected so far, by `kind/fault`.
@@ -294,14 +305,28 @@ async fn read_body<R: AsyncBufRead + Unpin>(
     Ok(())
 }
 
+/// The refusal a request's body earns, if any.
+fn refusal_for(state: &Mutex<State>, body: &[u8]) -> Option<(u16, String)> {
+    let s = state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    s.refusals
+        .iter()
+        .find(|(needle, _, _)| {
+            body.windows(needle.len().max(1))
+                .any(|w| w == needle.as_bytes())
+        })
+        .map(|(_, status, code)| (*status, code.clone()))
+}
+
 fn canned(status: u16, code: &str) -> Vec<u8> {
     let body = format!(
         "<?xml version=\"1.0\" encoding=\"utf-8\"?><Error><Code>{code}</Code><Message>injected by the test proxy</Message></Error>"
     );
-    let reason = if status == 503 {
-        "Service Unavailable"
-    } else {
-        "Internal Server Error"
+    let reason = match status {
+        503 => "Service Unavailable",
+        500 => "Internal Server Error",
+        _ => "Refused",
     };
     format!(
         "HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\nx-ms-error-code: {code}\r\nContent-Length: {}\r\n\r\n{body}",
@@ -337,6 +362,10 @@ async fn serve(
             first.next().unwrap_or_default().to_owned(),
             first.next().unwrap_or_default().to_owned(),
         );
+        if let Some((status, code)) = refusal_for(&state, &request.body) {
+            client_write.write_all(&canned(status, &code)).await?;
+            continue;
+        }
         let fault = pick(&state, kind(&method, &path));
         match fault {
             Some(Fault::Reset) => return Ok(()),
