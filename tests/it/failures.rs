@@ -2,6 +2,7 @@
 
 use crate::Pipeline;
 use schemas::timefmt::now_ms;
+use schemas::Reason;
 use std::collections::BTreeSet;
 use std::time::Duration;
 use tests::storage::{publish_all, reading, topic};
@@ -304,4 +305,72 @@ async fn a_device_the_table_refuses_holds_back_only_its_own_messages() {
         },
     )
     .await;
+}
+
+#[tokio::test]
+async fn slow_storage_never_lets_a_round_outlive_its_messages() {
+    let penv = [
+        ("PROCESSOR_VISIBILITY_TIMEOUT", "8s".to_owned()),
+        ("STORAGE_TIMEOUT", "30s".to_owned()),
+    ];
+    let Some(mut p) = Pipeline::start("slow_storage", &[], &penv).await else {
+        return;
+    };
+    // Table writes answer after 10 s, longer than the messages stay hidden: a round that
+    // waited for them would still be working when its messages reappear, and a second worker
+    // would redo them (dead-lettering their refusals twice).
+    let proxy =
+        tests::proxy::FaultProxy::start(p.azurite.table_port, Duration::from_secs(10)).await;
+    let direct = format!("127.0.0.1:{}/", p.azurite.table_port);
+    let proxied = p
+        .azurite
+        .connection_string()
+        .replace(&direct, &format!("127.0.0.1:{}/", proxy.port));
+    p.processor
+        .set_env("AZURE_STORAGE_CONNECTION_STRING", proxied);
+    p.processor.restart().await;
+    let slow = tests::proxy::Rates {
+        slow: 1.0,
+        ..Default::default()
+    };
+    proxy.set("table_batch", slow);
+    proxy.set("table_write", slow);
+
+    let at = now_ms() - 1_000;
+    let mut b = schemas::EnvelopeBuilder::default();
+    for i in 0..7u64 {
+        let device = format!("slow-{i}");
+        let mut payload = reading(&device, at, i);
+        if i >= 5 {
+            // Out of range: two refusals to dead-letter, exactly once each.
+            payload = String::from_utf8(payload)
+                .unwrap()
+                .replace("\"humidity\":50", "\"humidity\":500")
+                .into_bytes();
+        }
+        b.push(schemas::DeviceMessage::from_mqtt(
+            &topic(&device),
+            &payload,
+            at,
+        ))
+        .expect("fits");
+    }
+    let queue = p.account.queue(&p.queue);
+    queue.put(b.finish()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    proxy.clear();
+
+    p.wait_rows(5, Duration::from_secs(60)).await;
+    tests::wait_for("the message finished", Duration::from_secs(60), || async {
+        (queue.approximate_depth().await.ok()? == 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let dead = tests::storage::drain_dead_letters(&p.account, &p.dead_letters).await;
+    let reasons: Vec<Reason> = dead.iter().map(|r| r.reason).collect();
+    assert_eq!(
+        reasons,
+        [Reason::OutOfRange, Reason::OutOfRange],
+        "each refusal dead-lettered once: {dead:#?}"
+    );
 }

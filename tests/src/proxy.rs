@@ -7,6 +7,7 @@
 //! - forward the request and drop the connection before the response: the storage acted,
 //!   the client does not know (the case that proves idempotency);
 //! - forward, then hold the response past the client's timeout, and drop it;
+//! - forward, then hold the response for a while, and deliver it (slow storage);
 //! - reset the connection without forwarding.
 //!
 //! Everything else passes through untouched, one upstream connection per client connection.
@@ -27,6 +28,8 @@ pub struct Rates {
     pub drop_response: f64,
     pub delay: f64,
     pub reset: f64,
+    /// Held for the proxy's hold, then delivered.
+    pub slow: f64,
 }
 
 impl Rates {
@@ -38,6 +41,7 @@ impl Rates {
             drop_response: each,
             delay: each,
             reset: each,
+            slow: 0.0,
         }
     }
 }
@@ -49,6 +53,7 @@ enum Fault {
     DropResponse,
     Delay,
     Reset,
+    Slow,
 }
 
 impl Fault {
@@ -59,6 +64,7 @@ impl Fault {
             Fault::DropResponse => "drop_response",
             Fault::Delay => "delay",
             Fault::Reset => "reset",
+            Fault::Slow => "slow",
         }
     }
 }
@@ -200,6 +206,7 @@ fn pick(state: &Mutex<State>, kind: &'static str) -> Option<Fault> {
         (Fault::DropResponse, rates.drop_response),
         (Fault::Delay, rates.delay),
         (Fault::Reset, rates.reset),
+        (Fault::Slow, rates.slow),
     ]
     .into_iter()
     .find_map(|(fault, rate)| {
@@ -429,6 +436,7 @@ async fn serve(
                 tokio::time::sleep(hold).await;
                 return Ok(());
             }
+            Some(Fault::Slow) => tokio::time::sleep(hold).await,
             _ => {}
         }
         client_write.write_all(&response.head).await?;
