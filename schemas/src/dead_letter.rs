@@ -223,7 +223,7 @@ impl DeadLetter {
     /// says. Two records with one identity are duplicates; the operator's tool counts, exports
     /// and replays one of them.
     pub fn identity(&self) -> u64 {
-        let mut h = Fnv::default();
+        let mut h = crate::Fnv::default();
         h.write(self.reason.as_str().as_bytes());
         h.write(self.topic.as_bytes());
         h.write(self.received_at.as_bytes());
@@ -246,24 +246,6 @@ impl DeadLetter {
     pub fn to_json_line(&self) -> String {
         // A struct of strings, integers and bools always serialises.
         serde_json::to_string(self).expect("record serialises")
-    }
-}
-
-/// FNV-1a, 64 bits, with a separator after each field: stable by definition, unlike std's
-/// hasher.
-struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Fnv {
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes.iter().chain([&0xff]) {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
-        }
     }
 }
 

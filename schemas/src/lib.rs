@@ -41,3 +41,21 @@ pub const MAX_PAYLOAD_BYTES: usize = 32 * 1024;
 pub const fn base64_len(n: usize) -> usize {
     n.div_ceil(3) * 4
 }
+
+/// FNV-1a, 64 bits, with a separator after each field: stable by definition, unlike std's
+/// hasher.
+pub(crate) struct Fnv(pub(crate) u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    pub(crate) fn write(&mut self, bytes: &[u8]) {
+        for b in bytes.iter().chain([&0xff]) {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}

@@ -101,6 +101,26 @@ pub struct Reading {
     pub extras: Vec<(String, Extra)>,
 }
 
+impl Reading {
+    /// A digest of everything the reading holds, for checking stored values against what
+    /// was sent (order-independent sums of digests compare whole sets cheaply).
+    pub fn digest(&self) -> u64 {
+        let mut h = crate::Fnv::default();
+        h.write(self.device_id.as_bytes());
+        h.write(&self.measured_at_ms.to_le_bytes());
+        h.write(&self.seq.unwrap_or(-1).to_le_bytes());
+        for v in [self.temperature, self.humidity, self.pressure] {
+            // -0.0 and 0.0 are one value (storage may not keep the sign of a zero).
+            h.write(&v.map_or(u64::MAX, |v| (v + 0.0).to_bits()).to_le_bytes());
+        }
+        for (name, extra) in &self.extras {
+            h.write(name.as_bytes());
+            h.write(format!("{extra:?}").as_bytes());
+        }
+        h.0
+    }
+}
+
 /// An extra property's value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Extra {

@@ -54,6 +54,9 @@ pub struct Message {
     pub readings: u32,
     /// Readings that must be stored.
     pub valid: u32,
+    /// The wrapping sum of those readings' [`schemas::Reading::digest`], as the pipeline must
+    /// store them: a check of every stored value, not only of the count.
+    pub digest: u64,
     pub fault: Option<Fault>,
 }
 
@@ -76,6 +79,11 @@ impl Generator {
             }
         });
         let mut parts = Vec::with_capacity(n as usize);
+        let mut digest = 0u64;
+        let whole_message_refused = matches!(
+            fault,
+            Some(Fault::Malformed | Fault::Oversize | Fault::Spoofed)
+        );
         for k in 0..n {
             let seq = tick * u64::from(n) + u64::from(k);
             let mut at = at_ms - i64::from(n - 1 - k) * self.interval_ms / i64::from(n);
@@ -95,6 +103,24 @@ impl Generator {
                 if fault == Some(Fault::OutOfRange) {
                     temperature = format!("{:.2}", v.temperature);
                 }
+            }
+            let spoiled = k == 0
+                && matches!(
+                    fault,
+                    Some(Fault::Schema | Fault::OutOfRange | Fault::Future | Fault::Stale)
+                );
+            if !spoiled && !whole_message_refused {
+                let number = |s: String| s.parse::<f64>().ok();
+                let stored = schemas::Reading {
+                    device_id: id.clone(),
+                    measured_at_ms: at,
+                    seq: i64::try_from(seq).ok(),
+                    temperature: number(temperature.clone()),
+                    humidity: number(format!("{:.1}", v.humidity)),
+                    pressure: number(format!("{:.1}", v.pressure)),
+                    extras: Vec::new(),
+                };
+                digest = digest.wrapping_add(stored.digest());
             }
             let device_field = spoofed.as_deref().unwrap_or(&id);
             parts.push(format!(
@@ -127,6 +153,7 @@ impl Generator {
             payload: payload.into_bytes(),
             readings: n,
             valid,
+            digest,
             fault,
         }
     }

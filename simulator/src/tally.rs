@@ -15,6 +15,8 @@ pub struct Tally {
     pub readings: AtomicU64,
     /// Distinct readings the pipeline must store.
     pub valid: AtomicU64,
+    /// The wrapping sum of their digests (`schemas::Reading::digest`).
+    digest: AtomicU64,
     faults: [AtomicU64; Fault::ALL.len()],
     /// Connections that have connected at least once, and when the last of them did
     /// (milliseconds since the tally began).
@@ -38,6 +40,8 @@ impl Tally {
     pub fn message(&self, msg: &Message) {
         self.readings.fetch_add(u64::from(msg.readings), Relaxed);
         self.valid.fetch_add(u64::from(msg.valid), Relaxed);
+        // fetch_add wraps on overflow, as the sum is defined.
+        self.digest.fetch_add(msg.digest, Relaxed);
         metrics::counter!(m::READINGS).increment(u64::from(msg.readings));
         if let Some(fault) = msg.fault {
             self.faults[index(fault)].fetch_add(1, Relaxed);
@@ -85,6 +89,7 @@ impl Tally {
             "messages_per_second": (messages as f64 / seconds.max(0.001)).round(),
             "readings": self.readings.load(Relaxed),
             "expected_rows": self.valid.load(Relaxed),
+            "expected_digest": self.digest.load(Relaxed),
             "injected": injected,
             "expected_dead_letters": dead,
             "connections": self.connections.load(Relaxed),

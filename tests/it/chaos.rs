@@ -4,15 +4,16 @@
 //! front of every storage endpoint answers 503/500, drops responses after the write, holds
 //! them past the client timeout, or resets connections. At the end, from the simulators'
 //! exact accounting: every valid reading is stored exactly once (in the table or in the
-//! archive), every refused reading is a dead letter with its reason, nothing is in neither
-//! place, and every service is running and ready.
+//! archive) with the values sent (a sum of per-reading digests), every refused reading is a
+//! dead letter with its reason, nothing is in neither place, and every service is running and
+//! ready.
 //!
 //! `CHAOS_SECONDS` sets the length of the load (default 90); `CHAOS_SEED` replays a run's
 //! choice of faults; `CHAOS_REPORT` names a file for the JSON report. `scripts/chaos.sh` runs
 //! it as a long soak.
 
 use schemas::archive::{self, Format};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tests::proxy::{FaultProxy, Rates};
 use tests::services::{bin_path, http_get};
@@ -250,6 +251,7 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
         history.await.expect("history simulator"),
     ];
     let mut expected_rows = 0;
+    let mut expected_digest = 0u64;
     let mut expected_dead: BTreeMap<String, u64> = BTreeMap::new();
     for s in &summaries {
         // The expected counts are of what the simulator published; they hold only if the
@@ -260,6 +262,8 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
             "the broker did not confirm every publish ({acked:?} of {messages:?}): {s}"
         );
         expected_rows += s["expected_rows"].as_u64().expect("expected_rows");
+        expected_digest =
+            expected_digest.wrapping_add(s["expected_digest"].as_u64().expect("expected_digest"));
         for (reason, n) in s["expected_dead_letters"]
             .as_object()
             .expect("dead letters")
@@ -280,7 +284,8 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
     // The backlog a long run leaves takes a while to drain on a loaded machine.
     let settle = Duration::from_secs(240 + seconds / 2);
     let settle_until = Instant::now() + settle;
-    let (mut stored, mut archived) = (BTreeSet::new(), BTreeSet::new());
+    // (device, RowKey) -> the stored reading's digest.
+    let (mut stored, mut archived) = (BTreeMap::new(), BTreeMap::new());
     loop {
         if let (Ok(rows), Some(blobs)) = (
             tests::storage::rows(&account, &table).await,
@@ -288,15 +293,11 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
         ) {
             stored = rows
                 .iter()
-                .map(|e| {
-                    (
-                        e["PartitionKey"].as_str().unwrap_or_default().to_owned(),
-                        e["RowKey"].as_str().unwrap_or_default().to_owned(),
-                    )
-                })
+                .filter_map(|e| schemas::entity::from_entity(e).ok())
+                .map(|row| keyed(&row.reading))
                 .collect();
             archived = blobs;
-            let overlap = stored.intersection(&archived).count();
+            let overlap = both(&stored, &archived);
             let total = stored.len() + archived.len() - overlap;
             if total as u64 >= expected_rows && overlap == 0 {
                 break;
@@ -309,6 +310,10 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     let backlog = account.queue(&queue).approximate_depth().await.ok();
+    let got_digest = stored
+        .values()
+        .chain(archived.values())
+        .fold(0u64, |sum, d| sum.wrapping_add(*d));
     // Dead letters linger in the processor's writer, and redone rounds add theirs late:
     // collect until every expected one is there, then a little longer for stragglers.
     let mut dead_letters = Vec::new();
@@ -370,9 +375,11 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
         "dead_letters": dead_letters.len(),
         "dead_letters_by_reason": got_dead,
         "duplicate_dead_letters": duplicates,
-        "in_table_and_archive": stored.intersection(&archived).count(),
+        "in_table_and_archive": both(&stored, &archived),
+        "values_match": got_digest == expected_digest,
         "ingest_queue_backlog_at_end": backlog,
-        "lost": expected_rows.saturating_sub(stored.union(&archived).count() as u64),
+        "lost": expected_rows
+            .saturating_sub((stored.len() + archived.len() - both(&stored, &archived)) as u64),
     });
     eprintln!("chaos report: {report:#}");
     if let Ok(path) = std::env::var("CHAOS_REPORT") {
@@ -382,6 +389,10 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
         (stored.len() + archived.len()) as u64,
         expected_rows,
         "every valid reading exactly once"
+    );
+    assert_eq!(
+        got_digest, expected_digest,
+        "the stored values differ from the readings sent"
     );
     assert!(
         unexpected.is_empty(),
@@ -408,25 +419,36 @@ fn owner<'a>(metric: &str, services: [&'a Service; 3]) -> &'a Service {
         .unwrap_or(services[1])
 }
 
-/// The (device, RowKey) of every archived reading; `None` while the archive cannot be read.
-async fn archived_rows(
-    account: &infra::storage::Account,
-    container: &str,
-) -> Option<BTreeSet<(String, String)>> {
+type Keyed = BTreeMap<(String, String), u64>;
+
+/// A reading's (device, RowKey) and digest.
+fn keyed(r: &schemas::Reading) -> ((String, String), u64) {
+    (
+        (r.device_id.clone(), schemas::entity::row_key(r)),
+        r.digest(),
+    )
+}
+
+/// Readings both in the table and in the archive.
+fn both(stored: &Keyed, archived: &Keyed) -> usize {
+    stored.keys().filter(|k| archived.contains_key(*k)).count()
+}
+
+/// Every archived reading by (device, RowKey), with its digest; `None` while the archive
+/// cannot be read.
+async fn archived_rows(account: &infra::storage::Account, container: &str) -> Option<Keyed> {
     let container = account.container(container);
     let listed = match container.list("").await {
         Ok(listed) => listed,
         Err(e) if e.is_not_found() => Vec::new(),
         Err(_) => return None,
     };
-    let mut out = BTreeSet::new();
+    let mut out = BTreeMap::new();
     for info in listed {
         let content = container.get(&info.name).await.ok()??;
         for row in archive::decode(Format::Parquet, content.bytes).ok()? {
-            out.insert((
-                row.reading.device_id.clone(),
-                schemas::entity::row_key(&row.reading),
-            ));
+            let (key, digest) = keyed(&row.reading);
+            out.insert(key, digest);
         }
     }
     Some(out)
