@@ -336,7 +336,8 @@ async fn walk_and_act(
 ) -> anyhow::Result<()> {
     let dry_run = matches!(mode, Mode::Replay(Replay { dry_run: true, .. }));
     while !session.shutdown.is_cancelled() {
-        let taken_so_far = counters.matched.load(Relaxed);
+        // The limit counts records taken, duplicates included (what a purge confirmed).
+        let taken_so_far = counters.matched.load(Relaxed) + tally.duplicates;
         if limit.is_some_and(|l| taken_so_far >= l) {
             break;
         }
@@ -354,7 +355,8 @@ async fn walk_and_act(
             let mut staying = Vec::new();
             let mut chosen = Vec::new();
             for record in records {
-                let room = limit.is_none_or(|l| counters.matched.load(Relaxed) < l);
+                let room =
+                    limit.is_none_or(|l| counters.matched.load(Relaxed) + tally.duplicates < l);
                 if !room || !filter.matches(&record) {
                     staying.push(record);
                     continue;

@@ -68,7 +68,7 @@ impl Failure {
             // One entity's content: held back on its own (`Ctx::refused_device`), not a
             // reason to slow every round down.
             Failure::Refused {
-                refusal: Refusal::Content(_),
+                refusal: Refusal::Content(_) | Refusal::Transient(_),
                 ..
             } => false,
             Failure::Refused { .. } => true,

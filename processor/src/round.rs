@@ -37,12 +37,18 @@ struct Held {
 }
 
 impl Held {
-    /// Records a failure; one only the operator can fix outweighs a transient one, so a
-    /// message is never poisoned for a round that storage refused.
+    /// Records a failure. One only the operator can fix outweighs a transient one, and one
+    /// that forbids poisoning outweighs one that allows it, so a message is never poisoned
+    /// for a round that storage refused, nor deleted after its quarantine or registration
+    /// failed because a later write failed too.
     fn fail(&mut self, failure: Failure) {
-        match &self.failure {
-            Some(held) if held.needs_operator() && !failure.needs_operator() => {}
-            _ => self.failure = Some(failure),
+        let keep = match &self.failure {
+            Some(held) if held.needs_operator() => !failure.needs_operator(),
+            Some(held) if !held.may_poison() => failure.may_poison(),
+            _ => false,
+        };
+        if !keep {
+            self.failure = Some(failure);
         }
     }
 }
@@ -269,5 +275,57 @@ fn poison(ctx: &Ctx, held: &mut [Held], now: i64) {
     }
     if poisoned > 0 {
         tracing::warn!(messages = poisoned, "Dead-lettering poison messages.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use infra::storage::{ErrorKind, StorageError};
+
+    fn held() -> Held {
+        Held {
+            message: QueueMessage {
+                id: "m".into(),
+                pop_receipt: "r".into(),
+                dequeue_count: 9,
+                expires_at_ms: 0,
+                text: String::new(),
+            },
+            sorted: Sorted {
+                devices: Vec::new(),
+                refusals: Vec::new(),
+                keep: Keep::Quarantine,
+            },
+            failure: None,
+        }
+    }
+
+    fn busy(stage: Stage) -> Failure {
+        Failure::Storage {
+            stage,
+            error: StorageError {
+                op: "test",
+                kind: ErrorKind::OutOfTime,
+            },
+        }
+    }
+
+    #[test]
+    fn a_failure_that_forbids_poison_is_not_overwritten_by_one_that_allows_it() {
+        // A slow quarantine put, then writes out of time: still never poisoned (its text is
+        // kept nowhere else).
+        let mut h = held();
+        h.fail(busy(Stage::Quarantine));
+        h.fail(busy(Stage::Write));
+        assert_eq!(
+            h.failure.as_ref().map(Failure::stage),
+            Some(Stage::Quarantine)
+        );
+        assert!(!h.failure.as_ref().unwrap().may_poison());
+        let mut h = held();
+        h.fail(busy(Stage::Write));
+        h.fail(busy(Stage::Register));
+        assert!(!h.failure.as_ref().unwrap().may_poison());
     }
 }

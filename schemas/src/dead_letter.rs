@@ -148,11 +148,11 @@ impl DeadLetter {
         }
     }
 
-    /// The record's JSON, cut so that it always fits a queue message on its own: first the
-    /// payload (flagged `payloadTruncated`), then, should the rest still not fit (a gateway
-    /// array refused element by element has thousands of indexes; a replay may carry many
-    /// overrides), the lists and the detail, each named in `shortened`. The source message
-    /// is never lost for a record too large.
+    /// The record's JSON, cut so that it always fits a queue message on its own. First the
+    /// lists (a replay may carry many overrides, which a replay never reuses), named in
+    /// `shortened`; then the payload, flagged `payloadTruncated` (replay needs it whole, so
+    /// it goes second); then the detail. The source message is never lost for a record too
+    /// large.
     fn wire_json(&self) -> Vec<u8> {
         const ROOM: usize = crate::framed::item_room(HEADER);
         // A struct of strings, integers and bools always serialises.
@@ -160,15 +160,18 @@ impl DeadLetter {
         if json.len() <= ROOM {
             return json;
         }
-        let bytes = self.payload_bytes().unwrap_or_default();
         let mut cut = self.clone();
+        cut.shorten_lists();
+        let json = serde_json::to_vec(&cut).expect("record serialises");
+        if json.len() <= ROOM {
+            return json;
+        }
+        let bytes = self.payload_bytes().unwrap_or_default();
         cut.payload = None;
         cut.payload_base64 = Some(String::new());
-        cut.payload_truncated = true;
-        for harshness in 0..3 {
+        for harshness in 0..2 {
             match harshness {
                 0 => {}
-                1 => cut.shorten_lists(),
                 _ => {
                     cut.rejected_indexes.clear();
                     cut.overrides.device_ids.clear();
@@ -177,10 +180,13 @@ impl DeadLetter {
                     cut.mark_shortened(&["rejectedIndexes", "overrides", "detail"]);
                 }
             }
+            // Flagged before measuring, so the flag's own bytes are counted.
+            cut.payload_truncated = true;
             let overhead = serde_json::to_vec(&cut).expect("record serialises").len();
             if overhead <= ROOM {
                 let keep = ((ROOM - overhead) / 4 * 3).min(bytes.len());
                 cut.payload_base64 = Some(B64.encode(&bytes[..keep]));
+                cut.payload_truncated = self.payload_truncated || keep < bytes.len();
                 break;
             }
         }
@@ -463,8 +469,9 @@ mod tests {
                 back.rejected_indexes,
                 (0..SHORT_INDEXES).collect::<Vec<_>>()
             );
-            assert!(back.payload_truncated);
-            assert_eq!(back.payload_bytes, payload.len());
+            // The lists go first: the payload, which a replay needs, stays whole.
+            assert!(!back.payload_truncated);
+            assert_eq!(back.payload_bytes().unwrap(), payload.as_bytes());
             assert_eq!(back.topic, record.topic);
         }
     }

@@ -902,3 +902,20 @@ async fn a_refusal_written_twice_is_counted_and_exported_once() {
     // The duplicate left with its twin, once the twin was on disk.
     assert!(drain(&account, &tool.queue).await.is_empty());
 }
+
+#[tokio::test]
+async fn a_purge_limit_counts_duplicates_as_records() {
+    let Some((_azurite, account, tool)) = Tool::on_own_azurite("deadletter_purge_dups").await
+    else {
+        return;
+    };
+    let t0 = now_ms() - HOUR;
+    let a = record(Reason::Schema, "dup-a", t0, b"{}");
+    let mut twin = a.clone();
+    twin.attempts = 4;
+    let b = record(Reason::Schema, "dup-b", t0, b"[]");
+    put_records(&account.queue(&tool.queue), &[a, twin, b]).await;
+    // What the operator confirms is a number of records: no more may go.
+    tool.ok(&["purge", "--yes", "--limit", "2"]).await;
+    assert_eq!(drain(&account, &tool.queue).await.len(), 1);
+}

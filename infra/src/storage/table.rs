@@ -66,6 +66,8 @@ pub enum Refusal {
     Content(u16),
     /// A row was changed (412) or deleted (404) since it was read.
     Changed(u16),
+    /// Busy or failing for now (408, 429, 5xx): the same transaction later can succeed.
+    Transient(u16),
     /// The account, table or credential (403, 409, ...): no operation can succeed until the
     /// operator acts.
     Refused(u16),
@@ -76,6 +78,7 @@ impl Refusal {
         match status {
             400 | 413 => Self::Content(status),
             404 | 412 if conditional => Self::Changed(status),
+            408 | 429 | 500..=599 => Self::Transient(status),
             _ => Self::Refused(status),
         }
     }
@@ -86,6 +89,7 @@ impl std::fmt::Display for Refusal {
         let (what, status) = match self {
             Self::Content(s) => ("an operation's content", s),
             Self::Changed(s) => ("a row changed since it was read", s),
+            Self::Transient(s) => ("now, by a busy or failing service", s),
             Self::Refused(s) => ("the table or credential", s),
         };
         write!(f, "refused for {what} (HTTP {status})")
