@@ -91,16 +91,7 @@ struct Tally {
 
 pub async fn replay(session: &Session, args: &ReplayArgs) -> anyhow::Result<bool> {
     let target = session.account.queue(&args.target_queue);
-    retried(|| target.approximate_depth()).await.map_err(|e| {
-        if e.is_not_found() {
-            anyhow::anyhow!(
-                "target queue {:?} does not exist (is --target-queue the ingest queue?)",
-                args.target_queue
-            )
-        } else {
-            anyhow::Error::new(e).context("cannot reach the target queue")
-        }
-    })?;
+    crate::walk::depth_of(&target, "--target-queue", "the ingest queue").await?;
     let mode = Mode::Replay(Replay {
         target,
         shutdown: session.shutdown.clone(),

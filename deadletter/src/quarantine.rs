@@ -9,7 +9,7 @@
 
 use crate::config::{QuarantineAction, QuarantineArgs};
 use crate::summary::{count, terminal_safe};
-use crate::walk::retried;
+use crate::walk::{depth_of, retried};
 use crate::Session;
 use infra::storage::{Queue, QueueMessage};
 use schemas::envelope;
@@ -20,23 +20,17 @@ const LIST_LIMIT: usize = 1000;
 
 pub async fn run(session: &Session, args: &QuarantineArgs) -> anyhow::Result<bool> {
     let queue = session.account.queue(&args.quarantine_queue);
-    let depth = retried(|| queue.approximate_depth()).await.map_err(|e| {
-        if e.is_not_found() {
-            anyhow::anyhow!(
-                "quarantine queue {:?} does not exist (is --quarantine-queue the processor's PROCESSOR_QUARANTINE_QUEUE?)",
-                args.quarantine_queue
-            )
-        } else {
-            anyhow::Error::new(e).context("cannot reach the quarantine queue")
-        }
-    })?;
+    let depth = depth_of(
+        &queue,
+        "--quarantine-queue",
+        "the processor's PROCESSOR_QUARANTINE_QUEUE",
+    )
+    .await?;
     match &args.action {
         QuarantineAction::List { json } => list(session, &queue, *json).await,
         QuarantineAction::Replay { target_queue } => {
             let target = session.account.queue(target_queue);
-            retried(|| target.approximate_depth()).await.map_err(|e| {
-                anyhow::Error::new(e).context(format!("cannot reach target queue {target_queue:?}"))
-            })?;
+            depth_of(&target, "--target-queue", "the ingest queue").await?;
             settle(session, &queue, depth, Some(&target)).await
         }
         QuarantineAction::Purge { yes } => {

@@ -81,16 +81,12 @@ pub struct Walker {
 impl Walker {
     /// Starts a walk of `queue`. Fails with a clear message when the queue does not exist.
     pub async fn start(queue: Queue, hold: Duration) -> anyhow::Result<Self> {
-        let depth = retried(|| queue.approximate_depth()).await.map_err(|e| {
-            if e.is_not_found() {
-                anyhow::anyhow!(
-                    "queue {:?} does not exist (is --queue right, and the connection string?)",
-                    queue.name()
-                )
-            } else {
-                anyhow::Error::new(e).context(format!("cannot read queue {:?}", queue.name()))
-            }
-        })?;
+        let depth = depth_of(
+            &queue,
+            "--queue",
+            "the dead-letter queue, and the connection string",
+        )
+        .await?;
         Ok(Self {
             queue,
             hold,
@@ -278,6 +274,21 @@ async fn settle_one(
     retried(|| queue.update(message, text.clone(), hold))
         .await
         .map(Some)
+}
+
+/// The approximate depth of `queue`, or an error that says what to check: a missing queue
+/// names the `flag` that chose it and what it should be (`expected`).
+pub async fn depth_of(queue: &Queue, flag: &str, expected: &str) -> anyhow::Result<usize> {
+    retried(|| queue.approximate_depth()).await.map_err(|e| {
+        if e.is_not_found() {
+            anyhow::anyhow!(
+                "queue {:?} does not exist (is {flag} {expected}?)",
+                queue.name()
+            )
+        } else {
+            anyhow::Error::new(e).context(format!("cannot reach queue {:?}", queue.name()))
+        }
+    })
 }
 
 /// Runs a queue call, retrying transient failures for up to [`RETRY_FOR`].

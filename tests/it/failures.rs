@@ -18,6 +18,20 @@ fn readings(n: usize, devices: usize, offset: usize) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// A fault proxy in front of the pipeline's table endpoint, which the processor uses from its
+/// next start (`hold`: how long the proxy holds a delayed or slow response).
+async fn tables_through_proxy(p: &mut Pipeline, hold: Duration) -> tests::proxy::FaultProxy {
+    let proxy = tests::proxy::FaultProxy::start(p.azurite.table_port, hold).await;
+    let direct = format!("127.0.0.1:{}/", p.azurite.table_port);
+    let proxied = p
+        .azurite
+        .connection_string()
+        .replace(&direct, &format!("127.0.0.1:{}/", proxy.port));
+    p.processor
+        .set_env("AZURE_STORAGE_CONNECTION_STRING", proxied);
+    proxy
+}
+
 async fn assert_all_present(p: &Pipeline, expected: usize) {
     let rows = p.wait_rows(expected, Duration::from_secs(180)).await;
     let keys: BTreeSet<(String, String)> = rows
@@ -227,16 +241,9 @@ async fn a_device_the_table_refuses_holds_back_only_its_own_messages() {
     };
     // The processor reaches the tables through a proxy that refuses bad-dev's device row
     // (and only that row) for its content, as Azure would refuse an entity.
-    let proxy = tests::proxy::FaultProxy::start(p.azurite.table_port, Duration::from_secs(8)).await;
+    let proxy = tables_through_proxy(&mut p, Duration::from_secs(8)).await;
     proxy.refuse_containing(r#""RowKey":"bad-dev""#, 400, "PropertyValueTooLarge");
-    let direct = format!("127.0.0.1:{}/", p.azurite.table_port);
-    let proxied = p
-        .azurite
-        .connection_string()
-        .replace(&direct, &format!("127.0.0.1:{}/", proxy.port));
     p.processor.kill9().await;
-    p.processor
-        .set_env("AZURE_STORAGE_CONNECTION_STRING", proxied);
 
     // Two envelopes for one round: bad-dev's reading, and twenty other new devices'.
     let at = now_ms() - 1_000;
@@ -319,15 +326,7 @@ async fn slow_storage_never_lets_a_round_outlive_its_messages() {
     // Table writes answer after 10 s, longer than the messages stay hidden: a round that
     // waited for them would still be working when its messages reappear, and a second worker
     // would redo them (dead-lettering their refusals twice).
-    let proxy =
-        tests::proxy::FaultProxy::start(p.azurite.table_port, Duration::from_secs(10)).await;
-    let direct = format!("127.0.0.1:{}/", p.azurite.table_port);
-    let proxied = p
-        .azurite
-        .connection_string()
-        .replace(&direct, &format!("127.0.0.1:{}/", proxy.port));
-    p.processor
-        .set_env("AZURE_STORAGE_CONNECTION_STRING", proxied);
+    let proxy = tables_through_proxy(&mut p, Duration::from_secs(10)).await;
     p.processor.restart().await;
     let slow = tests::proxy::Rates {
         slow: 1.0,
