@@ -58,16 +58,78 @@ pub struct Seen {
     pub records: AtomicUsize,
 }
 
+/// The messages a walk holds: taken and not deleted, by id, as last seen (current pop
+/// receipt), with their text while the text budget lasts.
+#[derive(Debug)]
+struct Held {
+    messages: HashMap<String, QueueMessage>,
+    /// Held messages whose text was not kept: not given back at the end.
+    textless: HashSet<String>,
+    /// Text kept in `messages`, in bytes; never above `budget`.
+    text: usize,
+    budget: usize,
+}
+
+impl Held {
+    fn new(budget: usize) -> Self {
+        Self {
+            messages: HashMap::new(),
+            textless: HashSet::new(),
+            text: 0,
+            budget,
+        }
+    }
+
+    /// Keeps `message` (new, or a newer sight of one held), with its text if the budget has
+    /// room. A message once held without its text stays so: the walk never had all of it.
+    fn keep(&mut self, mut message: QueueMessage) {
+        if let Some(old) = self.messages.get(&message.id) {
+            self.text -= old.text.len();
+        }
+        if self.textless.contains(&message.id) || self.text + message.text.len() > self.budget {
+            self.textless.insert(message.id.clone());
+            message.text = String::new();
+        }
+        self.text += message.text.len();
+        self.messages.insert(message.id.clone(), message);
+    }
+
+    /// Keeps `message`, a rewrite whose text is exactly what the queue now holds: it can be
+    /// given back whole again.
+    fn keep_rewritten(&mut self, message: QueueMessage) {
+        self.textless.remove(&message.id);
+        self.keep(message);
+    }
+
+    fn forget(&mut self, id: &str) {
+        if let Some(old) = self.messages.remove(id) {
+            self.text -= old.text.len();
+        }
+        self.textless.remove(id);
+    }
+
+    fn get(&self, id: &str) -> Option<&QueueMessage> {
+        self.messages.get(id)
+    }
+
+    /// The messages that can be given back (their text is at hand), and how many cannot.
+    fn into_releasable(self) -> (Vec<QueueMessage>, usize) {
+        let Held {
+            messages, textless, ..
+        } = self;
+        let releasable = messages
+            .into_values()
+            .filter(|m| !textless.contains(&m.id))
+            .collect();
+        (releasable, textless.len())
+    }
+}
+
 #[derive(Debug)]
 pub struct Walker {
     queue: Queue,
     hold: Duration,
-    /// Messages taken and not deleted, by id, as last seen (current pop receipt and text).
-    held: HashMap<String, QueueMessage>,
-    /// Held messages whose text was not kept ([`MAX_HELD_TEXT`]): not given back at the end.
-    textless: HashSet<String>,
-    /// Text kept in `held`, in bytes.
-    held_text: usize,
+    held: Held,
     /// Every id taken in this walk, deleted ones included.
     taken: HashSet<String>,
     started: Instant,
@@ -90,9 +152,7 @@ impl Walker {
         Ok(Self {
             queue,
             hold,
-            held: HashMap::new(),
-            textless: HashSet::new(),
-            held_text: 0,
+            held: Held::new(MAX_HELD_TEXT),
             taken: HashSet::new(),
             started: Instant::now(),
             warned: false,
@@ -119,7 +179,7 @@ impl Walker {
             for message in got {
                 if !self.taken.insert(message.id.clone()) {
                     // Taken earlier in this walk and reappeared: keep the new receipt only.
-                    self.hold_message(message);
+                    self.held.keep(message);
                     continue;
                 }
                 let records = dead_letter::decode_message(&message.text);
@@ -130,27 +190,12 @@ impl Walker {
                     id: message.id.clone(),
                     records,
                 });
-                self.hold_message(message);
+                self.held.keep(message);
             }
             if !fresh.is_empty() {
                 return Ok(fresh);
             }
         }
-    }
-
-    /// Keeps `message` held, with its text while the walk's text budget lasts.
-    fn hold_message(&mut self, mut message: QueueMessage) {
-        if let Some(old) = self.held.get(&message.id) {
-            self.held_text -= old.text.len();
-        }
-        if self.textless.contains(&message.id)
-            || self.held_text + message.text.len() > MAX_HELD_TEXT
-        {
-            self.textless.insert(message.id.clone());
-            message.text = String::new();
-        }
-        self.held_text += message.text.len();
-        self.held.insert(message.id.clone(), message);
     }
 
     /// Takes records out of held messages: each `(id, keep)` deletes the message when `keep`
@@ -179,16 +224,15 @@ impl Walker {
                 let outcome = match result {
                     Ok(Some(rewritten)) => {
                         // Its text is the records that stay: given back whole at the end.
-                        self.textless.remove(&id);
-                        self.hold_message(rewritten);
+                        self.held.keep_rewritten(rewritten);
                         Ok(Settled::Rewritten)
                     }
                     Ok(None) => {
-                        self.forget(&id);
+                        self.held.forget(&id);
                         Ok(Settled::Deleted)
                     }
                     Err(e) if e.is_gone() => {
-                        self.forget(&id);
+                        self.held.forget(&id);
                         Ok(Settled::Gone)
                     }
                     Err(e) => Err(e),
@@ -198,27 +242,15 @@ impl Walker {
             .collect()
     }
 
-    fn forget(&mut self, id: &str) {
-        if let Some(old) = self.held.remove(id) {
-            self.held_text -= old.text.len();
-        }
-        self.textless.remove(id);
-    }
-
     /// Makes every message still held visible again. Returns how many could not be released
     /// (they become visible by themselves when their hold ends), those held without their
     /// text included.
     pub async fn release(self) -> usize {
         let queue = &self.queue;
-        let textless = self.textless;
-        if !textless.is_empty() {
-            tracing::info!(messages = textless.len(), "Held beyond the walk's text budget; these reappear by themselves when --hold runs out.");
+        let (held, unheld) = self.held.into_releasable();
+        if unheld > 0 {
+            tracing::info!(messages = unheld, "Held beyond the walk's text budget; these reappear by themselves when --hold runs out.");
         }
-        let unheld = textless.len();
-        let held = self
-            .held
-            .into_values()
-            .filter(|m| !textless.contains(&m.id));
         let failed: usize = stream::iter(held)
             .map(|message| async move {
                 let result = retried(|| {
@@ -302,4 +334,54 @@ where
         tracing::debug!(%error, "Retrying a queue call.");
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(id: &str, text: &str) -> QueueMessage {
+        QueueMessage {
+            id: id.to_owned(),
+            pop_receipt: format!("receipt-{id}"),
+            dequeue_count: 1,
+            expires_at_ms: 0,
+            text: text.to_owned(),
+        }
+    }
+
+    #[test]
+    fn held_text_never_exceeds_the_budget_and_textless_messages_are_not_released() {
+        let mut held = Held::new(10);
+        held.keep(message("a", "aaaa"));
+        held.keep(message("b", "bbbb"));
+        // No room for a third: held by id and receipt alone.
+        held.keep(message("c", "cccc"));
+        assert_eq!(held.text, 8);
+        assert_eq!(held.get("c").map(|m| m.text.as_str()), Some(""));
+        // Room again, but "c" came back without its text once: it stays textless.
+        held.forget("a");
+        held.keep(message("c", "cccc"));
+        assert_eq!(held.text, 4);
+        // A newer sight of "b" replaces its text; it is not counted twice.
+        held.keep(message("b", "bbbbbb"));
+        assert_eq!(held.text, 6);
+        let (releasable, unheld) = held.into_releasable();
+        assert_eq!(unheld, 1);
+        let ids: Vec<&str> = releasable.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, ["b"]);
+    }
+
+    #[test]
+    fn a_rewritten_message_is_given_back_whole() {
+        let mut held = Held::new(4);
+        held.keep(message("a", "aaaa"));
+        held.keep(message("b", "bbbb"));
+        held.forget("a");
+        held.keep_rewritten(message("b", "bb"));
+        assert_eq!(held.text, 2);
+        let (releasable, unheld) = held.into_releasable();
+        assert_eq!((releasable.len(), unheld), (1, 0));
+        assert_eq!(releasable[0].text, "bb");
+    }
 }

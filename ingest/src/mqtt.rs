@@ -8,8 +8,7 @@ use rumqttc::v5::mqttbytes::v5::{Packet, Publish, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
 use rumqttc::Outgoing;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -29,6 +28,38 @@ pub struct Delivery {
     pub publish: Publish,
     pub connection: u64,
     pub received_at_ms: i64,
+}
+
+/// The number of the broker connection, changed by the poller whenever one ends or begins.
+///
+/// A PUBACK is queued on the client's request channel only under this lock and only while the
+/// delivery's connection is still the current one. The poller changes the number under it on
+/// every connection error (the event loop has just dropped the PUBACKs still queued) and
+/// again at ConnAck, before it asks for the subscription. So every PUBACK of an earlier
+/// connection that is sent at all leaves before the new connection's SUBSCRIBE: on a resumed
+/// session its packet id still names the same unacknowledged message, and a new session has
+/// no subscription yet, so no message of it can be acknowledged by mistake.
+#[derive(Debug, Clone, Default)]
+struct Connections(Arc<Mutex<u64>>);
+
+impl Connections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn current(&self) -> u64 {
+        *self.lock()
+    }
+
+    fn advance(&self) {
+        *self.lock() += 1;
+    }
+
+    /// Runs `send` while `connection` is the current one; `None` when it is not.
+    fn while_current<T>(&self, connection: u64, send: impl FnOnce() -> T) -> Option<T> {
+        let current = self.lock();
+        (*current == connection).then(send)
+    }
 }
 
 /// Deliveries whose envelope the queue holds, in order of receipt: they may be acknowledged.
@@ -68,13 +99,13 @@ pub fn connect(
     // unacknowledgeable (under sustained overload, a livelock of redeliveries). What bounds the
     // deliveries held is the Receive Maximum the broker honours.
     let (tx, publishes) = mpsc::unbounded_channel();
-    let connection = Arc::new(AtomicU64::new(0));
+    let connections = Connections::default();
     let connected = Arc::new(Notify::new());
     let stop = CancellationToken::new();
 
     let poller = {
-        let (connection, connected, stop, health, url) = (
-            connection.clone(),
+        let (connections, connected, stop, health, url) = (
+            connections.clone(),
             connected.clone(),
             stop.clone(),
             health.clone(),
@@ -97,7 +128,7 @@ pub fn connect(
                         }
                         let delivery = Delivery {
                             publish,
-                            connection: connection.load(Ordering::SeqCst),
+                            connection: connections.current(),
                             received_at_ms: schemas::timefmt::now_ms(),
                         };
                         if tx.send(delivery).is_err() {
@@ -106,7 +137,7 @@ pub fn connect(
                     }
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         reconnect.connected();
-                        connection.fetch_add(1, Ordering::SeqCst);
+                        connections.advance();
                         tracing::info!(
                             session_present = ack.session_present,
                             "Connected to the broker."
@@ -135,11 +166,9 @@ pub fn connect(
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
                     Ok(_) => {}
                     Err(error) => {
-                        // The connection is gone: deliveries from it must not be acked from
-                        // now on (an ack sent during the backoff would go out on the next
-                        // connection, where a new session may have given its packet id to
-                        // another message). Its messages are redelivered and queued again.
-                        connection.fetch_add(1, Ordering::SeqCst);
+                        // The connection is gone: deliveries from it are not acked from now on
+                        // (see `Connections`). Its messages are redelivered and queued again.
+                        connections.advance();
                         metrics::counter!(m::CONNECTION_ERRORS).increment(1);
                         let (failure, why) = infra::mqtt::describe(&url, &error);
                         health.set_not_ready(format!("broker: {why}"));
@@ -178,24 +207,34 @@ pub fn connect(
     // messages than the Receive Maximum asks for, so capacity alone cannot rule this out.)
     let (acks, mut to_ack) = mpsc::unbounded_channel::<Vec<Delivery>>();
     let acker = {
-        let client = client.clone();
+        let (client, stop) = (client.clone(), stop.clone());
         tokio::spawn(async move {
             while let Some(deliveries) = to_ack.recv().await {
-                let current = connection.load(Ordering::SeqCst);
                 let mut acked = 0u64;
                 for delivery in deliveries {
-                    // A delivery from an earlier connection is being redelivered by the broker;
-                    // its packet id may now name another message, so it is not acked. Its copy
-                    // is already queued, and the redelivered one will be too (a harmless
-                    // duplicate).
-                    if delivery.connection != current {
-                        continue;
+                    // A delivery from an earlier connection is not acked: the broker
+                    // redelivers it (its copy here is already queued, and the redelivered one
+                    // will be too: a harmless duplicate).
+                    loop {
+                        let sent = connections.while_current(delivery.connection, || {
+                            client.try_ack(&delivery.publish).is_ok()
+                        });
+                        match sent {
+                            None => break,
+                            Some(true) => {
+                                acked += 1;
+                                break;
+                            }
+                            // The request channel is full (it drains as the poller polls).
+                            Some(false) => tokio::select! {
+                                _ = stop.cancelled() => {
+                                    metrics::counter!(m::ACKED).increment(acked);
+                                    return;
+                                }
+                                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                            },
+                        }
                     }
-                    if let Err(error) = client.ack(&delivery.publish).await {
-                        tracing::warn!(%error, "Cannot acknowledge; the broker will redeliver.");
-                        continue;
-                    }
-                    acked += 1;
                 }
                 metrics::counter!(m::ACKED).increment(acked);
             }

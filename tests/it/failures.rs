@@ -5,6 +5,7 @@ use schemas::timefmt::now_ms;
 use schemas::Reason;
 use std::collections::BTreeSet;
 use std::time::Duration;
+use tests::proxy::Rates;
 use tests::storage::{publish_all, reading, topic};
 
 /// `n` distinct valid readings over `devices` devices, each ending in a unique millisecond.
@@ -18,18 +19,27 @@ fn readings(n: usize, devices: usize, offset: usize) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-/// A fault proxy in front of the pipeline's table endpoint, which the processor uses from its
-/// next start (`hold`: how long the proxy holds a delayed or slow response).
-async fn tables_through_proxy(p: &mut Pipeline, hold: Duration) -> tests::proxy::FaultProxy {
-    let proxy = tests::proxy::FaultProxy::start(p.azurite.table_port, hold).await;
-    let direct = format!("127.0.0.1:{}/", p.azurite.table_port);
-    let proxied = p
-        .azurite
+/// A fault proxy in front of one of Azurite's endpoints (`port`), in the connection string a
+/// service uses from its next start (`hold`: how long the proxy holds a delayed or slow
+/// response).
+async fn through_proxy(
+    azurite: &tests::servers::Azurite,
+    port: u16,
+    service: &mut tests::services::Service,
+    hold: Duration,
+) -> tests::proxy::FaultProxy {
+    let proxy = tests::proxy::FaultProxy::start(port, hold).await;
+    let direct = format!("127.0.0.1:{port}/");
+    let proxied = azurite
         .connection_string()
         .replace(&direct, &format!("127.0.0.1:{}/", proxy.port));
-    p.processor
-        .set_env("AZURE_STORAGE_CONNECTION_STRING", proxied);
+    service.set_env("AZURE_STORAGE_CONNECTION_STRING", proxied);
     proxy
+}
+
+/// A fault proxy in front of the pipeline's table endpoint, for the processor.
+async fn tables_through_proxy(p: &mut Pipeline, hold: Duration) -> tests::proxy::FaultProxy {
+    through_proxy(&p.azurite, p.azurite.table_port, &mut p.processor, hold).await
 }
 
 async fn assert_all_present(p: &Pipeline, expected: usize) {
@@ -372,4 +382,69 @@ async fn slow_storage_never_lets_a_round_outlive_its_messages() {
         [Reason::OutOfRange, Reason::OutOfRange],
         "each refusal dead-lettered once: {dead:#?}"
     );
+}
+
+#[tokio::test]
+async fn an_ack_for_a_lost_connection_never_acknowledges_a_new_sessions_message() {
+    let Some(mut p) = Pipeline::start("stale_acks", &[], &[]).await else {
+        return;
+    };
+    // Ingest writes to the queue through a proxy that holds the first envelope's write for
+    // 6 s (slow storage, well within the storage timeout) and refuses every later one.
+    let hold = Duration::from_secs(6);
+    let proxy = through_proxy(&p.azurite, p.azurite.queue_port, &mut p.ingest, hold).await;
+    p.ingest.restart().await;
+    let slow = Rates {
+        slow: 1.0,
+        ..Rates::default()
+    };
+    proxy.set("queue_put", slow);
+    let first = readings(20, 4, 0);
+    publish_all(p.mosquitto.port, first).await;
+    tests::wait_for(
+        "the first envelope's write",
+        Duration::from_secs(10),
+        || {
+            let held = proxy.injected().get("queue_put/slow").copied().unwrap_or(0);
+            async move { (held > 0).then_some(()) }
+        },
+    )
+    .await;
+    let written_at = tokio::time::Instant::now();
+    proxy.set(
+        "queue_put",
+        Rates {
+            busy: 1.0,
+            ..Rates::default()
+        },
+    );
+    // The broker loses its store while the write is held, so ingest's next session is a new
+    // one, and the broker numbers its deliveries from 1 again: the second batch's packet ids
+    // are the first batch's.
+    p.mosquitto.restart_forgetting().await;
+    let port = p.ingest.metrics_port;
+    tests::wait_for(
+        "ingest to subscribe again",
+        Duration::from_secs(30),
+        || async move {
+            let ready = tests::services::http_get(port, "/readyz").await;
+            (ready?.0 == 200).then_some(())
+        },
+    )
+    .await;
+    publish_all(p.mosquitto.port, readings(20, 4, 20)).await;
+    // The held write completes, so ingest acknowledges the first batch, on a connection that
+    // is gone. Had those PUBACKs gone out on the new connection, they would have acknowledged
+    // the second batch, which no queue holds (its writes are refused).
+    tokio::time::sleep_until(written_at + hold + Duration::from_secs(2)).await;
+    assert_eq!(
+        p.ingest.metric("ingest_envelopes_written_total").await,
+        1.0,
+        "the first envelope, and only it, is written"
+    );
+    p.ingest.kill9().await;
+    proxy.clear();
+    p.ingest.restart().await;
+    // The broker redelivers whatever was not acknowledged: the second batch, all of it.
+    assert_all_present(&p, 40).await;
 }

@@ -303,6 +303,19 @@ impl Mosquitto {
         self.launch().await;
     }
 
+    /// Stops the broker and starts it again with an empty store, as a broker that lost its
+    /// disk would: every session, subscription and queued message is gone.
+    pub async fn restart_forgetting(&mut self) {
+        if let Some(child) = self.child.take() {
+            terminate(child).await;
+        }
+        let store = self.dir.0.join("mosquitto.db");
+        if store.exists() {
+            std::fs::remove_file(&store).expect("remove the broker's store");
+        }
+        self.launch().await;
+    }
+
     /// The broker's log so far (every start).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.0.join("mosquitto.log")).unwrap_or_default()
