@@ -9,10 +9,12 @@
 //! - [`mqtt`]: the broker connection every MQTT client shares: `mqtts://`, CA and client
 //!   certificates, credentials, and one-line reasons for failed connections.
 //! - [`cli`]: flags that several services share (storage account, observability).
+//! - [`recent`]: a bounded memory of recent identities, for cheap duplicate suppression.
 
 pub mod cli;
 pub mod mqtt;
 pub mod progress;
+pub mod recent;
 pub mod retry;
 pub mod serve;
 pub mod shutdown;

@@ -8,6 +8,9 @@ pub const REDELIVERED: &str = "ingest_messages_redelivered_total";
 pub const RECEIVED_BYTES: &str = "ingest_received_bytes_total";
 /// Messages acknowledged to the broker (each one is in the queue).
 pub const ACKED: &str = "ingest_messages_acked_total";
+/// Redelivered messages the queue already held (written before their connection was lost):
+/// acknowledged without being queued again.
+pub const ALREADY_QUEUED: &str = "ingest_messages_already_queued_total";
 /// Envelopes written to the queue.
 pub const ENVELOPES: &str = "ingest_envelopes_written_total";
 /// Messages per envelope.

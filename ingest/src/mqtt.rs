@@ -3,11 +3,13 @@
 use crate::config::Config;
 use crate::metrics_names as m;
 use infra::mqtt::{Connection, Reconnect};
+use infra::recent::Recent;
 use infra::serve::Health;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
 use rumqttc::Outgoing;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
@@ -21,6 +23,10 @@ use tokio_util::sync::CancellationToken;
 /// every reconnect: a poison loop in ingest itself.)
 pub const MAX_PACKET_BYTES: u32 = 512 * 1024;
 
+/// Messages remembered as queued but not acknowledged because their connection was lost
+/// (about 1.5 MiB): far more than the deliveries one connection can hold unacknowledged.
+const REMEMBERED_UNACKED: usize = 65_536;
+
 /// A publish and the connection it arrived on. A PUBACK is only valid on that connection:
 /// after a reconnect the broker redelivers unacknowledged messages, and may reuse packet ids.
 #[derive(Debug)]
@@ -28,6 +34,18 @@ pub struct Delivery {
     pub publish: Publish,
     pub connection: u64,
     pub received_at_ms: i64,
+    /// Topic and payload, hashed: what a redelivery of the same message shares.
+    pub fingerprint: u64,
+    /// A redelivery of a message the queue already holds (this process wrote it, but its
+    /// connection was lost before the PUBACK): acknowledge it without writing it again.
+    pub already_queued: bool,
+}
+
+fn fingerprint(publish: &Publish) -> u64 {
+    let mut h = DefaultHasher::new();
+    publish.topic.hash(&mut h);
+    publish.payload.hash(&mut h);
+    h.finish()
 }
 
 /// The number of the broker connection, changed by the poller whenever one ends or begins.
@@ -100,12 +118,16 @@ pub fn connect(
     // deliveries held is the Receive Maximum the broker honours.
     let (tx, publishes) = mpsc::unbounded_channel();
     let connections = Connections::default();
+    // Fingerprints of messages written to the queue whose PUBACK could not be sent: when the
+    // broker redelivers one, the packer acknowledges it without queuing a duplicate.
+    let unacked = Arc::new(Mutex::new(Recent::new(REMEMBERED_UNACKED)));
     let connected = Arc::new(Notify::new());
     let stop = CancellationToken::new();
 
     let poller = {
-        let (connections, connected, stop, health, url) = (
+        let (connections, unacked, connected, stop, health, url) = (
             connections.clone(),
+            unacked.clone(),
             connected.clone(),
             stop.clone(),
             health.clone(),
@@ -126,10 +148,18 @@ pub fn connect(
                         if publish.dup {
                             metrics::counter!(m::REDELIVERED).increment(1);
                         }
+                        let fingerprint = fingerprint(&publish);
+                        let already_queued = publish.dup
+                            && unacked
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .take(fingerprint);
                         let delivery = Delivery {
                             publish,
                             connection: connections.current(),
                             received_at_ms: schemas::timefmt::now_ms(),
+                            fingerprint,
+                            already_queued,
                         };
                         if tx.send(delivery).is_err() {
                             break;
@@ -213,14 +243,20 @@ pub fn connect(
                 let mut acked = 0u64;
                 for delivery in deliveries {
                     // A delivery from an earlier connection is not acked: the broker
-                    // redelivers it (its copy here is already queued, and the redelivered one
-                    // will be too: a harmless duplicate).
+                    // redelivers it. The queue holds it already, which is remembered so that
+                    // the redelivered copy is acknowledged without being queued again.
                     loop {
                         let sent = connections.while_current(delivery.connection, || {
                             client.try_ack(&delivery.publish).is_ok()
                         });
                         match sent {
-                            None => break,
+                            None => {
+                                unacked
+                                    .lock()
+                                    .unwrap_or_else(PoisonError::into_inner)
+                                    .remember(delivery.fingerprint);
+                                break;
+                            }
                             Some(true) => {
                                 acked += 1;
                                 break;

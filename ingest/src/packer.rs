@@ -135,7 +135,12 @@ impl Packer {
 
     /// Adds a delivery, writing the current envelope first when it is full. Returns whether
     /// the delivery starts a new envelope.
-    async fn add(&mut self, mut delivery: Delivery) -> bool {
+    async fn add(&mut self, delivery: Delivery) -> bool {
+        if delivery.already_queued {
+            // Acknowledged in order, with the envelope now being filled.
+            metrics::counter!(m::ALREADY_QUEUED).increment(1);
+            return self.hold(delivery);
+        }
         let message = DeviceMessage::from_mqtt(
             &String::from_utf8_lossy(&delivery.publish.topic),
             &delivery.publish.payload,
@@ -161,6 +166,12 @@ impl Packer {
         // The envelope holds the message now (capped at 32 KiB); the ack needs only the packet
         // id, so a held delivery costs bytes, not the publish's size (up to the broker's
         // limit), whatever the devices send.
+        self.hold(delivery)
+    }
+
+    /// Holds `delivery` until the current envelope is written. Returns whether it starts a
+    /// new envelope.
+    fn hold(&mut self, mut delivery: Delivery) -> bool {
         delivery.publish.payload = Default::default();
         delivery.publish.topic = Default::default();
         self.held.push(delivery);
@@ -173,6 +184,12 @@ impl Packer {
     /// is, when `interrupt` comes first (storage down at shutdown).
     async fn flush(&mut self) -> bool {
         if self.envelope.is_empty() {
+            // Only redeliveries of queued messages, if anything: nothing to write.
+            if !self.held.is_empty() {
+                let held = std::mem::take(&mut self.held);
+                self.writing
+                    .push_back(Box::pin(std::future::ready(Ok(held))));
+            }
             return true;
         }
         while self.writing.len() >= self.puts_in_flight {
@@ -213,8 +230,11 @@ impl Packer {
                 return;
             }
         };
-        metrics::counter!(m::ENVELOPES).increment(1);
-        metrics::histogram!(m::ENVELOPE_MESSAGES).record(deliveries.len() as f64);
+        let written = deliveries.iter().filter(|d| !d.already_queued).count();
+        if written > 0 {
+            metrics::counter!(m::ENVELOPES).increment(1);
+            metrics::histogram!(m::ENVELOPE_MESSAGES).record(written as f64);
+        }
         metrics::gauge!(m::PENDING).decrement(deliveries.len() as f64);
         // The acker only ends after the packer, so this send cannot fail while it matters.
         let _ = self.acks.send(deliveries);

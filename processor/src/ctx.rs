@@ -49,6 +49,10 @@ pub struct Ctx {
     /// envelopes, a refused device row), by key, with when each was last seen: they stay in
     /// `/readyz` a while after, rather than flapping with every round that does not meet them.
     pub held_back: Mutex<std::collections::HashMap<&'static str, Instant>>,
+    /// Identities of the dead letters this process has written lately, so that a message
+    /// redone after its records were written (its delete failed, its round ran out of time)
+    /// does not write them again.
+    pub dead_lettered: Mutex<crate::dead_letters::Written>,
 }
 
 /// How long poisoning waits after start and after a stall: as long as it takes a message to

@@ -17,9 +17,10 @@ use crate::failure::Failure;
 use crate::metrics_names as m;
 use crate::settle;
 use futures::{stream, StreamExt};
+use infra::recent::Recent;
 use infra::storage::{QueueMessage, StorageError};
 use schemas::{DeadLetter, DeviceMessage};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -30,6 +31,39 @@ const FLUSH_BYTES: usize = 1024 * 1024;
 /// Queue messages handed over and not yet finished. A round waits for room, so a writer that
 /// falls behind (slow or failing dead-letter puts) slows the fetcher instead of piling up.
 const MAX_PENDING: usize = 128;
+
+/// Identities remembered by [`Written`]: about 1.5 MiB, and hours of refusals at any
+/// plausible rate of bad input.
+const REMEMBERED: usize = 65_536;
+
+/// The identities ([`DeadLetter::identity`]) of the records this process wrote most recently.
+/// A message whose records were written but that came back (its delete failed, or its round
+/// outlived the visibility timeout) is then settled without writing them twice. Memory only:
+/// a restarted processor writes them again (a duplicate the operator's tool shows once).
+#[derive(Debug)]
+pub struct Written(Recent);
+
+impl Default for Written {
+    fn default() -> Self {
+        Self(Recent::new(REMEMBERED))
+    }
+}
+
+impl Written {
+    /// `records` without those already written.
+    pub fn unwritten(&self, records: Vec<DeadLetter>) -> Vec<DeadLetter> {
+        let before = records.len();
+        let left: Vec<DeadLetter> = records
+            .into_iter()
+            .filter(|r| !self.0.contains(r.identity()))
+            .collect();
+        let skipped = (before - left.len()) as u64;
+        if skipped > 0 {
+            metrics::counter!(m::DEAD_LETTERS_ALREADY_WRITTEN).increment(skipped);
+        }
+        left
+    }
+}
 
 /// A finished queue message whose dead letters are still to be written.
 #[derive(Debug)]
@@ -138,6 +172,10 @@ async fn flush(ctx: &Ctx, pending: Vec<Submission>) {
         .iter()
         .flat_map(|s| s.records.iter().map(|r| r.reason.as_str()))
         .collect();
+    let identities: Vec<u64> = pending
+        .iter()
+        .flat_map(|s| s.records.iter().map(DeadLetter::identity))
+        .collect();
     let packed = schemas::dead_letter::pack(pending.iter().flat_map(|s| &s.records));
     // A record in no packed message was not written: its queue message must stay.
     let mut unpacked = vec![true; owners.len()];
@@ -156,11 +194,13 @@ async fn flush(ctx: &Ctx, pending: Vec<Submission>) {
     for (i, _) in unpacked.iter().enumerate().filter(|(_, u)| **u) {
         failed[owners[i]] = Some(Failure::Unpacked);
     }
+    let mut written = Vec::new();
     for (records, result) in results {
         for i in records {
             match &result {
                 Ok(()) => {
                     metrics::counter!(m::DEAD_LETTERS, "reason" => reasons[i]).increment(1);
+                    written.push(identities[i]);
                 }
                 Err(error) => {
                     if error.needs_operator() {
@@ -175,6 +215,15 @@ async fn flush(ctx: &Ctx, pending: Vec<Submission>) {
                     });
                 }
             }
+        }
+    }
+    {
+        let mut remembered = ctx
+            .dead_lettered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for identity in written {
+            remembered.0.remember(identity);
         }
     }
     stream::iter(pending.into_iter().zip(failed))

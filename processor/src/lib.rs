@@ -64,6 +64,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 + ctx::poison_grace(config.visibility_timeout, config.max_deliveries),
         ),
         held_back: std::sync::Mutex::default(),
+        dead_lettered: std::sync::Mutex::default(),
     });
     tracing::info!(
         queue = %config.queue_name,

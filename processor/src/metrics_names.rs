@@ -4,6 +4,9 @@
 pub const STORED: &str = "processor_readings_stored_total";
 /// Dead-letter records written, by `reason`.
 pub const DEAD_LETTERS: &str = "processor_dead_letters_total";
+/// Dead-letter records not written again: this process wrote them for an earlier delivery of
+/// the same message.
+pub const DEAD_LETTERS_ALREADY_WRITTEN: &str = "processor_dead_letters_already_written_total";
 /// Queue messages finished and deleted.
 pub const MESSAGES_DONE: &str = "processor_messages_done_total";
 /// Queue messages left to reappear after a failure, by `stage` (`quarantine`, `write`,

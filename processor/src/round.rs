@@ -142,14 +142,21 @@ pub async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>, take
         }
         if let Some(failure) = &failure {
             settle::leave(&message, failure);
-        } else if sorted.refusals.is_empty() {
+            continue;
+        }
+        let refusals = ctx
+            .dead_lettered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwritten(sorted.refusals);
+        if refusals.is_empty() {
             settle::finished(ctx, &message, &sorted.devices, settle_by, now_ms()).await;
         } else {
             writer
                 .submit(Submission {
                     message,
                     devices: sorted.devices,
-                    records: sorted.refusals,
+                    records: refusals,
                     deadline: settle_by,
                     stored_at_ms: now_ms(),
                 })

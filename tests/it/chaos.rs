@@ -13,7 +13,8 @@
 //! it as a long soak.
 
 use schemas::archive::{self, Format};
-use std::collections::BTreeMap;
+use schemas::DeadLetter;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 use tests::proxy::{FaultProxy, Rates};
 use tests::services::{bin_path, http_get};
@@ -354,6 +355,11 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
         .iter()
         .filter(|(reason, _)| !expected_dead.contains_key(*reason))
         .collect();
+    // Where duplicates come from: the processor writing one delivery's records again (the
+    // same identity), or the device message reaching the queue twice (the broker redelivered
+    // it to ingest, which got a new receipt time: the rest).
+    let identities: BTreeSet<u64> = dead_letters.iter().map(DeadLetter::identity).collect();
+    let written_again = (dead_letters.len() - identities.len()) as u64;
     let report = serde_json::json!({
         "seed": seed,
         "seconds": seconds,
@@ -375,6 +381,10 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
         "dead_letters": dead_letters.len(),
         "dead_letters_by_reason": got_dead,
         "duplicate_dead_letters": duplicates,
+        "duplicates_by_cause": {
+            "written_again_by_the_processor": written_again,
+            "queued_twice_by_ingest": duplicates.saturating_sub(written_again),
+        },
         "in_table_and_archive": both(&stored, &archived),
         "values_match": got_digest == expected_digest,
         "ingest_queue_backlog_at_end": backlog,

@@ -448,3 +448,59 @@ async fn an_ack_for_a_lost_connection_never_acknowledges_a_new_sessions_message(
     // The broker redelivers whatever was not acknowledged: the second batch, all of it.
     assert_all_present(&p, 40).await;
 }
+
+#[tokio::test]
+async fn a_message_queued_before_its_connection_was_lost_is_not_queued_again() {
+    let Some(mut p) = Pipeline::start("redelivered_once", &[], &[]).await else {
+        return;
+    };
+    // The envelope's write is held 3 s; the broker stops meanwhile, so ingest writes the
+    // messages but cannot acknowledge them, and the broker redelivers them when it is back.
+    let proxy = through_proxy(
+        &p.azurite,
+        p.azurite.queue_port,
+        &mut p.ingest,
+        Duration::from_secs(3),
+    )
+    .await;
+    p.ingest.restart().await;
+    proxy.set(
+        "queue_put",
+        Rates {
+            slow: 1.0,
+            ..Rates::default()
+        },
+    );
+    publish_all(p.mosquitto.port, readings(30, 5, 0)).await;
+    tests::wait_for("the envelope's write", Duration::from_secs(10), || {
+        let held = proxy.injected().get("queue_put/slow").copied().unwrap_or(0);
+        async move { (held > 0).then_some(()) }
+    })
+    .await;
+    proxy.clear();
+    p.mosquitto.stop().await;
+    let ingest = &p.ingest;
+    tests::wait_for("the envelope to be written", Duration::from_secs(30), || async move {
+        (ingest.metric("ingest_envelopes_written_total").await >= 1.0).then_some(())
+    })
+    .await;
+    p.mosquitto.start_again().await;
+    let ingest = &p.ingest;
+    tests::wait_for("the redelivered messages to be acknowledged", Duration::from_secs(60), || async move {
+        (ingest.metric("ingest_messages_acked_total").await >= 30.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        p.ingest
+            .metric("ingest_messages_already_queued_total")
+            .await,
+        30.0,
+        "every redelivery recognised"
+    );
+    assert_eq!(
+        p.ingest.metric("ingest_envelopes_written_total").await,
+        1.0,
+        "nothing queued twice"
+    );
+    assert_all_present(&p, 30).await;
+}

@@ -303,6 +303,19 @@ impl Mosquitto {
         self.launch().await;
     }
 
+    /// Stops the broker the way an operator would (SIGTERM: it saves its store).
+    pub async fn stop(&mut self) {
+        if let Some(child) = self.child.take() {
+            terminate(child).await;
+        }
+    }
+
+    /// Starts a stopped broker again, on the same port and store.
+    pub async fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the broker is running");
+        self.launch().await;
+    }
+
     /// Stops the broker and starts it again with an empty store, as a broker that lost its
     /// disk would: every session, subscription and queued message is gone.
     pub async fn restart_forgetting(&mut self) {
