@@ -408,10 +408,12 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
         unexpected.is_empty(),
         "dead letters for reasons no fault explains (a valid reading refused?): {unexpected:?}"
     );
-    // Duplicates come from redone work (a dead-letter put whose answer was lost, a round
-    // redone after a kill); they are reported and must stay a small share.
+    // Duplicates come from work redone after a kill (the processor's memory of what it wrote
+    // is gone; ingest's of what it queued, too) or a dead-letter put whose answer was lost;
+    // they are reported and must stay a small share (about 1% in 3-minute runs; 10% before
+    // the processor and ingest remembered what they had written).
     assert!(
-        duplicates * 5 <= refused.max(20),
+        duplicates * 10 <= refused.max(50),
         "{duplicates} duplicate dead letters for {refused} refused readings"
     );
     for svc in [&ingest, &processor, &archiver] {
