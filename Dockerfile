@@ -1,12 +1,13 @@
-# One image, five binaries: ingest, processor, archiver, simulator and the deadletter tool. Pick one
-# with the container command.
+# One image, six binaries: ingest, processor, archiver, dashboard, simulator and the deadletter
+# tool. Pick one with the container command.
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p ingest -p processor -p archiver -p simulator -p deadletter \
+RUN cargo build --release --locked -p ingest -p processor -p archiver -p dashboard -p simulator \
+       -p deadletter \
     && mkdir /out \
     && cp target/release/ingest target/release/processor target/release/archiver \
-       target/release/simulator target/release/deadletter /out/
+       target/release/dashboard target/release/simulator target/release/deadletter /out/
 
 FROM debian:bookworm-slim
 RUN apt-get update \

@@ -3,8 +3,9 @@
 #   - Azurite (pinned) via npm into .tools/ (git-ignored);
 #   - Mosquitto via apt;
 #   - with --test, what only the tests use: docker-compose via apt (to validate
-#     docker-compose.yml), and pyarrow + DuckDB in a Python venv under .tools/py (to check that
-#     analysts' tools read the Parquet archives).
+#     docker-compose.yml), pyarrow + DuckDB in a Python venv under .tools/py (to check that
+#     analysts' tools read the Parquet archives), and Debian's Chromium via apt with
+#     playwright-core (pinned) via npm into .tools/browser (the dashboard's browser test).
 # Sourced or run; prints what it does, and nothing when everything is present.
 set -euo pipefail
 
@@ -12,6 +13,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 AZURITE_VERSION="3.37.0"
 AZURITE_BIN="$ROOT/.tools/node_modules/.bin/azurite"
 PYARROW_VERSION="18.1.0"
+PLAYWRIGHT_VERSION="1.64.1"
 DUCKDB_VERSION="1.1.3"
 
 apt_install() {
@@ -57,5 +59,14 @@ if [ "${1:-}" = "--test" ]; then
       python3 -m venv "$ROOT/.tools/py"
     fi
     "$PY" -m pip install -q --disable-pip-version-check "pyarrow==$PYARROW_VERSION" "duckdb==$DUCKDB_VERSION"
+  fi
+  if [ ! -x /usr/bin/chromium ]; then
+    apt_install chromium
+  fi
+  installed="$(node -p "require('$ROOT/.tools/browser/node_modules/playwright-core/package.json').version" 2>/dev/null || true)"
+  if [ "$installed" != "$PLAYWRIGHT_VERSION" ]; then
+    echo "==> Installing playwright-core $PLAYWRIGHT_VERSION into .tools/browser (it drives Debian's Chromium; it downloads no browser)"
+    mkdir -p "$ROOT/.tools/browser"
+    npm install --prefix "$ROOT/.tools/browser" --no-save --no-audit --no-fund --loglevel=error "playwright-core@$PLAYWRIGHT_VERSION" >/dev/null
   fi
 fi

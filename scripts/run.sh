@@ -2,11 +2,12 @@
 # The run command: the whole pipeline locally, driven by the simulator.
 #
 # Installs what is missing, starts Azurite and Mosquitto unless they already run, builds the
-# services (release), starts processor, ingest and the archiver, then the simulator, and shows a live status
+# services (release), starts processor, ingest, the archiver and the dashboard, then the simulator, and shows a live status
 # line until Ctrl-C, when it stops everything cleanly (newest first, each flushing what it holds).
 #
 # Settings (environment): SIMULATOR_DEVICES (10000), SIMULATOR_INTERVAL (30s), MQTT_URL
-# (mqtt://127.0.0.1:1883), AZURE_STORAGE_CONNECTION_STRING (local Azurite), RUN_FOR (seconds
+# (mqtt://127.0.0.1:1883), AZURE_STORAGE_CONNECTION_STRING (local Azurite), DASHBOARD_ADDR
+# (127.0.0.1:8080), RUN_FOR (seconds
 # to run before stopping by itself; unset = until Ctrl-C). Every service flag is also read from
 # the environment; see `target/release/<service> --help`.
 set -euo pipefail
@@ -20,6 +21,8 @@ export SIMULATOR_INTERVAL="${SIMULATOR_INTERVAL:-30s}"
 export MQTT_URL="${MQTT_URL:-mqtt://127.0.0.1:1883}"
 MQTT_PORT="${MQTT_URL##*:}"; MQTT_PORT="${MQTT_PORT%%/*}"
 INGEST_PORT=9101 PROCESSOR_PORT=9102 SIMULATOR_PORT=9103 ARCHIVER_PORT=9104
+export DASHBOARD_ADDR="${DASHBOARD_ADDR:-127.0.0.1:8080}"
+DASHBOARD_PORT="${DASHBOARD_ADDR##*:}"
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
@@ -124,6 +127,12 @@ for svc in processor ingest archiver; do
   started+=($!); graces+=(60)
   wait_ready "$svc" "${!port_var}"
 done
+if [ -z "${LOADTEST_PROFILE:-}" ]; then
+  echo "==> Starting the dashboard on http://$DASHBOARD_ADDR/"
+  target/release/dashboard >"$RUN/logs/dashboard.log" 2>&1 &
+  started+=($!); graces+=(15)
+  wait_ready dashboard "$DASHBOARD_PORT"
+fi
 if [ -n "${LOADTEST_PROFILE:-}" ]; then
   # scripts/loadtest.sh: the load tester drives the simulator itself, then everything stops.
   echo "==> Load test, profile $LOADTEST_PROFILE (the report goes to reports/)"
@@ -137,7 +146,8 @@ target/release/simulator >"$RUN/logs/simulator.log" 2>&1 &
 started+=($!); graces+=(15)
 sim_pid=$!
 
-echo "==> Running. Ctrl-C stops everything. Metrics: :$INGEST_PORT/metrics :$PROCESSOR_PORT/metrics :$ARCHIVER_PORT/metrics :$SIMULATOR_PORT/metrics"
+echo "==> Running. Ctrl-C stops everything. Metrics: :$INGEST_PORT/metrics :$PROCESSOR_PORT/metrics :$ARCHIVER_PORT/metrics :$SIMULATOR_PORT/metrics :$DASHBOARD_PORT/metrics"
+echo "    Dashboard: http://$DASHBOARD_ADDR/ (API: http://$DASHBOARD_ADDR/api/v1/devices)"
 echo "    Dead letters, from another terminal: target/release/deadletter list (README: Operating the dead-letter queue)"
 t0=$(date +%s.%N); s0=0; begin=$(date +%s)
 while kill -0 "$sim_pid" 2>/dev/null; do

@@ -1,5 +1,5 @@
-use crate::layout::Layout;
 use infra::cli::{LogArgs, StorageArgs};
+use schemas::archive::layout::Layout;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -53,7 +53,7 @@ pub struct RunArgs {
 
     /// Blob name template; `{year}`, `{month}`, `{day}` and `{device}` are required, and the
     /// format's extension (`.parquet` or `.json`) is appended.
-    #[arg(long, env = "ARCHIVER_LAYOUT", default_value = crate::layout::DEFAULT)]
+    #[arg(long, env = "ARCHIVER_LAYOUT", default_value = schemas::archive::layout::DEFAULT)]
     pub layout: Layout,
 
     /// Table holding the readings.

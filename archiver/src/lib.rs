@@ -9,17 +9,16 @@
 
 mod config;
 mod day;
-mod layout;
 mod metrics_names;
 mod pass;
 mod progress;
 
 pub use config::{Command, Config, FormatArg, RunArgs};
-pub use layout::Layout;
+pub use schemas::archive::layout::Layout;
 
 use infra::serve::Health;
 use infra::storage::{create_missing, Resource};
-use layout::{floor_day, DAY_MS};
+use schemas::archive::layout::{self, floor_day, DAY_MS};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 

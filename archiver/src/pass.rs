@@ -1,11 +1,11 @@
 //! One pass: walk the devices, and archive each one's whole UTC days before the cutoff.
 
 use crate::day::{self, retried, DayReport, Target};
-use crate::layout::{self, Layout, DAY_MS};
 use crate::metrics_names as m;
 use crate::progress::{self, Counters};
 use futures::{stream, StreamExt};
 use infra::storage::{StorageError, Table};
+use schemas::archive::layout::{self, Layout, DAY_MS};
 use schemas::{device, timefmt};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;

@@ -105,6 +105,14 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// Reads a secret from a file (a mounted secret), ignoring trailing line breaks. An error
+    /// names `setting` and the file, never its contents.
+    pub fn read_file(setting: &'static str, path: &Path) -> Result<Self, ConfigError> {
+        let text = read(setting, path)?;
+        let text = String::from_utf8_lossy(&text);
+        Ok(Self::new(text.trim_end_matches(['\r', '\n'])))
+    }
 }
 
 impl std::str::FromStr for Secret {
@@ -243,11 +251,7 @@ impl MqttArgs {
             }
         }
         let password = match &self.mqtt_password_file {
-            Some(path) => {
-                let text = read("MQTT_PASSWORD_FILE", path)?;
-                let text = String::from_utf8_lossy(&text);
-                Some(Secret::new(text.trim_end_matches(['\r', '\n'])))
-            }
+            Some(path) => Some(Secret::read_file("MQTT_PASSWORD_FILE", path)?),
             None => self.mqtt_password.clone(),
         };
         if password.is_some() && self.mqtt_username.is_none() {

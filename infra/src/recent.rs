@@ -36,6 +36,11 @@ impl Recent {
         }
     }
 
+    pub fn clear(&mut self) {
+        self.order.clear();
+        self.set.clear();
+    }
+
     pub fn contains(&self, identity: u64) -> bool {
         self.set.contains(&identity)
     }

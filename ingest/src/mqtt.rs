@@ -34,15 +34,17 @@ pub struct Delivery {
     pub publish: Publish,
     pub connection: u64,
     pub received_at_ms: i64,
-    /// Topic and payload, hashed: what a redelivery of the same message shares.
+    /// Packet id, topic and payload, hashed: what a redelivery of the same message shares.
     pub fingerprint: u64,
     /// A redelivery of a message the queue already holds (this process wrote it, but its
     /// connection was lost before the PUBACK): acknowledge it without writing it again.
     pub already_queued: bool,
 }
 
+/// A resumed session redelivers a message under its packet id, so the id is part of it.
 fn fingerprint(publish: &Publish) -> u64 {
     let mut h = DefaultHasher::new();
+    publish.pkid.hash(&mut h);
     publish.topic.hash(&mut h);
     publish.payload.hash(&mut h);
     h.finish()
@@ -51,12 +53,10 @@ fn fingerprint(publish: &Publish) -> u64 {
 /// The number of the broker connection, changed by the poller whenever one ends or begins.
 ///
 /// A PUBACK is queued on the client's request channel only under this lock and only while the
-/// delivery's connection is still the current one. The poller changes the number under it on
-/// every connection error (the event loop has just dropped the PUBACKs still queued) and
-/// again at ConnAck, before it asks for the subscription. So every PUBACK of an earlier
-/// connection that is sent at all leaves before the new connection's SUBSCRIBE: on a resumed
-/// session its packet id still names the same unacknowledged message, and a new session has
-/// no subscription yet, so no message of it can be acknowledged by mistake.
+/// delivery's connection is still the current one. On a connection error the poller changes
+/// the number under it, then has the event loop drop every PUBACK still queued (`clean`), so
+/// no PUBACK of the lost connection reaches another. It changes the number again at ConnAck,
+/// before it asks for the subscription.
 #[derive(Debug, Clone, Default)]
 struct Connections(Arc<Mutex<u64>>);
 
@@ -123,6 +123,8 @@ pub fn connect(
     let unacked = Arc::new(Mutex::new(Recent::new(REMEMBERED_UNACKED)));
     let connected = Arc::new(Notify::new());
     let stop = CancellationToken::new();
+    // Cancelled when the poller ends: nothing drains the request channel after that.
+    let poller_gone = CancellationToken::new();
 
     let poller = {
         let (connections, unacked, connected, stop, health, url) = (
@@ -133,7 +135,9 @@ pub fn connect(
             health.clone(),
             broker.url.clone(),
         );
+        let gone = poller_gone.clone().drop_guard();
         tokio::spawn(async move {
+            let _gone = gone;
             let mut reconnect = Reconnect::default();
             loop {
                 let event = tokio::select! {
@@ -168,6 +172,13 @@ pub fn connect(
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         reconnect.connected();
                         connections.advance();
+                        if !ack.session_present {
+                            // A new session redelivers nothing: what was remembered is stale.
+                            unacked
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .clear();
+                        }
                         tracing::info!(
                             session_present = ack.session_present,
                             "Connected to the broker."
@@ -197,8 +208,11 @@ pub fn connect(
                     Ok(_) => {}
                     Err(error) => {
                         // The connection is gone: deliveries from it are not acked from now on
-                        // (see `Connections`). Its messages are redelivered and queued again.
+                        // (see `Connections`). Its messages are redelivered.
                         connections.advance();
+                        // The event loop dropped the PUBACKs queued before the error; this drops
+                        // those the acker queued since, before the number changed.
+                        eventloop.clean();
                         metrics::counter!(m::CONNECTION_ERRORS).increment(1);
                         let (failure, why) = infra::mqtt::describe(&url, &error);
                         health.set_not_ready(format!("broker: {why}"));
@@ -237,7 +251,7 @@ pub fn connect(
     // messages than the Receive Maximum asks for, so capacity alone cannot rule this out.)
     let (acks, mut to_ack) = mpsc::unbounded_channel::<Vec<Delivery>>();
     let acker = {
-        let (client, stop) = (client.clone(), stop.clone());
+        let client = client.clone();
         tokio::spawn(async move {
             while let Some(deliveries) = to_ack.recv().await {
                 let mut acked = 0u64;
@@ -263,7 +277,7 @@ pub fn connect(
                             }
                             // The request channel is full (it drains as the poller polls).
                             Some(false) => tokio::select! {
-                                _ = stop.cancelled() => {
+                                _ = poller_gone.cancelled() => {
                                     metrics::counter!(m::ACKED).increment(acked);
                                     return;
                                 }

@@ -52,7 +52,7 @@ pub struct Ctx {
     /// Identities of the dead letters this process has written lately, so that a message
     /// redone after its records were written (its delete failed, its round ran out of time)
     /// does not write them again.
-    pub dead_lettered: Mutex<crate::dead_letters::Written>,
+    pub dead_lettered: Mutex<crate::dead_letters::DeadLettered>,
 }
 
 /// How long poisoning waits after start and after a stall: as long as it takes a message to

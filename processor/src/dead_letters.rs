@@ -32,7 +32,7 @@ const FLUSH_BYTES: usize = 1024 * 1024;
 /// falls behind (slow or failing dead-letter puts) slows the fetcher instead of piling up.
 const MAX_PENDING: usize = 128;
 
-/// Identities remembered by [`Written`]: about 1.5 MiB, and hours of refusals at any
+/// Identities remembered by [`DeadLettered`]: about 1.5 MiB, and hours of refusals at any
 /// plausible rate of bad input.
 const REMEMBERED: usize = 65_536;
 
@@ -41,15 +41,15 @@ const REMEMBERED: usize = 65_536;
 /// outlived the visibility timeout) is then settled without writing them twice. Memory only:
 /// a restarted processor writes them again (a duplicate the operator's tool shows once).
 #[derive(Debug)]
-pub struct Written(Recent);
+pub struct DeadLettered(Recent);
 
-impl Default for Written {
+impl Default for DeadLettered {
     fn default() -> Self {
         Self(Recent::new(REMEMBERED))
     }
 }
 
-impl Written {
+impl DeadLettered {
     /// `records` without those already written.
     pub fn unwritten(&self, records: Vec<DeadLetter>) -> Vec<DeadLetter> {
         let before = records.len();

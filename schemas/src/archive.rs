@@ -6,7 +6,7 @@
 //! back into [`StoredReading`]s, which is what merging late data into an existing archive needs.
 //!
 //! Rows are always sorted by `measured_at` and unique by it (the RowKey), and an empty archive
-//! is never encoded: [`encode`] refuses it.
+//! is never encoded: [`encode`] refuses it. Where a device-day's archive lives is [`layout`]'s.
 
 use crate::entity::StoredReading;
 use crate::reading::{Extra, Reading};
@@ -25,6 +25,8 @@ use parquet::schema::types::ColumnPath;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+pub mod layout;
 
 /// Bumped whenever the columns change; recorded in every archive's footer and blob metadata.
 pub const SCHEMA_VERSION: u32 = 1;

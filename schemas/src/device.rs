@@ -37,15 +37,7 @@ pub fn row(
     let extras: Map<String, Value> = latest
         .extras
         .iter()
-        .map(|(name, extra)| {
-            let value = match extra {
-                Extra::Int(i) => (*i).into(),
-                Extra::Float(f) => (*f).into(),
-                Extra::Bool(b) => (*b).into(),
-                Extra::Str(s) => s.clone().into(),
-            };
-            (name.clone(), value)
-        })
+        .map(|(name, extra)| (name.clone(), extra.to_json()))
         .collect();
     let bare = Reading {
         extras: Vec::new(),
@@ -64,6 +56,46 @@ pub fn row(
 /// The device id of a device row.
 pub fn device_id(e: &Map<String, Value>) -> Option<&str> {
     e.get("RowKey").and_then(Value::as_str)
+}
+
+/// A device row read back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Device {
+    /// Its newest reading; `device_id` is the device's.
+    pub latest: Reading,
+    /// When that reading was stored: when the device was last heard from.
+    pub last_seen_ms: i64,
+    /// `None` for a row written before first sightings were recorded.
+    pub first_seen_ms: Option<i64>,
+}
+
+/// Reads a device row returned by the table service.
+pub fn from_row(e: &Map<String, Value>) -> Result<Device, entity::RowError> {
+    let id = device_id(e).ok_or_else(|| entity::RowError::new("RowKey is missing"))?;
+    let stored = entity::from_entity(e)?;
+    let extras = match e.get(EXTRAS).and_then(Value::as_str) {
+        Some(text) => match serde_json::from_str::<Map<String, Value>>(text) {
+            Ok(map) => map
+                .iter()
+                .filter_map(|(name, v)| Extra::from_json(v).map(|x| (name.clone(), x)))
+                .collect(),
+            Err(_) => return Err(entity::RowError::new("Extras is not a JSON object")),
+        },
+        None => Vec::new(),
+    };
+    let first_seen_ms = e
+        .get(FIRST_SEEN)
+        .and_then(Value::as_str)
+        .and_then(crate::timefmt::parse_rfc3339_ms);
+    Ok(Device {
+        latest: Reading {
+            device_id: id.to_owned(),
+            extras,
+            ..stored.reading
+        },
+        last_seen_ms: stored.ingested_at_ms,
+        first_seen_ms,
+    })
 }
 
 #[cfg(test)]
@@ -110,5 +142,30 @@ mod tests {
         assert_eq!(names(&a), names(&b), "a fixed set of properties");
         assert!(names(&a).iter().all(|k| !k.starts_with("Ext_")));
         assert_eq!(a[EXTRAS], r#"{"fanA":3,"mode":"eco"}"#);
+    }
+
+    #[test]
+    fn a_device_row_reads_back_with_its_extras_and_sightings() {
+        let reading = Reading {
+            device_id: "dev-7".into(),
+            measured_at_ms: 1_705_312_800_000,
+            seq: Some(4),
+            temperature: Some(20.5),
+            humidity: Some(40.0),
+            pressure: None,
+            extras: vec![
+                ("fan".into(), Extra::Int(3)),
+                ("mode".into(), Extra::Str("eco".into())),
+            ],
+        };
+        let e = row(&reading, 1_705_312_801_000, Some(1_700_000_000_000));
+        let device = from_row(&e).unwrap();
+        assert_eq!(device.latest, reading);
+        assert_eq!(device.last_seen_ms, 1_705_312_801_000);
+        assert_eq!(device.first_seen_ms, Some(1_700_000_000_000));
+        assert_eq!(
+            from_row(&row(&reading, 5, None)).unwrap().first_seen_ms,
+            None
+        );
     }
 }

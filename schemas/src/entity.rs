@@ -81,6 +81,12 @@ pub struct StoredReading {
 #[error("table row is not a telemetry reading: {0}")]
 pub struct RowError(String);
 
+impl RowError {
+    pub fn new(why: impl Into<String>) -> Self {
+        Self(why.into())
+    }
+}
+
 /// Reads a row returned by the table service (with `odata=fullmetadata` annotations).
 pub fn from_entity(e: &Map<String, Value>) -> Result<StoredReading, RowError> {
     let text = |name: &str| {

@@ -130,6 +130,31 @@ pub enum Extra {
     Str(String),
 }
 
+impl Extra {
+    /// The value as JSON, as a device sent it.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Extra::Int(i) => (*i).into(),
+            Extra::Float(f) => (*f).into(),
+            Extra::Bool(b) => (*b).into(),
+            Extra::Str(s) => s.clone().into(),
+        }
+    }
+
+    /// A JSON value as an extra; `None` for arrays, objects and null (never extras).
+    pub fn from_json(value: &serde_json::Value) -> Option<Self> {
+        match value {
+            serde_json::Value::Bool(b) => Some(Extra::Bool(*b)),
+            serde_json::Value::String(s) => Some(Extra::Str(s.clone())),
+            serde_json::Value::Number(n) => match n.as_i64() {
+                Some(i) => Some(Extra::Int(i)),
+                None => n.as_f64().map(Extra::Float),
+            },
+            _ => None,
+        }
+    }
+}
+
 /// Why one reading (or the whole message, when `index` is `None`) was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {

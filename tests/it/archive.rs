@@ -14,17 +14,17 @@ use tests::{repo_root, unique, Azurite, TempDir};
 const DAY: i64 = 86_400_000;
 
 /// Azurite plus fresh table, device table and container names.
-struct Store {
+pub(crate) struct Store {
     _azurite: Azurite,
-    account: Account,
-    connection: String,
-    table: String,
-    devices: String,
-    container: String,
+    pub(crate) account: Account,
+    pub(crate) connection: String,
+    pub(crate) table: String,
+    pub(crate) devices: String,
+    pub(crate) container: String,
 }
 
 impl Store {
-    async fn start(test: &str) -> Option<Self> {
+    pub(crate) async fn start(test: &str) -> Option<Self> {
         if !tests::servers_available(test) {
             return None;
         }
@@ -44,7 +44,7 @@ impl Store {
     }
 
     /// Writes `rows` as the processor would: telemetry rows, and a device row per device.
-    async fn backfill(&self, rows: &[StoredReading]) {
+    pub(crate) async fn backfill(&self, rows: &[StoredReading]) {
         let mut by_device: BTreeMap<&str, Vec<Entity>> = BTreeMap::new();
         for r in rows {
             by_device
@@ -96,7 +96,7 @@ impl Store {
         out
     }
 
-    async fn archiver_ok(&self, args: &[&str]) -> String {
+    pub(crate) async fn archiver_ok(&self, args: &[&str]) -> String {
         let out = self.archiver(args, &[]).await;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(

@@ -40,6 +40,7 @@ fn compose_environment_names_real_flags() {
         "ingest",
         "processor",
         "archiver",
+        "dashboard",
         "simulator",
         "deadletter",
         "infra",

@@ -5,6 +5,7 @@ mod adapter;
 mod archive;
 mod chaos;
 mod compose;
+mod dashboard;
 mod deadletter;
 mod failures;
 mod pipeline;

@@ -107,7 +107,11 @@ impl Service {
             .0
             .join(format!("{}-{}.log", self.name, self.starts));
         let log = std::fs::File::create(&log_path).expect("service log");
-        let metrics_var = format!("{}_METRICS_ADDR", self.name.to_uppercase());
+        // The dashboard serves its health and metrics on its one address.
+        let metrics_var = match self.name {
+            "dashboard" => "DASHBOARD_ADDR".to_owned(),
+            name => format!("{}_METRICS_ADDR", name.to_uppercase()),
+        };
         let mut cmd = Command::new(bin_path(self.name));
         cmd.args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

@@ -287,6 +287,27 @@ impl Table {
         Ok(out)
     }
 
+    /// The first `limit` entities matching an OData `$filter`, in key order (as many pages
+    /// as that takes; a page may come back short, or empty with a continuation).
+    pub async fn query_first(
+        &self,
+        filter: &str,
+        limit: usize,
+    ) -> Result<Vec<Entity>, StorageError> {
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        let page_size = u32::try_from(limit.min(1000)).unwrap_or(1000);
+        let query = self.client.query().filter(filter.to_owned()).top(page_size);
+        self.each_page(query, |page| {
+            out.extend(page.into_iter().take(limit - out.len()));
+            out.len() < limit
+        })
+        .await?;
+        Ok(out)
+    }
+
     /// Every entity matching an OData `$filter` (all pages).
     pub async fn query(&self, filter: &str) -> Result<Vec<Entity>, StorageError> {
         let mut out = Vec::new();

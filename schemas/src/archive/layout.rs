@@ -1,4 +1,5 @@
-//! Where a device-day's archive lives: a blob name template, and UTC day arithmetic.
+//! Where a device-day's archive lives: a blob name template, and UTC day arithmetic. The
+//! archiver writes by it and the dashboard reads by it.
 
 use std::fmt;
 use std::str::FromStr;

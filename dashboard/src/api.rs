@@ -1,0 +1,260 @@
+//! The versioned, read-only API: `/api/v1/devices`, `/api/v1/devices/{id}/readings` and
+//! `/api/v1/pipeline`. Every parameter is checked in [`crate::params`] first, so what reaches
+//! a storage filter is a validated device id or a formatted time, never client text.
+
+use crate::params::{self, Format, Params};
+use crate::problem::Problem;
+use crate::readings::Sources;
+use crate::views;
+use bytes::Bytes;
+use infra::storage::{Queue, StorageError, Table};
+use schemas::device;
+use schemas::timefmt::{format_ms, now_ms};
+use serde_json::json;
+use std::time::Duration;
+
+/// The default range of a readings request: the last day.
+const DEFAULT_SPAN: Duration = Duration::from_secs(86_400);
+/// Devices per page unless `limit` says otherwise, and the most a page may hold.
+const DEVICES_PAGE: usize = 100;
+const DEVICES_PAGE_MAX: usize = 1000;
+
+#[derive(Debug)]
+pub struct Api {
+    pub devices: Table,
+    pub sources: Sources,
+    pub ingest: Queue,
+    pub dead_letters: Queue,
+    pub max_raw_range: Duration,
+    pub max_readings: usize,
+    pub silent_after: Duration,
+}
+
+/// A successful answer.
+#[derive(Debug)]
+pub struct Reply {
+    pub content_type: &'static str,
+    pub body: Bytes,
+    /// The next page's URL, sent as `Link: <...>; rel="next"`.
+    pub next: Option<String>,
+}
+
+impl Reply {
+    fn json(value: serde_json::Value) -> Self {
+        Self {
+            content_type: "application/json",
+            body: Bytes::from(value.to_string()),
+            next: None,
+        }
+    }
+}
+
+/// The route a path names, as a metric label (never the device id).
+pub fn route_of(path: &str) -> &'static str {
+    let rest = path.strip_prefix("/api/v1/").unwrap_or_default();
+    match rest.split('/').collect::<Vec<_>>().as_slice() {
+        ["devices"] => "devices",
+        ["devices", _, "readings"] => "readings",
+        ["pipeline"] => "pipeline",
+        _ => "unknown",
+    }
+}
+
+impl Api {
+    pub async fn answer(&self, path: &str, query: Option<&str>) -> Result<Reply, Problem> {
+        let params = Params::parse(query)?;
+        let rest = path.strip_prefix("/api/v1/").unwrap_or_default();
+        match rest.split('/').collect::<Vec<_>>().as_slice() {
+            ["devices"] => self.list_devices(&params).await,
+            ["devices", id, "readings"] => self.readings(&params, id).await,
+            ["pipeline"] => self.pipeline().await,
+            _ => Err(Problem::not_found(
+                "no such endpoint: try /api/v1/devices, /api/v1/devices/{id}/readings or /api/v1/pipeline",
+            )),
+        }
+    }
+
+    async fn list_devices(&self, params: &Params) -> Result<Reply, Problem> {
+        let prefix = params.prefix()?;
+        let limit = params.limit(DEVICES_PAGE, DEVICES_PAGE_MAX)?;
+        let after = params.cursor()?;
+        let silent = params.duration("silent")?;
+        let now = now_ms();
+        let mut filter = format!("PartitionKey eq '{}'", device::PARTITION);
+        if !prefix.is_empty() {
+            // '~' sorts after every character a device id may hold.
+            filter.push_str(&format!(
+                " and RowKey ge '{prefix}' and RowKey lt '{prefix}~'"
+            ));
+        }
+        if let Some(after) = &after {
+            filter.push_str(&format!(" and RowKey gt '{after}'"));
+        }
+        if let Some(silent) = silent {
+            filter.push_str(&format!(
+                " and IngestedAt lt datetime'{}'",
+                format_ms(silent_since(now, silent))
+            ));
+        }
+        let rows = self
+            .devices
+            .query_first(&filter, limit + 1)
+            .await
+            .or_else(none_if_missing)
+            .map_err(|e| Problem::storage(&e))?;
+        let mut devices = rows
+            .iter()
+            .map(device::from_row)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Problem::internal(format!("a device row: {e}")))?;
+        let cursor = (devices.len() > limit).then(|| {
+            devices.truncate(limit);
+            params::cursor_after(&devices[limit - 1].latest.device_id)
+        });
+        let next = cursor.as_ref().map(|c| {
+            let mut url = format!("/api/v1/devices?limit={limit}&cursor={c}");
+            if !prefix.is_empty() {
+                url.push_str(&format!("&prefix={prefix}"));
+            }
+            if let Some(s) = params.get("silent") {
+                url.push_str(&format!("&silent={s}"));
+            }
+            url
+        });
+        let mut reply = Reply::json(json!({
+            "devices": devices.iter().map(|d| views::device(d, now)).collect::<Vec<_>>(),
+            "cursor": cursor,
+            "next": next,
+        }));
+        reply.next = next;
+        Ok(reply)
+    }
+
+    async fn readings(&self, params: &Params, id: &str) -> Result<Reply, Problem> {
+        let id = params::device_id(id)?;
+        let format = params.format()?;
+        let limit = params.limit(self.max_readings, self.max_readings)?;
+        let (from, to) = params.range(now_ms(), DEFAULT_SPAN, self.max_raw_range)?;
+        let known = self
+            .devices
+            .first(&format!(
+                "PartitionKey eq '{}' and RowKey eq '{id}'",
+                device::PARTITION
+            ))
+            .await
+            .or_else(|e| if e.is_not_found() { Ok(None) } else { Err(e) })
+            .map_err(|e| Problem::storage(&e))?;
+        if known.is_none() {
+            return Err(Problem::not_found(format!(
+                "no device {id:?}: the pipeline has never stored a reading of it"
+            )));
+        }
+        let page = self.sources.readings(&id, from, to, limit).await?;
+        let format_name = match format {
+            Format::Json => "json",
+            Format::Csv => "csv",
+            Format::Parquet => "parquet",
+        };
+        let next = page.next_from.map(|next_from| {
+            format!(
+                "/api/v1/devices/{id}/readings?from={}&to={}&limit={limit}&format={format_name}",
+                format_ms(next_from),
+                format_ms(to)
+            )
+        });
+        let mut reply = match format {
+            Format::Json => Reply::json(json!({
+                "device": id,
+                "from": format_ms(from),
+                "to": format_ms(to),
+                "count": page.readings.len(),
+                "readings": page.readings.iter().map(views::reading).collect::<Vec<_>>(),
+                "next": next,
+            })),
+            Format::Csv => Reply {
+                content_type: "text/csv; charset=utf-8",
+                body: Bytes::from(views::readings_csv(&page.readings)),
+                next: None,
+            },
+            Format::Parquet => {
+                if page.readings.is_empty() {
+                    return Err(Problem::not_found(format!(
+                        "no readings of {id} from {} to {}: a Parquet file cannot be empty",
+                        format_ms(from),
+                        format_ms(to)
+                    )));
+                }
+                let bytes =
+                    schemas::archive::encode(schemas::archive::Format::Parquet, &page.readings)
+                        .map_err(|e| Problem::internal(format!("encoding Parquet: {e}")))?;
+                Reply {
+                    content_type: "application/vnd.apache.parquet",
+                    body: bytes,
+                    next: None,
+                }
+            }
+        };
+        reply.next = next;
+        Ok(reply)
+    }
+
+    async fn pipeline(&self) -> Result<Reply, Problem> {
+        let now = now_ms();
+        let all = format!("PartitionKey eq '{}'", device::PARTITION);
+        let silent = format!(
+            "{all} and IngestedAt lt datetime'{}'",
+            format_ms(silent_since(now, self.silent_after))
+        );
+        // A queue or table not created yet reads as empty.
+        let zero = |e: StorageError| if e.is_not_found() { Ok(0) } else { Err(e) };
+        let (ingest, dead, total, silent) = futures::try_join!(
+            async { self.ingest.approximate_depth().await.or_else(zero) },
+            async { self.dead_letters.approximate_depth().await.or_else(zero) },
+            async { self.devices.count(&all).await.or_else(zero) },
+            async { self.devices.count(&silent).await.or_else(zero) },
+        )
+        .map_err(|e| Problem::storage(&e))?;
+        Ok(Reply::json(json!({
+            "at": format_ms(now),
+            "queues": {
+                "ingest": { "name": self.ingest.name(), "depth": ingest },
+                "deadLetter": { "name": self.dead_letters.name(), "depth": dead },
+            },
+            "devices": {
+                "total": total,
+                "silent": silent,
+                "silentAfter": humantime::format_duration(self.silent_after).to_string(),
+                "silentAfterSeconds": self.silent_after.as_secs(),
+            },
+        })))
+    }
+}
+
+/// No rows, for a table not created yet.
+pub fn none_if_missing<T>(error: StorageError) -> Result<Vec<T>, StorageError> {
+    if error.is_not_found() {
+        Ok(Vec::new())
+    } else {
+        Err(error)
+    }
+}
+
+/// The time before which a device counts as silent.
+fn silent_since(now: i64, silent: Duration) -> i64 {
+    now.saturating_sub(i64::try_from(silent.as_millis()).unwrap_or(i64::MAX))
+        .max(schemas::timefmt::MIN_MS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_are_labelled_without_device_ids() {
+        assert_eq!(route_of("/api/v1/devices"), "devices");
+        assert_eq!(route_of("/api/v1/devices/sensor-1/readings"), "readings");
+        assert_eq!(route_of("/api/v1/pipeline"), "pipeline");
+        assert_eq!(route_of("/api/v1/devices/x/y/z"), "unknown");
+        assert_eq!(route_of("/api/v2/devices"), "unknown");
+    }
+}

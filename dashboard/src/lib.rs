@@ -1,0 +1,89 @@
+//! `dashboard`: the pipeline's data for people, read-only.
+//!
+//! One binary serves a versioned HTTP API ([`api`]) and the dashboard page that uses it
+//! (`src/page/`, embedded: nothing is loaded from elsewhere at run time). The API reads the
+//! device table, the telemetry table and the archive; a reading's range may span both, and
+//! [`readings`] merges them by timestamp, so an answer does not depend on whether the archiver
+//! has run. Every parameter is validated ([`params`]) before it reaches a storage filter; errors
+//! are `application/problem+json` ([`problem`]). A bearer token guards `/api/` when set.
+
+mod api;
+mod config;
+mod http;
+mod metrics_names;
+mod params;
+mod problem;
+mod readings;
+mod views;
+
+pub use config::Config;
+
+use anyhow::Context;
+use infra::serve::Health;
+use infra::storage::Table;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How often readiness re-checks that storage answers.
+const STORAGE_CHECK: Duration = Duration::from_secs(15);
+
+/// Serves until `shutdown`, then lets requests in progress finish.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let token = config.token()?;
+    if token.is_none() && !config.addr.ip().is_loopback() {
+        tracing::warn!(addr = %config.addr, "The API is served beyond this machine without a token; set DASHBOARD_TOKEN_FILE.");
+    }
+    let account = config.storage.account()?;
+    let health = Health::new("checking storage");
+    let devices = account.table(&config.device_table);
+    let app = Arc::new(http::App {
+        api: api::Api {
+            devices: devices.clone(),
+            sources: readings::Sources {
+                table: account.table(&config.table_name),
+                archive: account.container(&config.archive_container),
+                layout: config.archive_layout.clone(),
+                format: config.archive_format.into(),
+            },
+            ingest: account.queue(&config.ingest_queue),
+            dead_letters: account.queue(&config.dead_letter_queue),
+            max_raw_range: config.max_raw_range,
+            max_readings: config.max_readings.max(1),
+            silent_after: config.silent_after,
+        },
+        token,
+        health: health.clone(),
+        metrics: infra::serve::metrics_handle(),
+    });
+    let listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (DASHBOARD_ADDR)", config.addr))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(
+        url = %format!("http://{bound}/"),
+        token = app.token.is_some(),
+        "Dashboard serving."
+    );
+    tokio::spawn(watch_storage(devices, health, shutdown.clone()));
+    http::serve(listener, app, shutdown).await;
+    tracing::info!("Dashboard stopped.");
+    Ok(())
+}
+
+/// Keeps readiness true to whether the device table answers.
+async fn watch_storage(devices: Table, health: Health, shutdown: CancellationToken) {
+    let filter = format!("PartitionKey eq '{}'", schemas::device::PARTITION);
+    loop {
+        match devices.first(&filter).await {
+            // A table the processor has not created yet is an empty answer, not trouble.
+            Ok(_) => health.set_ready(),
+            Err(e) if e.is_not_found() => health.set_ready(),
+            Err(e) => health.set_not_ready(format!("storage: {e}")),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(STORAGE_CHECK) => {}
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! The API's representations: JSON (camelCase, times in RFC 3339), CSV for spreadsheets, and
+//! Parquet (the archive's own schema) for pandas and DuckDB.
+
+use schemas::device::Device;
+use schemas::entity::StoredReading;
+use schemas::reading::Reading;
+use schemas::timefmt::format_ms;
+use serde_json::{json, Map, Value};
+
+fn extras(reading: &Reading) -> Value {
+    Value::Object(
+        reading
+            .extras
+            .iter()
+            .map(|(name, extra)| (name.clone(), extra.to_json()))
+            .collect::<Map<String, Value>>(),
+    )
+}
+
+/// A reading as the table row holds it, in camelCase.
+pub fn reading(row: &StoredReading) -> Value {
+    let r = &row.reading;
+    json!({
+        "measuredAt": format_ms(r.measured_at_ms),
+        "ingestedAt": format_ms(row.ingested_at_ms),
+        "seq": r.seq,
+        "temperature": r.temperature,
+        "humidity": r.humidity,
+        "pressure": r.pressure,
+        "extras": extras(r),
+    })
+}
+
+/// A device with its sightings and latest values.
+pub fn device(d: &Device, now_ms: i64) -> Value {
+    let r = &d.latest;
+    json!({
+        "id": r.device_id,
+        "firstSeen": d.first_seen_ms.map(format_ms),
+        "lastSeen": format_ms(d.last_seen_ms),
+        "silentForSeconds": (now_ms - d.last_seen_ms).max(0) / 1000,
+        "latest": {
+            "measuredAt": format_ms(r.measured_at_ms),
+            "seq": r.seq,
+            "temperature": r.temperature,
+            "humidity": r.humidity,
+            "pressure": r.pressure,
+            "extras": extras(r),
+        },
+    })
+}
+
+/// Readings as CSV (RFC 4180): one line each, extras as one JSON column.
+pub fn readings_csv(rows: &[StoredReading]) -> String {
+    let mut out =
+        String::from("measuredAt,ingestedAt,seq,temperature,humidity,pressure,extras\r\n");
+    let opt = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
+    for row in rows {
+        let r = &row.reading;
+        let extras = if r.extras.is_empty() {
+            String::new()
+        } else {
+            quote(&extras(r).to_string())
+        };
+        out.push_str(&format!(
+            "{},{},{},{},{},{},{}\r\n",
+            format_ms(r.measured_at_ms),
+            format_ms(row.ingested_at_ms),
+            r.seq.map(|s| s.to_string()).unwrap_or_default(),
+            opt(r.temperature),
+            opt(r.humidity),
+            opt(r.pressure),
+            extras
+        ));
+    }
+    out
+}
+
+fn quote(field: &str) -> String {
+    format!("\"{}\"", field.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use schemas::reading::Extra;
+
+    fn row() -> StoredReading {
+        StoredReading {
+            reading: Reading {
+                device_id: "d".into(),
+                measured_at_ms: 1_705_312_800_123,
+                seq: Some(7),
+                temperature: Some(21.5),
+                humidity: None,
+                pressure: Some(1013.0),
+                extras: vec![("mode".into(), Extra::Str("a \"quoted\", b".into()))],
+            },
+            ingested_at_ms: 1_705_312_801_000,
+        }
+    }
+
+    #[test]
+    fn json_is_camel_case_with_rfc3339_times() {
+        let v = reading(&row());
+        assert_eq!(v["measuredAt"], "2024-01-15T10:00:00.123Z");
+        assert_eq!(v["temperature"], 21.5);
+        assert_eq!(v["humidity"], Value::Null);
+        assert_eq!(v["extras"]["mode"], "a \"quoted\", b");
+    }
+
+    #[test]
+    fn csv_quotes_what_needs_quoting() {
+        let csv = readings_csv(&[row()]);
+        let lines: Vec<&str> = csv.split("\r\n").collect();
+        assert_eq!(
+            lines[0],
+            "measuredAt,ingestedAt,seq,temperature,humidity,pressure,extras"
+        );
+        assert_eq!(
+            lines[1],
+            r#"2024-01-15T10:00:00.123Z,2024-01-15T10:00:01.000Z,7,21.5,,1013,"{""mode"":""a \""quoted\"", b""}""#
+        );
+    }
+}
