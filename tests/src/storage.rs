@@ -14,6 +14,18 @@ pub async fn rows(account: &Account, table: &str) -> Result<Vec<Entity>, Storage
 
 /// Takes every dead letter off `queue` (deleting them), decoded.
 pub async fn drain_dead_letters(account: &Account, queue: &str) -> Vec<DeadLetter> {
+    drain_dead_letter_messages(account, queue)
+        .await
+        .into_iter()
+        .flat_map(|(_, records)| records)
+        .collect()
+}
+
+/// Takes every message off the dead-letter `queue` (deleting them): its text and its records.
+pub async fn drain_dead_letter_messages(
+    account: &Account,
+    queue: &str,
+) -> Vec<(String, Vec<DeadLetter>)> {
     let q = account.queue(queue);
     let mut out = Vec::new();
     loop {
@@ -25,8 +37,10 @@ pub async fn drain_dead_letters(account: &Account, queue: &str) -> Vec<DeadLette
             return out;
         }
         for m in batch {
-            out.extend(schemas::dead_letter::decode_message(&m.text).expect("dead letter decodes"));
+            let records =
+                schemas::dead_letter::decode_message(&m.text).expect("dead letter decodes");
             q.delete(&m).await.expect("delete dead letter");
+            out.push((m.text, records));
         }
     }
 }
