@@ -17,6 +17,62 @@ pub struct Config {
 pub enum Command {
     /// Archive everything older than the window: once (`--once`), or every `--interval`.
     Run(RunArgs),
+    /// Rebuild the hourly and daily rollups of whole UTC days from the archive and the table
+    /// (days archived before rollups existed, or history loaded by hand), then exit.
+    Rollups(RollupArgs),
+}
+
+/// Where the readings, the archive and the rollups are.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Sources {
+    /// Archive file format.
+    #[arg(long, env = "ARCHIVER_FORMAT", value_enum, default_value = "parquet")]
+    pub format: FormatArg,
+
+    /// Blob container for archives.
+    #[arg(long, env = "ARCHIVER_CONTAINER", default_value = "telemetry")]
+    pub container: String,
+
+    /// Blob name template; `{year}`, `{month}`, `{day}` and `{device}` are required, and the
+    /// format's extension (`.parquet` or `.json`) is appended.
+    #[arg(long, env = "ARCHIVER_LAYOUT", default_value = schemas::archive::layout::DEFAULT)]
+    pub layout: Layout,
+
+    /// Table holding the readings.
+    #[arg(long, env = "ARCHIVER_TABLE_NAME", default_value = schemas::entity::DEFAULT_TABLE)]
+    pub table_name: String,
+
+    /// Device table the processor maintains; the archiver walks it to find partitions.
+    #[arg(long, env = "ARCHIVER_DEVICE_TABLE", default_value = schemas::device::DEFAULT_TABLE)]
+    pub device_table: String,
+
+    /// Table of hourly and daily rollups.
+    #[arg(long, env = "ARCHIVER_ROLLUP_TABLE", default_value = schemas::rollup::DEFAULT_TABLE)]
+    pub rollup_table: String,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RollupArgs {
+    /// First UTC day to rebuild (YYYY-MM-DD).
+    #[arg(long, value_parser = parse_date)]
+    pub from: i64,
+
+    /// Day after the last one to rebuild (YYYY-MM-DD, exclusive).
+    #[arg(long, value_parser = parse_date)]
+    pub to: i64,
+
+    /// Only these devices (repeat the flag, or comma-separate in the variable).
+    #[arg(long = "device", env = "ARCHIVER_DEVICES", value_delimiter = ',')]
+    pub devices: Vec<String>,
+
+    #[command(flatten)]
+    pub sources: Sources,
+
+    #[command(flatten)]
+    pub storage: StorageArgs,
+
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -43,26 +99,26 @@ pub struct RunArgs {
     #[arg(long = "device", env = "ARCHIVER_DEVICES", value_delimiter = ',')]
     pub devices: Vec<String>,
 
-    /// Archive file format.
-    #[arg(long, env = "ARCHIVER_FORMAT", value_enum, default_value = "parquet")]
-    pub format: FormatArg,
+    #[command(flatten)]
+    pub sources: Sources,
 
-    /// Blob container for archives.
-    #[arg(long, env = "ARCHIVER_CONTAINER", default_value = "telemetry")]
-    pub container: String,
+    /// Keep hourly and daily rollups current (service mode): each hour once it has ended and
+    /// settled, and the hours the processor marks for late readings.
+    #[arg(long, env = "ARCHIVER_ROLLUPS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub rollups: bool,
 
-    /// Blob name template; `{year}`, `{month}`, `{day}` and `{device}` are required, and the
-    /// format's extension (`.parquet` or `.json`) is appended.
-    #[arg(long, env = "ARCHIVER_LAYOUT", default_value = schemas::archive::layout::DEFAULT)]
-    pub layout: Layout,
+    /// How long after an hour ends its rollup is computed: longer than a processor round
+    /// (half its visibility timeout), so the hour's readings are written.
+    #[arg(long, env = "ARCHIVER_ROLLUP_SETTLE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub rollup_settle: Duration,
 
-    /// Table holding the readings.
-    #[arg(long, env = "ARCHIVER_TABLE_NAME", default_value = schemas::entity::DEFAULT_TABLE)]
-    pub table_name: String,
+    /// How often the rollups are brought up to date (the hours that ended, the marked ones).
+    #[arg(long, env = "ARCHIVER_ROLLUP_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub rollup_interval: Duration,
 
-    /// Device table the processor maintains; the archiver walks it to find partitions.
-    #[arg(long, env = "ARCHIVER_DEVICE_TABLE", default_value = schemas::device::DEFAULT_TABLE)]
-    pub device_table: String,
+    /// How long rollups are kept (they outlive the readings: long-range charts read them).
+    #[arg(long, env = "ARCHIVER_ROLLUP_RETENTION", default_value = "400days", value_parser = humantime::parse_duration)]
+    pub rollup_retention: Duration,
 
     /// Devices archived in parallel.
     #[arg(long, env = "ARCHIVER_CONCURRENCY", default_value_t = 4)]

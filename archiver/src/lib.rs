@@ -12,8 +12,9 @@ mod day;
 mod metrics_names;
 mod pass;
 mod progress;
+mod rollups;
 
-pub use config::{Command, Config, FormatArg, RunArgs};
+pub use config::{Command, Config, FormatArg, RollupArgs, RunArgs, Sources};
 pub use schemas::archive::layout::Layout;
 
 use infra::serve::Health;
@@ -26,6 +27,125 @@ use tokio_util::sync::CancellationToken;
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<bool> {
     match config.command {
         Command::Run(args) => run_passes(args, shutdown).await,
+        Command::Rollups(args) => rebuild_rollups(args, shutdown).await,
+    }
+}
+
+fn keeper(account: &infra::storage::Account, sources: &Sources) -> rollups::Keeper {
+    rollups::Keeper {
+        telemetry: account.table(&sources.table_name),
+        devices: account.table(&sources.device_table),
+        rollups: account.table(&sources.rollup_table),
+        archive: account.container(&sources.container),
+        layout: sources.layout.clone(),
+        format: sources.format.into(),
+        settle: Duration::from_secs(300),
+        retention: Duration::from_secs(400 * 86_400),
+        concurrency: 16,
+    }
+}
+
+/// `archiver rollups`: rebuilds whole days' rollups, device by device, with a progress line.
+async fn rebuild_rollups(args: RollupArgs, shutdown: CancellationToken) -> anyhow::Result<bool> {
+    anyhow::ensure!(args.from < args.to, "--from must be before --to");
+    let account = args.storage.account()?;
+    let keeper = keeper(&account, &args.sources);
+    if !create_missing(
+        &[Resource::Table(&keeper.rollups)],
+        args.storage.create_missing,
+        &shutdown,
+    )
+    .await
+    {
+        return Ok(true);
+    }
+    let devices = if args.devices.is_empty() {
+        let filter = format!("PartitionKey eq '{}'", schemas::device::PARTITION);
+        keeper.devices.row_keys(&filter).await?
+    } else {
+        args.devices.clone()
+    };
+    let days = ((args.to - args.from) / DAY_MS) as usize;
+    let total = devices.len() * days;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let shown = done.clone();
+    let bar = infra::progress::Progress::start(args.log.log_format, move |elapsed| {
+        let n = shown.load(std::sync::atomic::Ordering::Relaxed);
+        format!(
+            "rollups {} {n}/{total} device-days, {:.0} s",
+            infra::progress::bar(n, total, 30),
+            elapsed.as_secs_f64()
+        )
+    });
+    let (mut written, mut failed) = (0u64, 0u64);
+    'devices: for device in &devices {
+        for day in (args.from..args.to).step_by(DAY_MS as usize) {
+            if shutdown.is_cancelled() {
+                break 'devices;
+            }
+            match keeper.rebuild_day(device, day).await {
+                Ok(n) => written += n,
+                Err(error) => {
+                    failed += 1;
+                    tracing::error!(%error, device = %device, day = %layout::date_text(day), "Cannot rebuild a day's rollups.");
+                }
+            }
+            done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    bar.finish().await;
+    println!(
+        "Rebuilt {written} rollups of {} devices over {days} days ({failed} device-days failed).",
+        devices.len()
+    );
+    Ok(failed == 0 && !shutdown.is_cancelled())
+}
+
+/// Keeps rollups current until `shutdown`: a turn every `every`, expiry once a day.
+async fn keep_rollups(
+    keeper: rollups::Keeper,
+    every: Duration,
+    health: Health,
+    shutdown: CancellationToken,
+) {
+    let mut expired_day = None;
+    loop {
+        let now = schemas::timefmt::now_ms();
+        match keeper.turn(now).await {
+            Ok(turn) => {
+                health.recover("rollups");
+                if turn.hours_swept > 0 || turn.marks_done > 0 {
+                    tracing::info!(
+                        hours = turn.hours_swept,
+                        marks = turn.marks_done,
+                        written = turn.rollups_written,
+                        "Rollups brought up to date."
+                    );
+                }
+                metrics::counter!(metrics_names::ROLLUPS_WRITTEN).increment(turn.rollups_written);
+                metrics::gauge!(metrics_names::ROLLUPS_LAST_SUCCESS).set(now as f64 / 1000.0);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Cannot bring rollups up to date; retrying.");
+                health.fail("rollups", format!("rollups: {error}"));
+            }
+        }
+        let today = floor_day(now);
+        if expired_day != Some(today) {
+            match keeper.expire(now).await {
+                Ok(deleted) => {
+                    expired_day = Some(today);
+                    if deleted > 0 {
+                        tracing::info!(deleted, "Expired rollups older than the rollup retention.");
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "Cannot expire old rollups; retrying later."),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(every) => {}
+        }
     }
 }
 
@@ -52,21 +172,21 @@ async fn run_passes(args: RunArgs, shutdown: CancellationToken) -> anyhow::Resul
     }
     let ctx = pass::Ctx {
         target: day::Target {
-            telemetry: account.table(&args.table_name),
-            container: account.container(&args.container),
-            format: args.format.into(),
+            telemetry: account.table(&args.sources.table_name),
+            container: account.container(&args.sources.container),
+            format: args.sources.format.into(),
             dry_run: args.dry_run,
             failpoint: args.failpoint.clone(),
         },
-        devices: account.table(&args.device_table),
-        layout: args.layout.clone(),
+        devices: account.table(&args.sources.device_table),
+        layout: args.sources.layout.clone(),
         concurrency: args.concurrency,
         log_format: args.log.log_format,
     };
     tracing::info!(
-        container = %args.container,
-        layout = %args.layout,
-        format = ?args.format,
+        container = %args.sources.container,
+        layout = %args.sources.layout,
+        format = ?args.sources.format,
         retention = %humantime::format_duration(args.retention),
         blob_endpoint = account.blob_endpoint(),
         "Archiver starting."
@@ -78,6 +198,21 @@ async fn run_passes(args: RunArgs, shutdown: CancellationToken) -> anyhow::Resul
         }
     }
     health.set_ready();
+    if args.rollups && !args.once && !args.dry_run {
+        let mut keeper = keeper(&account, &args.sources);
+        keeper.settle = args.rollup_settle;
+        keeper.retention = args.rollup_retention;
+        keeper.concurrency = args.concurrency.max(1) * 4;
+        let rollups = [Resource::Table(&keeper.rollups)];
+        if create_missing(&rollups, args.storage.create_missing, &shutdown).await {
+            tokio::spawn(keep_rollups(
+                keeper,
+                args.rollup_interval,
+                health.clone(),
+                shutdown.clone(),
+            ));
+        }
+    }
 
     let mut all_ok = true;
     loop {

@@ -3,8 +3,11 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> anyhow::Result<std::process::ExitCode> {
     let config = archiver::Config::parse();
-    let archiver::Command::Run(args) = &config.command;
-    infra::serve::init_tracing(args.log.log_format);
+    let log = match &config.command {
+        archiver::Command::Run(args) => &args.log,
+        archiver::Command::Rollups(args) => &args.log,
+    };
+    infra::serve::init_tracing(log.log_format);
     let ok = archiver::run(config, infra::shutdown::on_signal()).await?;
     Ok(if ok {
         std::process::ExitCode::SUCCESS

@@ -9,6 +9,7 @@ use crate::views;
 use bytes::Bytes;
 use infra::storage::{Queue, StorageError, Table};
 use schemas::device;
+use schemas::rollup::{Interval, Rollup};
 use schemas::timefmt::{format_ms, now_ms};
 use serde_json::json;
 use std::time::Duration;
@@ -18,17 +19,28 @@ const DEFAULT_SPAN: Duration = Duration::from_secs(86_400);
 /// Devices per page unless `limit` says otherwise, and the most a page may hold.
 const DEVICES_PAGE: usize = 100;
 const DEVICES_PAGE_MAX: usize = 1000;
+/// The longest range of rollups one request may ask for, and the most rollups it returns
+/// (ten years of days; a year and a half of hours).
+const ROLLUP_RANGE_MAX: Duration = Duration::from_secs(3660 * 86_400);
+const ROLLUPS_MAX: usize = 13_000;
 
 #[derive(Debug)]
 pub struct Api {
     pub devices: Table,
+    pub rollups: Table,
     pub sources: Sources,
     pub ingest: Queue,
     pub dead_letters: Queue,
     pub max_raw_range: Duration,
     pub max_readings: usize,
     pub silent_after: Duration,
+    /// Readings requests answered at once (each holds up to `max_readings` readings and a
+    /// day's archive blob); more get a 503 to retry.
+    pub readings_permits: tokio::sync::Semaphore,
 }
+
+/// Readings requests answered at once.
+pub const READINGS_AT_ONCE: usize = 4;
 
 /// A successful answer.
 #[derive(Debug)]
@@ -55,6 +67,7 @@ pub fn route_of(path: &str) -> &'static str {
     match rest.split('/').collect::<Vec<_>>().as_slice() {
         ["devices"] => "devices",
         ["devices", _, "readings"] => "readings",
+        ["devices", _, "rollups"] => "rollups",
         ["pipeline"] => "pipeline",
         _ => "unknown",
     }
@@ -67,9 +80,10 @@ impl Api {
         match rest.split('/').collect::<Vec<_>>().as_slice() {
             ["devices"] => self.list_devices(&params).await,
             ["devices", id, "readings"] => self.readings(&params, id).await,
+            ["devices", id, "rollups"] => self.rollups(&params, id).await,
             ["pipeline"] => self.pipeline().await,
             _ => Err(Problem::not_found(
-                "no such endpoint: try /api/v1/devices, /api/v1/devices/{id}/readings or /api/v1/pipeline",
+                "no such endpoint: try /api/v1/devices, /api/v1/devices/{id}/readings, /api/v1/devices/{id}/rollups or /api/v1/pipeline",
             )),
         }
     }
@@ -116,8 +130,8 @@ impl Api {
             if !prefix.is_empty() {
                 url.push_str(&format!("&prefix={prefix}"));
             }
-            if let Some(s) = params.get("silent") {
-                url.push_str(&format!("&silent={s}"));
+            if let Some(silent) = silent {
+                url.push_str(&format!("&silent={}s", silent.as_secs()));
             }
             url
         });
@@ -130,11 +144,8 @@ impl Api {
         Ok(reply)
     }
 
-    async fn readings(&self, params: &Params, id: &str) -> Result<Reply, Problem> {
-        let id = params::device_id(id)?;
-        let format = params.format()?;
-        let limit = params.limit(self.max_readings, self.max_readings)?;
-        let (from, to) = params.range(now_ms(), DEFAULT_SPAN, self.max_raw_range)?;
+    /// Checks that `id` names a device the pipeline has stored readings of.
+    async fn known(&self, id: &str) -> Result<(), Problem> {
         let known = self
             .devices
             .first(&format!(
@@ -144,11 +155,70 @@ impl Api {
             .await
             .or_else(|e| if e.is_not_found() { Ok(None) } else { Err(e) })
             .map_err(|e| Problem::storage(&e))?;
-        if known.is_none() {
-            return Err(Problem::not_found(format!(
+        match known {
+            Some(_) => Ok(()),
+            None => Err(Problem::not_found(format!(
                 "no device {id:?}: the pipeline has never stored a reading of it"
-            )));
+            ))),
         }
+    }
+
+    async fn rollups(&self, params: &Params, id: &str) -> Result<Reply, Problem> {
+        let id = params::device_id(id)?;
+        let interval = params.interval()?;
+        let format = params.format()?;
+        let span = match interval {
+            Interval::Hour => Duration::from_secs(30 * 86_400),
+            Interval::Day => Duration::from_secs(366 * 86_400),
+        };
+        let (from, to) = params.range(now_ms(), span, ROLLUP_RANGE_MAX)?;
+        self.known(&id).await?;
+        // Periods that start in the range.
+        let filter = format!(
+            "PartitionKey eq '{id}' and RowKey ge '{}' and RowKey lt '{}'",
+            interval.row_key(from),
+            interval.row_key(to)
+        );
+        let rows = self
+            .rollups
+            .query_first(&filter, ROLLUPS_MAX)
+            .await
+            .or_else(none_if_missing)
+            .map_err(|e| Problem::storage(&e))?;
+        let rollups = rows
+            .iter()
+            .map(Rollup::from_entity)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Problem::internal(format!("a rollup row of {id}: {e}")))?;
+        match format {
+            Format::Json => Ok(Reply::json(json!({
+                "device": id,
+                "interval": interval.name(),
+                "from": format_ms(from),
+                "to": format_ms(to),
+                "rollups": rollups.iter().map(views::rollup).collect::<Vec<_>>(),
+            }))),
+            Format::Csv => Ok(Reply {
+                content_type: "text/csv; charset=utf-8",
+                body: Bytes::from(views::rollups_csv(&rollups)),
+                next: None,
+            }),
+            Format::Parquet => Err(Problem::bad_request(
+                "rollups come as format=json or format=csv",
+            )),
+        }
+    }
+
+    async fn readings(&self, params: &Params, id: &str) -> Result<Reply, Problem> {
+        let id = params::device_id(id)?;
+        let _permit = self
+            .readings_permits
+            .try_acquire()
+            .map_err(|_| Problem::busy())?;
+        let format = params.format()?;
+        let limit = params.limit(self.max_readings, self.max_readings)?;
+        let (from, to) = params.range(now_ms(), DEFAULT_SPAN, self.max_raw_range)?;
+        self.known(&id).await?;
         let page = self.sources.readings(&id, from, to, limit).await?;
         let format_name = match format {
             Format::Json => "json",

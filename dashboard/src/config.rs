@@ -33,6 +33,10 @@ pub struct Config {
     #[arg(long, env = "DASHBOARD_DEVICE_TABLE", default_value = schemas::device::DEFAULT_TABLE)]
     pub device_table: String,
 
+    /// Table of hourly and daily rollups (the archiver's `ARCHIVER_ROLLUP_TABLE`).
+    #[arg(long, env = "DASHBOARD_ROLLUP_TABLE", default_value = schemas::rollup::DEFAULT_TABLE)]
+    pub rollup_table: String,
+
     /// Blob container of the archive (the archiver's `ARCHIVER_CONTAINER`).
     #[arg(long, env = "DASHBOARD_ARCHIVE_CONTAINER", default_value = "telemetry")]
     pub archive_container: String,

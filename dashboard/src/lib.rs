@@ -31,6 +31,10 @@ const STORAGE_CHECK: Duration = Duration::from_secs(15);
 /// Serves until `shutdown`, then lets requests in progress finish.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let token = config.token()?;
+    anyhow::ensure!(
+        token.as_ref().is_none_or(|t| !t.expose().is_empty()),
+        "the dashboard token (DASHBOARD_TOKEN or DASHBOARD_TOKEN_FILE) is empty: set one, or unset both"
+    );
     if token.is_none() && !config.addr.ip().is_loopback() {
         tracing::warn!(addr = %config.addr, "The API is served beyond this machine without a token; set DASHBOARD_TOKEN_FILE.");
     }
@@ -40,6 +44,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let app = Arc::new(http::App {
         api: api::Api {
             devices: devices.clone(),
+            rollups: account.table(&config.rollup_table),
             sources: readings::Sources {
                 table: account.table(&config.table_name),
                 archive: account.container(&config.archive_container),
@@ -51,6 +56,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             max_raw_range: config.max_raw_range,
             max_readings: config.max_readings.max(1),
             silent_after: config.silent_after,
+            readings_permits: tokio::sync::Semaphore::new(api::READINGS_AT_ONCE),
         },
         token,
         health: health.clone(),

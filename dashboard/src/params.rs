@@ -95,6 +95,16 @@ impl Params {
         }
     }
 
+    /// A rollup interval: `1h` (the default) or `1d`.
+    pub fn interval(&self) -> Result<schemas::rollup::Interval, Problem> {
+        match self.get("interval") {
+            None | Some("") => Ok(schemas::rollup::Interval::Hour),
+            Some(text) => schemas::rollup::Interval::parse(text).ok_or_else(|| {
+                Problem::bad_request(format!("interval={text:?}: expected 1h or 1d"))
+            }),
+        }
+    }
+
     /// The answer's format.
     pub fn format(&self) -> Result<Format, Problem> {
         match self.get("format") {

@@ -53,6 +53,15 @@ impl Problem {
         }
     }
 
+    /// Too many requests of this kind at once.
+    pub fn busy() -> Self {
+        Self {
+            status: 503,
+            title: "Busy",
+            detail: "too many readings requests at once; retry in a moment".into(),
+        }
+    }
+
     /// Something the pipeline stored cannot be read back (a bug, or a foreign writer); the
     /// detail names it.
     pub fn internal(detail: impl Into<String>) -> Self {

@@ -2,7 +2,7 @@
 //! the days the range covers, so an answer never depends on whether or when the archiver ran.
 
 use crate::problem::Problem;
-use futures::{stream, StreamExt, TryStreamExt};
+use futures::{stream, StreamExt};
 use infra::storage::{Container, Table};
 use schemas::archive::layout::{floor_day, Layout, DAY_MS};
 use schemas::archive::Format as ArchiveFormat;
@@ -42,38 +42,45 @@ impl Sources {
             timefmt::format_ms(from),
             timefmt::format_ms(to)
         );
+        // The table first, then the archive: the archiver writes a day's blob before it
+        // deletes the day's rows, so in this order no reading can fall between the two reads.
         // The table's first `limit + 1` are enough: whatever the archive adds, the merged
         // first `limit + 1` come from them and the archive's rows.
-        let table = async {
-            let rows = self
-                .table
-                .query_first(&filter, limit + 1)
-                .await
-                .or_else(crate::api::none_if_missing)
-                .map_err(|e| Problem::storage(&e))?;
-            rows.iter()
-                .map(schemas::entity::from_entity)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| Problem::internal(format!("a table row of {device}: {e}")))
-        };
-        let (table, archived) = futures::try_join!(table, self.archived(device, from, to))?;
-        Ok(page(merge(archived, table, from, to), limit))
-    }
-
-    /// The archived readings of the days `[from, to)` touches.
-    async fn archived(
-        &self,
-        device: &str,
-        from: i64,
-        to: i64,
-    ) -> Result<Vec<StoredReading>, Problem> {
+        let rows = self
+            .table
+            .query_first(&filter, limit + 1)
+            .await
+            .or_else(crate::api::none_if_missing)
+            .map_err(|e| Problem::storage(&e))?;
+        let table = rows
+            .iter()
+            .map(schemas::entity::from_entity)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Problem::internal(format!("a table row of {device}: {e}")))?;
+        let mut merged: BTreeMap<i64, StoredReading> = table
+            .into_iter()
+            .map(|row| (row.reading.measured_at_ms, row))
+            .collect();
+        // Archive days in order, a few read ahead, until the first `limit + 1` readings are
+        // known: memory stays near `limit` readings and a day's blob, whatever the range.
         let days: Vec<i64> = (floor_day(from)..to).step_by(DAY_MS as usize).collect();
-        let per_day: Vec<Vec<StoredReading>> = stream::iter(days)
-            .map(|day| self.archived_day(device, day))
-            .buffered(BLOB_READS)
-            .try_collect()
-            .await?;
-        Ok(per_day.into_iter().flatten().collect())
+        let mut blobs = stream::iter(days.iter().copied())
+            .map(|day| async move { (day, self.archived_day(device, day).await) })
+            .buffered(BLOB_READS);
+        while let Some((day, archived)) = blobs.next().await {
+            if merged.len() > limit && merged.keys().nth(limit).is_some_and(|t| *t < day) {
+                break;
+            }
+            for row in archived? {
+                let at = row.reading.measured_at_ms;
+                if (from..to).contains(&at) {
+                    // The table's row wins: it is the newer write.
+                    merged.entry(at).or_insert(row);
+                }
+            }
+        }
+        drop(blobs);
+        Ok(page(merged.into_values().collect(), limit))
     }
 
     async fn archived_day(&self, device: &str, day: i64) -> Result<Vec<StoredReading>, Problem> {
@@ -90,24 +97,6 @@ impl Sources {
                 .map_err(|e| Problem::internal(format!("archive blob {name}: {e}"))),
         }
     }
-}
-
-/// Both sources' readings in `[from, to)`, one per timestamp (the table's row wins: it is
-/// the newer write), in time order.
-fn merge(
-    archived: Vec<StoredReading>,
-    table: Vec<StoredReading>,
-    from: i64,
-    to: i64,
-) -> Vec<StoredReading> {
-    let mut by_time = BTreeMap::new();
-    for row in archived.into_iter().chain(table) {
-        let at = row.reading.measured_at_ms;
-        if (from..to).contains(&at) {
-            by_time.insert(at, row);
-        }
-    }
-    by_time.into_values().collect()
 }
 
 fn page(mut readings: Vec<StoredReading>, limit: usize) -> Page {
@@ -143,15 +132,6 @@ mod tests {
 
     fn times(rows: &[StoredReading]) -> Vec<i64> {
         rows.iter().map(|r| r.reading.measured_at_ms).collect()
-    }
-
-    #[test]
-    fn merging_keeps_one_reading_per_time_in_range_preferring_the_table() {
-        let archived = vec![row(5, 1.0), row(10, 1.0), row(20, 1.0), row(40, 1.0)];
-        let table = vec![row(20, 2.0), row(30, 2.0)];
-        let merged = merge(archived, table, 10, 40);
-        assert_eq!(times(&merged), [10, 20, 30]);
-        assert_eq!(merged[1].reading.temperature, Some(2.0));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use schemas::device::Device;
 use schemas::entity::StoredReading;
 use schemas::reading::Reading;
+use schemas::rollup::{Rollup, Stats, MEASUREMENTS};
 use schemas::timefmt::format_ms;
 use serde_json::{json, Map, Value};
 
@@ -48,6 +49,61 @@ pub fn device(d: &Device, now_ms: i64) -> Value {
             "extras": extras(r),
         },
     })
+}
+
+fn stats(s: &Stats) -> Value {
+    if s.count == 0 {
+        return Value::Null;
+    }
+    json!({ "count": s.count, "min": s.min, "max": s.max, "mean": s.mean(), "sum": s.sum })
+}
+
+/// A rollup: the period, its reading count and times, and per measurement count, min, max,
+/// mean and sum (`null` when the period has none of it).
+pub fn rollup(r: &Rollup) -> Value {
+    json!({
+        "periodStart": format_ms(r.start_ms),
+        "count": r.count,
+        "firstAt": format_ms(r.first_at_ms),
+        "lastAt": format_ms(r.last_at_ms),
+        "temperature": stats(&r.stats[0]),
+        "humidity": stats(&r.stats[1]),
+        "pressure": stats(&r.stats[2]),
+    })
+}
+
+/// Rollups as CSV: one line a period, five columns a measurement.
+pub fn rollups_csv(rollups: &[Rollup]) -> String {
+    let mut out = String::from("periodStart,count,firstAt,lastAt");
+    for m in MEASUREMENTS {
+        let m = m.to_lowercase();
+        for part in ["Count", "Min", "Max", "Mean", "Sum"] {
+            out.push_str(&format!(",{m}{part}"));
+        }
+    }
+    out.push_str("\r\n");
+    for r in rollups {
+        out.push_str(&format!(
+            "{},{},{},{}",
+            format_ms(r.start_ms),
+            r.count,
+            format_ms(r.first_at_ms),
+            format_ms(r.last_at_ms)
+        ));
+        for s in &r.stats {
+            if s.count == 0 {
+                out.push_str(",0,,,,");
+            } else {
+                let mean = s.mean().unwrap_or_default();
+                out.push_str(&format!(
+                    ",{},{},{},{mean},{}",
+                    s.count, s.min, s.max, s.sum
+                ));
+            }
+        }
+        out.push_str("\r\n");
+    }
+    out
 }
 
 /// Readings as CSV (RFC 4180): one line each, extras as one JSON column.

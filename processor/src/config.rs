@@ -38,6 +38,11 @@ pub struct Config {
     #[arg(long, env = "PROCESSOR_DEVICE_TABLE", default_value = schemas::device::DEFAULT_TABLE)]
     pub device_table: String,
 
+    /// Rollup table. A reading stored after its hour ended marks that device-hour here, so
+    /// the archiver recomputes its rollup (late data lands in its own hour).
+    #[arg(long, env = "PROCESSOR_ROLLUP_TABLE", default_value = schemas::rollup::DEFAULT_TABLE)]
+    pub rollup_table: String,
+
     /// How often each device's latest reading is written to the device table (at most).
     /// New devices are registered at once, whatever this is.
     #[arg(long, env = "PROCESSOR_DEVICE_UPDATE_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]

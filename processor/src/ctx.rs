@@ -27,6 +27,8 @@ pub struct Ctx {
     /// Where unreadable queue messages are kept whole before they leave the ingest queue.
     pub quarantine: Queue,
     pub table: Table,
+    /// Where late device-hours are marked for the rollup keeper.
+    pub rollups: Table,
     pub devices: Registry,
     pub rules: Rules,
     pub visibility: Duration,

@@ -12,6 +12,8 @@ pub enum Stage {
     Write,
     /// Registering a device in the device table.
     Register,
+    /// Marking device-hours written after their hour ended, for the rollup keeper.
+    Rollup,
     /// Writing dead-letter records.
     DeadLetter,
 }
@@ -23,6 +25,7 @@ impl Stage {
             Stage::Quarantine => "quarantine",
             Stage::Write => "write",
             Stage::Register => "register",
+            Stage::Rollup => "rollup",
             Stage::DeadLetter => "dead_letter",
         }
     }

@@ -44,6 +44,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         dead_letters: account.queue(&config.dead_letter_queue),
         quarantine: account.queue(&config.quarantine_queue),
         table: account.table(&config.table_name),
+        rollups: account.table(&config.rollup_table),
         devices: devices::Registry::new(account.table(&config.device_table)),
         rules: classify::Rules {
             topic_prefix: config.topic_prefix.clone(),
@@ -84,6 +85,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Resource::Queue(&ctx.quarantine),
         Resource::Table(&ctx.table),
         Resource::Table(&ctx.devices.table),
+        Resource::Table(&ctx.rollups),
     ];
     if !create_missing(&resources, config.storage.create_missing, &shutdown).await {
         return Ok(());

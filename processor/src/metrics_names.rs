@@ -4,6 +4,9 @@
 pub const STORED: &str = "processor_readings_stored_total";
 /// Dead-letter records written, by `reason`.
 pub const DEAD_LETTERS: &str = "processor_dead_letters_total";
+/// Device-hours marked for the rollup keeper because readings of them were stored after the
+/// hour ended.
+pub const LATE_HOURS: &str = "processor_late_hours_marked_total";
 /// Dead-letter records not written again: this process wrote them for an earlier delivery of
 /// the same message.
 pub const DEAD_LETTERS_ALREADY_WRITTEN: &str = "processor_dead_letters_already_written_total";

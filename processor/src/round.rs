@@ -90,6 +90,7 @@ pub async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>, take
                 .insert(origin.message);
         }
     }
+    let late = late_hours(&rows, now);
     let planned = plan(rows);
     if planned.overwrites > 0 {
         metrics::counter!(m::OVERWRITES).increment(planned.overwrites as u64);
@@ -116,6 +117,7 @@ pub async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>, take
             }
         }
     }
+    mark_late(ctx, late, &mut held, write_by).await;
     register(ctx, latest, &carriers, &mut held, write_by).await;
 
     match held
@@ -167,6 +169,71 @@ pub async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>, take
         ctx.newer_envelopes(version, count);
     }
     ctx.forget_held_back();
+}
+
+/// The device-hours of `rows` whose hour had ended at `now`, with the messages carrying them:
+/// the sweep that rolls up each hour when it ends may have missed these readings.
+fn late_hours(
+    rows: &[(Origin, infra::storage::Entity)],
+    now: i64,
+) -> BTreeMap<(String, i64), BTreeSet<usize>> {
+    let hour = schemas::rollup::Interval::Hour;
+    let mut late: BTreeMap<(String, i64), BTreeSet<usize>> = BTreeMap::new();
+    for (origin, entity) in rows {
+        let text = |name: &str| entity.get(name).and_then(|v| v.as_str());
+        let (Some(device), Some(at)) = (
+            text("PartitionKey"),
+            text("RowKey").and_then(schemas::timefmt::parse_rfc3339_ms),
+        ) else {
+            continue;
+        };
+        let start = hour.floor(at);
+        if start + hour.ms() <= now {
+            late.entry((device.to_owned(), start))
+                .or_default()
+                .insert(origin.message);
+        }
+    }
+    late
+}
+
+/// Marks the late device-hours in the rollup table (100 per transaction: one partition). A
+/// message whose mark failed stays, to be redone: its readings would otherwise be missing
+/// from their hour's rollup for good.
+async fn mark_late(
+    ctx: &Ctx,
+    late: BTreeMap<(String, i64), BTreeSet<usize>>,
+    held: &mut [Held],
+    deadline: Instant,
+) {
+    if late.is_empty() {
+        return;
+    }
+    metrics::counter!(m::LATE_HOURS).increment(late.len() as u64);
+    let late: Vec<_> = late.into_iter().collect();
+    for chunk in late.chunks(100) {
+        let marks: Vec<infra::storage::Entity> = chunk
+            .iter()
+            .map(|((device, hour), _)| schemas::rollup::mark(device, *hour))
+            .collect();
+        let failure = match retry(deadline, || ctx.rollups.upsert_batch(&marks)).await {
+            Ok(infra::storage::BatchOutcome::Committed) => continue,
+            Ok(infra::storage::BatchOutcome::Rejected(refusal)) => Failure::Refused {
+                stage: Stage::Rollup,
+                table: ctx.rollups.name().to_owned(),
+                refusal,
+            },
+            Err(error) => Failure::Storage {
+                stage: Stage::Rollup,
+                error,
+            },
+        };
+        for (_, messages) in chunk {
+            for &i in messages {
+                held[i].fail(failure.clone());
+            }
+        }
+    }
 }
 
 /// Keeps each message that could not be wholly decoded in the quarantine queue, as it is,

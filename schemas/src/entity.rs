@@ -14,8 +14,8 @@ pub const DEFAULT_TABLE: &str = "telemetry";
 pub const EXTRA_PREFIX: &str = "Ext_";
 
 const DATETIME: &str = "Edm.DateTime";
-const DOUBLE: &str = "Edm.Double";
-const INT64: &str = "Edm.Int64";
+pub(crate) const DOUBLE: &str = "Edm.Double";
+pub(crate) const INT64: &str = "Edm.Int64";
 
 /// The entity's JSON body, ready for an upsert.
 pub fn to_entity(reading: &Reading, ingested_at_ms: i64) -> Map<String, Value> {
@@ -63,7 +63,7 @@ pub fn typed_datetime(e: &mut Map<String, Value>, name: &str, ms: i64) {
     typed(e, name, DATETIME, text.into());
 }
 
-fn typed(e: &mut Map<String, Value>, name: &str, edm: &str, value: Value) {
+pub(crate) fn typed(e: &mut Map<String, Value>, name: &str, edm: &str, value: Value) {
     e.insert(format!("{name}@odata.type"), edm.into());
     e.insert(name.to_owned(), value);
 }
@@ -139,7 +139,7 @@ pub fn from_entity(e: &Map<String, Value>) -> Result<StoredReading, RowError> {
     })
 }
 
-fn number_of(v: &Value) -> Option<f64> {
+pub(crate) fn number_of(v: &Value) -> Option<f64> {
     match v {
         Value::Number(n) => n.as_f64(),
         Value::String(s) => s.parse().ok(),
@@ -147,7 +147,7 @@ fn number_of(v: &Value) -> Option<f64> {
     }
 }
 
-fn integer_of(v: &Value) -> Option<i64> {
+pub(crate) fn integer_of(v: &Value) -> Option<i64> {
     match v {
         Value::Number(n) => n.as_i64(),
         Value::String(s) => s.parse().ok(),

@@ -9,6 +9,7 @@
 //! - [`device`]: the device table's row (first/last seen, latest reading).
 //! - [`archive`] (feature `archive`): the Arrow schema and the Parquet/JSON Lines archive
 //!   format of readings rolled out of the table.
+//! - [`rollup`]: hourly and daily rollups of a device's readings, and their rows.
 //! - [`timefmt`]: RowKey and RFC 3339 formatting shared by all of the above.
 //!
 //! Invariants: this crate does no I/O, and no other crate defines a wire shape. Every queue
@@ -23,6 +24,7 @@ pub mod envelope;
 mod framed;
 pub mod reading;
 pub mod reason;
+pub mod rollup;
 pub mod timefmt;
 
 pub use dead_letter::DeadLetter;

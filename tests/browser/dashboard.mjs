@@ -40,7 +40,7 @@ try {
     // Search narrows the table.
     await page.fill("#search", device);
     const matching = await page.locator("#devices tr").count();
-    if (matching < 1) problems.push(`${name}: searching for ${device} finds nothing`);
+    if (matching !== 1) problems.push(`${name}: searching for ${device} finds ${matching} devices, expected 1`);
     await page.fill("#search", "");
     await page.screenshot({ path: `${shots}/fleet-${name}.png`, fullPage: true });
 

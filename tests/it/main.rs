@@ -9,6 +9,7 @@ mod dashboard;
 mod deadletter;
 mod failures;
 mod pipeline;
+mod rollups;
 mod secure;
 mod simulator;
 

@@ -3,7 +3,8 @@
 "use strict";
 
 const MEASURES = ["temperature", "humidity", "pressure"];
-const RANGES = [["1h", 3600e3], ["6h", 6 * 3600e3], ["24h", 86400e3], ["7d", 7 * 86400e3]];
+// Raw readings up to a week; hourly rollups for a month, daily ones for a year.
+const RANGES = [["1h", 3600e3], ["6h", 6 * 3600e3], ["24h", 86400e3], ["7d", 7 * 86400e3], ["30d", 30 * 86400e3, "1h"], ["1y", 365 * 86400e3, "1d"]];
 const SHOWN_ROWS = 500;
 
 let fleet = { devices: [], sort: { key: "lastSeen", dir: 1 }, query: "", silentAfterSeconds: 600 };
@@ -37,16 +38,40 @@ async function api(path) {
   return body;
 }
 
+// One prompt however many requests were refused at once.
+let asking = null;
 function askToken() {
-  return new Promise((resolve) => {
-    const dialog = document.getElementById("login");
-    const form = document.getElementById("login-form");
-    form.onsubmit = () => {
-      sessionStorage.setItem("token", document.getElementById("token").value);
-      resolve();
-    };
-    if (!dialog.open) dialog.showModal();
-  });
+  if (!asking) {
+    asking = new Promise((resolve) => {
+      const dialog = document.getElementById("login");
+      document.getElementById("login-form").onsubmit = () => {
+        sessionStorage.setItem("token", document.getElementById("token").value);
+        asking = null;
+        resolve();
+      };
+      dialog.showModal();
+    });
+  }
+  return asking;
+}
+
+// A download that carries the token (a plain link would not).
+async function download(path, name) {
+  const headers = {};
+  const token = sessionStorage.getItem("token");
+  if (token) headers.Authorization = "Bearer " + token;
+  const response = await fetch(path, { headers });
+  if (!response.ok) {
+    const body = await response.json();
+    alert("Cannot download: " + (body.detail || response.statusText));
+    return;
+  }
+  const url = URL.createObjectURL(await response.blob());
+  const a = el("a", { href: url, download: name });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  URL.revokeObjectURL(url);
 }
 
 function fmtNumber(v, digits = 1) {
@@ -158,17 +183,30 @@ async function showDevice(id, rangeName) {
   const from = new Date(to.getTime() - range[1]);
   const buttons = el("div", { class: "ranges toolbar", role: "group", "aria-label": "Range" }, ...RANGES.map(([name]) =>
     el("button", { type: "button", "aria-pressed": String(name === range[0]), onclick: () => { location.hash = "#/device/" + encodeURIComponent(id) + "/" + name; } }, name)));
-  const path = "/api/v1/devices/" + encodeURIComponent(id) + "/readings?from=" + from.toISOString() + "&to=" + to.toISOString();
+  const interval = range[2];
+  const base = "/api/v1/devices/" + encodeURIComponent(id);
+  const span = "from=" + from.toISOString() + "&to=" + to.toISOString();
+  const path = interval ? base + "/rollups?interval=" + interval + "&" + span : base + "/readings?" + span;
   const readings = [];
-  let url = path;
-  while (url) {
-    const page = await api(url);
-    readings.push(...page.readings);
-    url = page.next;
+  if (interval) {
+    // A period's mean stands for it on the chart.
+    const mean = (s) => (s == null ? null : s.mean);
+    for (const r of (await api(path)).rollups) {
+      readings.push({ measuredAt: r.periodStart, temperature: mean(r.temperature), humidity: mean(r.humidity), pressure: mean(r.pressure) });
+    }
+  } else {
+    let url = path;
+    while (url) {
+      const page = await api(url);
+      readings.push(...page.readings);
+      url = page.next;
+    }
   }
-  const csv = el("a", { href: path + "&format=csv", download: id + ".csv" }, "CSV");
-  const parquet = el("a", { href: path + "&format=parquet", download: id + ".parquet" }, "Parquet");
-  const summary = el("p", { class: "muted", id: "summary" }, readings.length + " readings from " + from.toLocaleString() + " to " + to.toLocaleString() + " · ", csv, " · ", parquet);
+  const link = (format, label) => el("a", { href: "#", onclick: (event) => { event.preventDefault(); download(path + "&format=" + format, id + "." + format); } }, label);
+  const csv = link("csv", "CSV");
+  const what = interval ? (interval === "1h" ? " hourly means" : " daily means") : " readings";
+  const downloads = interval ? [csv] : [csv, " · ", link("parquet", "Parquet")];
+  const summary = el("p", { class: "muted", id: "summary" }, readings.length + what + " from " + from.toLocaleString() + " to " + to.toLocaleString() + " · ", ...downloads);
   const charts = MEASURES.map((m) => chart(m, readings));
   show(buttons, summary, ...charts);
   stamp();
@@ -184,7 +222,8 @@ function chart(measure, readings) {
   }
   const W = 1000, H = 180;
   const x0 = points[0][0], x1 = points[points.length - 1][0] || x0 + 1;
-  let lo = Math.min(...points.map((p) => p[1])), hi = Math.max(...points.map((p) => p[1]));
+  let lo = Infinity, hi = -Infinity;
+  for (const p of points) { lo = Math.min(lo, p[1]); hi = Math.max(hi, p[1]); }
   if (lo === hi) { lo -= 1; hi += 1; }
   const sx = (t) => ((t - x0) / Math.max(1, x1 - x0)) * W;
   const sy = (v) => H - ((v - lo) / (hi - lo)) * H;

@@ -1,0 +1,286 @@
+//! Keeps the rollup table current (`schemas::rollup`): hourly and daily rollups per device,
+//! always recomputed from the readings, never incremented, so they stay exact under
+//! redelivery and late data.
+//!
+//! - **The sweep.** Once an hour has ended and `settle` has passed (longer than any processor
+//!   round, so its readings are all written), every device's rows of that hour are read with one
+//!   partition range query and rolled up. When the hour is a day's last, the day is combined
+//!   from its hours in the same transaction. Where it got to is kept in the table
+//!   ([`schemas::rollup::STATE`]); a restart carries on from there. A first start sweeps only
+//!   the latest hour: older history is `archiver rollups` (rebuild) work.
+//! - **The marks.** A reading stored after its hour ended may come after the sweep: the
+//!   processor marks that device-hour ([`schemas::rollup::MARKS`]) before it deletes the
+//!   message. Each turn recomputes the marked hours that were swept (reading the archive too, in
+//!   case the day was archived meanwhile), and their days if those ended, then deletes each mark
+//!   with the ETag it was read with: a mark written again meanwhile stays for the next turn.
+//! - **Retention.** Rollups older than the rollup retention (400 days) are deleted once a day.
+
+use crate::day::retried;
+use futures::{stream, StreamExt};
+use infra::storage::{BatchOutcome, Container, Entity, Refusal, RowRef, StorageError, Table};
+use schemas::archive::layout::Layout;
+use schemas::archive::Format;
+use schemas::reading::Reading;
+use schemas::rollup::{self, Interval, Rollup, DAY_MS, HOUR_MS};
+use schemas::timefmt::format_ms;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Marks recomputed per turn at most (the rest wait for the next turn).
+const MARKS_PER_TURN: usize = 1000;
+const STATE_KEY: &str = "sweep";
+const SWEPT_THROUGH: &str = "SweptThrough";
+
+#[derive(Debug, Clone)]
+pub struct Keeper {
+    pub telemetry: Table,
+    pub devices: Table,
+    pub rollups: Table,
+    pub archive: Container,
+    pub layout: Layout,
+    pub format: Format,
+    pub settle: Duration,
+    pub retention: Duration,
+    pub concurrency: usize,
+}
+
+/// Why a turn or a rebuild stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum KeepError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("the rollups of {device} were refused: {refusal}")]
+    Refused { device: String, refusal: Refusal },
+}
+
+/// What one turn did.
+#[derive(Debug, Default)]
+pub struct Turn {
+    pub hours_swept: u64,
+    pub rollups_written: u64,
+    pub marks_done: u64,
+}
+
+impl Keeper {
+    /// Sweeps the hours that ended and settled, then recomputes the marked ones.
+    pub async fn turn(&self, now: i64) -> Result<Turn, KeepError> {
+        let mut turn = Turn::default();
+        let settle = i64::try_from(self.settle.as_millis()).unwrap_or(i64::MAX);
+        // The newest hour that has ended and settled.
+        let last = Interval::Hour.floor(now.saturating_sub(settle)) - HOUR_MS;
+        let mut next = match self.swept_through().await? {
+            Some(hour) => hour + HOUR_MS,
+            None => last,
+        };
+        while next <= last {
+            turn.rollups_written += self.sweep(next).await?;
+            turn.hours_swept += 1;
+            self.set_swept_through(next).await?;
+            next += HOUR_MS;
+        }
+        let (done, written) = self.marks(next - HOUR_MS, now).await?;
+        turn.marks_done = done;
+        turn.rollups_written += written;
+        Ok(turn)
+    }
+
+    async fn swept_through(&self) -> Result<Option<i64>, StorageError> {
+        let filter = format!(
+            "PartitionKey eq '{}' and RowKey eq '{STATE_KEY}'",
+            rollup::STATE
+        );
+        let row = retried(|| self.rollups.first(&filter)).await?;
+        Ok(row
+            .as_ref()
+            .and_then(|e| e.get(SWEPT_THROUGH))
+            .and_then(|v| v.as_str())
+            .and_then(schemas::timefmt::parse_rfc3339_ms))
+    }
+
+    async fn set_swept_through(&self, hour: i64) -> Result<(), StorageError> {
+        let mut e = Entity::new();
+        e.insert("PartitionKey".into(), rollup::STATE.into());
+        e.insert("RowKey".into(), STATE_KEY.into());
+        schemas::entity::typed_datetime(&mut e, SWEPT_THROUGH, hour);
+        retried(|| self.rollups.upsert(&e)).await
+    }
+
+    /// Rolls up every device's hour starting at `hour`. Returns the rollups written.
+    async fn sweep(&self, hour: i64) -> Result<u64, KeepError> {
+        let filter = format!("PartitionKey eq '{}'", schemas::device::PARTITION);
+        let devices = retried(|| self.devices.row_keys(&filter)).await?;
+        let results: Vec<Result<u64, KeepError>> = stream::iter(devices)
+            .map(|device| async move { self.recompute(&device, hour, false).await })
+            .buffer_unordered(self.concurrency.max(1))
+            .collect()
+            .await;
+        let mut written = 0;
+        for r in results {
+            written += r?;
+        }
+        tracing::debug!(hour = %format_ms(hour), written, "Hour rolled up.");
+        Ok(written)
+    }
+
+    /// Recomputes `device`'s hour starting at `hour`, and its day when the hour is the day's
+    /// last or `with_day`; reads the archive too when `with_day` (a marked, possibly old hour).
+    /// Returns the rollups written.
+    async fn recompute(&self, device: &str, hour: i64, with_day: bool) -> Result<u64, KeepError> {
+        let mut readings = self.table_readings(device, hour, hour + HOUR_MS).await?;
+        if with_day {
+            let archived = self.archived(device, Interval::Day.floor(hour)).await?;
+            readings = merge(archived, readings, hour, hour + HOUR_MS);
+        }
+        let Some(hourly) = Rollup::of(Interval::Hour, hour, &readings) else {
+            return Ok(0);
+        };
+        let day = Interval::Day.floor(hour);
+        let last_of_day = hour + HOUR_MS == day + DAY_MS;
+        let mut rows = vec![hourly.to_entity()];
+        if last_of_day || with_day {
+            let filter = format!(
+                "PartitionKey eq '{device}' and RowKey ge '{}' and RowKey lt '{}'",
+                Interval::Hour.row_key(day),
+                Interval::Hour.row_key(day + DAY_MS)
+            );
+            let stored = retried(|| self.rollups.query(&filter)).await?;
+            let mut hours: BTreeMap<i64, Rollup> = stored
+                .iter()
+                .filter_map(|e| Rollup::from_entity(e).ok())
+                .map(|r| (r.start_ms, r))
+                .collect();
+            hours.insert(hour, hourly);
+            let hours: Vec<Rollup> = hours.into_values().collect();
+            if let Some(daily) = Rollup::combine(Interval::Day, day, &hours) {
+                rows.push(daily.to_entity());
+            }
+        }
+        match retried(|| self.rollups.upsert_batch(&rows)).await? {
+            BatchOutcome::Committed => Ok(rows.len() as u64),
+            BatchOutcome::Rejected(refusal) => Err(KeepError::Refused {
+                device: device.to_owned(),
+                refusal,
+            }),
+        }
+    }
+
+    async fn table_readings(
+        &self,
+        device: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<Reading>, StorageError> {
+        let filter = format!(
+            "PartitionKey eq '{device}' and RowKey ge '{}' and RowKey lt '{}'",
+            format_ms(from),
+            format_ms(to)
+        );
+        let rows = retried(|| self.telemetry.query(&filter)).await?;
+        Ok(rows
+            .iter()
+            .filter_map(|e| schemas::entity::from_entity(e).ok())
+            .map(|r| r.reading)
+            .collect())
+    }
+
+    async fn archived(&self, device: &str, day: i64) -> Result<Vec<Reading>, StorageError> {
+        let name = self.layout.blob_name(device, day, self.format.extension());
+        let Some(blob) = retried(|| self.archive.get(&name)).await? else {
+            return Ok(Vec::new());
+        };
+        match schemas::archive::decode(self.format, blob.bytes) {
+            Ok(rows) => Ok(rows.into_iter().map(|r| r.reading).collect()),
+            Err(error) => {
+                tracing::warn!(%error, blob = %name, "Cannot read an archive blob; its hour is rolled up from the table alone.");
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// Recomputes marked device-hours up to `swept` (later ones the sweep will cover).
+    async fn marks(&self, swept: i64, now: i64) -> Result<(u64, u64), KeepError> {
+        let filter = format!("PartitionKey eq '{}'", rollup::MARKS);
+        let marks = retried(|| self.rollups.query_first(&filter, MARKS_PER_TURN)).await?;
+        let (mut done, mut written) = (0, 0);
+        for mark in &marks {
+            let Some((device, hour)) = mark
+                .get("RowKey")
+                .and_then(|v| v.as_str())
+                .and_then(rollup::parse_mark)
+            else {
+                continue;
+            };
+            if hour > swept {
+                continue;
+            }
+            let day_ended = Interval::Day.floor(hour) + DAY_MS <= now;
+            written += self.recompute(&device, hour, day_ended).await?;
+            if let Some(row) = RowRef::of(mark) {
+                // Changed since read (marked again): it stays for the next turn.
+                match self.rollups.delete(&row).await {
+                    Ok(_) => done += 1,
+                    Err(e) if e.is_changed() => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok((done, written))
+    }
+
+    /// Deletes every rollup older than the retention, device by device.
+    pub async fn expire(&self, now: i64) -> Result<u64, StorageError> {
+        let keep = i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX);
+        let cutoff = Interval::Day.floor(now.saturating_sub(keep)).max(0);
+        let filter = format!("PartitionKey eq '{}'", schemas::device::PARTITION);
+        let devices = retried(|| self.devices.row_keys(&filter)).await?;
+        let mut deleted = 0;
+        for device in devices {
+            for interval in [Interval::Hour, Interval::Day] {
+                let filter = format!(
+                    "PartitionKey eq '{device}' and RowKey ge '{}|' and RowKey lt '{}'",
+                    interval.name(),
+                    interval.row_key(cutoff)
+                );
+                let old = retried(|| self.rollups.query(&filter)).await?;
+                let rows: Vec<RowRef> = old.iter().filter_map(RowRef::of).collect();
+                for chunk in rows.chunks(100) {
+                    retried(|| self.rollups.delete_batch(chunk)).await?;
+                    deleted += chunk.len() as u64;
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Rebuilds `device`'s rollups of the UTC day starting at `day` from the archive and the
+    /// table. Returns the rollups written.
+    pub async fn rebuild_day(&self, device: &str, day: i64) -> Result<u64, KeepError> {
+        let archived = self.archived(device, day).await?;
+        let table = self.table_readings(device, day, day + DAY_MS).await?;
+        let readings = merge(archived, table, day, day + DAY_MS);
+        let hours = rollup::hourly(&readings);
+        let Some(daily) = Rollup::combine(Interval::Day, day, &hours) else {
+            return Ok(0);
+        };
+        let mut rows: Vec<Entity> = hours.iter().map(Rollup::to_entity).collect();
+        rows.push(daily.to_entity());
+        match retried(|| self.rollups.upsert_batch(&rows)).await? {
+            BatchOutcome::Committed => Ok(rows.len() as u64),
+            BatchOutcome::Rejected(refusal) => Err(KeepError::Refused {
+                device: device.to_owned(),
+                refusal,
+            }),
+        }
+    }
+}
+
+/// Both sources' readings in `[from, to)`, one per timestamp (the table's wins), in order.
+fn merge(archived: Vec<Reading>, table: Vec<Reading>, from: i64, to: i64) -> Vec<Reading> {
+    let mut by_time = BTreeMap::new();
+    for r in archived.into_iter().chain(table) {
+        if (from..to).contains(&r.measured_at_ms) {
+            by_time.insert(r.measured_at_ms, r);
+        }
+    }
+    by_time.into_values().collect()
+}

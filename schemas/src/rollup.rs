@@ -1,0 +1,376 @@
+//! Rollups: per device and UTC hour or day, each measurement's count, min, max and sum (so
+//! means combine exactly), and the first and last reading times.
+//!
+//! Table `rollups`: PartitionKey = device id, RowKey = `1h|<period start>` or `1d|<period
+//! start>` ([`Interval::row_key`], fixed width), so one device's range of one interval is one
+//! partition range query. A rollup is always recomputed from its readings (an hour) or its
+//! hours (a day), never incremented, so redelivered readings cannot count twice.
+//!
+//! The same table holds the bookkeeping of whoever keeps rollups current, in partitions no
+//! device id can name (device ids start with a letter or digit): [`MARKS`] (device-hours
+//! written after their hour ended, to recompute) and [`STATE`].
+
+use crate::entity::{self, integer_of, number_of, typed, RowError, INT64};
+use crate::reading::Reading;
+use crate::timefmt::{self, format_ms};
+use serde_json::{Map, Value};
+
+pub const DEFAULT_TABLE: &str = "rollups";
+pub const HOUR_MS: i64 = 3_600_000;
+pub const DAY_MS: i64 = 86_400_000;
+/// The partition of device-hours to recompute: RowKey `<hour start>|<device>`.
+pub const MARKS: &str = "~marks";
+/// The partition of the rollup keeper's own state.
+pub const STATE: &str = "~state";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interval {
+    Hour,
+    Day,
+}
+
+impl Interval {
+    pub fn ms(self) -> i64 {
+        match self {
+            Interval::Hour => HOUR_MS,
+            Interval::Day => DAY_MS,
+        }
+    }
+
+    /// `1h` or `1d`: the API's name and the RowKey prefix.
+    pub fn name(self) -> &'static str {
+        match self {
+            Interval::Hour => "1h",
+            Interval::Day => "1d",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "1h" => Some(Interval::Hour),
+            "1d" => Some(Interval::Day),
+            _ => None,
+        }
+    }
+
+    /// The start of the period holding `ms`.
+    pub fn floor(self, ms: i64) -> i64 {
+        ms.div_euclid(self.ms()) * self.ms()
+    }
+
+    /// The RowKey of the period starting at `start_ms` (fixed width: lexical order is time
+    /// order).
+    pub fn row_key(self, start_ms: i64) -> String {
+        format!("{}|{}", self.name(), format_ms(start_ms))
+    }
+}
+
+/// One measurement over a period.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stats {
+    pub count: u64,
+    pub min: f64,
+    pub max: f64,
+    pub sum: f64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+            sum: 0.0,
+        }
+    }
+}
+
+impl Stats {
+    fn add(&mut self, v: f64) {
+        self.count += 1;
+        self.min = self.min.min(v);
+        self.max = self.max.max(v);
+        self.sum += v;
+    }
+
+    fn merge(&mut self, other: &Stats) {
+        if other.count == 0 {
+            return;
+        }
+        self.count += other.count;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+        self.sum += other.sum;
+    }
+
+    pub fn mean(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum / self.count as f64)
+    }
+}
+
+/// The measurements a rollup covers, by property name.
+pub const MEASUREMENTS: [&str; 3] = ["Temperature", "Humidity", "Pressure"];
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rollup {
+    pub device_id: String,
+    pub interval: Interval,
+    pub start_ms: i64,
+    /// Readings in the period.
+    pub count: u64,
+    pub first_at_ms: i64,
+    pub last_at_ms: i64,
+    /// Per measurement, in [`MEASUREMENTS`] order.
+    pub stats: [Stats; 3],
+}
+
+impl Rollup {
+    /// The rollup of one device's readings of one period, in time order; `None` for none.
+    pub fn of<'r>(
+        interval: Interval,
+        start_ms: i64,
+        readings: impl IntoIterator<Item = &'r Reading>,
+    ) -> Option<Self> {
+        let mut out: Option<Rollup> = None;
+        for r in readings {
+            let rollup = out.get_or_insert_with(|| Rollup {
+                device_id: r.device_id.clone(),
+                interval,
+                start_ms,
+                count: 0,
+                first_at_ms: r.measured_at_ms,
+                last_at_ms: r.measured_at_ms,
+                stats: [Stats::default(); 3],
+            });
+            rollup.count += 1;
+            rollup.first_at_ms = rollup.first_at_ms.min(r.measured_at_ms);
+            rollup.last_at_ms = rollup.last_at_ms.max(r.measured_at_ms);
+            for (stats, v) in rollup
+                .stats
+                .iter_mut()
+                .zip([r.temperature, r.humidity, r.pressure])
+            {
+                if let Some(v) = v {
+                    stats.add(v);
+                }
+            }
+        }
+        out
+    }
+
+    /// Combines the rollups of the parts of a period (a day's hours), in time order.
+    pub fn combine(interval: Interval, start_ms: i64, parts: &[Rollup]) -> Option<Self> {
+        let first = parts.first()?;
+        let mut out = Rollup {
+            interval,
+            start_ms,
+            stats: [Stats::default(); 3],
+            count: 0,
+            ..first.clone()
+        };
+        for p in parts {
+            out.count += p.count;
+            out.first_at_ms = out.first_at_ms.min(p.first_at_ms);
+            out.last_at_ms = out.last_at_ms.max(p.last_at_ms);
+            for (s, o) in out.stats.iter_mut().zip(&p.stats) {
+                s.merge(o);
+            }
+        }
+        Some(out)
+    }
+
+    pub fn row_key(&self) -> String {
+        self.interval.row_key(self.start_ms)
+    }
+
+    /// The table row, ready for an upsert.
+    pub fn to_entity(&self) -> Map<String, Value> {
+        let mut e = Map::with_capacity(32);
+        e.insert("PartitionKey".into(), self.device_id.clone().into());
+        e.insert("RowKey".into(), self.row_key().into());
+        entity::typed_datetime(&mut e, "PeriodStart", self.start_ms);
+        typed(&mut e, "Count", INT64, self.count.to_string().into());
+        entity::typed_datetime(&mut e, "FirstAt", self.first_at_ms);
+        entity::typed_datetime(&mut e, "LastAt", self.last_at_ms);
+        for (name, s) in MEASUREMENTS.iter().zip(&self.stats) {
+            if s.count == 0 {
+                continue;
+            }
+            typed(
+                &mut e,
+                &format!("{name}Count"),
+                INT64,
+                s.count.to_string().into(),
+            );
+            for (part, v) in [("Min", s.min), ("Max", s.max), ("Sum", s.sum)] {
+                typed(&mut e, &format!("{name}{part}"), entity::DOUBLE, v.into());
+            }
+        }
+        e
+    }
+
+    /// Reads a rollup row back.
+    pub fn from_entity(e: &Map<String, Value>) -> Result<Self, RowError> {
+        let text = |name: &str| {
+            e.get(name)
+                .and_then(Value::as_str)
+                .ok_or_else(|| RowError::new(format!("{name} is missing")))
+        };
+        let time = |name: &str| {
+            text(name).and_then(|s| {
+                timefmt::parse_rfc3339_ms(s).ok_or_else(|| RowError::new(format!("{name} {s:?}")))
+            })
+        };
+        let count = |name: &str| {
+            e.get(name)
+                .and_then(integer_of)
+                .and_then(|n| u64::try_from(n).ok())
+        };
+        let key = text("RowKey")?;
+        let interval = key
+            .split_once('|')
+            .and_then(|(i, _)| Interval::parse(i))
+            .ok_or_else(|| RowError::new(format!("RowKey {key:?} is not a rollup's")))?;
+        let mut stats = [Stats::default(); 3];
+        for (name, s) in MEASUREMENTS.iter().zip(stats.iter_mut()) {
+            let Some(n) = count(&format!("{name}Count")).filter(|n| *n > 0) else {
+                continue;
+            };
+            let part = |p: &str| {
+                e.get(&format!("{name}{p}"))
+                    .and_then(number_of)
+                    .ok_or_else(|| RowError::new(format!("{name}{p} is missing")))
+            };
+            *s = Stats {
+                count: n,
+                min: part("Min")?,
+                max: part("Max")?,
+                sum: part("Sum")?,
+            };
+        }
+        Ok(Rollup {
+            device_id: text("PartitionKey")?.to_owned(),
+            interval,
+            start_ms: time("PeriodStart")?,
+            count: count("Count").ok_or_else(|| RowError::new("Count is missing"))?,
+            first_at_ms: time("FirstAt")?,
+            last_at_ms: time("LastAt")?,
+            stats,
+        })
+    }
+}
+
+/// The hourly rollups of one device's readings in time order, one per hour that has any.
+pub fn hourly(readings: &[Reading]) -> Vec<Rollup> {
+    readings
+        .chunk_by(|a, b| {
+            Interval::Hour.floor(a.measured_at_ms) == Interval::Hour.floor(b.measured_at_ms)
+        })
+        .filter_map(|hour| {
+            let start = Interval::Hour.floor(hour[0].measured_at_ms);
+            Rollup::of(Interval::Hour, start, hour)
+        })
+        .collect()
+}
+
+/// A mark: `device`'s readings of the hour starting at `hour_ms` changed after the hour ended.
+pub fn mark(device: &str, hour_ms: i64) -> Map<String, Value> {
+    let mut e = Map::new();
+    e.insert("PartitionKey".into(), MARKS.into());
+    e.insert(
+        "RowKey".into(),
+        format!("{}|{device}", format_ms(hour_ms)).into(),
+    );
+    e
+}
+
+/// A mark's device and hour.
+pub fn parse_mark(row_key: &str) -> Option<(String, i64)> {
+    let (hour, device) = row_key.split_once('|')?;
+    Some((device.to_owned(), timefmt::parse_rfc3339_ms(hour)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(at: i64, t: Option<f64>, h: Option<f64>) -> Reading {
+        Reading {
+            device_id: "d".into(),
+            measured_at_ms: at,
+            seq: None,
+            temperature: t,
+            humidity: h,
+            pressure: None,
+            extras: Vec::new(),
+        }
+    }
+
+    const H0: i64 = 1_764_064_800_000; // 2025-11-25T10:00:00Z
+
+    #[test]
+    fn an_hour_rolls_up_each_measurement_and_its_times() {
+        let readings = [
+            reading(H0 + 1_000, Some(20.0), None),
+            reading(H0 + 2_000, Some(22.0), Some(40.0)),
+            reading(H0 + 3_000, None, Some(50.0)),
+        ];
+        let r = Rollup::of(Interval::Hour, H0, &readings).unwrap();
+        assert_eq!(
+            (r.count, r.first_at_ms, r.last_at_ms),
+            (3, H0 + 1_000, H0 + 3_000)
+        );
+        assert_eq!(
+            r.stats[0],
+            Stats {
+                count: 2,
+                min: 20.0,
+                max: 22.0,
+                sum: 42.0
+            }
+        );
+        assert_eq!(r.stats[1].mean(), Some(45.0));
+        assert_eq!(r.stats[2].count, 0);
+        assert_eq!(r.stats[2].mean(), None);
+        assert!(Rollup::of(Interval::Hour, H0, &[]).is_none());
+    }
+
+    #[test]
+    fn days_combine_their_hours_exactly() {
+        let readings: Vec<Reading> = (0..48)
+            .map(|i| reading(H0 + i * 1_800_000, Some(i as f64), None))
+            .collect();
+        let hours = hourly(&readings);
+        assert_eq!(hours.len(), 24);
+        assert!(hours.iter().all(|h| h.count == 2));
+        let day = Interval::Day.floor(H0);
+        let combined = Rollup::combine(Interval::Day, day, &hours).unwrap();
+        let direct = Rollup::of(Interval::Day, day, &readings).unwrap();
+        assert_eq!(combined, direct);
+    }
+
+    #[test]
+    fn rows_round_trip_and_sort_by_time() {
+        let readings = [reading(H0 + 5, Some(-3.5), Some(99.25))];
+        let r = Rollup::of(Interval::Hour, H0, &readings).unwrap();
+        let e = r.to_entity();
+        assert_eq!(e["RowKey"], "1h|2025-11-25T10:00:00.000Z");
+        assert_eq!(e["Count@odata.type"], "Edm.Int64");
+        assert!(!e.contains_key("PressureCount"));
+        assert_eq!(Rollup::from_entity(&e).unwrap(), r);
+        assert!(Interval::Hour.row_key(H0) < Interval::Hour.row_key(H0 + HOUR_MS));
+        assert_eq!(
+            Interval::Day.row_key(Interval::Day.floor(H0)),
+            "1d|2025-11-25T00:00:00.000Z"
+        );
+    }
+
+    #[test]
+    fn marks_name_a_device_hour() {
+        let m = mark("sensor-1", H0);
+        assert_eq!(m["PartitionKey"], MARKS);
+        let key = m["RowKey"].as_str().unwrap();
+        assert_eq!(parse_mark(key), Some(("sensor-1".into(), H0)));
+        assert_eq!(parse_mark("nonsense"), None);
+    }
+}

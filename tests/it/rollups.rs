@@ -1,0 +1,342 @@
+//! Rollups against real Azurite, Mosquitto and the service binaries: exact under duplicates,
+//! redeliveries and late data (compared with rollups computed here from the readings sent),
+//! served by the dashboard, and rebuilt from the archive by `archiver rollups`.
+
+use crate::archive::Store;
+use crate::Pipeline;
+use schemas::entity::StoredReading;
+use schemas::reading::Reading;
+use schemas::rollup::{Interval, Rollup, DAY_MS, HOUR_MS};
+use schemas::timefmt::{format_ms, now_ms};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tests::storage::{publish_all, topic};
+use tests::{unique, Service};
+
+/// A reading as a device sends it, with a temperature that sums inexactly in binary.
+fn payload(device: &str, at: i64, temperature: f64, humidity: Option<f64>) -> Vec<u8> {
+    let humidity = humidity
+        .map(|h| format!(",\"humidity\":{h}"))
+        .unwrap_or_default();
+    format!(
+        "{{\"deviceId\":\"{device}\",\"timestamp\":\"{}\",\"temperature\":{temperature}{humidity}}}",
+        format_ms(at)
+    )
+    .into_bytes()
+}
+
+type Sent = BTreeMap<(String, i64), (f64, Option<f64>)>;
+/// (device, RowKey) -> the period's readings, temperature minimum, maximum and sum, and
+/// readings with a humidity.
+type Want = BTreeMap<(String, String), Expected>;
+type Expected = (u64, f64, f64, f64, u64);
+type Values = Vec<(f64, Option<f64>)>;
+
+/// Sends (into `messages`) a reading of `device` at `at` with random values, noting it.
+fn add(
+    sent: &mut Sent,
+    device: &str,
+    at: i64,
+    rng: &mut fastrand::Rng,
+    messages: &mut Vec<(String, Vec<u8>)>,
+) {
+    let t = 15.0 + rng.f64() * 10.0;
+    let h = rng.bool().then(|| (rng.f64() * 100.0).round());
+    sent.insert((device.to_owned(), at), (t, h));
+    messages.push((topic(device), payload(device, at, t, h)));
+}
+
+/// Rollups of `readings` (one per device and time), computed here, independently: by hour
+/// and, for days that have ended, by day.
+fn expected(readings: &Sent, now: i64) -> Want {
+    let mut out: BTreeMap<(String, String), Values> = BTreeMap::new();
+    for ((device, at), values) in readings {
+        out.entry((
+            device.clone(),
+            Interval::Hour.row_key(Interval::Hour.floor(*at)),
+        ))
+        .or_default()
+        .push(*values);
+        let day = Interval::Day.floor(*at);
+        if day + DAY_MS <= now {
+            out.entry((device.clone(), Interval::Day.row_key(day)))
+                .or_default()
+                .push(*values);
+        }
+    }
+    out.into_iter()
+        .map(|(k, v)| {
+            let t: Vec<f64> = v.iter().map(|(t, _)| *t).collect();
+            let sum: f64 = t.iter().sum();
+            let min = t.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = t.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let humid = v.iter().filter(|(_, h)| h.is_some()).count() as u64;
+            (k, (t.len() as u64, min, max, sum, humid))
+        })
+        .collect()
+}
+
+/// Equal to 1e-9, relatively: the emulator keeps 15 significant digits of a double.
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
+}
+
+async fn stored_rollups(p: &Pipeline, table: &str) -> BTreeMap<(String, String), Rollup> {
+    tests::storage::rows(&p.account, table)
+        .await
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| Rollup::from_entity(e).ok())
+        .map(|r| ((r.device_id.clone(), r.row_key()), r))
+        .collect()
+}
+
+fn matches(want: &Want, got: &BTreeMap<(String, String), Rollup>) -> Result<(), String> {
+    for (key, (count, min, max, sum, humid)) in want {
+        let Some(r) = got.get(key) else {
+            return Err(format!("no rollup {key:?}"));
+        };
+        let t = &r.stats[0];
+        if r.count != *count
+            || t.count != *count
+            || !close(t.min, *min)
+            || !close(t.max, *max)
+            || !close(t.sum, *sum)
+            || !close(t.mean().unwrap_or(f64::NAN), sum / *count as f64)
+            || r.stats[1].count != *humid
+        {
+            return Err(format!("{key:?}: stored {r:?}, expected count {count}, min {min}, max {max}, sum {sum}, humidity count {humid}"));
+        }
+    }
+    let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();
+    if !extra.is_empty() {
+        return Err(format!("rollups nothing explains: {extra:?}"));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn rollups_stay_exact_under_duplicates_redeliveries_and_late_data() {
+    let rollups = unique("rollups");
+    let Some(p) = Pipeline::start(
+        "rollups_exact",
+        &[],
+        &[("PROCESSOR_ROLLUP_TABLE", rollups.clone())],
+    )
+    .await
+    else {
+        return;
+    };
+    let now = now_ms();
+    let hour = Interval::Hour.floor(now);
+    let mut rng = fastrand::Rng::with_seed(7);
+    // What the table will hold: one reading per device and millisecond (the last sent wins).
+    let mut sent = Sent::new();
+    let mut messages = Vec::new();
+    // Three devices, readings over the five hours before this one.
+    for device in ["roll-a", "roll-b", "roll-c"] {
+        for k in 0..60 {
+            let at = hour - 5 * HOUR_MS + k * 5 * 60_000 + rng.i64(0..60_000);
+            add(&mut sent, device, at, &mut rng, &mut messages);
+        }
+    }
+    // Every fifth message twice: a redelivery the pipeline must not count twice.
+    let again: Vec<_> = messages.iter().step_by(5).cloned().collect();
+    messages.extend(again);
+    publish_all(p.mosquitto.port, messages).await;
+    p.wait_rows(sent.len(), Duration::from_secs(120)).await;
+
+    let archiver_env = vec![
+        (
+            "AZURE_STORAGE_CONNECTION_STRING",
+            p.azurite.connection_string(),
+        ),
+        ("ARCHIVER_TABLE_NAME", p.table.clone()),
+        ("ARCHIVER_DEVICE_TABLE", p.devices.clone()),
+        ("ARCHIVER_ROLLUP_TABLE", rollups.clone()),
+        ("ARCHIVER_CONTAINER", unique("archive")),
+        ("ARCHIVER_ROLLUP_SETTLE", "1s".into()),
+        ("ARCHIVER_ROLLUP_INTERVAL", "1s".into()),
+    ];
+    let archiver = Service::start_with_args("archiver", &["run"], &archiver_env).await;
+    let want = expected(&sent, now_ms());
+    let check = || async { matches(&want, &stored_rollups(&p, &rollups).await) };
+    let mut last = String::new();
+    for _ in 0..60 {
+        match check().await {
+            Ok(()) => break,
+            Err(why) => last = why,
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    matches(&want, &stored_rollups(&p, &rollups).await)
+        .unwrap_or_else(|why| panic!("rollups after the first readings: {why} (earlier: {last})"));
+
+    // Hours later, a device catches up: readings for an hour already rolled up, one of them
+    // a new value for a time already stored (the row is overwritten: the rollup must follow).
+    let mut late = Vec::new();
+    for k in 0..10 {
+        let at = hour - 4 * HOUR_MS + 30 * 60_000 + k * 1_000;
+        add(&mut sent, "roll-b", at, &mut rng, &mut late);
+    }
+    let (device, at) = sent.keys().find(|(d, _)| d == "roll-a").cloned().unwrap();
+    add(&mut sent, &device, at, &mut rng, &mut late);
+    publish_all(p.mosquitto.port, late).await;
+    p.wait_rows(sent.len(), Duration::from_secs(60)).await;
+    let want = expected(&sent, now_ms());
+    let mut last = String::new();
+    for _ in 0..60 {
+        match matches(&want, &stored_rollups(&p, &rollups).await) {
+            Ok(()) => break,
+            Err(why) => last = why,
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    matches(&want, &stored_rollups(&p, &rollups).await)
+        .unwrap_or_else(|why| panic!("rollups after late readings: {why} (earlier: {last})"));
+    assert!(
+        p.processor
+            .metric("processor_late_hours_marked_total")
+            .await
+            >= 2.0
+    );
+
+    // The dashboard serves them.
+    let dashboard = Service::start(
+        "dashboard",
+        &[
+            (
+                "AZURE_STORAGE_CONNECTION_STRING",
+                p.azurite.connection_string(),
+            ),
+            ("DASHBOARD_TABLE_NAME", p.table.clone()),
+            ("DASHBOARD_DEVICE_TABLE", p.devices.clone()),
+            ("DASHBOARD_ROLLUP_TABLE", rollups.clone()),
+        ],
+    )
+    .await;
+    let path = format!(
+        "/api/v1/devices/roll-b/rollups?interval=1h&from={}&to={}",
+        format_ms(hour - 6 * HOUR_MS),
+        format_ms(hour)
+    );
+    let (status, body) = tests::services::http_get(dashboard.metrics_port, &path)
+        .await
+        .expect("the dashboard answers");
+    assert_eq!(status, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let served = body["rollups"].as_array().unwrap();
+    let hours: Vec<&String> = want
+        .keys()
+        .filter(|(d, k)| d == "roll-b" && k.starts_with("1h|"))
+        .map(|(_, k)| k)
+        .collect();
+    assert_eq!(served.len(), hours.len());
+    for r in served {
+        let key = Interval::Hour.row_key(
+            schemas::timefmt::parse_rfc3339_ms(r["periodStart"].as_str().unwrap()).unwrap(),
+        );
+        let (count, _, _, sum, _) = want[&("roll-b".to_owned(), key)];
+        assert_eq!(r["count"], count);
+        assert!(close(
+            r["temperature"]["mean"].as_f64().unwrap(),
+            sum / count as f64
+        ));
+    }
+    drop(archiver);
+}
+
+#[tokio::test]
+async fn archived_days_get_their_rollups_back_with_one_command() {
+    let Some(store) = Store::start("rollups_rebuild").await else {
+        return;
+    };
+    let today = Interval::Day.floor(now_ms());
+    let mut rows = Vec::new();
+    for device in ["old-1", "old-2"] {
+        for k in 0..(3 * 144) {
+            let at = today - 6 * DAY_MS + k * 600_000 + 7;
+            rows.push(StoredReading {
+                reading: Reading {
+                    device_id: device.into(),
+                    measured_at_ms: at,
+                    seq: None,
+                    temperature: Some(10.0 + (k % 37) as f64 / 3.0),
+                    humidity: None,
+                    pressure: Some(1000.0 + (k % 5) as f64),
+                    extras: Vec::new(),
+                },
+                ingested_at_ms: at,
+            });
+        }
+    }
+    store.backfill(&rows).await;
+    store.archiver_ok(&["--retention", "2days"]).await;
+    let rollups = unique("rollups");
+    let out = tokio::process::Command::new(tests::services::bin_path("archiver"))
+        .args([
+            "rollups",
+            "--from",
+            &date(today - 6 * DAY_MS),
+            "--to",
+            &date(today - 3 * DAY_MS),
+        ])
+        .env("AZURE_STORAGE_CONNECTION_STRING", &store.connection)
+        .env("ARCHIVER_TABLE_NAME", &store.table)
+        .env("ARCHIVER_DEVICE_TABLE", &store.devices)
+        .env("ARCHIVER_CONTAINER", &store.container)
+        .env("ARCHIVER_ROLLUP_TABLE", &rollups)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("Rebuilt 150 rollups of 2 devices over 3 days"),
+        "{stdout}"
+    );
+    let stored: Vec<Rollup> = tests::storage::rows(&store.account, &rollups)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| Rollup::from_entity(e).unwrap())
+        .collect();
+    for device in ["old-1", "old-2"] {
+        for d in 0..3 {
+            let day = today - (6 - d) * DAY_MS;
+            let readings: Vec<&Reading> = rows
+                .iter()
+                .map(|r| &r.reading)
+                .filter(|r| r.device_id == device && Interval::Day.floor(r.measured_at_ms) == day)
+                .collect();
+            let want = Rollup::of(Interval::Day, day, readings.iter().copied()).unwrap();
+            let got = stored
+                .iter()
+                .find(|r| r.device_id == device && r.interval == Interval::Day && r.start_ms == day)
+                .unwrap_or_else(|| panic!("no daily rollup of {device} {}", date(day)));
+            assert_eq!(
+                (got.count, got.first_at_ms, got.last_at_ms),
+                (want.count, want.first_at_ms, want.last_at_ms)
+            );
+            for (g, w) in got.stats.iter().zip(&want.stats) {
+                assert_eq!((g.count, g.min, g.max), (w.count, w.min, w.max));
+                assert!(close(g.sum, w.sum));
+            }
+        }
+    }
+    assert_eq!(
+        stored
+            .iter()
+            .filter(|r| r.interval == Interval::Hour)
+            .count(),
+        2 * 3 * 24
+    );
+}
+
+fn date(ms: i64) -> String {
+    format_ms(ms)[..10].to_owned()
+}
