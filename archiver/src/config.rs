@@ -107,8 +107,9 @@ pub struct RunArgs {
     #[arg(long, env = "ARCHIVER_ROLLUPS", default_value_t = true, action = clap::ArgAction::Set)]
     pub rollups: bool,
 
-    /// How long after an hour ends its rollup is computed: longer than a processor round
-    /// (half its visibility timeout), so the hour's readings are written.
+    /// How long after an hour ends its rollup is computed (at least 2m). The processor marks
+    /// readings it writes more than a minute after their hour ended for recomputation; the
+    /// sweep must come after the others, clock skew included.
     #[arg(long, env = "ARCHIVER_ROLLUP_SETTLE", default_value = "5m", value_parser = humantime::parse_duration)]
     pub rollup_settle: Duration,
 

@@ -17,6 +17,7 @@ mod rollups;
 pub use config::{Command, Config, FormatArg, RollupArgs, RunArgs, Sources};
 pub use schemas::archive::layout::Layout;
 
+use futures::StreamExt;
 use infra::serve::Health;
 use infra::storage::{create_missing, Resource};
 use schemas::archive::layout::{self, floor_day, DAY_MS};
@@ -31,7 +32,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
 }
 
-fn keeper(account: &infra::storage::Account, sources: &Sources) -> rollups::Keeper {
+fn keeper(
+    account: &infra::storage::Account,
+    sources: &Sources,
+    settle: Duration,
+    retention: Duration,
+    concurrency: usize,
+) -> rollups::Keeper {
     rollups::Keeper {
         telemetry: account.table(&sources.table_name),
         devices: account.table(&sources.device_table),
@@ -39,9 +46,9 @@ fn keeper(account: &infra::storage::Account, sources: &Sources) -> rollups::Keep
         archive: account.container(&sources.container),
         layout: sources.layout.clone(),
         format: sources.format.into(),
-        settle: Duration::from_secs(300),
-        retention: Duration::from_secs(400 * 86_400),
-        concurrency: 16,
+        settle,
+        retention,
+        concurrency,
     }
 }
 
@@ -49,7 +56,8 @@ fn keeper(account: &infra::storage::Account, sources: &Sources) -> rollups::Keep
 async fn rebuild_rollups(args: RollupArgs, shutdown: CancellationToken) -> anyhow::Result<bool> {
     anyhow::ensure!(args.from < args.to, "--from must be before --to");
     let account = args.storage.account()?;
-    let keeper = keeper(&account, &args.sources);
+    // Settle and retention play no part in a rebuild.
+    let keeper = keeper(&account, &args.sources, Duration::ZERO, Duration::MAX, 16);
     if !create_missing(
         &[Resource::Table(&keeper.rollups)],
         args.storage.create_missing,
@@ -77,23 +85,37 @@ async fn rebuild_rollups(args: RollupArgs, shutdown: CancellationToken) -> anyho
             elapsed.as_secs_f64()
         )
     });
-    let (mut written, mut failed) = (0u64, 0u64);
-    'devices: for device in &devices {
-        for day in (args.from..args.to).step_by(DAY_MS as usize) {
-            if shutdown.is_cancelled() {
-                break 'devices;
+    let work = devices.iter().flat_map(|device| {
+        (args.from..args.to)
+            .step_by(DAY_MS as usize)
+            .map(move |day| (device, day))
+    });
+    let (keeper, done_ref, stop) = (&keeper, &done, &shutdown);
+    let results: Vec<Option<u64>> = futures::stream::iter(work)
+        .map(|(device, day)| async move {
+            if stop.is_cancelled() {
+                return None;
             }
-            match keeper.rebuild_day(device, day).await {
-                Ok(n) => written += n,
+            let result = keeper.rebuild_day(device, day).await;
+            done_ref.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            match result {
+                Ok(n) => Some(n),
                 Err(error) => {
-                    failed += 1;
                     tracing::error!(%error, device = %device, day = %layout::date_text(day), "Cannot rebuild a day's rollups.");
+                    Some(u64::MAX)
                 }
             }
-            done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
     bar.finish().await;
+    let failed = results.iter().filter(|r| **r == Some(u64::MAX)).count();
+    let written: u64 = results
+        .iter()
+        .filter_map(|r| *r)
+        .filter(|n| *n != u64::MAX)
+        .sum();
     println!(
         "Rebuilt {written} rollups of {} devices over {days} days ({failed} device-days failed).",
         devices.len()
@@ -163,6 +185,13 @@ async fn run_passes(args: RunArgs, shutdown: CancellationToken) -> anyhow::Resul
             layout::date_text(limit),
         );
     }
+    anyhow::ensure!(
+        args.rollup_settle.as_millis() >= schemas::rollup::MIN_SETTLE_MS as u128,
+        "ARCHIVER_ROLLUP_SETTLE must be at least {} s: the processor marks only readings written \
+         more than {} s after their hour ended, and the sweep must come after the rest",
+        schemas::rollup::MIN_SETTLE_MS / 1000,
+        schemas::rollup::MARK_AFTER_MS / 1000
+    );
     let account = args.storage.account()?;
     let health = Health::new("creating the archive container");
     if !args.once {
@@ -199,10 +228,13 @@ async fn run_passes(args: RunArgs, shutdown: CancellationToken) -> anyhow::Resul
     }
     health.set_ready();
     if args.rollups && !args.once && !args.dry_run {
-        let mut keeper = keeper(&account, &args.sources);
-        keeper.settle = args.rollup_settle;
-        keeper.retention = args.rollup_retention;
-        keeper.concurrency = args.concurrency.max(1) * 4;
+        let keeper = keeper(
+            &account,
+            &args.sources,
+            args.rollup_settle,
+            args.rollup_retention,
+            args.concurrency.max(1) * 4,
+        );
         let rollups = [Resource::Table(&keeper.rollups)];
         if create_missing(&rollups, args.storage.create_missing, &shutdown).await {
             tokio::spawn(keep_rollups(

@@ -6,10 +6,11 @@
 //!   round, so its readings are all written), every device's rows of that hour are read with one
 //!   partition range query and rolled up. When the hour is a day's last, the day is combined
 //!   from its hours in the same transaction. Where it got to is kept in the table
-//!   ([`schemas::rollup::STATE`]); a restart carries on from there. A first start sweeps only
-//!   the latest hour: older history is `archiver rollups` (rebuild) work.
-//! - **The marks.** A reading stored after its hour ended may come after the sweep: the
-//!   processor marks that device-hour ([`schemas::rollup::MARKS`]) before it deletes the
+//!   ([`schemas::rollup::STATE`]); a restart carries on from there. A first start sweeps the
+//!   current UTC day's hours: older history is `archiver rollups` (rebuild) work.
+//! - **The marks.** A reading stored more than a minute after its hour ended
+//!   ([`schemas::rollup::MARK_AFTER_MS`]; the settle is at least twice that) may come after
+//!   the sweep: the processor marks that device-hour ([`schemas::rollup::MARKS`]) before it deletes the
 //!   message. Each turn recomputes the marked hours that were swept (reading the archive too, in
 //!   case the day was archived meanwhile), and their days if those ended, then deletes each mark
 //!   with the ETag it was read with: a mark written again meanwhile stays for the next turn.
@@ -51,6 +52,11 @@ pub enum KeepError {
     Storage(#[from] StorageError),
     #[error("the rollups of {device} were refused: {refusal}")]
     Refused { device: String, refusal: Refusal },
+    #[error("archive blob {blob} cannot be read: {error}")]
+    Archive {
+        blob: String,
+        error: schemas::archive::ArchiveError,
+    },
 }
 
 /// What one turn did.
@@ -70,7 +76,7 @@ impl Keeper {
         let last = Interval::Hour.floor(now.saturating_sub(settle)) - HOUR_MS;
         let mut next = match self.swept_through().await? {
             Some(hour) => hour + HOUR_MS,
-            None => last,
+            None => Interval::Day.floor(last),
         };
         while next <= last {
             turn.rollups_written += self.sweep(next).await?;
@@ -131,12 +137,12 @@ impl Keeper {
             let archived = self.archived(device, Interval::Day.floor(hour)).await?;
             readings = merge(archived, readings, hour, hour + HOUR_MS);
         }
-        let Some(hourly) = Rollup::of(Interval::Hour, hour, &readings) else {
-            return Ok(0);
-        };
+        let hourly = Rollup::of(Interval::Hour, hour, &readings);
         let day = Interval::Day.floor(hour);
         let last_of_day = hour + HOUR_MS == day + DAY_MS;
-        let mut rows = vec![hourly.to_entity()];
+        let mut rows: Vec<Entity> = hourly.iter().map(Rollup::to_entity).collect();
+        // The day, from its stored hours and this one: also when this hour has no readings (a
+        // device quiet at the end of the day still gets its day).
         if last_of_day || with_day {
             let filter = format!(
                 "PartitionKey eq '{device}' and RowKey ge '{}' and RowKey lt '{}'",
@@ -149,11 +155,16 @@ impl Keeper {
                 .filter_map(|e| Rollup::from_entity(e).ok())
                 .map(|r| (r.start_ms, r))
                 .collect();
-            hours.insert(hour, hourly);
+            if let Some(hourly) = hourly {
+                hours.insert(hour, hourly);
+            }
             let hours: Vec<Rollup> = hours.into_values().collect();
             if let Some(daily) = Rollup::combine(Interval::Day, day, &hours) {
                 rows.push(daily.to_entity());
             }
+        }
+        if rows.is_empty() {
+            return Ok(0);
         }
         match retried(|| self.rollups.upsert_batch(&rows)).await? {
             BatchOutcome::Committed => Ok(rows.len() as u64),
@@ -183,23 +194,26 @@ impl Keeper {
             .collect())
     }
 
-    async fn archived(&self, device: &str, day: i64) -> Result<Vec<Reading>, StorageError> {
+    /// Read after the table: the archiver writes a day's blob before it deletes the day's
+    /// rows, so in this order no reading falls between the two reads.
+    async fn archived(&self, device: &str, day: i64) -> Result<Vec<Reading>, KeepError> {
         let name = self.layout.blob_name(device, day, self.format.extension());
         let Some(blob) = retried(|| self.archive.get(&name)).await? else {
             return Ok(Vec::new());
         };
         match schemas::archive::decode(self.format, blob.bytes) {
             Ok(rows) => Ok(rows.into_iter().map(|r| r.reading).collect()),
-            Err(error) => {
-                tracing::warn!(%error, blob = %name, "Cannot read an archive blob; its hour is rolled up from the table alone.");
-                Ok(Vec::new())
-            }
+            Err(error) => Err(KeepError::Archive { blob: name, error }),
         }
     }
 
     /// Recomputes marked device-hours up to `swept` (later ones the sweep will cover).
     async fn marks(&self, swept: i64, now: i64) -> Result<(u64, u64), KeepError> {
-        let filter = format!("PartitionKey eq '{}'", rollup::MARKS);
+        // Every mark partition (`~marks-0` to `~marks-f`).
+        let filter = format!(
+            "PartitionKey ge '{0}' and PartitionKey lt '{0}~'",
+            rollup::MARKS
+        );
         let marks = retried(|| self.rollups.query_first(&filter, MARKS_PER_TURN)).await?;
         let (mut done, mut written) = (0, 0);
         for mark in &marks {
@@ -255,8 +269,8 @@ impl Keeper {
     /// Rebuilds `device`'s rollups of the UTC day starting at `day` from the archive and the
     /// table. Returns the rollups written.
     pub async fn rebuild_day(&self, device: &str, day: i64) -> Result<u64, KeepError> {
-        let archived = self.archived(device, day).await?;
         let table = self.table_readings(device, day, day + DAY_MS).await?;
+        let archived = self.archived(device, day).await?;
         let readings = merge(archived, table, day, day + DAY_MS);
         let hours = rollup::hourly(&readings);
         let Some(daily) = Rollup::combine(Interval::Day, day, &hours) else {

@@ -19,10 +19,9 @@ const DEFAULT_SPAN: Duration = Duration::from_secs(86_400);
 /// Devices per page unless `limit` says otherwise, and the most a page may hold.
 const DEVICES_PAGE: usize = 100;
 const DEVICES_PAGE_MAX: usize = 1000;
-/// The longest range of rollups one request may ask for, and the most rollups it returns
-/// (ten years of days; a year and a half of hours).
-const ROLLUP_RANGE_MAX: Duration = Duration::from_secs(3660 * 86_400);
-const ROLLUPS_MAX: usize = 13_000;
+/// The most rollups one answer holds: 500 days of hours (the longest hourly range), ten
+/// years of days.
+const ROLLUPS_MAX: usize = 12_001;
 
 #[derive(Debug)]
 pub struct Api {
@@ -167,11 +166,16 @@ impl Api {
         let id = params::device_id(id)?;
         let interval = params.interval()?;
         let format = params.format()?;
-        let span = match interval {
-            Interval::Hour => Duration::from_secs(30 * 86_400),
-            Interval::Day => Duration::from_secs(366 * 86_400),
+        // Default and longest ranges; the longest holds at most ROLLUPS_MAX periods.
+        let (span, max) = match interval {
+            Interval::Hour => (30 * 86_400, 500 * 86_400),
+            Interval::Day => (366 * 86_400, 3660 * 86_400),
         };
-        let (from, to) = params.range(now_ms(), span, ROLLUP_RANGE_MAX)?;
+        let (from, to) = params.range(
+            now_ms(),
+            Duration::from_secs(span),
+            Duration::from_secs(max),
+        )?;
         self.known(&id).await?;
         // Periods that start in the range.
         let filter = format!(

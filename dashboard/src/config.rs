@@ -71,7 +71,7 @@ pub struct Config {
     pub dead_letter_queue: String,
 
     /// Longest range of raw readings one request may ask for (longer ranges: rollups).
-    #[arg(long, env = "DASHBOARD_MAX_RAW_RANGE", default_value = "31days", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "DASHBOARD_MAX_RAW_RANGE", default_value = "92days", value_parser = humantime::parse_duration)]
     pub max_raw_range: Duration,
 
     /// Most readings one response holds; a longer answer continues at its `next` link.

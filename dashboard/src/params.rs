@@ -65,7 +65,7 @@ impl Params {
         }
         if to - from > millis(max) {
             return Err(Problem::bad_request(format!(
-                "the range is longer than {} (DASHBOARD_MAX_RAW_RANGE); ask for less, or for rollups",
+                "the range is longer than {}: ask for less (raw readings: DASHBOARD_MAX_RAW_RANGE), or for rollups",
                 humantime::format_duration(max)
             )));
         }

@@ -90,7 +90,7 @@ pub async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>, take
                 .insert(origin.message);
         }
     }
-    let late = late_hours(&rows, now);
+    let hours = device_hours(&rows);
     let planned = plan(rows);
     if planned.overwrites > 0 {
         metrics::counter!(m::OVERWRITES).increment(planned.overwrites as u64);
@@ -117,6 +117,15 @@ pub async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>, take
             }
         }
     }
+    // Late by when the rows were written, not when they were read: only a row written after
+    // the sweep may have missed it.
+    let written_at = now_ms();
+    let late = hours
+        .into_iter()
+        .filter(|((_, hour), _)| {
+            hour + schemas::rollup::HOUR_MS + schemas::rollup::MARK_AFTER_MS <= written_at
+        })
+        .collect();
     mark_late(ctx, late, &mut held, write_by).await;
     register(ctx, latest, &carriers, &mut held, write_by).await;
 
@@ -171,14 +180,12 @@ pub async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>, take
     ctx.forget_held_back();
 }
 
-/// The device-hours of `rows` whose hour had ended at `now`, with the messages carrying them:
-/// the sweep that rolls up each hour when it ends may have missed these readings.
-fn late_hours(
+/// The device-hours of `rows`, with the messages carrying them.
+fn device_hours(
     rows: &[(Origin, infra::storage::Entity)],
-    now: i64,
 ) -> BTreeMap<(String, i64), BTreeSet<usize>> {
     let hour = schemas::rollup::Interval::Hour;
-    let mut late: BTreeMap<(String, i64), BTreeSet<usize>> = BTreeMap::new();
+    let mut hours: BTreeMap<(String, i64), BTreeSet<usize>> = BTreeMap::new();
     for (origin, entity) in rows {
         let text = |name: &str| entity.get(name).and_then(|v| v.as_str());
         let (Some(device), Some(at)) = (
@@ -187,19 +194,17 @@ fn late_hours(
         ) else {
             continue;
         };
-        let start = hour.floor(at);
-        if start + hour.ms() <= now {
-            late.entry((device.to_owned(), start))
-                .or_default()
-                .insert(origin.message);
-        }
+        hours
+            .entry((device.to_owned(), hour.floor(at)))
+            .or_default()
+            .insert(origin.message);
     }
-    late
+    hours
 }
 
-/// Marks the late device-hours in the rollup table (100 per transaction: one partition). A
-/// message whose mark failed stays, to be redone: its readings would otherwise be missing
-/// from their hour's rollup for good.
+/// Marks the late device-hours in the rollup table (up to 100 per transaction, one per mark
+/// partition). A message whose mark failed stays, to be redone: its readings would otherwise
+/// be missing from their hour's rollup for good.
 async fn mark_late(
     ctx: &Ctx,
     late: BTreeMap<(String, i64), BTreeSet<usize>>,
@@ -209,15 +214,23 @@ async fn mark_late(
     if late.is_empty() {
         return;
     }
-    metrics::counter!(m::LATE_HOURS).increment(late.len() as u64);
-    let late: Vec<_> = late.into_iter().collect();
-    for chunk in late.chunks(100) {
-        let marks: Vec<infra::storage::Entity> = chunk
-            .iter()
-            .map(|((device, hour), _)| schemas::rollup::mark(device, *hour))
-            .collect();
+    let mut by_partition: BTreeMap<String, Vec<(infra::storage::Entity, BTreeSet<usize>)>> =
+        BTreeMap::new();
+    for ((device, hour), messages) in late {
+        let mark = schemas::rollup::mark(&device, hour);
+        let partition = mark["PartitionKey"].as_str().unwrap_or_default().to_owned();
+        by_partition
+            .entry(partition)
+            .or_default()
+            .push((mark, messages));
+    }
+    for chunk in by_partition.values().flat_map(|marks| marks.chunks(100)) {
+        let marks: Vec<infra::storage::Entity> = chunk.iter().map(|(m, _)| m.clone()).collect();
         let failure = match retry(deadline, || ctx.rollups.upsert_batch(&marks)).await {
-            Ok(infra::storage::BatchOutcome::Committed) => continue,
+            Ok(infra::storage::BatchOutcome::Committed) => {
+                metrics::counter!(m::LATE_HOURS).increment(marks.len() as u64);
+                continue;
+            }
             Ok(infra::storage::BatchOutcome::Rejected(refusal)) => Failure::Refused {
                 stage: Stage::Rollup,
                 table: ctx.rollups.name().to_owned(),

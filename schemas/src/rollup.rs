@@ -18,8 +18,15 @@ use serde_json::{Map, Value};
 pub const DEFAULT_TABLE: &str = "rollups";
 pub const HOUR_MS: i64 = 3_600_000;
 pub const DAY_MS: i64 = 86_400_000;
-/// The partition of device-hours to recompute: RowKey `<hour start>|<device>`.
-pub const MARKS: &str = "~marks";
+/// The partitions of device-hours to recompute (`~marks-0` to `~marks-f`, by device, so a
+/// backlog's marks spread over 16 partitions): RowKey `<hour start>|<device>`.
+pub const MARKS: &str = "~marks-";
+/// A reading written more than this after its hour ended is marked; one written sooner is
+/// left to the sweep, which runs `ARCHIVER_ROLLUP_SETTLE` (at least [`MIN_SETTLE_MS`]) after
+/// the hour ends.
+pub const MARK_AFTER_MS: i64 = 60_000;
+/// The shortest settle the archiver accepts: the mark delay plus room for clock skew.
+pub const MIN_SETTLE_MS: i64 = 2 * MARK_AFTER_MS;
 /// The partition of the rollup keeper's own state.
 pub const STATE: &str = "~state";
 
@@ -275,8 +282,13 @@ pub fn hourly(readings: &[Reading]) -> Vec<Rollup> {
 
 /// A mark: `device`'s readings of the hour starting at `hour_ms` changed after the hour ended.
 pub fn mark(device: &str, hour_ms: i64) -> Map<String, Value> {
+    let mut h = crate::Fnv::default();
+    h.write(device.as_bytes());
     let mut e = Map::new();
-    e.insert("PartitionKey".into(), MARKS.into());
+    e.insert(
+        "PartitionKey".into(),
+        format!("{MARKS}{:x}", h.0 % 16).into(),
+    );
     e.insert(
         "RowKey".into(),
         format!("{}|{device}", format_ms(hour_ms)).into(),
@@ -368,7 +380,11 @@ mod tests {
     #[test]
     fn marks_name_a_device_hour() {
         let m = mark("sensor-1", H0);
-        assert_eq!(m["PartitionKey"], MARKS);
+        assert!(m["PartitionKey"].as_str().unwrap().starts_with(MARKS));
+        assert_eq!(
+            m["PartitionKey"],
+            mark("sensor-1", H0 + HOUR_MS)["PartitionKey"]
+        );
         let key = m["RowKey"].as_str().unwrap();
         assert_eq!(parse_mark(key), Some(("sensor-1".into(), H0)));
         assert_eq!(parse_mark("nonsense"), None);

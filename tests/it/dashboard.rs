@@ -274,8 +274,16 @@ async fn the_api_answers_every_endpoint_and_format_over_table_and_archive() {
         ("/api/v1/devices?prefix=a'b", 400, "cannot start"),
         ("/api/v1/devices?cursor=!!", 400, "gave out"),
         ("/api/v1/devices?silent=soon", 400, "try 10m"),
-        ("/api/v1/devices/dash-a/rollups?interval=2h", 400, "expected 1h or 1d"),
-        ("/api/v1/devices/dash-a/rollups?format=parquet", 400, "format=json or format=csv"),
+        (
+            "/api/v1/devices/dash-a/rollups?interval=2h",
+            400,
+            "expected 1h or 1d",
+        ),
+        (
+            "/api/v1/devices/dash-a/rollups?format=parquet",
+            400,
+            "format=json or format=csv",
+        ),
         ("/api/v1/devices/nobody/rollups", 404, "never stored"),
         ("/api/v1/nothing", 404, "no such endpoint"),
     ];

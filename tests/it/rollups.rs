@@ -133,9 +133,10 @@ async fn rollups_stay_exact_under_duplicates_redeliveries_and_late_data() {
     // What the table will hold: one reading per device and millisecond (the last sent wins).
     let mut sent = Sent::new();
     let mut messages = Vec::new();
-    // Three devices, readings over the five hours before this one.
+    // Three devices, readings over four hours ending more than an hour ago (so that every one
+    // has been swept or marked, whenever in the hour the test runs).
     for device in ["roll-a", "roll-b", "roll-c"] {
-        for k in 0..60 {
+        for k in 0..48 {
             let at = hour - 5 * HOUR_MS + k * 5 * 60_000 + rng.i64(0..60_000);
             add(&mut sent, device, at, &mut rng, &mut messages);
         }
@@ -155,7 +156,7 @@ async fn rollups_stay_exact_under_duplicates_redeliveries_and_late_data() {
         ("ARCHIVER_DEVICE_TABLE", p.devices.clone()),
         ("ARCHIVER_ROLLUP_TABLE", rollups.clone()),
         ("ARCHIVER_CONTAINER", unique("archive")),
-        ("ARCHIVER_ROLLUP_SETTLE", "1s".into()),
+        ("ARCHIVER_ROLLUP_SETTLE", "2m".into()),
         ("ARCHIVER_ROLLUP_INTERVAL", "1s".into()),
     ];
     let archiver = Service::start_with_args("archiver", &["run"], &archiver_env).await;
