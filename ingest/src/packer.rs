@@ -284,3 +284,54 @@ async fn write(
     metrics::histogram!(m::PUT_SECONDS).record(started.elapsed().as_secs_f64());
     true
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use infra::storage::{Account, DEVELOPMENT_STORAGE};
+    use rumqttc::v5::mqttbytes::v5::Publish;
+    use rumqttc::v5::mqttbytes::QoS;
+
+    fn packer() -> Packer {
+        let account =
+            Account::from_connection_string(DEVELOPMENT_STORAGE, Duration::from_secs(1)).unwrap();
+        let (acks, _) = mpsc::unbounded_channel();
+        Packer::new(
+            account.queue("unused"),
+            acks,
+            Duration::from_secs(60),
+            1,
+            false,
+            Health::new("test"),
+        )
+    }
+
+    fn delivery(payload: Vec<u8>, already_queued: bool) -> Delivery {
+        let mut publish = Publish::new("devices/d-1/telemetry", QoS::AtLeastOnce, payload, None);
+        publish.pkid = 7;
+        Delivery {
+            publish,
+            connection: 1,
+            received_at_ms: 0,
+            fingerprint: 0,
+            already_queued,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_held_delivery_keeps_its_packet_id_not_its_publish() {
+        // 200 KiB, as a hostile device may send within the broker's limit: held until its
+        // envelope is written, it must cost bytes, not the publish.
+        let mut p = packer();
+        p.add(delivery(vec![b'x'; 200 * 1024], false)).await;
+        p.add(delivery(b"{}".to_vec(), true)).await;
+        assert_eq!(p.held.len(), 2);
+        for held in &p.held {
+            assert!(held.publish.payload.is_empty());
+            assert!(held.publish.topic.is_empty());
+            assert_eq!(held.publish.pkid, 7);
+        }
+        // The redelivery of a queued message adds nothing to the envelope.
+        assert_eq!(p.envelope.len(), 1);
+    }
+}
