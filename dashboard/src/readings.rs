@@ -10,8 +10,8 @@ use schemas::entity::StoredReading;
 use schemas::timefmt;
 use std::collections::BTreeMap;
 
-/// Archive blobs read at once for one request.
-const BLOB_READS: usize = 8;
+/// Days read ahead for one request (each: a table query, then a blob).
+const DAYS_AHEAD: usize = 4;
 
 #[derive(Debug)]
 pub struct Sources {
@@ -30,6 +30,11 @@ pub struct Page {
 
 impl Sources {
     /// `device`'s readings in `[from, to)`, oldest first, at most `limit`.
+    ///
+    /// Day by day, in order (a few read ahead), until the page is full: each day's table rows
+    /// first, then its archive blob. The archiver writes a day's blob before it deletes the
+    /// day's rows, so in this order no reading can fall between the two reads; and a page
+    /// costs the days it covers, not the whole range.
     pub async fn readings(
         &self,
         device: &str,
@@ -37,50 +42,51 @@ impl Sources {
         to: i64,
         limit: usize,
     ) -> Result<Page, Problem> {
+        let days: Vec<i64> = (floor_day(from)..to).step_by(DAY_MS as usize).collect();
+        let mut days = stream::iter(days)
+            .map(|day| self.day(device, day.max(from), (day + DAY_MS).min(to), limit + 1))
+            .buffered(DAYS_AHEAD);
+        let mut readings: Vec<StoredReading> = Vec::new();
+        while readings.len() <= limit {
+            let Some(day) = days.next().await else { break };
+            readings.extend(day?);
+        }
+        Ok(page(readings, limit))
+    }
+
+    /// One day's readings in `[from, to)` (at most `most` from the table), table rows winning
+    /// over the archive's, in time order.
+    async fn day(
+        &self,
+        device: &str,
+        from: i64,
+        to: i64,
+        most: usize,
+    ) -> Result<Vec<StoredReading>, Problem> {
         let filter = format!(
             "PartitionKey eq '{device}' and RowKey ge '{}' and RowKey lt '{}'",
             timefmt::format_ms(from),
             timefmt::format_ms(to)
         );
-        // The table first, then the archive: the archiver writes a day's blob before it
-        // deletes the day's rows, so in this order no reading can fall between the two reads.
-        // The table's first `limit + 1` are enough: whatever the archive adds, the merged
-        // first `limit + 1` come from them and the archive's rows.
         let rows = self
             .table
-            .query_first(&filter, limit + 1)
+            .query_first(&filter, most)
             .await
             .or_else(crate::api::none_if_missing)
             .map_err(|e| Problem::storage(&e))?;
-        let table = rows
-            .iter()
-            .map(schemas::entity::from_entity)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Problem::internal(format!("a table row of {device}: {e}")))?;
-        let mut merged: BTreeMap<i64, StoredReading> = table
-            .into_iter()
-            .map(|row| (row.reading.measured_at_ms, row))
-            .collect();
-        // Archive days in order, a few read ahead, until the first `limit + 1` readings are
-        // known: memory stays near `limit` readings and a day's blob, whatever the range.
-        let days: Vec<i64> = (floor_day(from)..to).step_by(DAY_MS as usize).collect();
-        let mut blobs = stream::iter(days.iter().copied())
-            .map(|day| async move { (day, self.archived_day(device, day).await) })
-            .buffered(BLOB_READS);
-        while let Some((day, archived)) = blobs.next().await {
-            if merged.len() > limit && merged.keys().nth(limit).is_some_and(|t| *t < day) {
-                break;
-            }
-            for row in archived? {
-                let at = row.reading.measured_at_ms;
-                if (from..to).contains(&at) {
-                    // The table's row wins: it is the newer write.
-                    merged.entry(at).or_insert(row);
-                }
+        let mut merged: BTreeMap<i64, StoredReading> = BTreeMap::new();
+        for e in &rows {
+            let row = schemas::entity::from_entity(e)
+                .map_err(|e| Problem::internal(format!("a table row of {device}: {e}")))?;
+            merged.insert(row.reading.measured_at_ms, row);
+        }
+        for row in self.archived_day(device, floor_day(from)).await? {
+            let at = row.reading.measured_at_ms;
+            if (from..to).contains(&at) {
+                merged.entry(at).or_insert(row);
             }
         }
-        drop(blobs);
-        Ok(page(merged.into_values().collect(), limit))
+        Ok(merged.into_values().collect())
     }
 
     async fn archived_day(&self, device: &str, day: i64) -> Result<Vec<StoredReading>, Problem> {

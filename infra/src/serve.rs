@@ -189,7 +189,8 @@ async fn respond(
 /// For tests and the load tester, which read the services' metrics and readiness.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n");
+    // One request per connection: read to the end, whatever the server's keep-alive.
+    let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut raw = String::new();
     stream.read_to_string(&mut raw).await.ok()?;

@@ -28,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Packed text gathered before a flush, whatever the linger (about 16 full messages).
 const FLUSH_BYTES: usize = 1024 * 1024;
+/// Time kept before the earliest deadline of a flush's messages for the put and the deletes.
+const FLUSH_RESERVE: Duration = Duration::from_secs(2);
 /// Queue messages handed over and not yet finished. A round waits for room, so a writer that
 /// falls behind (slow or failing dead-letter puts) slows the fetcher instead of piling up.
 const MAX_PENDING: usize = 128;
@@ -125,7 +127,9 @@ async fn run(
             _ = closing.cancelled() => rx.try_recv().ok(),
         };
         let Some((first, permit)) = first else { break };
-        let flush_at = Instant::now() + linger;
+        // The linger, but never so late that a message's deletes would miss its deadline: a
+        // message left then reappears, is redone, and its records are written twice.
+        let mut flush_at = (Instant::now() + linger).min(first.deadline - FLUSH_RESERVE);
         let mut bytes = size(&first);
         let mut pending = vec![first];
         // Released when the flush is done, making room for more.
@@ -138,6 +142,7 @@ async fn run(
                 _ = tokio::time::sleep_until(flush_at) => None,
             };
             let Some((s, permit)) = next else { break };
+            flush_at = flush_at.min(s.deadline - FLUSH_RESERVE);
             bytes += size(&s);
             pending.push(s);
             permits.push(permit);

@@ -466,7 +466,7 @@ async fn least_privilege_credentials_run_the_pipeline_a_403_loses_nothing_and_no
     for q in [&names.queue, &names.dead] {
         admin.queue(q).create_if_missing().await.unwrap();
     }
-    for t in [&names.table, &names.devices] {
+    for t in [&names.table, &names.devices, schemas::rollup::DEFAULT_TABLE] {
         admin.table(t).create_if_missing().await.unwrap();
     }
     admin

@@ -9,9 +9,13 @@ use tokio::process::{Child, Command};
 /// Where `cargo build --bins` put `name`, next to this test binary's profile directory.
 pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/it-<hash> -> target/<profile>/<name>
+    // target/<profile>/deps/it-<hash> (a test) or target/<profile>/<bench> (a binary of this
+    // crate) -> target/<profile>/<name>
     exe.parent()
-        .and_then(|deps| deps.parent())
+        .and_then(|dir| match dir.file_name() {
+            Some(d) if d == "deps" => dir.parent(),
+            _ => Some(dir),
+        })
         .map(|profile| profile.join(name))
         .unwrap_or_else(|| repo_root().join("target/debug").join(name))
 }
