@@ -123,19 +123,15 @@ async fn rebuild_rollups(args: RollupArgs, shutdown: CancellationToken) -> anyho
     Ok(failed == 0 && !shutdown.is_cancelled())
 }
 
-/// Keeps rollups current until `shutdown`: a turn every `every`, expiry once a day.
-async fn keep_rollups(
-    keeper: rollups::Keeper,
-    every: Duration,
-    health: Health,
-    shutdown: CancellationToken,
-) {
+/// Keeps rollups current until `shutdown`: a turn every `every`, expiry once a day. A failed
+/// turn is logged and retried; it leaves readiness alone (that is about archiving), and
+/// `archiver_rollups_last_success_timestamp_seconds` shows how far behind the rollups are.
+async fn keep_rollups(keeper: rollups::Keeper, every: Duration, shutdown: CancellationToken) {
     let mut expired_day = None;
     loop {
         let now = schemas::timefmt::now_ms();
         match keeper.turn(now).await {
             Ok(turn) => {
-                health.recover("rollups");
                 if turn.hours_swept > 0 || turn.marks_done > 0 {
                     tracing::info!(
                         hours = turn.hours_swept,
@@ -149,7 +145,6 @@ async fn keep_rollups(
             }
             Err(error) => {
                 tracing::warn!(%error, "Cannot bring rollups up to date; retrying.");
-                health.fail("rollups", format!("rollups: {error}"));
             }
         }
         let today = floor_day(now);
@@ -237,12 +232,7 @@ async fn run_passes(args: RunArgs, shutdown: CancellationToken) -> anyhow::Resul
         );
         let rollups = [Resource::Table(&keeper.rollups)];
         if create_missing(&rollups, args.storage.create_missing, &shutdown).await {
-            tokio::spawn(keep_rollups(
-                keeper,
-                args.rollup_interval,
-                health.clone(),
-                shutdown.clone(),
-            ));
+            tokio::spawn(keep_rollups(keeper, args.rollup_interval, shutdown.clone()));
         }
     }
 
