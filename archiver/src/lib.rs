@@ -68,8 +68,7 @@ async fn rebuild_rollups(args: RollupArgs, shutdown: CancellationToken) -> anyho
         return Ok(true);
     }
     let devices = if args.devices.is_empty() {
-        let filter = format!("PartitionKey eq '{}'", schemas::device::PARTITION);
-        keeper.devices.row_keys(&filter).await?
+        keeper.device_ids().await?
     } else {
         args.devices.clone()
     };

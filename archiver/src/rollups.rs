@@ -111,10 +111,15 @@ impl Keeper {
         retried(|| self.rollups.upsert(&e)).await
     }
 
+    /// Every device's id, from the device table.
+    pub async fn device_ids(&self) -> Result<Vec<String>, StorageError> {
+        let filter = format!("PartitionKey eq '{}'", schemas::device::PARTITION);
+        retried(|| self.devices.row_keys(&filter)).await
+    }
+
     /// Rolls up every device's hour starting at `hour`. Returns the rollups written.
     async fn sweep(&self, hour: i64) -> Result<u64, KeepError> {
-        let filter = format!("PartitionKey eq '{}'", schemas::device::PARTITION);
-        let devices = retried(|| self.devices.row_keys(&filter)).await?;
+        let devices = self.device_ids().await?;
         let results: Vec<Result<u64, KeepError>> = stream::iter(devices)
             .map(|device| async move { self.recompute(&device, hour, false).await })
             .buffer_unordered(self.concurrency.max(1))
@@ -245,8 +250,7 @@ impl Keeper {
     pub async fn expire(&self, now: i64) -> Result<u64, StorageError> {
         let keep = i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX);
         let cutoff = Interval::Day.floor(now.saturating_sub(keep)).max(0);
-        let filter = format!("PartitionKey eq '{}'", schemas::device::PARTITION);
-        let devices = retried(|| self.devices.row_keys(&filter)).await?;
+        let devices = self.device_ids().await?;
         let mut deleted = 0;
         for device in devices {
             for interval in [Interval::Hour, Interval::Day] {

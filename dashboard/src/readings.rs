@@ -8,7 +8,6 @@ use schemas::archive::layout::{floor_day, Layout, DAY_MS};
 use schemas::archive::Format as ArchiveFormat;
 use schemas::entity::StoredReading;
 use schemas::timefmt;
-use std::collections::BTreeMap;
 
 /// Days read ahead for one request (each: a table query, then a blob).
 const DAYS_AHEAD: usize = 4;
@@ -74,19 +73,15 @@ impl Sources {
             .await
             .or_else(crate::api::none_if_missing)
             .map_err(|e| Problem::storage(&e))?;
-        let mut merged: BTreeMap<i64, StoredReading> = BTreeMap::new();
-        for e in &rows {
-            let row = schemas::entity::from_entity(e)
-                .map_err(|e| Problem::internal(format!("a table row of {device}: {e}")))?;
-            merged.insert(row.reading.measured_at_ms, row);
-        }
-        for row in self.archived_day(device, floor_day(from)).await? {
-            let at = row.reading.measured_at_ms;
-            if (from..to).contains(&at) {
-                merged.entry(at).or_insert(row);
-            }
-        }
-        Ok(merged.into_values().collect())
+        let table = rows
+            .iter()
+            .map(schemas::entity::from_entity)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Problem::internal(format!("a table row of {device}: {e}")))?;
+        let mut archived = self.archived_day(device, floor_day(from)).await?;
+        archived.retain(|r| (from..to).contains(&r.reading.measured_at_ms));
+        // The table's row wins: it is the newer write.
+        Ok(schemas::archive::merge(archived, table))
     }
 
     async fn archived_day(&self, device: &str, day: i64) -> Result<Vec<StoredReading>, Problem> {
