@@ -51,9 +51,9 @@ pub struct Ctx {
     /// envelopes, a refused device row), by key, with when each was last seen: they stay in
     /// `/readyz` a while after, rather than flapping with every round that does not meet them.
     pub held_back: Mutex<std::collections::HashMap<&'static str, Instant>>,
-    /// Identities of the dead letters this process has written lately, so that a message
-    /// redone after its records were written (its delete failed, its round ran out of time)
-    /// does not write them again.
+    /// The dead letters this process has written lately or is writing, so that a message
+    /// redone meanwhile (its delete failed, its round ran out of time) does not write them
+    /// again. Through [`Ctx::dead_letters_known`].
     pub dead_lettered: Mutex<crate::dead_letters::DeadLettered>,
 }
 
@@ -145,6 +145,14 @@ impl Ctx {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(key, Instant::now());
         self.health.fail(key, reason);
+    }
+
+    pub fn dead_letters_known(
+        &self,
+    ) -> std::sync::MutexGuard<'_, crate::dead_letters::DeadLettered> {
+        self.dead_lettered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Readiness stops naming a held-back cause a while after it was last seen.

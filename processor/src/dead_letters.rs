@@ -7,6 +7,11 @@
 //! only then deletes each submitted queue message whose records were all put. A failed put leaves
 //! its queue messages to reappear and be redone; a crash before the put does the same.
 //!
+//! A put is not cut short by its messages' visibility: cancelled, it could still land, and the
+//! redone message would write its records again. It runs for up to one more visibility
+//! timeout, and a message that comes back meanwhile is left to wait for its outcome
+//! ([`DeadLettered::claim`]).
+//!
 //! Why gather across rounds: a dead-letter queue of one record per message is expensive to
 //! operate on (every walk and every removal is per message, and on the emulator each costs
 //! more as the queue grows). At a trickle of faults each round has one or two records; a few
@@ -20,7 +25,9 @@ use futures::{stream, StreamExt};
 use infra::recent::Recent;
 use infra::storage::{QueueMessage, StorageError};
 use schemas::{DeadLetter, DeviceMessage};
-use std::sync::{Arc, PoisonError};
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -38,32 +45,70 @@ const MAX_PENDING: usize = 128;
 /// plausible rate of bad input.
 const REMEMBERED: usize = 65_536;
 
-/// The identities ([`DeadLetter::identity`]) of the records this process wrote most recently.
-/// A message whose records were written but that came back (its delete failed, or its round
-/// outlived the visibility timeout) is then settled without writing them twice. Memory only:
-/// a restarted processor writes them again (a duplicate the operator's tool shows once).
+/// What this process knows of its dead letters, by identity ([`DeadLetter::identity`]): the
+/// records it wrote most recently, and those handed to the writer whose put has no outcome
+/// yet. A message that comes back after its records were written (its delete failed, its
+/// round ran out of time) is settled without writing them twice; one that comes back while
+/// they are being written (a slow put outlived the message's visibility) waits for the put.
+/// Memory only: a restarted processor writes them again (a duplicate the operator's tool
+/// shows once).
 #[derive(Debug)]
-pub struct DeadLettered(Recent);
+pub struct DeadLettered {
+    written: Recent,
+    /// Claimed by a submission and not yet put or given up, with how many claims hold each.
+    /// Bounded by what the writer holds ([`MAX_PENDING`] messages).
+    writing: HashMap<u64, u32>,
+}
 
 impl Default for DeadLettered {
     fn default() -> Self {
-        Self(Recent::new(REMEMBERED))
+        Self {
+            written: Recent::new(REMEMBERED),
+            writing: HashMap::new(),
+        }
     }
 }
 
+/// Some of a message's records are in a put that has not ended.
+#[derive(Debug, PartialEq, Eq)]
+pub struct InFlight;
+
 impl DeadLettered {
-    /// `records` without those already written.
-    pub fn unwritten(&self, records: Vec<DeadLetter>) -> Vec<DeadLetter> {
+    /// Claims `records` for a submission: those already written are left out, and the rest
+    /// are in flight until [`DeadLettered::settle`]. Claims none if any is in flight already.
+    pub fn claim(&mut self, records: Vec<DeadLetter>) -> Result<Vec<DeadLetter>, InFlight> {
+        if records
+            .iter()
+            .any(|r| self.writing.contains_key(&r.identity()))
+        {
+            return Err(InFlight);
+        }
         let before = records.len();
         let left: Vec<DeadLetter> = records
             .into_iter()
-            .filter(|r| !self.0.contains(r.identity()))
+            .filter(|r| !self.written.contains(r.identity()))
             .collect();
         let skipped = (before - left.len()) as u64;
         if skipped > 0 {
             metrics::counter!(m::DEAD_LETTERS_ALREADY_WRITTEN).increment(skipped);
         }
-        left
+        for r in &left {
+            *self.writing.entry(r.identity()).or_default() += 1;
+        }
+        Ok(left)
+    }
+
+    /// Ends a claim on `identity`: its put succeeded (`written`) or will not be tried again.
+    pub fn settle(&mut self, identity: u64, written: bool) {
+        if let Entry::Occupied(mut claims) = self.writing.entry(identity) {
+            *claims.get_mut() -= 1;
+            if *claims.get() == 0 {
+                claims.remove();
+            }
+        }
+        if written {
+            self.written.remember(identity);
+        }
     }
 }
 
@@ -81,6 +126,7 @@ pub struct Submission {
 
 #[derive(Debug, Clone)]
 pub struct Writer {
+    ctx: Arc<Ctx>,
     tx: mpsc::UnboundedSender<(Submission, OwnedSemaphorePermit)>,
     room: Arc<Semaphore>,
 }
@@ -94,12 +140,13 @@ impl Writer {
         closing: CancellationToken,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(ctx, rx, linger, closing));
+        let task = tokio::spawn(run(ctx.clone(), rx, linger, closing));
         let room = Arc::new(Semaphore::new(MAX_PENDING));
-        (Self { tx, room }, task)
+        (Self { ctx, tx, room }, task)
     }
 
-    /// Hands a message over, once there is room.
+    /// Hands a message over, once there is room; its records are claimed
+    /// ([`DeadLettered::claim`]).
     pub async fn submit(&self, submission: Submission) {
         let permit = self
             .room
@@ -109,7 +156,12 @@ impl Writer {
             .expect("the semaphore is never closed");
         // The receiver lives until `closing` and an empty channel; rounds end before that.
         if let Err(lost) = self.tx.send((submission, permit)) {
-            tracing::warn!(id = %(lost.0).0.message.id, "Dead-letter writer gone; the message will be redone.");
+            let lost = (lost.0).0;
+            tracing::warn!(id = %lost.message.id, "Dead-letter writer gone; the message will be redone.");
+            let mut known = self.ctx.dead_letters_known();
+            for r in &lost.records {
+                known.settle(r.identity(), false);
+            }
         }
     }
 }
@@ -147,7 +199,9 @@ async fn run(
             pending.push(s);
             permits.push(permit);
         }
-        flush(&ctx, pending).await;
+        // Closing, no put outlives its messages: another process redoes them, and this one's
+        // memory of what it wrote ends with it.
+        flush(&ctx, pending, !closing.is_cancelled()).await;
         drop(permits);
     }
 }
@@ -161,12 +215,19 @@ fn size(s: &Submission) -> usize {
 }
 
 /// Puts the submissions' records, then deletes each submission whose records all made it.
-async fn flush(ctx: &Ctx, pending: Vec<Submission>) {
+/// `extend`: a put may outlive its messages' deadline by up to one visibility timeout.
+async fn flush(ctx: &Ctx, pending: Vec<Submission>, extend: bool) {
+    // The messages' deadline, or one more visibility timeout if that is later (see above).
     let deadline = pending
         .iter()
         .map(|s| s.deadline)
         .min()
         .unwrap_or_else(Instant::now);
+    let put_by = if extend {
+        deadline.max(Instant::now() + ctx.visibility)
+    } else {
+        deadline
+    };
     // Which submission each record belongs to, in packing order.
     let owners: Vec<usize> = pending
         .iter()
@@ -189,7 +250,7 @@ async fn flush(ctx: &Ctx, pending: Vec<Submission>) {
     }
     let results: Vec<(Vec<usize>, Result<(), StorageError>)> = stream::iter(packed)
         .map(|(text, records)| async move {
-            let put = retry(deadline, || ctx.dead_letters.put(text.clone())).await;
+            let put = retry(put_by, || ctx.dead_letters.put(text.clone())).await;
             (records, put)
         })
         .buffer_unordered(ctx.write_concurrency.max(1))
@@ -199,13 +260,13 @@ async fn flush(ctx: &Ctx, pending: Vec<Submission>) {
     for (i, _) in unpacked.iter().enumerate().filter(|(_, u)| **u) {
         failed[owners[i]] = Some(Failure::Unpacked);
     }
-    let mut written = Vec::new();
+    let mut written = vec![false; owners.len()];
     for (records, result) in results {
         for i in records {
             match &result {
                 Ok(()) => {
                     metrics::counter!(m::DEAD_LETTERS, "reason" => reasons[i]).increment(1);
-                    written.push(identities[i]);
+                    written[i] = true;
                 }
                 Err(error) => {
                     if error.needs_operator() {
@@ -223,22 +284,72 @@ async fn flush(ctx: &Ctx, pending: Vec<Submission>) {
         }
     }
     {
-        let mut remembered = ctx
-            .dead_lettered
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        for identity in written {
-            remembered.0.remember(identity);
+        let mut known = ctx.dead_letters_known();
+        for (identity, written) in identities.into_iter().zip(written) {
+            known.settle(identity, written);
         }
     }
+    // A put that outlived the deadline still leaves time for the deletes. Deleting after the
+    // visibility ran out is safe: a message taken again meanwhile has a new pop receipt, and
+    // its taker finds the records written.
+    let delete_by = Instant::now() + FLUSH_RESERVE;
     stream::iter(pending.into_iter().zip(failed))
         .for_each_concurrent(ctx.write_concurrency.max(1), |(s, failure)| async move {
             match failure {
                 Some(failure) => settle::leave(&s.message, &failure),
                 None => {
-                    settle::finished(ctx, &s.message, &s.devices, s.deadline, s.stored_at_ms).await;
+                    let by = s.deadline.max(delete_by);
+                    settle::finished(ctx, &s.message, &s.devices, by, s.stored_at_ms).await;
                 }
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use schemas::dead_letter::Refusal;
+    use schemas::Reason;
+
+    fn record(received_at_ms: i64, attempts: u64) -> DeadLetter {
+        let msg = DeviceMessage::from_mqtt("devices/d-1/telemetry", b"{}", received_at_ms);
+        DeadLetter::new(
+            &msg,
+            Refusal {
+                reason: Reason::Schema,
+                detail: "missing temperature".into(),
+                device_id: Some("d-1".into()),
+                rejected_indexes: vec![],
+                attempts,
+                dead_lettered_at_ms: received_at_ms + 1,
+            },
+        )
+    }
+
+    #[test]
+    fn a_redelivery_waits_while_its_records_are_being_written_and_skips_them_once_written() {
+        let mut known = DeadLettered::default();
+        let claimed = known.claim(vec![record(1, 1), record(2, 1)]).unwrap();
+        assert_eq!(claimed.len(), 2);
+        // The message came back while the put runs: nothing is claimed twice.
+        assert_eq!(known.claim(vec![record(1, 2), record(2, 2)]), Err(InFlight));
+        assert_eq!(known.claim(vec![record(3, 2), record(2, 2)]), Err(InFlight));
+        for r in &claimed {
+            known.settle(r.identity(), true);
+        }
+        assert_eq!(known.claim(vec![record(1, 3), record(2, 3)]), Ok(vec![]));
+        assert!(known.writing.is_empty());
+    }
+
+    #[test]
+    fn a_failed_put_lets_the_redelivery_write_its_records() {
+        let mut known = DeadLettered::default();
+        let claimed = known.claim(vec![record(1, 1)]).unwrap();
+        known.settle(claimed[0].identity(), false);
+        let again = known.claim(vec![record(1, 2)]).unwrap();
+        assert_eq!(again.len(), 1, "not written: written by the redelivery");
+        known.settle(again[0].identity(), true);
+        assert!(known.writing.is_empty());
+    }
 }

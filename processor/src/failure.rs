@@ -44,13 +44,16 @@ pub enum Failure {
     /// A dead-letter record fitted no queue message (ruled out by the record's shortening,
     /// and handled all the same: its message stays).
     Unpacked,
+    /// The message came back while the put of its dead letters, begun in an earlier delivery,
+    /// is still running: it waits for that put's outcome rather than writing them twice.
+    DeadLettersInFlight,
 }
 
 impl Failure {
     pub fn stage(&self) -> Stage {
         match self {
             Failure::Storage { stage, .. } | Failure::Refused { stage, .. } => *stage,
-            Failure::Unpacked => Stage::DeadLetter,
+            Failure::Unpacked | Failure::DeadLettersInFlight => Stage::DeadLetter,
         }
     }
 
@@ -59,7 +62,7 @@ impl Failure {
         match self {
             Failure::Storage { error, .. } => error.is_content_error(),
             Failure::Refused { refusal, .. } => matches!(refusal, Refusal::Content(_)),
-            Failure::Unpacked => false,
+            Failure::Unpacked | Failure::DeadLettersInFlight => false,
         }
     }
 
@@ -75,7 +78,7 @@ impl Failure {
                 ..
             } => false,
             Failure::Refused { .. } => true,
-            Failure::Unpacked => false,
+            Failure::Unpacked | Failure::DeadLettersInFlight => false,
         }
     }
 
@@ -101,6 +104,9 @@ impl std::fmt::Display for Failure {
                 refusal,
             } => write!(f, "{}: table {table} {refusal}", stage.as_str()),
             Failure::Unpacked => f.write_str("a dead-letter record could not be packed"),
+            Failure::DeadLettersInFlight => {
+                f.write_str("its dead letters are still being written by an earlier delivery")
+            }
         }
     }
 }

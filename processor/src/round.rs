@@ -155,11 +155,11 @@ pub async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>, take
             settle::leave(&message, failure);
             continue;
         }
-        let refusals = ctx
-            .dead_lettered
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .unwritten(sorted.refusals);
+        let claimed = ctx.dead_letters_known().claim(sorted.refusals);
+        let Ok(refusals) = claimed else {
+            settle::leave(&message, &Failure::DeadLettersInFlight);
+            continue;
+        };
         if refusals.is_empty() {
             settle::finished(ctx, &message, &sorted.devices, settle_by, now_ms()).await;
         } else {

@@ -182,6 +182,8 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
 
     // The chaos: one fault every 3 to 7 s while the live load runs.
     let started = Instant::now();
+    let started_ms = schemas::timefmt::now_ms();
+    let mut timeline: Vec<(f64, &'static str)> = Vec::new();
     let mut done: BTreeMap<Action, u32> = BTreeMap::new();
     let mut recovery: BTreeMap<Action, Vec<f64>> = BTreeMap::new();
     while !live.is_finished() && started.elapsed() < Duration::from_secs(seconds + 120) {
@@ -196,6 +198,10 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
             action.name()
         );
         *done.entry(action).or_default() += 1;
+        timeline.push((
+            (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+            action.name(),
+        ));
         // Recovery is the end of the fault until the service it hit makes progress again:
         // ingest receiving (its kill, a broker restart), the archiver finishing a pass,
         // the processor storing (anything storage-side).
@@ -374,6 +380,30 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
     let same_identity = (dead_letters.len() - identities.len()) as u64;
     let written_again = same_identity.saturating_sub(put_twice);
     let repeated_messages: u64 = texts.values().map(|n| n - 1).sum();
+    // When the copies of a record written again were written (seconds into the run) and on
+    // which delivery, for reading against the timeline of faults.
+    let mut copies: BTreeMap<u64, BTreeSet<(i64, u64)>> = BTreeMap::new();
+    for r in &dead_letters {
+        let at = schemas::timefmt::parse_rfc3339_ms(&r.dead_lettered_at).unwrap_or_default();
+        copies
+            .entry(r.identity())
+            .or_default()
+            .insert(((at - started_ms) / 100, r.attempts));
+    }
+    let again: Vec<String> = copies
+        .values()
+        .filter(|c| c.len() > 1)
+        .map(|c| {
+            c.iter()
+                .map(|(at, attempts)| format!("{:.1}s#{attempts}", *at as f64 / 10.0))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    let mut again_counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for a in &again {
+        *again_counts.entry(a.as_str()).or_default() += 1;
+    }
     let ambiguous_puts = ["queue_put/drop_response", "queue_put/delay"]
         .iter()
         .map(|k| injected.get(*k).copied().unwrap_or(0))
@@ -404,6 +434,8 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
             "written_again_by_the_processor": written_again,
             "queued_twice_by_ingest": duplicates.saturating_sub(same_identity),
         },
+        "timeline": timeline,
+        "written_again_at": again_counts,
         "in_table_and_archive": both(&stored, &archived),
         "values_match": got_digest == expected_digest,
         "ingest_queue_backlog_at_end": backlog,
@@ -435,8 +467,8 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
         "{repeated_messages} dead-letter messages landed twice, for {ambiguous_puts} puts whose answer was lost"
     );
     // Other duplicates come from work redone after a kill (the processor's memory of what it
-    // wrote is gone; ingest's of what it queued, too) or after a put that timed out and whose
-    // retry ran out of time; they must stay a small share: about 1% in 3-minute runs (10%
+    // wrote is gone; ingest's of what it queued, too) or after a put that failed for good but
+    // landed; they must stay a small share: about 1% in 3-minute runs (10%
     // before the processor and ingest remembered what they had written). The bound is loose
     // because a 90-second run has few faults, and one badly timed one weighs a lot.
     let redone = duplicates.saturating_sub(put_twice);

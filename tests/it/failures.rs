@@ -385,6 +385,73 @@ async fn slow_storage_never_lets_a_round_outlive_its_messages() {
 }
 
 #[tokio::test]
+async fn a_slow_dead_letter_put_is_waited_for_not_written_twice() {
+    let penv = [
+        ("PROCESSOR_VISIBILITY_TIMEOUT", "8s".to_owned()),
+        ("PROCESSOR_DEAD_LETTER_LINGER", "1s".to_owned()),
+        ("STORAGE_TIMEOUT", "30s".to_owned()),
+    ];
+    let Some(mut p) = Pipeline::start("slow_dead_letters", &[], &penv).await else {
+        return;
+    };
+    // The processor's queue puts (its dead letters) answer after 6.5 s: the put lands, but
+    // only after the message's settling deadline (7 s after its take, the put starting about
+    // a second in). A put cut short there lands all the same, and the message, back after 8 s,
+    // would write its records again, on every delivery while storage stays this slow.
+    let hold = Duration::from_millis(6_500);
+    let proxy = through_proxy(&p.azurite, p.azurite.queue_port, &mut p.processor, hold).await;
+    p.processor.restart().await;
+    proxy.set(
+        "queue_put",
+        Rates {
+            slow: 1.0,
+            ..Rates::default()
+        },
+    );
+
+    let at = now_ms() - 1_000;
+    let mut b = schemas::EnvelopeBuilder::default();
+    for i in 0..4u64 {
+        let device = format!("slow-dl-{i}");
+        let mut payload = reading(&device, at, i);
+        if i >= 2 {
+            payload = String::from_utf8(payload)
+                .unwrap()
+                .replace("\"humidity\":50", "\"humidity\":500")
+                .into_bytes();
+        }
+        b.push(schemas::DeviceMessage::from_mqtt(
+            &topic(&device),
+            &payload,
+            at,
+        ))
+        .expect("fits");
+    }
+    let queue = p.account.queue(&p.queue);
+    queue.put(b.finish()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    proxy.clear();
+
+    p.wait_rows(2, Duration::from_secs(60)).await;
+    tests::wait_for("the message finished", Duration::from_secs(60), || async {
+        (queue.approximate_depth().await.ok()? == 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        proxy.injected().get("queue_put/slow").copied().unwrap_or(0) >= 1,
+        "the dead letters went through the slow proxy"
+    );
+    let dead = tests::storage::drain_dead_letters(&p.account, &p.dead_letters).await;
+    let reasons: Vec<Reason> = dead.iter().map(|r| r.reason).collect();
+    assert_eq!(
+        reasons,
+        [Reason::OutOfRange, Reason::OutOfRange],
+        "each refusal dead-lettered once: {dead:#?}"
+    );
+}
+
+#[tokio::test]
 async fn an_ack_for_a_lost_connection_never_acknowledges_a_new_sessions_message() {
     let Some(mut p) = Pipeline::start("stale_acks", &[], &[]).await else {
         return;
