@@ -14,7 +14,9 @@
 //!   message. Each turn recomputes the marked hours that were swept (reading the archive too, in
 //!   case the day was archived meanwhile), and their days if those ended, then deletes each mark
 //!   with the ETag it was read with: a mark written again meanwhile stays for the next turn.
-//! - **Retention.** Rollups older than the rollup retention (400 days) are deleted once a day.
+//! - **Retention.** Rollups older than the rollup retention (400 days) are deleted once a day;
+//!   the processors' stored-reading counts ([`schemas::rollup::STORED`]) after two hours,
+//!   every turn.
 
 use crate::day::retried;
 use futures::{stream, StreamExt};
@@ -87,7 +89,24 @@ impl Keeper {
         let (done, written) = self.marks(next - HOUR_MS, now).await?;
         turn.marks_done = done;
         turn.rollups_written += written;
+        self.expire_stored(now).await?;
         Ok(turn)
+    }
+
+    /// Deletes the processors' stored-reading counts older than they are kept
+    /// ([`rollup::STORED_KEPT_MS`]); a turn's minute of them at a time, in practice.
+    async fn expire_stored(&self, now: i64) -> Result<(), StorageError> {
+        let filter = format!(
+            "PartitionKey eq '{}' and RowKey lt '{}'",
+            rollup::STORED,
+            rollup::stored_key(now - rollup::STORED_KEPT_MS)
+        );
+        let old = retried(|| self.rollups.query_first(&filter, MARKS_PER_TURN)).await?;
+        let rows: Vec<RowRef> = old.iter().filter_map(RowRef::of).collect();
+        for chunk in rows.chunks(infra::storage::MAX_BATCH_OPERATIONS) {
+            retried(|| self.rollups.delete_batch(chunk)).await?;
+        }
+        Ok(())
     }
 
     async fn swept_through(&self) -> Result<Option<i64>, StorageError> {

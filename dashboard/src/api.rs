@@ -9,7 +9,7 @@ use crate::views;
 use bytes::Bytes;
 use infra::storage::{Queue, StorageError, Table};
 use schemas::device;
-use schemas::rollup::{Interval, Rollup};
+use schemas::rollup::{self, Interval, Rollup};
 use schemas::timefmt::{format_ms, now_ms};
 use serde_json::json;
 use std::time::Duration;
@@ -109,21 +109,22 @@ impl Api {
                 format_ms(silent_since(now, silent))
             ));
         }
+        // A full page has a cursor, even when nothing follows (the next page is then empty):
+        // asking for one row more to know would cost a second request whenever the page is
+        // the table service's largest (1,000 rows).
         let rows = self
             .devices
-            .query_first(&filter, limit + 1)
+            .query_first(&filter, limit)
             .await
             .or_else(none_if_missing)
             .map_err(|e| Problem::storage(&e))?;
-        let mut devices = rows
+        let devices = rows
             .iter()
             .map(device::from_row)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Problem::internal(format!("a device row: {e}")))?;
-        let cursor = (devices.len() > limit).then(|| {
-            devices.truncate(limit);
-            params::cursor_after(&devices[limit - 1].latest.device_id)
-        });
+        let cursor = (devices.len() == limit)
+            .then(|| params::cursor_after(&devices[limit - 1].latest.device_id));
         let next = cursor.as_ref().map(|c| {
             let mut url = format!("/api/v1/devices?limit={limit}&cursor={c}");
             if !prefix.is_empty() {
@@ -207,9 +208,12 @@ impl Api {
                 body: Bytes::from(views::rollups_csv(&rollups)),
                 next: None,
             }),
-            Format::Parquet => Err(Problem::bad_request(
-                "rollups come as format=json or format=csv",
-            )),
+            Format::Parquet => Ok(Reply {
+                content_type: "application/vnd.apache.parquet",
+                body: schemas::archive::rollups::encode(&rollups)
+                    .map_err(|e| Problem::internal(format!("encoding Parquet: {e}")))?,
+                next: None,
+            }),
         }
     }
 
@@ -250,23 +254,12 @@ impl Api {
                 body: Bytes::from(views::readings_csv(&page.readings)),
                 next: None,
             },
-            Format::Parquet => {
-                if page.readings.is_empty() {
-                    return Err(Problem::not_found(format!(
-                        "no readings of {id} from {} to {}: a Parquet file cannot be empty",
-                        format_ms(from),
-                        format_ms(to)
-                    )));
-                }
-                let bytes =
-                    schemas::archive::encode(schemas::archive::Format::Parquet, &page.readings)
-                        .map_err(|e| Problem::internal(format!("encoding Parquet: {e}")))?;
-                Reply {
-                    content_type: "application/vnd.apache.parquet",
-                    body: bytes,
-                    next: None,
-                }
-            }
+            Format::Parquet => Reply {
+                content_type: "application/vnd.apache.parquet",
+                body: schemas::archive::encode_download(&page.readings)
+                    .map_err(|e| Problem::internal(format!("encoding Parquet: {e}")))?,
+                next: None,
+            },
         };
         reply.next = next;
         Ok(reply)
@@ -281,19 +274,29 @@ impl Api {
         );
         // A queue or table not created yet reads as empty.
         let zero = |e: StorageError| if e.is_not_found() { Ok(0) } else { Err(e) };
-        let (ingest, dead, total, silent) = futures::try_join!(
+        // The processors' counts of the last 60 minutes, the current one included.
+        let minute = now - now.rem_euclid(60_000);
+        let stored = format!(
+            "PartitionKey eq '{}' and RowKey ge '{}'",
+            rollup::STORED,
+            rollup::stored_key(minute - 59 * 60_000)
+        );
+        let (ingest, dead, total, silent, counts) = futures::try_join!(
             async { self.ingest.approximate_depth().await.or_else(zero) },
             async { self.dead_letters.approximate_depth().await.or_else(zero) },
             async { self.devices.count(&all).await.or_else(zero) },
             async { self.devices.count(&silent).await.or_else(zero) },
+            async { self.rollups.query(&stored).await.or_else(none_if_missing) },
         )
         .map_err(|e| Problem::storage(&e))?;
+        let last_hour: u64 = counts.iter().map(rollup::stored_readings).sum();
         Ok(Reply::json(json!({
             "at": format_ms(now),
             "queues": {
                 "ingest": { "name": self.ingest.name(), "depth": ingest },
                 "deadLetter": { "name": self.dead_letters.name(), "depth": dead },
             },
+            "readings": { "storedLastHour": last_hour },
             "devices": {
                 "total": total,
                 "silent": silent,

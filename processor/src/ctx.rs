@@ -53,8 +53,10 @@ pub struct Ctx {
     pub held_back: Mutex<std::collections::HashMap<&'static str, Instant>>,
     /// The dead letters this process has written lately or is writing, so that a message
     /// redone meanwhile (its delete failed, its round ran out of time) does not write them
-    /// again. Through [`Ctx::dead_letters_known`].
-    pub dead_lettered: Mutex<crate::dead_letters::DeadLettered>,
+    /// again (`dead_letters::Claim`).
+    pub dead_lettered: std::sync::Arc<Mutex<crate::dead_letters::DeadLettered>>,
+    /// Readings stored per minute, for the dashboard.
+    pub stored: crate::stored::Stored,
 }
 
 /// How long poisoning waits after start and after a stall: as long as it takes a message to
@@ -145,14 +147,6 @@ impl Ctx {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(key, Instant::now());
         self.health.fail(key, reason);
-    }
-
-    pub fn dead_letters_known(
-        &self,
-    ) -> std::sync::MutexGuard<'_, crate::dead_letters::DeadLettered> {
-        self.dead_lettered
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Readiness stops naming a held-back cause a while after it was last seen.

@@ -7,10 +7,13 @@
 //! only then deletes each submitted queue message whose records were all put. A failed put leaves
 //! its queue messages to reappear and be redone; a crash before the put does the same.
 //!
-//! A put is not cut short by its messages' visibility: cancelled, it could still land, and the
-//! redone message would write its records again. It runs for up to one more visibility
-//! timeout, and a message that comes back meanwhile is left to wait for its outcome
-//! ([`DeadLettered::claim`]).
+//! A put is not cut short at its messages' deadline: cancelled, it could still land, and the
+//! redone message would write its records again. It may run until one visibility timeout after
+//! its flush began (unless the processor is stopping), and its messages' holds are renewed
+//! meanwhile ([`keep_hidden`]), so they do not reappear and are deleted as soon as the put
+//! ends. Should a renewal fail, a message that comes back to this process waits for the put's
+//! outcome ([`DeadLettered::claim`]); another replica, or this one restarted, knows nothing of
+//! the put and writes the records again: at-least-once, which the operator's tool shows once.
 //!
 //! Why gather across rounds: a dead-letter queue of one record per message is expensive to
 //! operate on (every walk and every removal is per message, and on the emulator each costs
@@ -27,7 +30,7 @@ use infra::storage::{QueueMessage, StorageError};
 use schemas::{DeadLetter, DeviceMessage};
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -35,7 +38,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Packed text gathered before a flush, whatever the linger (about 16 full messages).
 const FLUSH_BYTES: usize = 1024 * 1024;
-/// Time kept before the earliest deadline of a flush's messages for the put and the deletes.
+/// Time kept before the earliest deadline of a flush's messages for the put and the deletes,
+/// and the least time the deletes get after a put that ran late.
 const FLUSH_RESERVE: Duration = Duration::from_secs(2);
 /// Queue messages handed over and not yet finished. A round waits for room, so a writer that
 /// falls behind (slow or failing dead-letter puts) slows the fetcher instead of piling up.
@@ -46,7 +50,7 @@ const MAX_PENDING: usize = 128;
 const REMEMBERED: usize = 65_536;
 
 /// What this process knows of its dead letters, by identity ([`DeadLetter::identity`]): the
-/// records it wrote most recently, and those handed to the writer whose put has no outcome
+/// records it wrote most recently, and those claimed by a submission whose put has no outcome
 /// yet. A message that comes back after its records were written (its delete failed, its
 /// round ran out of time) is settled without writing them twice; one that comes back while
 /// they are being written (a slow put outlived the message's visibility) waits for the put.
@@ -55,8 +59,9 @@ const REMEMBERED: usize = 65_536;
 #[derive(Debug)]
 pub struct DeadLettered {
     written: Recent,
-    /// Claimed by a submission and not yet put or given up, with how many claims hold each.
-    /// Bounded by what the writer holds ([`MAX_PENDING`] messages).
+    /// Claimed and not yet put or given up, with how many claims hold each: the records of
+    /// the submissions held or awaited by the writer, [`MAX_PENDING`] messages plus one round
+    /// per worker waiting for room.
     writing: HashMap<u64, u32>,
 }
 
@@ -99,7 +104,7 @@ impl DeadLettered {
     }
 
     /// Ends a claim on `identity`: its put succeeded (`written`) or will not be tried again.
-    pub fn settle(&mut self, identity: u64, written: bool) {
+    fn settle(&mut self, identity: u64, written: bool) {
         if let Entry::Occupied(mut claims) = self.writing.entry(identity) {
             *claims.get_mut() -= 1;
             if *claims.get() == 0 {
@@ -112,13 +117,68 @@ impl DeadLettered {
     }
 }
 
+/// Records claimed by one submission ([`DeadLettered::claim`]). The claim ends when it is
+/// settled or dropped, whatever ends the submission (a panic included), so no identity stays
+/// in flight for good; only records marked written are remembered as written.
+#[derive(Debug)]
+pub struct Claim {
+    known: Arc<Mutex<DeadLettered>>,
+    identities: Vec<u64>,
+    written: Vec<bool>,
+    settled: bool,
+}
+
+impl Claim {
+    /// Claims `records` in `known` (see [`DeadLettered::claim`]).
+    pub fn take(
+        known: &Arc<Mutex<DeadLettered>>,
+        records: Vec<DeadLetter>,
+    ) -> Result<(Vec<DeadLetter>, Claim), InFlight> {
+        let left = known
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .claim(records)?;
+        let claim = Claim {
+            known: known.clone(),
+            identities: left.iter().map(DeadLetter::identity).collect(),
+            written: vec![false; left.len()],
+            settled: false,
+        };
+        Ok((left, claim))
+    }
+
+    /// The `i`th record's put succeeded.
+    fn written(&mut self, i: usize) {
+        self.written[i] = true;
+    }
+
+    fn settle(&mut self) {
+        if std::mem::replace(&mut self.settled, true) {
+            return;
+        }
+        let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        for (identity, written) in self.identities.iter().zip(&self.written) {
+            known.settle(*identity, *written);
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.settle();
+    }
+}
+
 /// A finished queue message whose dead letters are still to be written.
 #[derive(Debug)]
 pub struct Submission {
     pub message: QueueMessage,
     pub devices: Vec<DeviceMessage>,
     pub records: Vec<DeadLetter>,
-    /// Retries stop here, so that the message is deleted before it reappears.
+    /// The claim on `records`.
+    pub claim: Claim,
+    /// Its round's settling deadline: the flush starts so that its put and deletes can end by
+    /// then, before the message reappears.
     pub deadline: Instant,
     /// When the round had stored the message's valid readings.
     pub stored_at_ms: i64,
@@ -126,27 +186,27 @@ pub struct Submission {
 
 #[derive(Debug, Clone)]
 pub struct Writer {
-    ctx: Arc<Ctx>,
     tx: mpsc::UnboundedSender<(Submission, OwnedSemaphorePermit)>,
     room: Arc<Semaphore>,
 }
 
 impl Writer {
     /// Starts the writer task. It flushes what it holds and ends once `closing` is cancelled
-    /// (after the rounds have ended) and everything submitted is written.
+    /// (after the rounds have ended) and everything submitted is written. Once `shutdown` is
+    /// cancelled, no put outlives its messages' deadline.
     pub fn spawn(
         ctx: Arc<Ctx>,
         linger: Duration,
+        shutdown: CancellationToken,
         closing: CancellationToken,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(ctx.clone(), rx, linger, closing));
+        let task = tokio::spawn(run(ctx, rx, linger, shutdown, closing));
         let room = Arc::new(Semaphore::new(MAX_PENDING));
-        (Self { ctx, tx, room }, task)
+        (Self { tx, room }, task)
     }
 
-    /// Hands a message over, once there is room; its records are claimed
-    /// ([`DeadLettered::claim`]).
+    /// Hands a message over, once there is room.
     pub async fn submit(&self, submission: Submission) {
         let permit = self
             .room
@@ -155,13 +215,9 @@ impl Writer {
             .await
             .expect("the semaphore is never closed");
         // The receiver lives until `closing` and an empty channel; rounds end before that.
+        // Dropped with its claim, which ends.
         if let Err(lost) = self.tx.send((submission, permit)) {
-            let lost = (lost.0).0;
-            tracing::warn!(id = %lost.message.id, "Dead-letter writer gone; the message will be redone.");
-            let mut known = self.ctx.dead_letters_known();
-            for r in &lost.records {
-                known.settle(r.identity(), false);
-            }
+            tracing::warn!(id = %(lost.0).0.message.id, "Dead-letter writer gone; the message will be redone.");
         }
     }
 }
@@ -170,6 +226,7 @@ async fn run(
     ctx: Arc<Ctx>,
     mut rx: mpsc::UnboundedReceiver<(Submission, OwnedSemaphorePermit)>,
     linger: Duration,
+    shutdown: CancellationToken,
     closing: CancellationToken,
 ) {
     loop {
@@ -199,9 +256,7 @@ async fn run(
             pending.push(s);
             permits.push(permit);
         }
-        // Closing, no put outlives its messages: another process redoes them, and this one's
-        // memory of what it wrote ends with it.
-        flush(&ctx, pending, !closing.is_cancelled()).await;
+        flush(&ctx, pending, &shutdown).await;
         drop(permits);
     }
 }
@@ -215,32 +270,25 @@ fn size(s: &Submission) -> usize {
 }
 
 /// Puts the submissions' records, then deletes each submission whose records all made it.
-/// `extend`: a put may outlive its messages' deadline by up to one visibility timeout.
-async fn flush(ctx: &Ctx, pending: Vec<Submission>, extend: bool) {
-    // The messages' deadline, or one more visibility timeout if that is later (see above).
+/// A put may run until one visibility timeout from now, past its messages' deadline, unless
+/// `shutdown` comes first: stopping, no put outlives its messages' deadline (another process
+/// redoes them, and this one's memory of what it wrote ends with it).
+async fn flush(ctx: &Ctx, mut pending: Vec<Submission>, shutdown: &CancellationToken) {
     let deadline = pending
         .iter()
         .map(|s| s.deadline)
         .min()
         .unwrap_or_else(Instant::now);
-    let put_by = if extend {
-        deadline.max(Instant::now() + ctx.visibility)
-    } else {
-        deadline
-    };
+    let put_by = deadline.max(Instant::now() + ctx.visibility);
     // Which submission each record belongs to, in packing order.
-    let owners: Vec<usize> = pending
+    let owners: Vec<(usize, usize)> = pending
         .iter()
         .enumerate()
-        .flat_map(|(i, s)| std::iter::repeat_n(i, s.records.len()))
+        .flat_map(|(i, s)| (0..s.records.len()).map(move |k| (i, k)))
         .collect();
     let reasons: Vec<&'static str> = pending
         .iter()
         .flat_map(|s| s.records.iter().map(|r| r.reason.as_str()))
-        .collect();
-    let identities: Vec<u64> = pending
-        .iter()
-        .flat_map(|s| s.records.iter().map(DeadLetter::identity))
         .collect();
     let packed = schemas::dead_letter::pack(pending.iter().flat_map(|s| &s.records));
     // A record in no packed message was not written: its queue message must stay.
@@ -248,25 +296,42 @@ async fn flush(ctx: &Ctx, pending: Vec<Submission>, extend: bool) {
     for i in packed.iter().flat_map(|(_, records)| records) {
         unpacked[*i] = false;
     }
-    let results: Vec<(Vec<usize>, Result<(), StorageError>)> = stream::iter(packed)
+    let puts_done = CancellationToken::new();
+    let puts = stream::iter(packed)
         .map(|(text, records)| async move {
-            let put = retry(put_by, || ctx.dead_letters.put(text.clone())).await;
+            let put = retry(put_by, || ctx.dead_letters.put(text.clone()));
+            let stopping = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep_until(deadline).await;
+            };
+            let put = tokio::select! {
+                put = put => put,
+                () = stopping => Err(StorageError {
+                    op: "dead_letter_put",
+                    kind: infra::storage::ErrorKind::OutOfTime,
+                }),
+            };
             (records, put)
         })
         .buffer_unordered(ctx.write_concurrency.max(1))
-        .collect()
-        .await;
+        .collect::<Vec<(Vec<usize>, Result<(), StorageError>)>>();
+    let puts = async {
+        let results = puts.await;
+        puts_done.cancel();
+        results
+    };
+    let (results, ()) = tokio::join!(puts, keep_hidden(ctx, &mut pending, &puts_done));
     let mut failed: Vec<Option<Failure>> = vec![None; pending.len()];
     for (i, _) in unpacked.iter().enumerate().filter(|(_, u)| **u) {
-        failed[owners[i]] = Some(Failure::Unpacked);
+        failed[owners[i].0] = Some(Failure::Unpacked);
     }
-    let mut written = vec![false; owners.len()];
     for (records, result) in results {
         for i in records {
+            let (owner, k) = owners[i];
             match &result {
                 Ok(()) => {
                     metrics::counter!(m::DEAD_LETTERS, "reason" => reasons[i]).increment(1);
-                    written[i] = true;
+                    pending[owner].claim.written(k);
                 }
                 Err(error) => {
                     if error.needs_operator() {
@@ -275,7 +340,7 @@ async fn flush(ctx: &Ctx, pending: Vec<Submission>, extend: bool) {
                             ctx.dead_letters.name()
                         ));
                     }
-                    failed[owners[i]] = Some(Failure::Storage {
+                    failed[owner] = Some(Failure::Storage {
                         stage: crate::failure::Stage::DeadLetter,
                         error: error.clone(),
                     });
@@ -283,15 +348,13 @@ async fn flush(ctx: &Ctx, pending: Vec<Submission>, extend: bool) {
             }
         }
     }
-    {
-        let mut known = ctx.dead_letters_known();
-        for (identity, written) in identities.into_iter().zip(written) {
-            known.settle(identity, written);
-        }
+    // Settled before the deletes: a message that comes back now finds its records written.
+    for s in &mut pending {
+        s.claim.settle();
     }
     // A put that outlived the deadline still leaves time for the deletes. Deleting after the
     // visibility ran out is safe: a message taken again meanwhile has a new pop receipt, and
-    // its taker finds the records written.
+    // the delete fails (its taker writes or skips the records, as it knows).
     let delete_by = Instant::now() + FLUSH_RESERVE;
     stream::iter(pending.into_iter().zip(failed))
         .for_each_concurrent(ctx.write_concurrency.max(1), |(s, failure)| async move {
@@ -304,6 +367,58 @@ async fn flush(ctx: &Ctx, pending: Vec<Submission>, extend: bool) {
             }
         })
         .await;
+}
+
+/// While the puts run, keeps their messages hidden: shortly before a message's deadline, its
+/// hold is renewed for another visibility timeout (`Queue::update` with the same text; the
+/// new pop receipt replaces the old). So a slow put does not let the message reappear, here
+/// or to another replica, and its delete still follows the put at once. A renewal that fails
+/// is not tried again: the message comes back, and [`Claim`] keeps this process from writing
+/// its records twice. Returns once `puts_done` is cancelled, after the renewals under way.
+async fn keep_hidden(ctx: &Ctx, pending: &mut [Submission], puts_done: &CancellationToken) {
+    let mut renew_at: Vec<Option<Instant>> = pending
+        .iter()
+        .map(|s| Some(s.deadline - FLUSH_RESERVE))
+        .collect();
+    loop {
+        let Some(next) = renew_at.iter().flatten().min().copied() else {
+            return;
+        };
+        tokio::select! {
+            biased;
+            () = puts_done.cancelled() => return,
+            () = tokio::time::sleep_until(next) => {}
+        }
+        let now = Instant::now();
+        let due = pending
+            .iter_mut()
+            .zip(renew_at.iter_mut())
+            .filter(|(_, at)| at.is_some_and(|at| at <= now));
+        stream::iter(due)
+            .for_each_concurrent(ctx.write_concurrency.max(1), |(s, at)| async move {
+                // The hold ends an eighth of the visibility after the deadline.
+                let by = s.deadline + ctx.visibility / 8;
+                let text = s.message.text.clone();
+                let renewed = retry(by, || {
+                    ctx.queue
+                        .update(&s.message, text.clone(), ctx.visibility)
+                })
+                .await;
+                match renewed {
+                    Ok(message) => {
+                        metrics::counter!(m::HOLDS_RENEWED).increment(1);
+                        s.message = message;
+                        s.deadline = Instant::now() + ctx.visibility / 8 * 7;
+                        *at = Some(s.deadline - FLUSH_RESERVE);
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, id = %s.message.id, "Cannot keep a message hidden while its dead letters are put.");
+                        *at = None;
+                    }
+                }
+            })
+            .await;
+    }
 }
 
 #[cfg(test)]
@@ -340,6 +455,26 @@ mod tests {
         }
         assert_eq!(known.claim(vec![record(1, 3), record(2, 3)]), Ok(vec![]));
         assert!(known.writing.is_empty());
+    }
+
+    #[test]
+    fn a_claim_ends_when_dropped_remembering_only_the_records_written() {
+        let known = Arc::new(Mutex::new(DeadLettered::default()));
+        let (left, mut claim) = Claim::take(&known, vec![record(1, 1), record(2, 1)]).unwrap();
+        assert_eq!(left.len(), 2);
+        assert_eq!(
+            Claim::take(&known, vec![record(1, 2)]).err(),
+            Some(InFlight)
+        );
+        claim.written(0);
+        // However the submission ends (settled, dropped by a failed send, a panic's unwind).
+        drop(claim);
+        let (left, _claim) = Claim::take(&known, vec![record(1, 3), record(2, 3)]).unwrap();
+        assert_eq!(
+            left,
+            vec![record(2, 3)],
+            "only the unwritten one is written again"
+        );
     }
 
     #[test]

@@ -105,7 +105,7 @@ impl std::fmt::Display for Failure {
             } => write!(f, "{}: table {table} {refusal}", stage.as_str()),
             Failure::Unpacked => f.write_str("a dead-letter record could not be packed"),
             Failure::DeadLettersInFlight => {
-                f.write_str("its dead letters are still being written by an earlier delivery")
+                f.write_str("its dead letters are being written already (an earlier delivery's put has not ended)")
             }
         }
     }

@@ -21,6 +21,7 @@ mod metrics_names;
 mod plan;
 mod round;
 mod settle;
+mod stored;
 mod write;
 
 pub use config::Config;
@@ -65,7 +66,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 + ctx::poison_grace(config.visibility_timeout, config.max_deliveries),
         ),
         held_back: std::sync::Mutex::default(),
-        dead_lettered: std::sync::Mutex::default(),
+        dead_lettered: Arc::default(),
+        stored: stored::Stored::new(schemas::timefmt::now_ms()),
     });
     tracing::info!(
         queue = %config.queue_name,
@@ -107,7 +109,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // The writer outlives the rounds: it flushes what they handed it after they end.
     let closing = CancellationToken::new();
     let linger = config.dead_letter_linger.min(config.visibility_timeout / 4);
-    let (writer, writer_task) = dead_letters::Writer::spawn(ctx.clone(), linger, closing.clone());
+    let (writer, writer_task) =
+        dead_letters::Writer::spawn(ctx.clone(), linger, shutdown.clone(), closing.clone());
     let tracker = tokio_util::task::TaskTracker::new();
     let fetch = fetch::Fetch {
         workers: config.workers,
@@ -121,6 +124,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config.device_update_interval,
         shutdown.clone(),
     ));
+    tracker.spawn(report_stored(ctx.clone(), shutdown.clone()));
     tracker.close();
     tracker.wait().await;
     closing.cancel();
@@ -129,6 +133,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     // Workers are done; write the latest device states they left pending.
     ctx.devices.flush().await;
+    ctx.stored
+        .flush(&ctx.rollups, schemas::timefmt::now_ms())
+        .await;
     tracing::info!("Processor stopped.");
     Ok(())
 }
@@ -141,6 +148,19 @@ async fn refresh_devices(ctx: Arc<ctx::Ctx>, interval: Duration, shutdown: Cance
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => ctx.devices.flush().await,
+        }
+    }
+}
+
+/// Writes the readings stored per minute every few seconds, for the dashboard (the last
+/// write follows the workers).
+async fn report_stored(ctx: Arc<ctx::Ctx>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => ctx.stored.flush(&ctx.rollups, schemas::timefmt::now_ms()).await,
         }
     }
 }

@@ -10,6 +10,8 @@ pub const LATE_HOURS: &str = "processor_late_hours_marked_total";
 /// Dead-letter records not written again: this process wrote them for an earlier delivery of
 /// the same message.
 pub const DEAD_LETTERS_ALREADY_WRITTEN: &str = "processor_dead_letters_already_written_total";
+/// Holds on queue messages renewed while their dead letters were being put (a slow put).
+pub const HOLDS_RENEWED: &str = "processor_dead_letter_holds_renewed_total";
 /// Queue messages finished and deleted.
 pub const MESSAGES_DONE: &str = "processor_messages_done_total";
 /// Queue messages left to reappear after a failure, by `stage` (`quarantine`, `write`,

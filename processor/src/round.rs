@@ -10,12 +10,13 @@
 //! blamed for it: readiness names the error and the fetcher slows down until it is fixed.
 //!
 //! Time: the writes end by half the visibility timeout, counted from the first get of the
-//! take; settling (dead letters, deletes) ends by seven eighths of it, before the messages
-//! can reappear to another worker.
+//! take; settling (dead letters, deletes) is planned to end by seven eighths of it, before the
+//! messages can reappear to another worker. Only a dead-letter put may run later (it is never
+//! cut short at the deadline: see [`crate::dead_letters`]).
 
 use crate::classify::{self, classify, Classified, Keep, Origin, Sorted};
 use crate::ctx::{retry, Ctx};
-use crate::dead_letters::{Submission, Writer};
+use crate::dead_letters::{Claim, Submission, Writer};
 use crate::devices::Trouble;
 use crate::failure::{Failure, Stage};
 use crate::metrics_names as m;
@@ -155,8 +156,7 @@ pub async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>, take
             settle::leave(&message, failure);
             continue;
         }
-        let claimed = ctx.dead_letters_known().claim(sorted.refusals);
-        let Ok(refusals) = claimed else {
+        let Ok((refusals, claim)) = Claim::take(&ctx.dead_lettered, sorted.refusals) else {
             settle::leave(&message, &Failure::DeadLettersInFlight);
             continue;
         };
@@ -168,6 +168,7 @@ pub async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>, take
                     message,
                     devices: sorted.devices,
                     records: refusals,
+                    claim,
                     deadline: settle_by,
                     stored_at_ms: now_ms(),
                 })

@@ -47,6 +47,7 @@ pub async fn write_all(
             // Counted as each write lands, not when the round ends, so the rate is live.
             if let Written::Stored(n) | Written::Refused { stored: n, .. } = &written {
                 metrics::counter!(m::STORED).increment(*n as u64);
+                ctx.stored.add(*n as u64, schemas::timefmt::now_ms());
             }
             (batch, written)
         })

@@ -27,6 +27,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub mod layout;
+pub mod rollups;
 
 /// Bumped whenever the columns change; recorded in every archive's footer and blob metadata.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -148,9 +149,10 @@ pub fn merge(existing: Vec<StoredReading>, newer: Vec<StoredReading>) -> Vec<Sto
 
 /// The writer properties of every Parquet archive: ZSTD, delta-encoded timestamps, bounded row
 /// groups, and the [`Summary`] in the footer.
-pub fn writer_properties(summary: &Summary) -> WriterProperties {
+pub fn writer_properties(summary: Option<&Summary>) -> WriterProperties {
     let footer = summary
-        .metadata()
+        .map(Summary::metadata)
+        .unwrap_or_default()
         .into_iter()
         .map(|(k, v)| KeyValue::new(format!("{FOOTER_PREFIX}{k}"), v))
         .collect();
@@ -174,7 +176,7 @@ pub fn writer_properties(summary: &Summary) -> WriterProperties {
 pub fn encode(format: Format, rows: &[StoredReading]) -> Result<Bytes, ArchiveError> {
     let summary = Summary::of(rows).ok_or(ArchiveError::Empty)?;
     match format {
-        Format::Parquet => encode_parquet(rows, &summary),
+        Format::Parquet => encode_parquet(rows, Some(&summary)),
         Format::Json => Ok(encode_json_lines(rows)),
     }
 }
@@ -187,7 +189,16 @@ pub fn decode(format: Format, bytes: Bytes) -> Result<Vec<StoredReading>, Archiv
     }
 }
 
-fn encode_parquet(rows: &[StoredReading], summary: &Summary) -> Result<Bytes, ArchiveError> {
+/// Rows as Parquet in the archive's schema, for a download rather than an archive: none is an
+/// empty file (the schema, no rows, no summary in the footer).
+pub fn encode_download(rows: &[StoredReading]) -> Result<Bytes, ArchiveError> {
+    encode_parquet(rows, Summary::of(rows).as_ref())
+}
+
+fn encode_parquet(
+    rows: &[StoredReading],
+    summary: Option<&Summary>,
+) -> Result<Bytes, ArchiveError> {
     let micros = |ms: i64| ms * 1000;
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(

@@ -8,7 +8,8 @@
 //!
 //! The same table holds the bookkeeping of whoever keeps rollups current, in partitions no
 //! device id can name (device ids start with a letter or digit): [`MARKS`] (device-hours
-//! written after their hour ended, to recompute) and [`STATE`].
+//! written after their hour ended, to recompute), [`STATE`], and [`STORED`] (readings stored
+//! per minute, for the dashboard).
 
 use crate::entity::{self, integer_of, number_of, typed, RowError, INT64};
 use crate::reading::Reading;
@@ -280,6 +281,39 @@ pub fn hourly(readings: &[Reading]) -> Vec<Rollup> {
         .collect()
 }
 
+/// The partition of stored-reading counts, for the dashboard's "readings in the last hour":
+/// RowKey `<minute start>|<processor instance>`, property `Readings`, what that processor
+/// stored in that minute (it counts writes, so a redone message counts again). Each processor
+/// replaces its own rows; the rollup keeper deletes them after [`STORED_KEPT_MS`].
+pub const STORED: &str = "~stored";
+pub const STORED_KEPT_MS: i64 = 2 * HOUR_MS;
+const READINGS: &str = "Readings";
+
+/// The RowKey prefix of the minute starting at `minute_ms`, for range filters.
+pub fn stored_key(minute_ms: i64) -> String {
+    format_ms(minute_ms)
+}
+
+/// The row counting `readings` stored by `instance` in the minute starting at `minute_ms`.
+pub fn stored_count(minute_ms: i64, instance: &str, readings: u64) -> Map<String, Value> {
+    let mut e = Map::new();
+    e.insert("PartitionKey".into(), STORED.into());
+    e.insert(
+        "RowKey".into(),
+        format!("{}|{instance}", stored_key(minute_ms)).into(),
+    );
+    typed(&mut e, READINGS, INT64, readings.to_string().into());
+    e
+}
+
+/// The count a [`stored_count`] row holds (0 if unreadable).
+pub fn stored_readings(e: &Map<String, Value>) -> u64 {
+    e.get(READINGS)
+        .and_then(integer_of)
+        .and_then(|n| u64::try_from(n).ok())
+        .unwrap_or(0)
+}
+
 /// A mark: `device`'s readings of the hour starting at `hour_ms` changed after the hour ended.
 pub fn mark(device: &str, hour_ms: i64) -> Map<String, Value> {
     let mut h = crate::Fnv::default();
@@ -305,6 +339,17 @@ pub fn parse_mark(row_key: &str) -> Option<(String, i64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stored_count_reads_back_and_sorts_by_minute() {
+        let e = stored_count(1_700_000_040_000, "ab12-7f", 1234);
+        assert_eq!(e["PartitionKey"], STORED);
+        assert_eq!(e["RowKey"], "2023-11-14T22:14:00.000Z|ab12-7f");
+        assert!(e["RowKey"].as_str().unwrap() >= stored_key(1_700_000_040_000).as_str());
+        assert!(e["RowKey"].as_str().unwrap() < stored_key(1_700_000_100_000).as_str());
+        assert_eq!(stored_readings(&e), 1234);
+        assert_eq!(stored_readings(&Map::new()), 0);
+    }
 
     fn reading(at: i64, t: Option<f64>, h: Option<f64>) -> Reading {
         Reading {

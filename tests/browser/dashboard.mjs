@@ -36,7 +36,7 @@ try {
     const rows = await page.locator("#devices tr").count();
     if (rows !== expectDevices) problems.push(`${name}: fleet lists ${rows} devices, expected ${expectDevices}`);
     const cards = await page.locator("[data-card]").count();
-    if (cards !== 4) problems.push(`${name}: ${cards} pipeline cards, expected 4`);
+    if (cards !== 5) problems.push(`${name}: ${cards} pipeline cards, expected 5`);
     // Search narrows the table.
     await page.fill("#search", device);
     const matching = await page.locator("#devices tr").count();

@@ -2,7 +2,7 @@
 
 use crate::Pipeline;
 use schemas::timefmt::now_ms;
-use schemas::Reason;
+use schemas::{DeadLetter, Reason};
 use std::collections::BTreeSet;
 use std::time::Duration;
 use tests::proxy::Rates;
@@ -384,21 +384,24 @@ async fn slow_storage_never_lets_a_round_outlive_its_messages() {
     );
 }
 
-#[tokio::test]
-async fn a_slow_dead_letter_put_is_waited_for_not_written_twice() {
+/// A message with two refused readings whose dead-letter put answers after 14.5 s. The put
+/// starts about 4 s after the take (the linger), so it lands after the message's settling
+/// deadline (14 s) and after its hold would end (16 s), but before the put's own limit (a
+/// visibility timeout after it began). A put cut short at the deadline lands all the same,
+/// and the message, back for another delivery, would write its records again (on every
+/// delivery, while storage stays this slow). `renewals_refused`: the queue refuses to renew the
+/// message's hold. Returns the dead letters and the pipeline (`None` without the servers).
+async fn slow_dead_letter_put(
+    name: &str,
+    renewals_refused: bool,
+) -> Option<(Vec<DeadLetter>, Pipeline)> {
     let penv = [
-        ("PROCESSOR_VISIBILITY_TIMEOUT", "8s".to_owned()),
-        ("PROCESSOR_DEAD_LETTER_LINGER", "1s".to_owned()),
+        ("PROCESSOR_VISIBILITY_TIMEOUT", "16s".to_owned()),
+        ("PROCESSOR_DEAD_LETTER_LINGER", "4s".to_owned()),
         ("STORAGE_TIMEOUT", "30s".to_owned()),
     ];
-    let Some(mut p) = Pipeline::start("slow_dead_letters", &[], &penv).await else {
-        return;
-    };
-    // The processor's queue puts (its dead letters) answer after 6.5 s: the put lands, but
-    // only after the message's settling deadline (7 s after its take, the put starting about
-    // a second in). A put cut short there lands all the same, and the message, back after 8 s,
-    // would write its records again, on every delivery while storage stays this slow.
-    let hold = Duration::from_millis(6_500);
+    let mut p = Pipeline::start(name, &[], &penv).await?;
+    let hold = Duration::from_millis(14_500);
     let proxy = through_proxy(&p.azurite, p.azurite.queue_port, &mut p.processor, hold).await;
     p.processor.restart().await;
     proxy.set(
@@ -408,6 +411,15 @@ async fn a_slow_dead_letter_put_is_waited_for_not_written_twice() {
             ..Rates::default()
         },
     );
+    if renewals_refused {
+        proxy.set(
+            "queue_update",
+            Rates {
+                busy: 1.0,
+                ..Rates::default()
+            },
+        );
+    }
 
     let at = now_ms() - 1_000;
     let mut b = schemas::EnvelopeBuilder::default();
@@ -429,7 +441,7 @@ async fn a_slow_dead_letter_put_is_waited_for_not_written_twice() {
     }
     let queue = p.account.queue(&p.queue);
     queue.put(b.finish()).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(25)).await;
+    tokio::time::sleep(Duration::from_secs(35)).await;
     proxy.clear();
 
     p.wait_rows(2, Duration::from_secs(60)).await;
@@ -449,6 +461,42 @@ async fn a_slow_dead_letter_put_is_waited_for_not_written_twice() {
         [Reason::OutOfRange, Reason::OutOfRange],
         "each refusal dead-lettered once: {dead:#?}"
     );
+    Some((dead, p))
+}
+
+#[tokio::test]
+async fn a_slow_dead_letter_put_keeps_its_message_hidden_and_writes_once() {
+    let Some((dead, p)) = slow_dead_letter_put("slow_dead_letters", false).await else {
+        return;
+    };
+    assert!(
+        dead.iter().all(|r| r.attempts == 1),
+        "the message was never delivered again: {dead:#?}"
+    );
+    let renewed = p
+        .processor
+        .metric("processor_dead_letter_holds_renewed_total")
+        .await;
+    assert!(renewed >= 1.0, "the hold was renewed: {renewed}");
+}
+
+#[tokio::test]
+async fn a_slow_dead_letter_put_whose_hold_cannot_be_renewed_is_waited_for() {
+    let Some((_, p)) = slow_dead_letter_put("slow_dead_letters_unrenewed", true).await else {
+        return;
+    };
+    // The message came back while the put ran; that delivery left it, and a later one found
+    // the records written.
+    let waited = p
+        .processor
+        .metric("processor_messages_retried_total{stage=\"dead_letter\"}")
+        .await;
+    assert!(waited >= 1.0, "a delivery found the put running: {waited}");
+    let skipped = p
+        .processor
+        .metric("processor_dead_letters_already_written_total")
+        .await;
+    assert_eq!(skipped, 2.0, "the last delivery found both records written");
 }
 
 #[tokio::test]

@@ -244,6 +244,34 @@ async fn rollups_stay_exact_under_duplicates_redeliveries_and_late_data() {
             sum / count as f64
         ));
     }
+    // The fleet page's readings in the last hour: what the processor stored, as it counted.
+    let stored = p.processor.metric("processor_readings_stored_total").await;
+    let port = dashboard.metrics_port;
+    tests::wait_for(
+        "the processor's count of readings stored",
+        Duration::from_secs(30),
+        || async move {
+            let (_, body) = tests::services::http_get(port, "/api/v1/pipeline").await?;
+            let body: serde_json::Value = serde_json::from_str(&body).ok()?;
+            (body["readings"]["storedLastHour"].as_f64() == Some(stored)).then_some(())
+        },
+    )
+    .await;
+    // The same rollups as Parquet, row for row.
+    let parquet =
+        crate::dashboard::get(dashboard.metrics_port, &format!("{path}&format=parquet")).await;
+    assert_eq!(parquet.status, 200);
+    assert_eq!(parquet.content_type, "application/vnd.apache.parquet");
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        bytes::Bytes::from(parquet.body),
+    )
+    .unwrap();
+    assert_eq!(
+        reader.schema().as_ref(),
+        schemas::archive::rollups::arrow_schema().as_ref()
+    );
+    let rows: usize = reader.build().unwrap().map(|b| b.unwrap().num_rows()).sum();
+    assert_eq!(rows, served.len());
     drop(archiver);
 }
 

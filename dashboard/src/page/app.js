@@ -124,6 +124,7 @@ async function showFleet() {
   const cards = el("section", { class: "cards", "aria-label": "Pipeline" },
     card("Devices", pipeline.devices.total),
     card("Silent (> " + silentAfter + ")", pipeline.devices.silent, pipeline.devices.silent > 0),
+    card("Readings in the last hour", pipeline.readings.storedLastHour.toLocaleString("en-US")),
     card("Ingest queue", pipeline.queues.ingest.depth, pipeline.queues.ingest.depth > 10000),
     card("Dead-letter messages", pipeline.queues.deadLetter.depth, pipeline.queues.deadLetter.depth > 0));
   const search = el("input", { type: "search", placeholder: "Search devices", "aria-label": "Search devices", id: "search" });
