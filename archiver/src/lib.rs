@@ -146,6 +146,9 @@ async fn keep_rollups(keeper: rollups::Keeper, every: Duration, shutdown: Cancel
                 tracing::warn!(%error, "Cannot bring rollups up to date; retrying.");
             }
         }
+        if let Err(error) = keeper.expire_stored(now).await {
+            tracing::warn!(%error, "Cannot delete old stored-reading counts; retrying.");
+        }
         let today = floor_day(now);
         if expired_day != Some(today) {
             match keeper.expire(now).await {

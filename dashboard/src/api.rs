@@ -281,15 +281,21 @@ impl Api {
             rollup::STORED,
             rollup::stored_key(minute - 59 * 60_000)
         );
-        let (ingest, dead, total, silent, counts) = futures::try_join!(
+        let depths_and_counts = futures::future::try_join4(
             async { self.ingest.approximate_depth().await.or_else(zero) },
             async { self.dead_letters.approximate_depth().await.or_else(zero) },
             async { self.devices.count(&all).await.or_else(zero) },
             async { self.devices.count(&silent).await.or_else(zero) },
-            async { self.rollups.query(&stored).await.or_else(none_if_missing) },
-        )
-        .map_err(|e| Problem::storage(&e))?;
-        let last_hour: u64 = counts.iter().map(rollup::stored_readings).sum();
+        );
+        let (depths, counts) = futures::join!(depths_and_counts, async {
+            self.rollups.query(&stored).await.or_else(none_if_missing)
+        });
+        let (ingest, dead, total, silent) = depths.map_err(|e| Problem::storage(&e))?;
+        // A nice-to-have: unknown (null) rather than a failed answer.
+        let last_hour = counts
+            .inspect_err(|error| tracing::debug!(%error, "Cannot read stored-reading counts."))
+            .ok()
+            .map(|rows| rows.iter().map(rollup::stored_readings).sum::<u64>());
         Ok(Reply::json(json!({
             "at": format_ms(now),
             "queues": {

@@ -79,9 +79,10 @@ pub struct Config {
     #[arg(long, env = "PROCESSOR_DEAD_LETTER_LINGER", default_value = "5s", value_parser = humantime::parse_duration)]
     pub dead_letter_linger: Duration,
 
-    /// How long a taken queue message stays hidden from other workers. Retries of one
-    /// message stop at half of it, so that it is finished or released before it reappears.
-    #[arg(long, env = "PROCESSOR_VISIBILITY_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    /// How long a taken queue message stays hidden from other workers (3s to 7days). Retries
+    /// of one message stop at half of it, so that it is finished or released before it
+    /// reappears.
+    #[arg(long, env = "PROCESSOR_VISIBILITY_TIMEOUT", default_value = "60s", value_parser = visibility)]
     pub visibility_timeout: Duration,
 
     /// Deliveries after which a queue message that still fails for a transient reason is
@@ -107,4 +108,32 @@ pub struct Config {
 
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// A visibility timeout: at least 3 s (a round settles by seven eighths of it, and the
+/// dead-letter writer keeps a 2 s reserve before that), at most Azure's 7 days.
+fn visibility(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if !(Duration::from_secs(3)..=Duration::from_secs(7 * 86_400)).contains(&d) {
+        return Err(format!("{text} is not from 3s to 7days"));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_visibility_timeout_leaves_room_for_the_round() {
+        assert_eq!(
+            super::visibility("8s"),
+            Ok(std::time::Duration::from_secs(8))
+        );
+        assert_eq!(
+            super::visibility("3s"),
+            Ok(std::time::Duration::from_secs(3))
+        );
+        assert!(super::visibility("2s").unwrap_err().contains("from 3s"));
+        assert!(super::visibility("8days").is_err());
+        assert!(super::visibility("soon").is_err());
+    }
 }

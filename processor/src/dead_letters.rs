@@ -229,6 +229,9 @@ async fn run(
     shutdown: CancellationToken,
     closing: CancellationToken,
 ) {
+    // Flushes run side by side: a slow one must not hold the next batch's messages past
+    // their deadlines (each flush keeps its own messages hidden).
+    let flushes = tokio_util::task::TaskTracker::new();
     loop {
         let first = tokio::select! {
             biased;
@@ -256,9 +259,14 @@ async fn run(
             pending.push(s);
             permits.push(permit);
         }
-        flush(&ctx, pending, &shutdown).await;
-        drop(permits);
+        let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
+        flushes.spawn(async move {
+            flush(&ctx, pending, &shutdown).await;
+            drop(permits);
+        });
     }
+    flushes.close();
+    flushes.wait().await;
 }
 
 /// Roughly the packed size of a submission's records.
@@ -320,7 +328,9 @@ async fn flush(ctx: &Ctx, mut pending: Vec<Submission>, shutdown: &CancellationT
         puts_done.cancel();
         results
     };
-    let (results, ()) = tokio::join!(puts, keep_hidden(ctx, &mut pending, &puts_done));
+    let keep =
+        futures::future::join_all(pending.iter_mut().map(|s| keep_hidden(ctx, s, &puts_done)));
+    let (results, _) = tokio::join!(puts, keep);
     let mut failed: Vec<Option<Failure>> = vec![None; pending.len()];
     for (i, _) in unpacked.iter().enumerate().filter(|(_, u)| **u) {
         failed[owners[i].0] = Some(Failure::Unpacked);
@@ -369,55 +379,40 @@ async fn flush(ctx: &Ctx, mut pending: Vec<Submission>, shutdown: &CancellationT
         .await;
 }
 
-/// While the puts run, keeps their messages hidden: shortly before a message's deadline, its
-/// hold is renewed for another visibility timeout (`Queue::update` with the same text; the
-/// new pop receipt replaces the old). So a slow put does not let the message reappear, here
-/// or to another replica, and its delete still follows the put at once. A renewal that fails
-/// is not tried again: the message comes back, and [`Claim`] keeps this process from writing
-/// its records twice. Returns once `puts_done` is cancelled, after the renewals under way.
-async fn keep_hidden(ctx: &Ctx, pending: &mut [Submission], puts_done: &CancellationToken) {
-    let mut renew_at: Vec<Option<Instant>> = pending
-        .iter()
-        .map(|s| Some(s.deadline - FLUSH_RESERVE))
-        .collect();
+/// While its put runs, keeps a message hidden: shortly before its deadline, its hold is
+/// renewed for another visibility timeout (`Queue::update` with the same text; the new pop
+/// receipt replaces the old). So a slow put does not let the message reappear, here or to
+/// another replica, and its delete still follows the put at once. A renewal that fails is not
+/// tried again: the message comes back, and [`Claim`] keeps this process from writing its
+/// records twice (another replica writes them again). Returns once `puts_done` is cancelled,
+/// after a renewal under way.
+async fn keep_hidden(ctx: &Ctx, s: &mut Submission, puts_done: &CancellationToken) {
     loop {
-        let Some(next) = renew_at.iter().flatten().min().copied() else {
-            return;
-        };
+        let renew_at = s.deadline.checked_sub(FLUSH_RESERVE).unwrap_or(s.deadline);
         tokio::select! {
             biased;
             () = puts_done.cancelled() => return,
-            () = tokio::time::sleep_until(next) => {}
+            () = tokio::time::sleep_until(renew_at) => {}
         }
-        let now = Instant::now();
-        let due = pending
-            .iter_mut()
-            .zip(renew_at.iter_mut())
-            .filter(|(_, at)| at.is_some_and(|at| at <= now));
-        stream::iter(due)
-            .for_each_concurrent(ctx.write_concurrency.max(1), |(s, at)| async move {
-                // The hold ends an eighth of the visibility after the deadline.
-                let by = s.deadline + ctx.visibility / 8;
-                let text = s.message.text.clone();
-                let renewed = retry(by, || {
-                    ctx.queue
-                        .update(&s.message, text.clone(), ctx.visibility)
-                })
-                .await;
-                match renewed {
-                    Ok(message) => {
-                        metrics::counter!(m::HOLDS_RENEWED).increment(1);
-                        s.message = message;
-                        s.deadline = Instant::now() + ctx.visibility / 8 * 7;
-                        *at = Some(s.deadline - FLUSH_RESERVE);
-                    }
-                    Err(error) => {
-                        tracing::debug!(%error, id = %s.message.id, "Cannot keep a message hidden while its dead letters are put.");
-                        *at = None;
-                    }
-                }
-            })
-            .await;
+        // The hold ends an eighth of the visibility after the deadline; the new one is counted
+        // from the request, not from its answer.
+        let (sent, by) = (Instant::now(), s.deadline + ctx.visibility / 8);
+        let text = s.message.text.clone();
+        let renewed = retry(by, || {
+            ctx.queue.update(&s.message, text.clone(), ctx.visibility)
+        })
+        .await;
+        match renewed {
+            Ok(message) => {
+                metrics::counter!(m::HOLDS_RENEWED).increment(1);
+                s.message = message;
+                s.deadline = sent + ctx.visibility / 8 * 7;
+            }
+            Err(error) => {
+                tracing::debug!(%error, id = %s.message.id, "Cannot keep a message hidden while its dead letters are put.");
+                return;
+            }
+        }
     }
 }
 

@@ -14,7 +14,8 @@ const KEPT_MINUTES: usize = (rollup::STORED_KEPT_MS / MINUTE_MS) as usize;
 
 #[derive(Debug)]
 pub struct Stored {
-    /// This process's name in its rows: its start time and pid, unique across restarts.
+    /// This process's name in its rows: its start time and a random number (containers may
+    /// all run as pid 1 and start in the same millisecond).
     instance: String,
     /// Per minute start: readings stored, and how many of them its row holds.
     minutes: Mutex<BTreeMap<i64, (u64, u64)>>,
@@ -23,7 +24,7 @@ pub struct Stored {
 impl Stored {
     pub fn new(started_ms: i64) -> Self {
         Self {
-            instance: format!("{started_ms:x}-{:x}", std::process::id()),
+            instance: format!("{started_ms:x}-{:08x}", random_u32()),
             minutes: Mutex::default(),
         }
     }
@@ -83,6 +84,14 @@ impl Stored {
         self.minutes()
             .retain(|minute, (total, written)| *minute >= current - MINUTE_MS || total != written);
     }
+}
+
+/// A random number, from the standard library's per-process hash seed.
+fn random_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0);
+    h.finish() as u32
 }
 
 #[cfg(test)]

@@ -124,7 +124,7 @@ async function showFleet() {
   const cards = el("section", { class: "cards", "aria-label": "Pipeline" },
     card("Devices", pipeline.devices.total),
     card("Silent (> " + silentAfter + ")", pipeline.devices.silent, pipeline.devices.silent > 0),
-    card("Readings in the last hour", pipeline.readings.storedLastHour.toLocaleString("en-US")),
+    card("Readings in the last hour", pipeline.readings.storedLastHour === null ? "unknown" : pipeline.readings.storedLastHour.toLocaleString("en-US")),
     card("Ingest queue", pipeline.queues.ingest.depth, pipeline.queues.ingest.depth > 10000),
     card("Dead-letter messages", pipeline.queues.deadLetter.depth, pipeline.queues.deadLetter.depth > 0));
   const search = el("input", { type: "search", placeholder: "Search devices", "aria-label": "Search devices", id: "search" });
@@ -206,7 +206,7 @@ async function showDevice(id, rangeName) {
   const link = (format, label) => el("a", { href: "#", onclick: (event) => { event.preventDefault(); download(path + "&format=" + format, id + "." + format); } }, label);
   const csv = link("csv", "CSV");
   const what = interval ? (interval === "1h" ? " hourly means" : " daily means") : " readings";
-  const downloads = interval ? [csv] : [csv, " · ", link("parquet", "Parquet")];
+  const downloads = [csv, " · ", link("parquet", "Parquet")];
   const summary = el("p", { class: "muted", id: "summary" }, readings.length + what + " from " + from.toLocaleString() + " to " + to.toLocaleString() + " · ", ...downloads);
   const charts = MEASURES.map((m) => chart(m, readings));
   show(buttons, summary, ...charts);
