@@ -5,7 +5,9 @@
 #   - with --test, what only the tests use: docker-compose via apt (to validate
 #     docker-compose.yml), pyarrow + DuckDB in a Python venv under .tools/py (to check that
 #     analysts' tools read the Parquet archives), and Debian's Chromium via apt with
-#     playwright-core (pinned) via npm into .tools/browser (the dashboard's browser test).
+#     playwright-core (pinned) via npm into .tools/browser (the dashboard's browser test),
+#     and promtool, extracted from Debian's prometheus package into .tools/prometheus (the
+#     alerting rules' tests; no Prometheus service is installed).
 # Sourced or run; prints what it does, and nothing when everything is present.
 set -euo pipefail
 
@@ -48,6 +50,22 @@ if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
 fi
 
 if [ "${1:-}" = "--test" ]; then
+  PROMTOOL="$ROOT/.tools/prometheus/usr/bin/promtool"
+  if ! command -v promtool >/dev/null && [ ! -x "$PROMTOOL" ]; then
+    echo "==> Extracting promtool from Debian's prometheus package into .tools/prometheus"
+    mkdir -p "$ROOT/.tools"
+    (
+      cd "$ROOT/.tools"
+      if ! apt-get download prometheus >/dev/null 2>&1; then
+        sudo=""
+        [ "$(id -u)" -ne 0 ] && sudo="sudo"
+        $sudo apt-get update -qq >/dev/null || true
+        apt-get download prometheus >/dev/null
+      fi
+      dpkg-deb -x prometheus_*.deb prometheus
+      rm -f prometheus_*.deb
+    )
+  fi
   if ! command -v docker-compose >/dev/null; then
     apt_install docker-compose
   fi

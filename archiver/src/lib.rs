@@ -195,6 +195,7 @@ async fn run_passes(args: RunArgs, shutdown: CancellationToken) -> anyhow::Resul
         let addr =
             infra::serve::serve_http(args.metrics_addr, health.clone(), shutdown.clone()).await?;
         tracing::info!(metrics_addr = %addr, "Serving metrics and health.");
+        metrics::gauge!(metrics_names::INTERVAL).set(args.interval.as_secs_f64());
     }
     let ctx = pass::Ctx {
         target: day::Target {

@@ -16,6 +16,8 @@ pub const FAILURES: &str = "archiver_failures_total";
 pub const PASS_SECONDS: &str = "archiver_pass_seconds";
 /// Unix time of the last pass that finished without failures.
 pub const LAST_SUCCESS: &str = "archiver_last_success_timestamp_seconds";
+/// The time between passes (`ARCHIVER_INTERVAL`), for alerting on a stale last success.
+pub const INTERVAL: &str = "archiver_interval_seconds";
 /// Rollup rows written (hours and days).
 pub const ROLLUPS_WRITTEN: &str = "archiver_rollups_written_total";
 /// Unix time of the last rollup turn that succeeded.

@@ -36,6 +36,9 @@ pub fn init_tracing(format: LogFormat) {
     };
 }
 
+/// The gauge every service exports: 1 while `/readyz` answers 200, else 0.
+pub const READY: &str = "service_ready";
+
 /// Buckets for every latency histogram, in seconds.
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -160,7 +163,12 @@ async fn respond(
     let request = String::from_utf8_lossy(&buf[..n]);
     let path = request.split_whitespace().nth(1).unwrap_or("/");
     let (status, content_type, body) = match path {
-        "/metrics" => ("200 OK", "text/plain; version=0.0.4", handle.render()),
+        "/metrics" => {
+            // Readiness as a metric too, read at scrape time (1 ready, 0 not), for alerting.
+            let ready = health.not_ready_reason().is_none();
+            metrics::gauge!(READY).set(if ready { 1.0 } else { 0.0 });
+            ("200 OK", "text/plain; version=0.0.4", handle.render())
+        }
         "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
         "/readyz" => match health.not_ready_reason() {
             None => ("200 OK", "text/plain", "ready\n".to_owned()),

@@ -205,7 +205,13 @@ async fn call<T>(
             kind: ErrorKind::Timeout(timeout),
         },
     };
-    metrics::counter!("storage_request_errors_total", "op" => op).increment(1);
+    // By status, so that a credential's 403 can page someone while a 503 merely counts.
+    let status = match &result.kind {
+        ErrorKind::Status { status, .. } => status.to_string(),
+        ErrorKind::Timeout(_) => "timeout".to_owned(),
+        _ => "transport".to_owned(),
+    };
+    metrics::counter!("storage_request_errors_total", "op" => op, "status" => status).increment(1);
     Err(result)
 }
 

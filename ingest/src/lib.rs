@@ -32,6 +32,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let health = Health::new("connecting to the broker");
     let metrics_addr =
         infra::serve::serve_http(config.metrics_addr, health.clone(), shutdown.clone()).await?;
+    metrics::gauge!(metrics_names::RECEIVE_MAXIMUM).set(f64::from(config.receive_maximum));
     let account = config.storage.account()?;
     let broker = config.mqtt.connection()?;
     let queue = account.queue(&config.queue_name);

@@ -21,5 +21,7 @@ pub const PUT_FAILURES: &str = "ingest_queue_put_failures_total";
 pub const PUT_SECONDS: &str = "ingest_queue_put_seconds";
 /// Messages received and not yet acknowledged.
 pub const PENDING: &str = "ingest_pending_messages";
+/// The Receive Maximum asked of the broker: the most messages it sends unacknowledged.
+pub const RECEIVE_MAXIMUM: &str = "ingest_receive_maximum";
 /// MQTT connection errors.
 pub const CONNECTION_ERRORS: &str = "ingest_mqtt_connection_errors_total";

@@ -39,6 +39,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let health = Health::new("creating queues and table");
     let metrics_addr =
         infra::serve::serve_http(config.metrics_addr, health.clone(), shutdown.clone()).await?;
+    metrics::gauge!(metrics_names::VISIBILITY_SECONDS).set(config.visibility_timeout.as_secs_f64());
     let account = config.storage.account()?;
     let ctx = Arc::new(ctx::Ctx {
         queue: account.queue(&config.queue_name),
@@ -165,16 +166,23 @@ async fn report_stored(ctx: Arc<ctx::Ctx>, shutdown: CancellationToken) {
     }
 }
 
-/// Publishes the ingest queue's approximate depth every few seconds.
+/// Publishes the ingest queue's approximate depth every few seconds, and the age of its
+/// oldest waiting message every 10 s (a peek carries a message's text: up to 64 KiB).
 async fn report_depth(ctx: Arc<ctx::Ctx>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
-    loop {
+    for n in 0u64.. {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
         if let Ok(depth) = ctx.queue.approximate_depth().await {
             metrics::gauge!(metrics_names::QUEUE_DEPTH).set(depth as f64);
+        }
+        if n % 5 == 0 {
+            if let Ok(oldest) = ctx.queue.oldest_put_at().await {
+                let age = oldest.map_or(0, |at| (schemas::timefmt::now_ms() - at).max(0));
+                metrics::gauge!(metrics_names::QUEUE_OLDEST_AGE).set(age as f64 / 1000.0);
+            }
         }
     }
 }

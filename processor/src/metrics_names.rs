@@ -26,6 +26,10 @@ pub const ROUND_SECONDS: &str = "processor_round_seconds";
 pub const LATENCY_SECONDS: &str = "processor_ingest_to_store_seconds";
 /// Approximate messages in the ingest queue.
 pub const QUEUE_DEPTH: &str = "processor_queue_depth";
+/// The visibility timeout (`PROCESSOR_VISIBILITY_TIMEOUT`), for alerting on message ages.
+pub const VISIBILITY_SECONDS: &str = "processor_visibility_timeout_seconds";
+/// Age of the oldest message waiting in the ingest queue (0 when none waits).
+pub const QUEUE_OLDEST_AGE: &str = "processor_queue_oldest_age_seconds";
 /// Storage errors seen by workers (each is retried or ends in a retry later).
 pub const STORAGE_ERRORS: &str = "processor_storage_errors_total";
 /// Device-table rows written (registrations and latest-state refreshes).

@@ -7,6 +7,7 @@ mod chaos;
 mod compose;
 mod dashboard;
 mod deadletter;
+mod deploy;
 mod failures;
 mod pipeline;
 mod rollups;

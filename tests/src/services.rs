@@ -211,7 +211,7 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 }
 
 /// Whether `service`'s code (or the shared `infra`) names metric `name` as a string literal.
-fn exports(service: &str, name: &str) -> bool {
+pub fn exports(service: &str, name: &str) -> bool {
     fn sources(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
         for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             let path = entry.path();

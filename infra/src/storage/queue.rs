@@ -117,6 +117,20 @@ impl Queue {
         })
     }
 
+    /// When the first visible message was put (UTC milliseconds), `None` for none: the
+    /// oldest waiting message, since messages are served roughly in order. One peek.
+    pub async fn oldest_put_at(&self) -> Result<Option<i64>, StorageError> {
+        let peek = self
+            .client
+            .peek_messages()
+            .number_of_messages(NumberOfMessages::new(1))
+            .into_future();
+        let response = call("queue_peek", self.timeout, peek).await?;
+        Ok(response.messages.first().map(|m| {
+            i64::try_from(m.insertion_time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+        }))
+    }
+
     /// The service's approximate count of messages, visible or not.
     pub async fn approximate_depth(&self) -> Result<usize, StorageError> {
         let metadata = call(
