@@ -326,13 +326,17 @@ impl Table {
         query: azure_data_tables::operations::QueryEntityBuilder,
         mut on_page: impl FnMut(Vec<Entity>) -> bool,
     ) -> Result<(), StorageError> {
+        use azure_core::Continuable;
         let mut pages = query.into_stream::<Entity>();
         while let Some(page) = call("table_query", self.timeout, async {
             pages.next().await.transpose()
         })
         .await?
         {
-            if !on_page(page.entities) {
+            // The stream would end without a request after a page with no continuation; not
+            // asking it keeps `storage_requests_total` to the requests made.
+            let last = page.continuation().is_none();
+            if !on_page(page.entities) || last {
                 break;
             }
         }

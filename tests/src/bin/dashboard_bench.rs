@@ -6,7 +6,8 @@
 //! rollups; then times each request of the list (median of 11, after one warm-up) and
 //! prints a Markdown table. Last, it stores an hour of readings at the seed rate (a reading per
 //! device every 30 s) for 1,000 devices, lets the archiver roll that hour up, and reports the
-//! storage requests the rollups added per reading.
+//! storage requests the sweep made per reading (the difference from a second start that has
+//! nothing to sweep).
 #![allow(clippy::unwrap_used)] // a load tool: a panic is the report
 
 use infra::storage::{BatchOutcome, Entity};
