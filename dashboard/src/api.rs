@@ -112,17 +112,14 @@ impl Api {
         // A full page has a cursor, even when nothing follows (the next page is then empty):
         // asking for one row more to know would cost a second request whenever the page is
         // the table service's largest (1,000 rows).
-        let rows = self
-            .devices
-            .query_first(&filter, limit)
-            .await
-            .or_else(none_if_missing)
-            .map_err(|e| Problem::storage(&e))?;
-        let devices = rows
-            .iter()
-            .map(device::from_row)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Problem::internal(format!("a device row: {e}")))?;
+        let devices = read(
+            &self.devices,
+            &filter,
+            limit,
+            device::from_row,
+            "a device row",
+        )
+        .await?;
         let cursor = (devices.len() == limit)
             .then(|| params::cursor_after(&devices[limit - 1].latest.device_id));
         let next = cursor.as_ref().map(|c| {
@@ -184,17 +181,15 @@ impl Api {
             interval.row_key(from),
             interval.row_key(to)
         );
-        let rows = self
-            .rollups
-            .query_first(&filter, ROLLUPS_MAX)
-            .await
-            .or_else(none_if_missing)
-            .map_err(|e| Problem::storage(&e))?;
-        let rollups = rows
-            .iter()
-            .map(Rollup::from_entity)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Problem::internal(format!("a rollup row of {id}: {e}")))?;
+        let what = format!("a rollup row of {id}");
+        let rollups = read(
+            &self.rollups,
+            &filter,
+            ROLLUPS_MAX,
+            Rollup::from_entity,
+            &what,
+        )
+        .await?;
         match format {
             Format::Json => Ok(Reply::json(json!({
                 "device": id,
@@ -311,6 +306,26 @@ impl Api {
             },
         })))
     }
+}
+
+/// The first `limit` rows of `table` matching `filter`, each read by `parse` (`what` names a
+/// row in the error when one cannot be read); none for a table not created yet.
+async fn read<T>(
+    table: &Table,
+    filter: &str,
+    limit: usize,
+    parse: fn(&infra::storage::Entity) -> Result<T, schemas::entity::RowError>,
+    what: &str,
+) -> Result<Vec<T>, Problem> {
+    let rows = table
+        .query_first(filter, limit)
+        .await
+        .or_else(none_if_missing)
+        .map_err(|e| Problem::storage(&e))?;
+    rows.iter()
+        .map(parse)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Problem::internal(format!("{what}: {e}")))
 }
 
 /// No rows, for a table not created yet.

@@ -11,11 +11,10 @@ fn docker_compose_file_is_valid() {
         .output()
         .is_ok_and(|o| o.status.success());
     if !available {
-        assert!(
-            std::env::var_os("REQUIRE_E2E").is_none_or(|v| v.is_empty()),
-            "docker-compose is missing (scripts/prereqs.sh --test installs it)"
+        tests::skip_missing(
+            "docker_compose_file_is_valid",
+            "docker-compose (scripts/prereqs.sh --test installs it)",
         );
-        eprintln!("SKIPPED docker_compose_file_is_valid: docker-compose is missing");
         return;
     }
     let out = Command::new("docker-compose")

@@ -345,13 +345,21 @@ async fn slow_storage_never_lets_a_round_outlive_its_messages() {
     proxy.set("table_batch", slow);
     proxy.set("table_write", slow);
 
+    let queue = p.account.queue(&p.queue);
+    queue.put(two_refused("slow", 7)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    proxy.clear();
+    each_refusal_dead_lettered_once(&p, 5, Duration::from_secs(8)).await;
+}
+
+/// One envelope of `n` devices' readings (named `prefix-<i>`), the last two out of range.
+fn two_refused(prefix: &str, n: u64) -> String {
     let at = now_ms() - 1_000;
     let mut b = schemas::EnvelopeBuilder::default();
-    for i in 0..7u64 {
-        let device = format!("slow-{i}");
+    for i in 0..n {
+        let device = format!("{prefix}-{i}");
         let mut payload = reading(&device, at, i);
-        if i >= 5 {
-            // Out of range: two refusals to dead-letter, exactly once each.
+        if i + 2 >= n {
             payload = String::from_utf8(payload)
                 .unwrap()
                 .replace("\"humidity\":50", "\"humidity\":500")
@@ -364,17 +372,23 @@ async fn slow_storage_never_lets_a_round_outlive_its_messages() {
         ))
         .expect("fits");
     }
-    let queue = p.account.queue(&p.queue);
-    queue.put(b.finish()).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(20)).await;
-    proxy.clear();
+    b.finish()
+}
 
-    p.wait_rows(5, Duration::from_secs(60)).await;
+/// Waits for [`two_refused`]'s `stored` rows and its message to be finished, then `settle` for
+/// stragglers, and checks that its two refusals were dead-lettered once each. Returns them.
+async fn each_refusal_dead_lettered_once(
+    p: &Pipeline,
+    stored: usize,
+    settle: Duration,
+) -> Vec<DeadLetter> {
+    p.wait_rows(stored, Duration::from_secs(60)).await;
+    let queue = p.account.queue(&p.queue);
     tests::wait_for("the message finished", Duration::from_secs(60), || async {
         (queue.approximate_depth().await.ok()? == 0).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    tokio::time::sleep(settle).await;
     let dead = tests::storage::drain_dead_letters(&p.account, &p.dead_letters).await;
     let reasons: Vec<Reason> = dead.iter().map(|r| r.reason).collect();
     assert_eq!(
@@ -382,6 +396,7 @@ async fn slow_storage_never_lets_a_round_outlive_its_messages() {
         [Reason::OutOfRange, Reason::OutOfRange],
         "each refusal dead-lettered once: {dead:#?}"
     );
+    dead
 }
 
 /// A message with two refused readings whose dead-letter put answers after 14.5 s. The put
@@ -421,45 +436,17 @@ async fn slow_dead_letter_put(
         );
     }
 
-    let at = now_ms() - 1_000;
-    let mut b = schemas::EnvelopeBuilder::default();
-    for i in 0..4u64 {
-        let device = format!("slow-dl-{i}");
-        let mut payload = reading(&device, at, i);
-        if i >= 2 {
-            payload = String::from_utf8(payload)
-                .unwrap()
-                .replace("\"humidity\":50", "\"humidity\":500")
-                .into_bytes();
-        }
-        b.push(schemas::DeviceMessage::from_mqtt(
-            &topic(&device),
-            &payload,
-            at,
-        ))
-        .expect("fits");
-    }
-    let queue = p.account.queue(&p.queue);
-    queue.put(b.finish()).await.unwrap();
+    p.account
+        .queue(&p.queue)
+        .put(two_refused("slow-dl", 4))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(35)).await;
     proxy.clear();
-
-    p.wait_rows(2, Duration::from_secs(60)).await;
-    tests::wait_for("the message finished", Duration::from_secs(60), || async {
-        (queue.approximate_depth().await.ok()? == 0).then_some(())
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    let dead = each_refusal_dead_lettered_once(&p, 2, Duration::from_secs(10)).await;
     assert!(
         proxy.injected().get("queue_put/slow").copied().unwrap_or(0) >= 1,
         "the dead letters went through the slow proxy"
-    );
-    let dead = tests::storage::drain_dead_letters(&p.account, &p.dead_letters).await;
-    let reasons: Vec<Reason> = dead.iter().map(|r| r.reason).collect();
-    assert_eq!(
-        reasons,
-        [Reason::OutOfRange, Reason::OutOfRange],
-        "each refusal dead-lettered once: {dead:#?}"
     );
     Some((dead, p))
 }
