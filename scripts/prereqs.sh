@@ -6,8 +6,8 @@
 #     docker-compose.yml), pyarrow + DuckDB in a Python venv under .tools/py (to check that
 #     analysts' tools read the Parquet archives), and Debian's Chromium via apt with
 #     playwright-core (pinned) via npm into .tools/browser (the dashboard's browser test),
-#     and promtool, extracted from Debian's prometheus package into .tools/prometheus (the
-#     alerting rules' tests; no Prometheus service is installed).
+#     and promtool alone, extracted from Debian's prometheus package into .tools/prometheus
+#     (the alerting rules' tests; no Prometheus server or service is installed).
 # Sourced or run; prints what it does, and nothing when everything is present.
 set -euo pipefail
 
@@ -53,18 +53,24 @@ if [ "${1:-}" = "--test" ]; then
   PROMTOOL="$ROOT/.tools/prometheus/usr/bin/promtool"
   if ! command -v promtool >/dev/null && [ ! -x "$PROMTOOL" ]; then
     echo "==> Extracting promtool from Debian's prometheus package into .tools/prometheus"
-    mkdir -p "$ROOT/.tools"
-    (
-      cd "$ROOT/.tools"
-      if ! apt-get download prometheus >/dev/null 2>&1; then
-        sudo=""
-        [ "$(id -u)" -ne 0 ] && sudo="sudo"
-        $sudo apt-get update -qq >/dev/null || true
-        apt-get download prometheus >/dev/null
+    deb_dir="$(mktemp -d)"
+    trap 'rm -rf "$deb_dir"' EXIT
+    if ! (cd "$deb_dir" && apt-get download prometheus >/dev/null 2>&1); then
+      # No package lists yet: apt_install's update, then the download again.
+      sudo=""
+      if [ "$(id -u)" -ne 0 ]; then
+        command -v sudo >/dev/null || { echo "error: need root or sudo to apt-get update" >&2; exit 1; }
+        sudo="sudo"
       fi
-      dpkg-deb -x prometheus_*.deb prometheus
-      rm -f prometheus_*.deb
-    )
+      $sudo apt-get update -qq >/dev/null
+      (cd "$deb_dir" && apt-get download prometheus >/dev/null)
+    fi
+    # Only promtool: no server, no service unit, nothing under /etc.
+    mkdir -p "$deb_dir/x" "$(dirname "$PROMTOOL")"
+    dpkg-deb --fsys-tarfile "$deb_dir"/prometheus_*.deb | tar -x -C "$deb_dir/x" ./usr/bin/promtool
+    mv "$deb_dir/x/usr/bin/promtool" "$PROMTOOL"
+    rm -rf "$deb_dir"
+    trap - EXIT
   fi
   if ! command -v docker-compose >/dev/null; then
     apt_install docker-compose

@@ -195,7 +195,11 @@ async fn run_passes(args: RunArgs, shutdown: CancellationToken) -> anyhow::Resul
         let addr =
             infra::serve::serve_http(args.metrics_addr, health.clone(), shutdown.clone()).await?;
         tracing::info!(metrics_addr = %addr, "Serving metrics and health.");
-        metrics::gauge!(metrics_names::INTERVAL).set(args.interval.as_secs_f64());
+        // The wait between passes, and the start: an archiver that never finishes a pass is
+        // stale two intervals after it started, not silent.
+        let wait = args.interval.min(Duration::from_millis(DAY_MS as u64));
+        metrics::gauge!(metrics_names::INTERVAL).set(wait.as_secs_f64());
+        metrics::gauge!(metrics_names::STARTED).set(schemas::timefmt::now_ms() as f64 / 1000.0);
     }
     let ctx = pass::Ctx {
         target: day::Target {

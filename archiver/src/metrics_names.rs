@@ -16,7 +16,10 @@ pub const FAILURES: &str = "archiver_failures_total";
 pub const PASS_SECONDS: &str = "archiver_pass_seconds";
 /// Unix time of the last pass that finished without failures.
 pub const LAST_SUCCESS: &str = "archiver_last_success_timestamp_seconds";
-/// The time between passes (`ARCHIVER_INTERVAL`), for alerting on a stale last success.
+/// Unix time the archiver started (`archiver run`).
+pub const STARTED: &str = "archiver_started_timestamp_seconds";
+/// The wait between passes (`ARCHIVER_INTERVAL`, at most a day), for alerting on a stale
+/// last success. Only `archiver run` serves metrics: `--once` is watched by its exit status.
 pub const INTERVAL: &str = "archiver_interval_seconds";
 /// Rollup rows written (hours and days).
 pub const ROLLUPS_WRITTEN: &str = "archiver_rollups_written_total";

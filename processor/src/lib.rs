@@ -40,6 +40,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let metrics_addr =
         infra::serve::serve_http(config.metrics_addr, health.clone(), shutdown.clone()).await?;
     metrics::gauge!(metrics_names::VISIBILITY_SECONDS).set(config.visibility_timeout.as_secs_f64());
+    // Every reason's counter exists from the start, so the first dead letter of a reason is an
+    // increase an alert sees, not the series appearing.
+    for reason in schemas::Reason::ALL {
+        metrics::counter!(metrics_names::DEAD_LETTERS, "reason" => reason.as_str()).increment(0);
+    }
     let account = config.storage.account()?;
     let ctx = Arc::new(ctx::Ctx {
         queue: account.queue(&config.queue_name),
@@ -170,6 +175,9 @@ async fn report_stored(ctx: Arc<ctx::Ctx>, shutdown: CancellationToken) {
 /// oldest waiting message every 10 s (a peek carries a message's text: up to 64 KiB).
 async fn report_depth(ctx: Arc<ctx::Ctx>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
+    // When the oldest waiting message was put, as last seen: its age grows every tick, even
+    // while a peek fails (an outage must not freeze it).
+    let mut oldest: Option<i64> = None;
     for n in 0u64.. {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -179,10 +187,11 @@ async fn report_depth(ctx: Arc<ctx::Ctx>, shutdown: CancellationToken) {
             metrics::gauge!(metrics_names::QUEUE_DEPTH).set(depth as f64);
         }
         if n % 5 == 0 {
-            if let Ok(oldest) = ctx.queue.oldest_put_at().await {
-                let age = oldest.map_or(0, |at| (schemas::timefmt::now_ms() - at).max(0));
-                metrics::gauge!(metrics_names::QUEUE_OLDEST_AGE).set(age as f64 / 1000.0);
+            if let Ok(seen) = ctx.queue.oldest_put_at().await {
+                oldest = seen;
             }
         }
+        let age = oldest.map_or(0, |at| (schemas::timefmt::now_ms() - at).max(0));
+        metrics::gauge!(metrics_names::QUEUE_OLDEST_AGE).set(age as f64 / 1000.0);
     }
 }
