@@ -270,11 +270,11 @@ impl Api {
         // A queue or table not created yet reads as empty.
         let zero = |e: StorageError| if e.is_not_found() { Ok(0) } else { Err(e) };
         // The processors' counts of the last 60 minutes, the current one included.
-        let minute = now - now.rem_euclid(60_000);
+        let minute = rollup::stored_minute(now);
         let stored = format!(
             "PartitionKey eq '{}' and RowKey ge '{}'",
             rollup::STORED,
-            rollup::stored_key(minute - 59 * 60_000)
+            rollup::stored_key(minute - 59 * rollup::MINUTE_MS)
         );
         let depths_and_counts = futures::future::try_join4(
             async { self.ingest.approximate_depth().await.or_else(zero) },

@@ -8,7 +8,8 @@ use schemas::rollup;
 use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
 
-const MINUTE_MS: i64 = 60_000;
+use schemas::rollup::{stored_minute, MINUTE_MS};
+
 /// Minutes kept while storage refuses them (older ones would be expired anyway).
 const KEPT_MINUTES: usize = (rollup::STORED_KEPT_MS / MINUTE_MS) as usize;
 
@@ -36,10 +37,7 @@ impl Stored {
     /// Counts `n` readings stored at `now_ms`.
     pub fn add(&self, n: u64, now_ms: i64) {
         let mut minutes = self.minutes();
-        minutes
-            .entry(now_ms - now_ms.rem_euclid(MINUTE_MS))
-            .or_default()
-            .0 += n;
+        minutes.entry(stored_minute(now_ms)).or_default().0 += n;
         while minutes.len() > KEPT_MINUTES {
             minutes.pop_first();
         }
@@ -80,7 +78,7 @@ impl Stored {
                 }
             }
         }
-        let current = now_ms - now_ms.rem_euclid(MINUTE_MS);
+        let current = stored_minute(now_ms);
         self.minutes()
             .retain(|minute, (total, written)| *minute >= current - MINUTE_MS || total != written);
     }

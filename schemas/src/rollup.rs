@@ -289,6 +289,14 @@ pub const STORED: &str = "~stored";
 pub const STORED_KEPT_MS: i64 = 2 * HOUR_MS;
 const READINGS: &str = "Readings";
 
+/// The counts' period.
+pub const MINUTE_MS: i64 = 60_000;
+
+/// The start of the minute holding `ms`: the minute a reading stored then is counted in.
+pub fn stored_minute(ms: i64) -> i64 {
+    ms - ms.rem_euclid(MINUTE_MS)
+}
+
 /// The RowKey prefix of the minute starting at `minute_ms`, for range filters.
 pub fn stored_key(minute_ms: i64) -> String {
     format_ms(minute_ms)
