@@ -9,6 +9,7 @@ mod dashboard;
 mod deadletter;
 mod deploy;
 mod failures;
+mod k8s;
 mod pipeline;
 mod rollups;
 mod secure;
