@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// How long requests in progress may run on after the shutdown signal.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A client must send its request head within this (slow-loris defence).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 

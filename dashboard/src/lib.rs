@@ -17,6 +17,7 @@ mod readings;
 mod views;
 
 pub use config::Config;
+pub use http::SHUTDOWN_GRACE;
 
 use anyhow::Context;
 use infra::serve::Health;

@@ -27,6 +27,8 @@ pub struct Config {
     /// restores a plain subscription of a persistent session after a restart, but not a shared
     /// one, so readings published between a broker restart and ingest's resubscribe are routed
     /// nowhere. Set a group only when running several replicas, and accept that window.
+    /// Before removing a replica for good, send it SIGUSR1: it leaves the group, takes what the
+    /// broker held for it, and says on `/readyz` when it can be stopped.
     #[arg(long, env = "INGEST_SHARE_GROUP", default_value = "")]
     pub share_group: String,
 

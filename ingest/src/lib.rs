@@ -24,8 +24,22 @@ pub use config::Config;
 
 use infra::serve::Health;
 use infra::storage::{create_missing, Resource};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+/// After leaving its share group, how long a replica must receive nothing before it says it
+/// can be stopped: the broker delivers what it had queued for this session at once.
+pub const LEAVE_QUIET: Duration = Duration::from_secs(5);
+
+/// The longest ingest takes to stop after SIGTERM: the packer's grace for the last
+/// envelopes, then up to three waits of [`CLOSE_GRACE`] to send the last acknowledgements and
+/// leave the broker.
+pub const MAX_SHUTDOWN: Duration =
+    Duration::from_secs(packer::SHUTDOWN_GRACE.as_secs() + 3 * CLOSE_GRACE.as_secs());
+
+/// Each step of closing the broker connection.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs ingest until `shutdown`, then flushes what it holds and exits.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -58,7 +72,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         return Ok(());
     }
 
-    let (mqtt, publishes, acks) = mqtt::connect(&config, &broker, health.clone());
+    let leave = mqtt::Leave::default();
+    tokio::spawn(leave_on_request(
+        config.share_group.clone(),
+        leave.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
+    let (mqtt, publishes, acks) = mqtt::connect(&config, &broker, health.clone(), leave);
     let packer = packer::Packer::new(
         queue,
         acks,
@@ -71,7 +92,72 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     // Let the poller send the last PUBACKs, then leave the broker cleanly. The session persists,
     // so anything not acknowledged is redelivered to the next ingest.
-    mqtt.close(Duration::from_secs(5)).await;
+    mqtt.close(CLOSE_GRACE).await;
     tracing::info!("Ingest stopped.");
     outcome
+}
+
+/// On SIGUSR1, leaves the share group for good: the step before a replica is removed (README
+/// "Scaling ingest down for good"). A removed replica's persistent session would otherwise
+/// keep being dealt its share of the messages, to wait for a client that never returns. The
+/// replica goes on writing and acknowledging what it holds and what the broker had queued
+/// for it; once nothing has arrived for [`LEAVE_QUIET`], `/readyz` says it can be stopped.
+/// Ignored without a share group: a plain subscription is the only one, and dropping it would
+/// route every reading nowhere.
+async fn leave_on_request(
+    group: String,
+    leave: mqtt::Leave,
+    health: Health,
+    shutdown: CancellationToken,
+) {
+    const KEY: &str = "share group";
+    if !leave_requested(&group, &shutdown).await {
+        return;
+    }
+    // Ready until done, so that "not ready" is the operator's signal to stop it.
+    leave.requested.cancel();
+    leave.unsubscribed.cancelled().await;
+    let quiet_ms = i64::try_from(LEAVE_QUIET.as_millis()).unwrap_or(i64::MAX);
+    loop {
+        let since = schemas::timefmt::now_ms() - leave.last_publish_ms.load(Ordering::Relaxed);
+        if since >= quiet_ms {
+            break;
+        }
+        let wait = u64::try_from(quiet_ms - since).unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+    }
+    metrics::gauge!(metrics_names::LEFT_SHARE_GROUP).set(1.0);
+    tracing::info!("Left the share group and received nothing since: stop this replica for good.");
+    health.fail(
+        KEY,
+        "left the share group: nothing more will arrive; stop this replica",
+    );
+}
+
+/// Waits for SIGUSR1 in a share group (false if the service stops first).
+async fn leave_requested(group: &str, shutdown: &CancellationToken) -> bool {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+            tracing::warn!("Cannot listen for SIGUSR1; this replica cannot leave its share group.");
+            return false;
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = usr1.recv() => {}
+            }
+            if !group.is_empty() {
+                return true;
+            }
+            tracing::warn!("SIGUSR1 ignored: this replica is not in a share group, and dropping its subscription would route every reading nowhere.");
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = group;
+        shutdown.cancelled().await;
+        false
+    }
 }

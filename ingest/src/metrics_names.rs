@@ -23,5 +23,8 @@ pub const PUT_SECONDS: &str = "ingest_queue_put_seconds";
 pub const PENDING: &str = "ingest_pending_messages";
 /// The Receive Maximum asked of the broker: the most messages it sends unacknowledged.
 pub const RECEIVE_MAXIMUM: &str = "ingest_receive_maximum";
+/// 1 once this replica has left its share group (SIGUSR1) and nothing has arrived for
+/// [`crate::LEAVE_QUIET`]: it can be stopped for good.
+pub const LEFT_SHARE_GROUP: &str = "ingest_left_share_group";
 /// MQTT connection errors.
 pub const CONNECTION_ERRORS: &str = "ingest_mqtt_connection_errors_total";

@@ -10,6 +10,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
 use rumqttc::Outgoing;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
@@ -92,12 +93,23 @@ pub struct Mqtt {
     acker: JoinHandle<()>,
 }
 
+/// Leaving the share group for good (a replica about to be removed): `requested` is
+/// cancelled to unsubscribe; the poller cancels `unsubscribed` when the broker confirms, and
+/// keeps the time of the last message received in `last_publish_ms`.
+#[derive(Debug, Clone, Default)]
+pub struct Leave {
+    pub requested: CancellationToken,
+    pub unsubscribed: CancellationToken,
+    pub last_publish_ms: Arc<AtomicI64>,
+}
+
 /// Starts the connection. Deliveries arrive on the returned receiver; whatever is sent on the
 /// returned [`Acks`] is acknowledged to the broker.
 pub fn connect(
     config: &Config,
     broker: &Connection,
     health: Health,
+    leave: Leave,
 ) -> (Mqtt, mpsc::UnboundedReceiver<Delivery>, Acks) {
     let mut options = broker.options(config.client_id.clone());
     let session_expiry = u32::try_from(config.session_expiry.as_secs()).unwrap_or(u32::MAX);
@@ -135,6 +147,8 @@ pub fn connect(
             health.clone(),
             broker.url.clone(),
         );
+        let (unsubscribed, last_publish_ms) =
+            (leave.unsubscribed.clone(), leave.last_publish_ms.clone());
         let gone = poller_gone.clone().drop_guard();
         tokio::spawn(async move {
             let _gone = gone;
@@ -147,6 +161,7 @@ pub fn connect(
                 match event {
                     Ok(Event::Incoming(Packet::Publish(publish))) => {
                         metrics::counter!(m::RECEIVED).increment(1);
+                        last_publish_ms.store(schemas::timefmt::now_ms(), Ordering::Relaxed);
                         metrics::counter!(m::RECEIVED_BYTES)
                             .increment(publish.payload.len() as u64);
                         if publish.dup {
@@ -204,6 +219,14 @@ pub fn connect(
                             }
                         }
                     }
+                    Ok(Event::Incoming(Packet::UnsubAck(_))) => {
+                        tracing::info!(
+                            "Left the share group: the broker deals this replica no more messages."
+                        );
+                        // Connected, and meant to receive nothing new (no SubAck will come).
+                        health.set_ready();
+                        unsubscribed.cancel();
+                    }
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
                     Ok(_) => {}
                     Err(error) => {
@@ -229,17 +252,28 @@ pub fn connect(
     };
 
     // Subscribing from the poller could deadlock on a full request channel, so it happens here.
+    // After a leave request every connect unsubscribes instead (again, in case the connection
+    // that carried the first request was lost before the broker read it).
     let subscriber = {
         let (client, filter, stop) = (client.clone(), config.filter(), stop.clone());
+        let requested = leave.requested.clone();
         tokio::spawn(async move {
+            let mut leaving = false;
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = connected.notified() => {}
+                    _ = requested.cancelled(), if !leaving => leaving = true,
                 }
-                tracing::debug!(%filter, "Subscribing.");
-                if let Err(error) = client.subscribe(filter.clone(), QoS::AtLeastOnce).await {
-                    tracing::warn!(%error, "Cannot request the subscription.");
+                let request = if leaving {
+                    tracing::info!(%filter, "Leaving the share group.");
+                    client.unsubscribe(filter.clone()).await
+                } else {
+                    tracing::debug!(%filter, "Subscribing.");
+                    client.subscribe(filter.clone(), QoS::AtLeastOnce).await
+                };
+                if let Err(error) = request {
+                    tracing::warn!(%error, "Cannot request the subscription change.");
                 }
             }
         })

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 /// How long a shutdown may spend writing the last envelopes before giving up on them (the
 /// broker still holds those messages, unacknowledged).
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// One envelope being written: its deliveries, `Ok` once the queue holds it, `Err` when the
 /// write was abandoned (shutdown grace over).

@@ -141,7 +141,9 @@ impl Generator {
                 0
             }
             Some(Fault::Oversize) => {
-                payload.insert_str(1, &" ".repeat(OVERSIZE_PAD));
+                // Before the closing bracket: the prefix a dead letter keeps of an oversize
+                // payload still shows which device and reading it was.
+                payload.insert_str(payload.len() - 1, &" ".repeat(OVERSIZE_PAD));
                 0
             }
             Some(Fault::Spoofed) => 0,

@@ -13,11 +13,11 @@
 //! it as a long soak.
 
 use schemas::archive::{self, Format};
-use schemas::DeadLetter;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
+use tests::accounting::{keyed, simulate, DeadLetters, Expected, Keyed, ALL_FAULTS};
 use tests::proxy::{FaultProxy, Rates};
-use tests::services::{bin_path, http_get};
+use tests::services::http_get;
 use tests::{unique, Azurite, Mosquitto, Service};
 
 /// Longer than the services' storage timeout, so a held response is a timeout to them.
@@ -42,30 +42,6 @@ fn through(queue: &FaultProxy, table: &FaultProxy, blob: &FaultProxy) -> String 
          BlobEndpoint=http://127.0.0.1:{}/devstoreaccount1",
         queue.port, table.port, blob.port
     )
-}
-
-/// Runs a simulator to completion in the background; its JSON summary at the end.
-fn simulate(
-    mqtt: String,
-    args: Vec<(&'static str, String)>,
-) -> tokio::task::JoinHandle<serde_json::Value> {
-    tokio::spawn(async move {
-        let out = tokio::process::Command::new(bin_path("simulator"))
-            .env("MQTT_URL", mqtt)
-            .env("SIMULATOR_METRICS_ADDR", "127.0.0.1:0")
-            .env("LOG_FORMAT", "json")
-            .envs(args)
-            .kill_on_drop(true)
-            .output()
-            .await
-            .expect("run the simulator");
-        assert!(
-            out.status.success(),
-            "simulator failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("simulator summary")
-    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -152,8 +128,7 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
     let mut ingest = Service::start("ingest", &ingest_env).await;
     let mut archiver = Service::start_with_args("archiver", &["run"], &archiver_env).await;
 
-    let faults = "malformed=0.01,schema=0.01,out_of_range=0.01,spoofed=0.01,future=0.01,\
-                  stale=0.01,oversize=0.005,duplicate=0.03,out_of_order=0.03";
+    let faults = ALL_FAULTS;
     // Live: 150 devices every second. History: 20 devices every half hour over the last
     // three days (the archiver's work), published as fast as the broker takes it.
     let live = simulate(
@@ -257,27 +232,9 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
         live.await.expect("live simulator"),
         history.await.expect("history simulator"),
     ];
-    let mut expected_rows = 0;
-    let mut expected_digest = 0u64;
-    let mut expected_dead: BTreeMap<String, u64> = BTreeMap::new();
-    for s in &summaries {
-        // The expected counts are of what the simulator published; they hold only if the
-        // broker confirmed every publish (a device-side loss is not the pipeline's).
-        let (messages, acked) = (s["messages"].as_u64(), s["acked"].as_u64());
-        assert!(
-            acked >= messages,
-            "the broker did not confirm every publish ({acked:?} of {messages:?}): {s}"
-        );
-        expected_rows += s["expected_rows"].as_u64().expect("expected_rows");
-        expected_digest =
-            expected_digest.wrapping_add(s["expected_digest"].as_u64().expect("expected_digest"));
-        for (reason, n) in s["expected_dead_letters"]
-            .as_object()
-            .expect("dead letters")
-        {
-            *expected_dead.entry(reason.clone()).or_default() += n.as_u64().unwrap_or(0);
-        }
-    }
+    let expected = Expected::from_summaries(&summaries);
+    let (expected_rows, expected_digest) = (expected.rows, expected.digest);
+    let expected_dead = &expected.dead;
     let mut injected: BTreeMap<String, u64> = BTreeMap::new();
     for proxy in [&queue_proxy, &table_proxy, &blob_proxy] {
         for (k, n) in proxy.injected() {
@@ -294,15 +251,11 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
     // (device, RowKey) -> the stored reading's digest.
     let (mut stored, mut archived) = (BTreeMap::new(), BTreeMap::new());
     loop {
-        if let (Ok(rows), Some(blobs)) = (
-            tests::storage::rows(&account, &table).await,
+        if let (Some(rows), Some(blobs)) = (
+            tests::accounting::stored(&account, &table).await,
             archived_rows(&account, &container).await,
         ) {
-            stored = rows
-                .iter()
-                .filter_map(|e| schemas::entity::from_entity(e).ok())
-                .map(|row| keyed(&row.reading))
-                .collect();
+            stored = rows;
             archived = blobs;
             let overlap = both(&stored, &archived);
             let total = stored.len() + archived.len() - overlap;
@@ -321,46 +274,13 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
         .values()
         .chain(archived.values())
         .fold(0u64, |sum, d| sum.wrapping_add(*d));
-    // Dead letters linger in the processor's writer, and redone rounds add theirs late:
-    // collect until every expected one is there, then a little longer for stragglers.
-    let mut dead_letters = Vec::new();
-    // Dead-letter messages by text: a put retried after its answer was lost lands twice,
-    // byte for byte, with every record it packs.
-    let mut texts: BTreeMap<String, u64> = BTreeMap::new();
-    let mut got_dead: BTreeMap<String, u64> = BTreeMap::new();
-    let collect_until = Instant::now() + Duration::from_secs(120);
-    let mut quiet_from: Option<Instant> = None;
-    let mut put_twice = 0u64;
-    loop {
-        let more = tests::storage::drain_dead_letter_messages(&account, &dead).await;
-        for (text, records) in more {
-            for r in &records {
-                *got_dead.entry(r.reason.as_str().to_owned()).or_default() += 1;
-            }
-            let seen = texts.entry(text).or_default();
-            if *seen > 0 {
-                put_twice += records.len() as u64;
-            }
-            *seen += 1;
-            dead_letters.extend(records);
-        }
-        let complete = expected_dead
-            .iter()
-            .all(|(reason, want)| got_dead.get(reason).copied().unwrap_or(0) >= *want);
-        if complete {
-            let since = *quiet_from.get_or_insert_with(Instant::now);
-            if since.elapsed() >= Duration::from_secs(10) {
-                break;
-            }
-        }
-        if Instant::now() >= collect_until {
-            break;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    let refused: u64 = expected_dead.values().sum();
+    // Dead letters linger in the processor's writer, and redone rounds add theirs late.
+    let dead_letters =
+        DeadLetters::collect(&account, &dead, expected_dead, Duration::from_secs(120)).await;
+    let (got_dead, put_twice) = (&dead_letters.by_reason, dead_letters.put_twice);
+    let refused = expected.refused();
     let mut duplicates = 0;
-    for (reason, want) in &expected_dead {
+    for (reason, want) in expected_dead {
         let got = got_dead.get(reason).copied().unwrap_or(0);
         assert!(
             got >= *want,
@@ -376,14 +296,13 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
     // same message twice), the processor writing one delivery's records again (the same
     // identity), or the device message reaching the queue twice (the broker redelivered it to
     // ingest, which got a new receipt time: the rest).
-    let identities: BTreeSet<u64> = dead_letters.iter().map(DeadLetter::identity).collect();
-    let same_identity = (dead_letters.len() - identities.len()) as u64;
+    let same_identity = dead_letters.same_identity();
     let written_again = same_identity.saturating_sub(put_twice);
-    let repeated_messages: u64 = texts.values().map(|n| n - 1).sum();
+    let repeated_messages = dead_letters.repeated_messages;
     // When the copies of a record written again were written (seconds into the run) and on
     // which delivery, for reading against the timeline of faults.
     let mut copies: BTreeMap<u64, BTreeSet<(i64, u64)>> = BTreeMap::new();
-    for r in &dead_letters {
+    for r in &dead_letters.records {
         let at = schemas::timefmt::parse_rfc3339_ms(&r.dead_lettered_at).unwrap_or_default();
         copies
             .entry(r.identity())
@@ -421,12 +340,12 @@ async fn every_reading_survives_kills_restarts_and_storage_faults() {
             }))
         }).collect::<BTreeMap<_, _>>(),
         "storage_faults_injected": injected,
-        "readings_offered": summaries.iter().map(|s| s["readings"].as_u64().unwrap_or(0)).sum::<u64>(),
+        "readings_offered": expected.readings,
         "expected_rows": expected_rows,
         "stored_in_table": stored.len(),
         "archived": archived.len(),
         "refused_readings": refused,
-        "dead_letters": dead_letters.len(),
+        "dead_letters": dead_letters.records.len(),
         "dead_letters_by_reason": got_dead,
         "duplicate_dead_letters": duplicates,
         "duplicates_by_cause": {
@@ -489,16 +408,6 @@ fn owner<'a>(metric: &str, services: [&'a Service; 3]) -> &'a Service {
         .into_iter()
         .find(|s| s.name() == prefix)
         .unwrap_or(services[1])
-}
-
-type Keyed = BTreeMap<(String, String), u64>;
-
-/// A reading's (device, RowKey) and digest.
-fn keyed(r: &schemas::Reading) -> ((String, String), u64) {
-    (
-        (r.device_id.clone(), schemas::entity::row_key(r)),
-        r.digest(),
-    )
 }
 
 /// Readings both in the table and in the archive.

@@ -252,14 +252,28 @@ fn flag_problems<T: clap::Parser>(args: &[String], env: &[(String, String)]) -> 
             (Some(a), _) => (a, &mut top),
             (None, Some(a)) => (a, &mut under),
             (None, None) => {
-                // A subcommand the tool is run with by hand (the dead-letter toolbox).
-                match command.get_subcommands().find_map(find) {
-                    Some(_) if sub.is_none() => continue,
-                    _ => {
-                        problems.push(format!("{name}: not a setting of {}", command.get_name()));
-                        continue;
+                // A setting of a subcommand the tool is run with by hand (the dead-letter
+                // toolbox): its value must parse there.
+                let owner = command
+                    .get_subcommands()
+                    .find_map(|s| find(s).map(|a| (s.get_name().to_owned(), a)));
+                match owner {
+                    Some((subcommand, arg)) if sub.is_none() => {
+                        let long = arg.get_long().expect("every env flag has a long name");
+                        let argv = [
+                            command.get_name().to_owned(),
+                            subcommand,
+                            format!("--{long}={value}"),
+                        ];
+                        if let Err(e) = T::try_parse_from(&argv) {
+                            if !missing_only(&e) {
+                                problems.push(format!("{}: {e}", argv.join(" ")));
+                            }
+                        }
                     }
+                    _ => problems.push(format!("{name}: not a setting of {}", command.get_name())),
                 }
+                continue;
             }
         };
         let long = arg.get_long().expect("every env flag has a long name");
@@ -274,15 +288,36 @@ fn flag_problems<T: clap::Parser>(args: &[String], env: &[(String, String)]) -> 
     argv.extend(args.iter().cloned());
     argv.extend(under);
     if let Err(e) = T::try_parse_from(&argv) {
-        let missing = e.kind() == clap::error::ErrorKind::MissingRequiredArgument
-            || e.kind() == clap::error::ErrorKind::MissingSubcommand
-            || e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand;
         // The toolbox runs no command of its own: its subcommand comes with `kubectl exec`.
-        if !(missing && sub.is_none() && command.has_subcommands()) {
+        if !(missing_only(&e) && sub.is_none() && command.has_subcommands()) {
             problems.push(format!("{}: {e}", argv.join(" ")));
         }
     }
     problems
+}
+
+/// Whether `e` only says that something the command line must name is absent (a subcommand,
+/// or its arguments), which `kubectl exec` gives the toolbox.
+fn missing_only(e: &clap::Error) -> bool {
+    use clap::error::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::MissingRequiredArgument
+            | ErrorKind::MissingSubcommand
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    )
+}
+
+/// The seconds a container's preStop hook sleeps (0 without one).
+fn prestop_secs(c: &Value) -> u64 {
+    match c["lifecycle"]["preStop"]["exec"]["command"].as_array() {
+        Some(cmd) if cmd.first().is_some_and(|s| s == "sleep") => cmd[1]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("sleep seconds"),
+        Some(other) => panic!("unknown preStop {other:?}"),
+        None => 0,
+    }
 }
 
 /// The binary a container runs: its command, or for a container that only waits (the
@@ -313,6 +348,9 @@ fn every_overlay_renders_alike_with_each_kubectl_and_passes_the_schemas() {
     let Some(rendered) = rendered() else {
         return;
     };
+    if rendered.len() < 2 {
+        eprintln!("k8s: one kubectl only (Debian's): nothing to compare its rendering with");
+    }
     for overlay in OVERLAYS {
         let first = normalized(&rendered[0][overlay]);
         assert!(first.len() > 20, "{overlay}: too few objects");
@@ -347,6 +385,19 @@ fn every_variable_the_manifests_set_is_a_setting_and_parses() {
                 other => vec![format!("runs {other}, which is not one of the binaries")],
             };
             assert!(problems.is_empty(), "{overlay} {workload}: {problems:#?}");
+            // A file a setting names is mounted (a secret), and read-only.
+            for (name, path) in env.iter().filter(|(k, _)| k.ends_with("_FILE")) {
+                let mounted = c["volumeMounts"].as_array().into_iter().flatten().any(|m| {
+                    m["readOnly"] == true
+                        && m["mountPath"]
+                            .as_str()
+                            .is_some_and(|dir| path.starts_with(&format!("{dir}/")))
+                });
+                assert!(
+                    mounted,
+                    "{overlay} {workload}: {name}={path} is not on a read-only mount"
+                );
+            }
             // The storage account a connection string names is one the services can use.
             for (_, value) in env
                 .iter()
@@ -415,6 +466,11 @@ fn every_pod_is_locked_down_probed_sized_and_given_time_to_flush() {
                 continue;
             }
             assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz", "{at}");
+            // A busy pod answers late; a 1 s probe would restart it for being busy.
+            assert!(
+                c["livenessProbe"]["timeoutSeconds"].as_u64() >= Some(5),
+                "{at}"
+            );
             assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz", "{at}");
             let env: BTreeMap<String, String> = environment(objects, c).into_iter().collect();
             // How long each service may take to flush after SIGTERM, from its own code.
@@ -424,15 +480,14 @@ fn every_pod_is_locked_down_probed_sized_and_given_time_to_flush() {
                     .as_secs()
             };
             let flush = match bin.as_str() {
-                // 10 s of shutdown grace, then 3 x 5 s to close the broker connection.
-                "ingest" => 25,
-                // Messages settle by 7/8 of the visibility timeout; the device table's last
-                // flush takes up to 10 s more.
+                "ingest" => ingest::MAX_SHUTDOWN.as_secs(),
+                // Messages settle by 7/8 of the visibility timeout; the devices' latest
+                // states take a few seconds more (10 s per 100 devices at most).
                 "processor" => secs("PROCESSOR_VISIBILITY_TIMEOUT") + 10,
                 // The device-days in progress: storage requests, each bounded by its timeout.
                 "archiver" => secs("STORAGE_TIMEOUT"),
-                // Requests in progress get 10 s.
-                "dashboard" => 10,
+                // Requests in progress, after the preStop pause.
+                "dashboard" => dashboard::SHUTDOWN_GRACE.as_secs() + prestop_secs(c),
                 other => panic!("{at}: no flush time known for {other}"),
             };
             let spec = &pods(objects)
@@ -495,6 +550,13 @@ fn the_processor_has_one_autoscaler_at_most_and_replicas_have_budgets() {
             &[]
         };
         assert_eq!(scalers, expected, "{overlay}");
+        // The autoscaler owns the processor's replicas: a count in the manifest would reset
+        // them at every apply.
+        let processor = named(objects, "Deployment", "processor").expect("the processor");
+        assert!(
+            processor["spec"]["replicas"].is_null(),
+            "{overlay}: processor replicas set"
+        );
         // A ScaledObject's queue is the one ingest fills, and its authentication exists.
         if let Some(so) = objects.iter().find(|o| o["kind"] == "ScaledObject") {
             let queue = &so["spec"]["triggers"][0]["metadata"]["queueName"];
@@ -513,6 +575,20 @@ fn the_processor_has_one_autoscaler_at_most_and_replicas_have_budgets() {
                 named(objects, "TriggerAuthentication", auth).is_some(),
                 "{overlay}"
             );
+            // With workload identity the trigger names the account the services use.
+            if let Some(account) = so["spec"]["triggers"][0]["metadata"].get("accountName") {
+                let storage = objects
+                    .iter()
+                    .find(|o| {
+                        o["kind"] == "ConfigMap"
+                            && unhashed(o["metadata"]["name"].as_str().unwrap_or("")) == "storage"
+                    })
+                    .expect("the storage settings");
+                assert_eq!(
+                    *account, storage["data"]["AZURE_STORAGE_ACCOUNT"],
+                    "{overlay}: KEDA watches another account than the services use"
+                );
+            }
         }
         // Every workload of several replicas (or autoscaled) has a disruption budget.
         let budgets: BTreeSet<&str> = objects

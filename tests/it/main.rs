@@ -12,6 +12,7 @@ mod failures;
 mod k8s;
 mod pipeline;
 mod rollups;
+mod scale;
 mod secure;
 mod simulator;
 

@@ -96,6 +96,9 @@ async fn readings_become_typed_rows_and_refusals_become_dead_letters() {
         }),
     ];
     messages.extend(invalid.iter().map(|(_, t, b)| (t.clone(), b.clone())));
+    // The signal that makes a replica leave its share group is ignored without one: dropping
+    // the only subscription would route everything below nowhere.
+    p.ingest.signal("USR1");
     publish_all(p.mosquitto.port, messages).await;
 
     let rows = p.wait_rows(valid_rows, Duration::from_secs(90)).await;

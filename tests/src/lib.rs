@@ -5,6 +5,7 @@
 //! When Azurite or Mosquitto is missing the tests skip at runtime with a message, unless
 //! `REQUIRE_E2E` is set (CI sets it), in which case they fail.
 
+pub mod accounting;
 pub mod proxy;
 pub mod servers;
 pub mod services;

@@ -138,6 +138,20 @@ impl Service {
         );
     }
 
+    /// Sends `signal` (`USR1`, `TERM`, ...) to the running process.
+    pub fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(tokio::process::Child::id)
+            .expect("service running");
+        let status = std::process::Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
     /// SIGKILL: no flushing, no goodbye.
     pub async fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
