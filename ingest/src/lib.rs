@@ -28,9 +28,13 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// After leaving its share group, how long a replica must receive nothing before it says it
-/// can be stopped: the broker delivers what it had queued for this session at once.
+/// After leaving its share group, how long a replica must have had nothing owed and nothing
+/// arriving before it says it can be stopped. The broker sends what it queued for the session
+/// as acknowledgements free its in-flight window, so a gap this long means it has no more.
 pub const LEAVE_QUIET: Duration = Duration::from_secs(5);
+
+/// The readiness key of leaving the share group.
+const LEAVE_HEALTH: &str = "share group";
 
 /// The longest ingest takes to stop after SIGTERM: the packer's grace for the last
 /// envelopes, then up to three waits of [`CLOSE_GRACE`] to send the last acknowledgements and
@@ -43,6 +47,8 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs ingest until `shutdown`, then flushes what it holds and exits.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Before anything can wait: SIGUSR1's default action would end the process.
+    let leave_signal = leave_signal();
     let health = Health::new("connecting to the broker");
     let metrics_addr =
         infra::serve::serve_http(config.metrics_addr, health.clone(), shutdown.clone()).await?;
@@ -74,6 +80,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let leave = mqtt::Leave::default();
     tokio::spawn(leave_on_request(
+        leave_signal,
         config.share_group.clone(),
         leave.clone(),
         health.clone(),
@@ -100,49 +107,88 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 /// On SIGUSR1, leaves the share group for good: the step before a replica is removed (README
 /// "Scaling ingest down for good"). A removed replica's persistent session would otherwise
 /// keep being dealt its share of the messages, to wait for a client that never returns. The
-/// replica goes on writing and acknowledging what it holds and what the broker had queued
-/// for it; once nothing has arrived for [`LEAVE_QUIET`], `/readyz` says it can be stopped.
-/// Ignored without a share group: a plain subscription is the only one, and dropping it would
-/// route every reading nowhere.
+/// replica unsubscribes, goes on writing and acknowledging what it holds and what the broker
+/// had queued for it, and `/readyz` says it can be stopped only while it is connected, owes
+/// the broker nothing and has received nothing for [`LEAVE_QUIET`] (a disconnect or a late
+/// message withdraws that). Ignored without a share group: a plain subscription is the only
+/// one, and dropping it would route every reading nowhere.
 async fn leave_on_request(
+    signal: Option<LeaveSignal>,
     group: String,
     leave: mqtt::Leave,
     health: Health,
     shutdown: CancellationToken,
 ) {
-    const KEY: &str = "share group";
-    if !leave_requested(&group, &shutdown).await {
+    if !leave_requested(signal, &group, &shutdown).await {
         return;
     }
-    // Ready until done, so that "not ready" is the operator's signal to stop it.
+    // Ready until drained, so that this replica's "not ready" is the operator's signal.
     leave.requested.cancel();
-    leave.unsubscribed.cancelled().await;
     let quiet_ms = i64::try_from(LEAVE_QUIET.as_millis()).unwrap_or(i64::MAX);
+    let mut drained = false;
     loop {
-        let since = schemas::timefmt::now_ms() - leave.last_publish_ms.load(Ordering::Relaxed);
-        if since >= quiet_ms {
-            break;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
-        let wait = u64::try_from(quiet_ms - since).unwrap_or(0);
-        tokio::time::sleep(Duration::from_millis(wait)).await;
+        let since = schemas::timefmt::now_ms() - leave.last_event_ms.load(Ordering::Relaxed);
+        let now_drained = leave.unsubscribed.is_cancelled()
+            && leave.connected.load(Ordering::Relaxed)
+            && leave.owed.load(Ordering::Relaxed) <= 0
+            && since >= quiet_ms;
+        if now_drained == drained {
+            continue;
+        }
+        drained = now_drained;
+        if drained {
+            metrics::gauge!(metrics_names::LEFT_SHARE_GROUP).set(1.0);
+            tracing::info!(
+                "Left the share group and owe the broker nothing: stop this replica for good."
+            );
+            health.fail(
+                LEAVE_HEALTH,
+                "left the share group: nothing more will arrive; stop this replica",
+            );
+        } else {
+            metrics::gauge!(metrics_names::LEFT_SHARE_GROUP).set(0.0);
+            tracing::info!("More arrived, or the broker connection dropped: not drained yet; do not stop this replica.");
+            health.recover(LEAVE_HEALTH);
+        }
     }
-    metrics::gauge!(metrics_names::LEFT_SHARE_GROUP).set(1.0);
-    tracing::info!("Left the share group and received nothing since: stop this replica for good.");
-    health.fail(
-        KEY,
-        "left the share group: nothing more will arrive; stop this replica",
-    );
 }
 
-/// Waits for SIGUSR1 in a share group (false if the service stops first).
-async fn leave_requested(group: &str, shutdown: &CancellationToken) -> bool {
+#[cfg(unix)]
+type LeaveSignal = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+type LeaveSignal = ();
+
+/// Listens for SIGUSR1 from now on (`None` where it cannot).
+fn leave_signal() -> Option<LeaveSignal> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
-            tracing::warn!("Cannot listen for SIGUSR1; this replica cannot leave its share group.");
-            return false;
-        };
+        match signal(SignalKind::user_defined1()) {
+            Ok(usr1) => Some(usr1),
+            Err(error) => {
+                tracing::warn!(%error, "Cannot listen for SIGUSR1; this replica cannot leave its share group.");
+                None
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+/// Waits for SIGUSR1 in a share group (false if the service stops first).
+async fn leave_requested(
+    signal: Option<LeaveSignal>,
+    group: &str,
+    shutdown: &CancellationToken,
+) -> bool {
+    #[cfg(unix)]
+    if let Some(mut usr1) = signal {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return false,
@@ -154,10 +200,7 @@ async fn leave_requested(group: &str, shutdown: &CancellationToken) -> bool {
             tracing::warn!("SIGUSR1 ignored: this replica is not in a share group, and dropping its subscription would route every reading nowhere.");
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = group;
-        shutdown.cancelled().await;
-        false
-    }
+    let _ = (signal, group);
+    shutdown.cancelled().await;
+    false
 }

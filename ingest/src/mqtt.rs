@@ -5,12 +5,12 @@ use crate::metrics_names as m;
 use infra::mqtt::{Connection, Reconnect};
 use infra::recent::Recent;
 use infra::serve::Health;
-use rumqttc::v5::mqttbytes::v5::{Packet, Publish, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, SubscribeReasonCode, UnsubAckReason};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
 use rumqttc::Outgoing;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
@@ -93,14 +93,28 @@ pub struct Mqtt {
     acker: JoinHandle<()>,
 }
 
-/// Leaving the share group for good (a replica about to be removed): `requested` is
-/// cancelled to unsubscribe; the poller cancels `unsubscribed` when the broker confirms, and
-/// keeps the time of the last message received in `last_publish_ms`.
+/// Leaving the share group for good (a replica about to be removed). `requested` is
+/// cancelled to unsubscribe; the rest is what tells whether this replica still owes the
+/// broker anything, kept by the poller and the acker.
 #[derive(Debug, Clone, Default)]
 pub struct Leave {
     pub requested: CancellationToken,
+    /// Cancelled once the broker confirmed the unsubscribe (or had no such subscription).
     pub unsubscribed: CancellationToken,
-    pub last_publish_ms: Arc<AtomicI64>,
+    pub connected: Arc<AtomicBool>,
+    /// Deliveries received and not yet acknowledged, nor given back to the broker by a lost
+    /// connection (it redelivers those: each comes again, and counts again).
+    pub owed: Arc<AtomicI64>,
+    /// When a message, a ConnAck or an UnsubAck last arrived: the broker may still be
+    /// delivering what it holds for this session until some time after.
+    pub last_event_ms: Arc<AtomicI64>,
+}
+
+impl Leave {
+    fn event(&self) {
+        self.last_event_ms
+            .store(schemas::timefmt::now_ms(), Ordering::Relaxed);
+    }
 }
 
 /// Starts the connection. Deliveries arrive on the returned receiver; whatever is sent on the
@@ -147,8 +161,7 @@ pub fn connect(
             health.clone(),
             broker.url.clone(),
         );
-        let (unsubscribed, last_publish_ms) =
-            (leave.unsubscribed.clone(), leave.last_publish_ms.clone());
+        let leave = leave.clone();
         let gone = poller_gone.clone().drop_guard();
         tokio::spawn(async move {
             let _gone = gone;
@@ -161,7 +174,8 @@ pub fn connect(
                 match event {
                     Ok(Event::Incoming(Packet::Publish(publish))) => {
                         metrics::counter!(m::RECEIVED).increment(1);
-                        last_publish_ms.store(schemas::timefmt::now_ms(), Ordering::Relaxed);
+                        leave.owed.fetch_add(1, Ordering::Relaxed);
+                        leave.event();
                         metrics::counter!(m::RECEIVED_BYTES)
                             .increment(publish.payload.len() as u64);
                         if publish.dup {
@@ -186,6 +200,8 @@ pub fn connect(
                     }
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         reconnect.connected();
+                        leave.connected.store(true, Ordering::Relaxed);
+                        leave.event();
                         connections.advance();
                         if !ack.session_present {
                             // A new session redelivers nothing: what was remembered is stale.
@@ -219,13 +235,29 @@ pub fn connect(
                             }
                         }
                     }
-                    Ok(Event::Incoming(Packet::UnsubAck(_))) => {
-                        tracing::info!(
-                            "Left the share group: the broker deals this replica no more messages."
-                        );
-                        // Connected, and meant to receive nothing new (no SubAck will come).
-                        health.set_ready();
-                        unsubscribed.cancel();
+                    Ok(Event::Incoming(Packet::UnsubAck(ack))) => {
+                        leave.event();
+                        match ack.reasons.iter().find(|r| {
+                            !matches!(
+                                r,
+                                UnsubAckReason::Success | UnsubAckReason::NoSubscriptionExisted
+                            )
+                        }) {
+                            None => {
+                                tracing::info!("Unsubscribed from the share group: the broker deals this replica no new messages.");
+                                // Connected, and meant to receive nothing new (no SubAck
+                                // will come to say so).
+                                health.set_ready();
+                                leave.unsubscribed.cancel();
+                            }
+                            Some(reason) => {
+                                tracing::error!(?reason, "The broker refused to let this replica leave its share group; it is still dealt messages.");
+                                health.fail(
+                                    crate::LEAVE_HEALTH,
+                                    format!("leaving the share group was refused: {reason:?}"),
+                                );
+                            }
+                        }
                     }
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
                     Ok(_) => {}
@@ -233,6 +265,7 @@ pub fn connect(
                         // The connection is gone: deliveries from it are not acked from now on
                         // (see `Connections`). Its messages are redelivered.
                         connections.advance();
+                        leave.connected.store(false, Ordering::Relaxed);
                         // The event loop dropped the PUBACKs queued before the error; this drops
                         // those the acker queued since, before the number changed.
                         eventloop.clean();
@@ -285,11 +318,12 @@ pub fn connect(
     // messages than the Receive Maximum asks for, so capacity alone cannot rule this out.)
     let (acks, mut to_ack) = mpsc::unbounded_channel::<Vec<Delivery>>();
     let acker = {
-        let client = client.clone();
+        let (client, owed) = (client.clone(), leave.owed.clone());
         tokio::spawn(async move {
             while let Some(deliveries) = to_ack.recv().await {
                 let mut acked = 0u64;
                 for delivery in deliveries {
+                    owed.fetch_sub(1, Ordering::Relaxed);
                     // A delivery from an earlier connection is not acked: the broker
                     // redelivers it. The queue holds it already, which is remembered so that
                     // the redelivered copy is acknowledged without being queued again.

@@ -3,12 +3,14 @@
 //! StatefulSet's pod names give them) and three processors, against one broker and one
 //! storage account, under load with every fault kind of the simulator. One ingest replica
 //! and one processor are killed with SIGKILL mid-run and started again a few seconds later.
-//! Then ingest is scaled down for good: the last replica leaves the group (SIGUSR1) and stops,
-//! and the load goes on. From the simulator's exact accounting: every valid reading is one row
+//! Then ingest is scaled down for good: the last replica, back from a few seconds away (so
+//! that the broker holds a backlog for it) and slowed, leaves the group (SIGUSR1) while that
+//! backlog drains, says when it is done, and stops; the load goes on, and the removed
+//! replica's session is left empty. From the simulator's exact accounting: every valid reading is one row
 //! with the values sent, and every refused device message is dead-lettered, once by its
 //! content.
 //!
-//! `SCALE_SECONDS` sets the length of the load (default 60).
+//! `SCALE_SECONDS` sets the length of the load (default 90).
 
 use schemas::DeadLetter;
 use std::collections::{BTreeMap, BTreeSet};
@@ -41,7 +43,7 @@ async fn two_ingest_replicas_and_three_processors_lose_nothing_when_one_of_each_
     let seconds: u64 = std::env::var("SCALE_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+        .unwrap_or(90);
     let (azurite, mosquitto) = tokio::join!(Azurite::start(), Mosquitto::start());
     let (queue, dead, table) = (unique("ingest"), unique("dead"), unique("telemetry"));
     let storage = (
@@ -59,6 +61,13 @@ async fn two_ingest_replicas_and_three_processors_lose_nothing_when_one_of_each_
             ("INGEST_CLIENT_ID", format!("{group}-{replica}")),
         ]
     };
+    // The replica to remove takes its messages slowly (20 unacknowledged at most, envelopes
+    // every 400 ms), so a backlog the broker holds for it takes a while to drain.
+    let mut slow_env = ingest_env("1");
+    slow_env.extend([
+        ("INGEST_RECEIVE_MAXIMUM", "20".to_owned()),
+        ("INGEST_LINGER", "400ms".to_owned()),
+    ]);
     let processor_env = vec![
         storage.clone(),
         ("PROCESSOR_QUEUE_NAME", queue.clone()),
@@ -75,7 +84,7 @@ async fn two_ingest_replicas_and_three_processors_lose_nothing_when_one_of_each_
     }
     let mut ingests = [
         Service::start("ingest", &ingest_env("0")).await,
-        Service::start("ingest", &ingest_env("1")).await,
+        Service::start("ingest", &slow_env).await,
     ];
 
     // 150 devices every second, every fault kind.
@@ -140,14 +149,22 @@ async fn two_ingest_replicas_and_three_processors_lose_nothing_when_one_of_each_
     // will come, and stops. Without the leave, the broker would go on dealing its session a
     // share of the load after it stopped, for a client that never returns: those readings
     // would be missing below.
-    let until = Duration::from_secs(seconds / 2).saturating_sub(started.elapsed());
+    let until = Duration::from_secs(seconds / 3).saturating_sub(started.elapsed());
     tokio::time::sleep(until).await;
+    // Away for a while first: the broker queues its share meanwhile, and delivers that backlog
+    // (20 at a time) while it leaves.
+    ingests[1].kill9().await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    ingests[1].restart().await;
+    assert!(!live.is_finished(), "the load ended before the scale-down");
     eprintln!("scale-out: replica 1 leaves the group");
+    let left_at = Instant::now();
     ingests[1].signal("USR1");
+    let received_at_leave = ingests[1].metric(RECEIVED).await;
     let port = ingests[1].metrics_port;
     tests::wait_for(
         "replica 1 to say it can be stopped",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         || async move {
             let (_, body) = http_get(port, "/readyz").await?;
             body.contains("stop this replica").then_some(())
@@ -155,14 +172,34 @@ async fn two_ingest_replicas_and_three_processors_lose_nothing_when_one_of_each_
     )
     .await;
     let left_with = ingests[1].metric(RECEIVED).await;
+    // What the broker held for it arrived after the signal: the backlog was real.
+    let backlog = left_with - received_at_leave;
+    assert!(
+        backlog >= 100.0,
+        "only {backlog} messages arrived after the leave signal"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         ingests[1].metric(RECEIVED).await,
         left_with,
         "a replica that left its group was dealt more messages"
     );
+    let drained_in = left_at.elapsed().as_secs_f64();
     ingests[1].terminate(Duration::from_secs(30)).await;
     let [remaining, _] = &ingests;
+    // Nothing waits in the removed replica's session (resuming it delivers nothing).
+    let stranded = delivered_to_session(
+        mosquitto.port,
+        &format!("{group}-1"),
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(
+        stranded, 0,
+        "messages left in the removed replica's session"
+    );
+    // The load goes on after the removal: what the broker does with it is part of the test.
+    assert!(!live.is_finished(), "the load ended before the removal");
 
     let summary = live.await.expect("the simulator");
     let expected = Expected::from_summaries(&[summary]);
@@ -216,6 +253,8 @@ async fn two_ingest_replicas_and_three_processors_lose_nothing_when_one_of_each_
             .saturating_sub(expected.refused()),
         "survivor_received_while_one_was_down": survivor_during,
         "redelivered_to_the_restarted_replica": redelivered,
+        "seconds_to_drain_and_leave": (drained_in * 10.0).round() / 10.0,
+        "backlog_taken_while_leaving": backlog,
     });
     eprintln!("scale-out report: {report:#}");
     let want: BTreeMap<String, u64> = expected
@@ -233,4 +272,22 @@ async fn two_ingest_replicas_and_three_processors_lose_nothing_when_one_of_each_
         let ready = http_get(svc.metrics_port, "/readyz").await.map(|r| r.0);
         assert_eq!(ready, Some(200), "{} not ready at the end", svc.name());
     }
+}
+
+/// Resumes the persistent session of `client_id` for `wait`: how many messages it delivers.
+async fn delivered_to_session(port: u16, client_id: &str, wait: Duration) -> usize {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+    options.set_clean_start(false);
+    let (client, mut events) = AsyncClient::new(options, 16);
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut delivered = 0;
+    while let Ok(event) = tokio::time::timeout_at(deadline, events.poll()).await {
+        if let Event::Incoming(Packet::Publish(_)) = event.expect("resume the session") {
+            delivered += 1;
+        }
+    }
+    let _ = client.disconnect().await;
+    delivered
 }

@@ -131,6 +131,10 @@ impl DeadLetters {
         let mut quiet_from: Option<Instant> = None;
         loop {
             let more = crate::storage::drain_dead_letter_messages(account, queue).await;
+            if !more.is_empty() {
+                // Still arriving: the quiet time starts again.
+                quiet_from = None;
+            }
             for (text, records) in more {
                 for r in &records {
                     *out.by_reason
