@@ -19,6 +19,15 @@ pub struct StorageArgs {
     )]
     pub connection_string: String,
 
+    /// File holding the connection string (a mounted secret); wins over
+    /// `AZURE_STORAGE_CONNECTION_STRING`, and keeps the key out of the environment. Trailing
+    /// line breaks are ignored.
+    #[arg(
+        long = "storage-connection-string-file",
+        env = "AZURE_STORAGE_CONNECTION_STRING_FILE"
+    )]
+    pub connection_string_file: Option<std::path::PathBuf>,
+
     /// How to authenticate: `key` (the connection string's account key or SAS), or a
     /// Microsoft Entra ID token with no key at all: `workload-identity` (AKS),
     /// `managed-identity`, `azure-cli`. With a token, the account comes from
@@ -54,6 +63,7 @@ impl std::fmt::Debug for StorageArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StorageArgs")
             .field("connection_string", &"<redacted>")
+            .field("connection_string_file", &self.connection_string_file)
             .field("auth", &self.auth)
             .field("account", &self.account)
             .field("ca_file", &self.ca_file)
@@ -72,9 +82,14 @@ impl StorageArgs {
                 })?),
                 None => None,
             };
-        let connection_string = match (&self.account, self.auth) {
-            (Some(name), auth) if auth != Auth::Key => {
+        let connection_string = match (&self.account, self.auth, &self.connection_string_file) {
+            (Some(name), auth, _) if auth != Auth::Key => {
                 format!("DefaultEndpointsProtocol=https;AccountName={name};EndpointSuffix=core.windows.net")
+            }
+            (_, _, Some(path)) => {
+                crate::mqtt::Secret::read_file("AZURE_STORAGE_CONNECTION_STRING_FILE", path)?
+                    .expose()
+                    .to_owned()
             }
             _ => self.connection_string.clone(),
         };
@@ -93,4 +108,47 @@ pub struct LogArgs {
     /// Log format. `RUST_LOG` sets the level filter (default `info`).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        storage: StorageArgs,
+    }
+
+    #[test]
+    fn a_connection_string_file_wins_and_an_unreadable_one_is_named_not_shown() {
+        let dir = std::env::temp_dir().join(format!("cs-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("connection-string");
+        std::fs::write(
+            &file,
+            "AccountName=fromfile;AccountKey=a2V5;EndpointSuffix=core.windows.net\n",
+        )
+        .unwrap();
+        let cli = Cli::parse_from([
+            "t",
+            "--storage-connection-string=UseDevelopmentStorage=true",
+            &format!("--storage-connection-string-file={}", file.display()),
+        ]);
+        let account = cli.storage.account().expect("the file's connection string");
+        assert_eq!(account.name(), "fromfile");
+
+        let missing = dir.join("missing");
+        let cli = Cli::parse_from([
+            "t",
+            &format!("--storage-connection-string-file={}", missing.display()),
+        ]);
+        let err = cli.storage.account().expect_err("no such file").to_string();
+        assert!(
+            err.contains("AZURE_STORAGE_CONNECTION_STRING_FILE") && err.contains("missing"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

@@ -29,6 +29,10 @@ pub enum AccountError {
     Entra(String),
     #[error("AZURE_STORAGE_CA_FILE: {0}")]
     Ca(String),
+    /// `AZURE_STORAGE_CONNECTION_STRING_FILE` cannot be read (names the file, never its
+    /// contents).
+    #[error(transparent)]
+    File(#[from] crate::mqtt::ConfigError),
 }
 
 /// The settings a connection string may hold.
