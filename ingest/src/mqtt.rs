@@ -111,9 +111,12 @@ pub struct Leave {
 }
 
 impl Leave {
+    fn event_at(&self, now_ms: i64) {
+        self.last_event_ms.store(now_ms, Ordering::Relaxed);
+    }
+
     fn event(&self) {
-        self.last_event_ms
-            .store(schemas::timefmt::now_ms(), Ordering::Relaxed);
+        self.event_at(schemas::timefmt::now_ms());
     }
 }
 
@@ -173,9 +176,10 @@ pub fn connect(
                 };
                 match event {
                     Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        let received_at_ms = schemas::timefmt::now_ms();
                         metrics::counter!(m::RECEIVED).increment(1);
                         leave.owed.fetch_add(1, Ordering::Relaxed);
-                        leave.event();
+                        leave.event_at(received_at_ms);
                         metrics::counter!(m::RECEIVED_BYTES)
                             .increment(publish.payload.len() as u64);
                         if publish.dup {
@@ -190,7 +194,7 @@ pub fn connect(
                         let delivery = Delivery {
                             publish,
                             connection: connections.current(),
-                            received_at_ms: schemas::timefmt::now_ms(),
+                            received_at_ms,
                             fingerprint,
                             already_queued,
                         };

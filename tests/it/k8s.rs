@@ -145,8 +145,15 @@ fn named<'a>(objects: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> 
         .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
 }
 
-/// The pod templates: (workload, its pod spec).
-fn pods(objects: &[Value]) -> Vec<(String, &Value)> {
+/// A ConfigMap kustomize generated, by its name before the content hash.
+fn generated<'a>(objects: &'a [Value], name: &str) -> Option<&'a Value> {
+    objects.iter().find(|o| {
+        o["kind"] == "ConfigMap" && unhashed(o["metadata"]["name"].as_str().unwrap_or("")) == name
+    })
+}
+
+/// The workloads: ("Kind/name", the Deployment or StatefulSet).
+fn workloads(objects: &[Value]) -> Vec<(String, &Value)> {
     objects
         .iter()
         .filter(|o| o["kind"] == "Deployment" || o["kind"] == "StatefulSet")
@@ -157,24 +164,24 @@ fn pods(objects: &[Value]) -> Vec<(String, &Value)> {
                     o["kind"].as_str().unwrap_or(""),
                     o["metadata"]["name"].as_str().unwrap_or("")
                 ),
-                &o["spec"]["template"]["spec"],
+                o,
             )
         })
         .collect()
 }
 
-/// The pipeline's own containers (its image): (workload, container).
-fn ours(objects: &[Value]) -> Vec<(String, &Value)> {
-    pods(objects)
+/// The pipeline's own containers (its image): (workload, its object, container).
+fn ours(objects: &[Value]) -> Vec<(String, &Value, &Value)> {
+    workloads(objects)
         .into_iter()
-        .flat_map(|(w, spec)| {
-            spec["containers"]
+        .flat_map(|(name, w)| {
+            w["spec"]["template"]["spec"]["containers"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .map(move |c| (w.clone(), c))
+                .map(move |c| (name.clone(), w, c))
         })
-        .filter(|(_, c)| {
+        .filter(|(_, _, c)| {
             c["image"]
                 .as_str()
                 .is_some_and(|i| i.contains("telemetry-pipeline"))
@@ -372,7 +379,7 @@ fn every_variable_the_manifests_set_is_a_setting_and_parses() {
     };
     let mut checked = 0;
     for (overlay, objects) in rendered[0].iter() {
-        for (workload, c) in ours(objects) {
+        for (workload, _, c) in ours(objects) {
             let env = environment(objects, c);
             let (bin, args) = binary(c);
             let problems = match bin.as_str() {
@@ -428,7 +435,8 @@ fn every_pod_is_locked_down_probed_sized_and_given_time_to_flush() {
         return;
     };
     for (overlay, objects) in rendered[0].iter() {
-        for (workload, spec) in pods(objects) {
+        for (workload, w) in workloads(objects) {
+            let spec = &w["spec"]["template"]["spec"];
             let at = format!("{overlay} {workload}");
             assert_eq!(
                 spec["automountServiceAccountToken"], false,
@@ -458,7 +466,7 @@ fn every_pod_is_locked_down_probed_sized_and_given_time_to_flush() {
                 }
             }
         }
-        for (workload, c) in ours(objects) {
+        for (workload, w, c) in ours(objects) {
             let at = format!("{overlay} {workload}");
             let (bin, _) = binary(c);
             // The toolbox only waits for `kubectl exec`; it serves nothing to probe.
@@ -490,29 +498,16 @@ fn every_pod_is_locked_down_probed_sized_and_given_time_to_flush() {
                 "dashboard" => dashboard::SHUTDOWN_GRACE.as_secs() + prestop_secs(c),
                 other => panic!("{at}: no flush time known for {other}"),
             };
-            let spec = &pods(objects)
-                .into_iter()
-                .find(|(w, _)| *w == workload)
-                .expect("its pod")
-                .1;
-            let grace = spec["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+            let template = &w["spec"]["template"];
+            let grace = template["spec"]["terminationGracePeriodSeconds"]
+                .as_u64()
+                .unwrap_or(30);
             assert!(
                 grace > flush,
                 "{at}: {grace} s of grace for {flush} s of flushing"
             );
             // Prometheus scrapes the port the service serves its metrics on.
-            let template = objects
-                .iter()
-                .find(|o| {
-                    format!(
-                        "{}/{}",
-                        o["kind"].as_str().unwrap_or(""),
-                        o["metadata"]["name"].as_str().unwrap_or("")
-                    ) == workload
-                })
-                .map(|o| &o["spec"]["template"]["metadata"]["annotations"])
-                .expect("its workload");
-            let port: u64 = template["prometheus.io/port"]
+            let port: u64 = template["metadata"]["annotations"]["prometheus.io/port"]
                 .as_str()
                 .and_then(|p| p.parse().ok())
                 .unwrap_or_else(|| panic!("{at}: no scrape port"));
@@ -560,13 +555,7 @@ fn the_processor_has_one_autoscaler_at_most_and_replicas_have_budgets() {
         // A ScaledObject's queue is the one ingest fills, and its authentication exists.
         if let Some(so) = objects.iter().find(|o| o["kind"] == "ScaledObject") {
             let queue = &so["spec"]["triggers"][0]["metadata"]["queueName"];
-            let settings = objects
-                .iter()
-                .find(|o| {
-                    o["kind"] == "ConfigMap"
-                        && unhashed(o["metadata"]["name"].as_str().unwrap_or("")) == "ingest"
-                })
-                .expect("ingest's settings");
+            let settings = generated(objects, "ingest").expect("ingest's settings");
             assert_eq!(*queue, settings["data"]["INGEST_QUEUE_NAME"], "{overlay}");
             let auth = so["spec"]["triggers"][0]["authenticationRef"]["name"]
                 .as_str()
@@ -577,13 +566,7 @@ fn the_processor_has_one_autoscaler_at_most_and_replicas_have_budgets() {
             );
             // With workload identity the trigger names the account the services use.
             if let Some(account) = so["spec"]["triggers"][0]["metadata"].get("accountName") {
-                let storage = objects
-                    .iter()
-                    .find(|o| {
-                        o["kind"] == "ConfigMap"
-                            && unhashed(o["metadata"]["name"].as_str().unwrap_or("")) == "storage"
-                    })
-                    .expect("the storage settings");
+                let storage = generated(objects, "storage").expect("the storage settings");
                 assert_eq!(
                     *account, storage["data"]["AZURE_STORAGE_ACCOUNT"],
                     "{overlay}: KEDA watches another account than the services use"

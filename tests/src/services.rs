@@ -179,13 +179,8 @@ impl Service {
 
     /// SIGTERM, then asserts a clean exit within `grace`.
     pub async fn terminate(&mut self, grace: Duration) {
+        self.signal("TERM");
         let mut child = self.child.take().expect("service running");
-        let pid = child.id().expect("child pid");
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success());
         let exit = tokio::time::timeout(grace, child.wait())
             .await
             .unwrap_or_else(|_| panic!("{} did not exit within {grace:?} of SIGTERM", self.name))
