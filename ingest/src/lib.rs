@@ -109,8 +109,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 /// keep being dealt its share of the messages, to wait for a client that never returns. The
 /// replica unsubscribes, goes on writing and acknowledging what it holds and what the broker
 /// had queued for it, and `/readyz` says it can be stopped only while it is connected, owes
-/// the broker nothing and has received nothing for [`LEAVE_QUIET`] (a disconnect or a late
-/// message withdraws that). Ignored without a share group: a plain subscription is the only
+/// the broker nothing and has received nothing for [`LEAVE_QUIET`], and the broker has
+/// answered a request sent behind its last PUBACK (a disconnect or a late message withdraws
+/// that). Ignored without a share group: a plain subscription is the only
 /// one, and dropping it would route every reading nowhere.
 async fn leave_on_request(
     signal: Option<LeaveSignal>,
@@ -126,16 +127,24 @@ async fn leave_on_request(
     leave.requested.cancel();
     let quiet_ms = i64::try_from(LEAVE_QUIET.as_millis()).unwrap_or(i64::MAX);
     let mut drained = false;
+    let mut asked: Option<mqtt::Asked> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
         let since = schemas::timefmt::now_ms() - leave.last_event_ms.load(Ordering::Relaxed);
-        let now_drained = leave.unsubscribed.is_cancelled()
+        let quiet = leave.unsubscribed.is_cancelled()
             && leave.connected.load(Ordering::Relaxed)
             && leave.owed.load(Ordering::Relaxed) <= 0
             && since >= quiet_ms;
+        // Quiet is not enough: the last PUBACKs may sit unread in a dead connection. The
+        // broker answering an unsubscribe sent behind them proves it has them.
+        let confirmation = asked.map(|a| leave.confirm.state(a));
+        if quiet && matches!(confirmation, None | Some(mqtt::Confirmation::Stale)) {
+            asked = Some(leave.confirm.ask());
+        }
+        let now_drained = quiet && confirmation == Some(mqtt::Confirmation::Confirmed);
         if now_drained == drained {
             continue;
         }

@@ -10,7 +10,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
 use rumqttc::Outgoing;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
@@ -105,9 +105,80 @@ pub struct Leave {
     /// Deliveries received and not yet acknowledged, nor given back to the broker by a lost
     /// connection (it redelivers those: each comes again, and counts again).
     pub owed: Arc<AtomicI64>,
-    /// When a message, a ConnAck or an UnsubAck last arrived: the broker may still be
+    /// When a message, a ConnAck or the first UnsubAck last arrived: the broker may still be
     /// delivering what it holds for this session until some time after.
     pub last_event_ms: Arc<AtomicI64>,
+    /// Proof that the broker has read every PUBACK: see [`Confirm`].
+    pub confirm: Confirm,
+}
+
+/// A PUBACK handed to the client is not yet read by the broker: a connection that dies
+/// silently loses it, and the broker keeps that message in the session. An unsubscribe queued
+/// after the last PUBACK travels behind it on the same connection, so its UnsubAck proves the
+/// broker read them all.
+///
+/// `tick` orders requests: the acker takes a number after queuing PUBACKs, and a confirmation
+/// takes one before its unsubscribe is queued. A confirmation counts only if no PUBACK was
+/// queued after it, its UnsubAck has arrived, and the connection is the one it was sent on.
+#[derive(Debug, Clone, Default)]
+pub struct Confirm {
+    tick: Arc<AtomicU64>,
+    last_ack: Arc<AtomicU64>,
+    /// Successful UnsubAcks received.
+    pub unsubacks: Arc<AtomicU64>,
+    /// ConnAcks received: a confirmation sent on an earlier connection proves nothing.
+    pub connects: Arc<AtomicU64>,
+    /// Asks the subscriber to send one more unsubscribe.
+    request: Arc<Notify>,
+}
+
+/// A confirmation in flight: what was true when it was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Asked {
+    tick: u64,
+    unsubacks: u64,
+    connects: u64,
+}
+
+impl Confirm {
+    fn acks_queued(&self) {
+        let tick = self.tick.fetch_add(1, Ordering::SeqCst) + 1;
+        self.last_ack.store(tick, Ordering::SeqCst);
+    }
+
+    /// Takes a number and asks for an unsubscribe behind every PUBACK queued so far.
+    pub fn ask(&self) -> Asked {
+        let asked = Asked {
+            tick: self.tick.fetch_add(1, Ordering::SeqCst) + 1,
+            unsubacks: self.unsubacks.load(Ordering::SeqCst),
+            connects: self.connects.load(Ordering::SeqCst),
+        };
+        self.request.notify_one();
+        asked
+    }
+
+    /// Whether `asked` still stands (no PUBACK queued since, same connection) and whether
+    /// its answer has arrived.
+    pub fn state(&self, asked: Asked) -> Confirmation {
+        if self.last_ack.load(Ordering::SeqCst) > asked.tick
+            || self.connects.load(Ordering::SeqCst) != asked.connects
+        {
+            Confirmation::Stale
+        } else if self.unsubacks.load(Ordering::SeqCst) > asked.unsubacks {
+            Confirmation::Confirmed
+        } else {
+            Confirmation::Waiting
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confirmation {
+    /// The broker has read every PUBACK queued before it was asked, and none came after.
+    Confirmed,
+    Waiting,
+    /// Superseded by a later PUBACK or a new connection: ask again.
+    Stale,
 }
 
 impl Leave {
@@ -204,6 +275,7 @@ pub fn connect(
                     }
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         reconnect.connected();
+                        leave.confirm.connects.fetch_add(1, Ordering::SeqCst);
                         leave.connected.store(true, Ordering::Relaxed);
                         leave.event();
                         connections.advance();
@@ -240,7 +312,11 @@ pub fn connect(
                         }
                     }
                     Ok(Event::Incoming(Packet::UnsubAck(ack))) => {
-                        leave.event();
+                        // A confirmation's answer is not news from the broker.
+                        let first = !leave.unsubscribed.is_cancelled();
+                        if first {
+                            leave.event();
+                        }
                         match ack.reasons.iter().find(|r| {
                             !matches!(
                                 r,
@@ -248,10 +324,13 @@ pub fn connect(
                             )
                         }) {
                             None => {
-                                tracing::info!("Unsubscribed from the share group: the broker deals this replica no new messages.");
+                                if first {
+                                    tracing::info!("Unsubscribed from the share group: the broker deals this replica no new messages.");
+                                }
                                 // Connected, and meant to receive nothing new (no SubAck
                                 // will come to say so).
                                 health.set_ready();
+                                leave.confirm.unsubacks.fetch_add(1, Ordering::SeqCst);
                                 leave.unsubscribed.cancel();
                             }
                             Some(reason) => {
@@ -293,7 +372,7 @@ pub fn connect(
     // that carried the first request was lost before the broker read it).
     let subscriber = {
         let (client, filter, stop) = (client.clone(), config.filter(), stop.clone());
-        let requested = leave.requested.clone();
+        let (requested, confirm) = (leave.requested.clone(), leave.confirm.request.clone());
         tokio::spawn(async move {
             let mut leaving = false;
             loop {
@@ -301,6 +380,7 @@ pub fn connect(
                     _ = stop.cancelled() => break,
                     _ = connected.notified() => {}
                     _ = requested.cancelled(), if !leaving => leaving = true,
+                    _ = confirm.notified(), if leaving => {}
                 }
                 let request = if leaving {
                     tracing::info!(%filter, "Leaving the share group.");
@@ -322,7 +402,7 @@ pub fn connect(
     // messages than the Receive Maximum asks for, so capacity alone cannot rule this out.)
     let (acks, mut to_ack) = mpsc::unbounded_channel::<Vec<Delivery>>();
     let acker = {
-        let (client, owed) = (client.clone(), leave.owed.clone());
+        let (client, owed, confirm) = (client.clone(), leave.owed.clone(), leave.confirm.clone());
         tokio::spawn(async move {
             while let Some(deliveries) = to_ack.recv().await {
                 let mut acked = 0u64;
@@ -358,6 +438,8 @@ pub fn connect(
                         }
                     }
                 }
+                // After the PUBACKs are queued: a confirmation asked before this is stale.
+                confirm.acks_queued();
                 metrics::counter!(m::ACKED).increment(acked);
             }
         })
@@ -397,5 +479,31 @@ impl Mqtt {
         }
         stop.cancel();
         let _ = subscriber.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_confirmation_counts_only_if_answered_after_the_last_puback_on_its_connection() {
+        let confirm = Confirm::default();
+        confirm.acks_queued();
+        let asked = confirm.ask();
+        assert_eq!(confirm.state(asked), Confirmation::Waiting);
+        confirm.unsubacks.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(confirm.state(asked), Confirmation::Confirmed);
+
+        // A PUBACK queued after the question may still be unread: ask again.
+        confirm.acks_queued();
+        assert_eq!(confirm.state(asked), Confirmation::Stale);
+        let asked = confirm.ask();
+        assert_eq!(confirm.state(asked), Confirmation::Waiting);
+
+        // The answer to an unsubscribe sent on a lost connection proves nothing about this one.
+        confirm.connects.fetch_add(1, Ordering::SeqCst);
+        confirm.unsubacks.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(confirm.state(asked), Confirmation::Stale);
     }
 }
