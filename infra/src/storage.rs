@@ -12,6 +12,7 @@ mod http;
 mod prepare;
 mod queue;
 mod table;
+mod wire;
 
 pub use account::{Account, AccountError, DEVELOPMENT_STORAGE};
 pub use blob::{BlobContent, BlobInfo, Container, PutOptions, PutOutcome, Write};
@@ -21,6 +22,7 @@ pub use queue::{Queue, QueueMessage, NEVER_EXPIRE};
 pub use table::{
     BatchOutcome, Entity, Refusal, RowRef, Table, MAX_BATCH_BYTES, MAX_BATCH_OPERATIONS,
 };
+pub use wire::Row;
 
 use std::time::Duration;
 
@@ -192,6 +194,18 @@ async fn call<T>(
     timeout: Duration,
     fut: impl std::future::Future<Output = azure_core::Result<T>>,
 ) -> Result<T, StorageError> {
+    measured(op, timeout, async {
+        fut.await.map_err(|e| StorageError::from_sdk(op, &e).kind)
+    })
+    .await
+}
+
+/// Runs one request under the timeout, counting and timing it (SDK or not).
+async fn measured<T>(
+    op: &'static str,
+    timeout: Duration,
+    fut: impl std::future::Future<Output = Result<T, ErrorKind>>,
+) -> Result<T, StorageError> {
     metrics::counter!("storage_requests_total", "op" => op).increment(1);
     let started = std::time::Instant::now();
     let outcome = tokio::time::timeout(timeout, fut).await;
@@ -199,7 +213,7 @@ async fn call<T>(
         .record(started.elapsed().as_secs_f64());
     let result = match outcome {
         Ok(Ok(v)) => return Ok(v),
-        Ok(Err(e)) => StorageError::from_sdk(op, &e),
+        Ok(Err(kind)) => StorageError { op, kind },
         Err(_) => StorageError {
             op,
             kind: ErrorKind::Timeout(timeout),

@@ -6,7 +6,7 @@
 //! tests drive it from fixtures; [`crate::round`] carries out the effects.
 
 use crate::devices::{self, Latest};
-use infra::storage::Entity;
+use infra::storage::Row;
 use schemas::dead_letter::{DeadLetter, Refusal};
 use schemas::envelope::{self, DecodeError, DeviceMessage};
 use schemas::reading::{self, Policy, Rejection};
@@ -58,8 +58,8 @@ pub struct Sorted {
 pub struct Classified {
     /// Per queue message, in the order given.
     pub messages: Vec<Sorted>,
-    /// The valid readings as entities, with where each came from.
-    pub rows: Vec<(Origin, Entity)>,
+    /// The valid readings as encoded rows, with where each came from.
+    pub rows: Vec<(Origin, Row)>,
     /// The newest reading of each device, for the device table.
     pub latest: Latest,
 }
@@ -123,8 +123,7 @@ pub fn classify<'a>(
             for r in &outcome.readings {
                 devices::keep_newest(&mut out.latest, r, msg.received_at_ms);
                 let origin = Origin { message, device };
-                out.rows
-                    .push((origin, schemas::entity::to_entity(r, msg.received_at_ms)));
+                out.rows.push((origin, row(r, msg.received_at_ms)));
             }
             if !outcome.rejections.is_empty() {
                 let record = refusal(rules, msg, &outcome.rejections, attempts, now_ms);
@@ -134,6 +133,17 @@ pub fn classify<'a>(
         out.messages.push(sorted);
     }
     out
+}
+
+/// A reading's table row, encoded once (no JSON map on the way to the wire).
+fn row(reading: &reading::Reading, ingested_at_ms: i64) -> Row {
+    let mut json = Vec::with_capacity(384);
+    schemas::entity::encode(reading, ingested_at_ms, &mut json);
+    Row {
+        partition_key: reading.device_id.clone(),
+        row_key: schemas::entity::row_key(reading),
+        json: json.into(),
+    }
 }
 
 /// The dead-letter record for a device message with refused readings.

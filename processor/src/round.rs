@@ -83,12 +83,14 @@ pub async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>, take
 
     // Which messages carry each device's readings: a failed registration holds back those.
     let mut carriers: HashMap<String, BTreeSet<usize>> = HashMap::new();
-    for (origin, entity) in &rows {
-        if let Some(id) = entity.get("PartitionKey").and_then(|v| v.as_str()) {
-            carriers
-                .entry(id.to_owned())
-                .or_default()
-                .insert(origin.message);
+    for (origin, row) in &rows {
+        match carriers.get_mut(&row.partition_key) {
+            Some(messages) => {
+                messages.insert(origin.message);
+            }
+            None => {
+                carriers.insert(row.partition_key.clone(), BTreeSet::from([origin.message]));
+            }
         }
     }
     let hours = device_hours(&rows);
@@ -110,7 +112,7 @@ pub async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>, take
                 for (k, error) in refused {
                     for origin in batch.origins[k].iter().copied() {
                         if seen.insert(origin) {
-                            let row = batch.entities[k]["RowKey"].to_string();
+                            let row = format!("{:?}", batch.rows[k].row_key);
                             storage_refused(ctx, &mut held, origin, &row, &error, now);
                         }
                     }
@@ -183,20 +185,16 @@ pub async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>, take
 
 /// The device-hours of `rows`, with the messages carrying them.
 fn device_hours(
-    rows: &[(Origin, infra::storage::Entity)],
+    rows: &[(Origin, infra::storage::Row)],
 ) -> BTreeMap<(String, i64), BTreeSet<usize>> {
     let hour = schemas::rollup::Interval::Hour;
     let mut hours: BTreeMap<(String, i64), BTreeSet<usize>> = BTreeMap::new();
-    for (origin, entity) in rows {
-        let text = |name: &str| entity.get(name).and_then(|v| v.as_str());
-        let (Some(device), Some(at)) = (
-            text("PartitionKey"),
-            text("RowKey").and_then(schemas::timefmt::parse_rfc3339_ms),
-        ) else {
+    for (origin, row) in rows {
+        let Some(at) = schemas::timefmt::parse_rfc3339_ms(&row.row_key) else {
             continue;
         };
         hours
-            .entry((device.to_owned(), hour.floor(at)))
+            .entry((row.partition_key.clone(), hour.floor(at)))
             .or_default()
             .insert(origin.message);
     }

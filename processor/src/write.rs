@@ -74,9 +74,9 @@ fn failed(error: StorageError) -> Failure {
 }
 
 async fn write_batch(ctx: &Ctx, batch: &Batch<Origin>, deadline: Instant) -> Written {
-    if let [entity] = batch.entities.as_slice() {
+    if let [row] = batch.rows.as_slice() {
         metrics::counter!(m::TABLE_WRITES, "kind" => "single").increment(1);
-        return match retry(deadline, || ctx.table.upsert(entity)).await {
+        return match retry(deadline, || ctx.table.upsert_row(row)).await {
             Ok(()) => Written::Stored(1),
             Err(e) if e.is_content_error() => Written::Refused {
                 stored: 0,
@@ -88,8 +88,8 @@ async fn write_batch(ctx: &Ctx, batch: &Batch<Origin>, deadline: Instant) -> Wri
     metrics::counter!(m::TABLE_WRITES, "kind" => "batch").increment(1);
     // Only a refusal for what the batch carries can be one entity's fault; any other leaves
     // the messages to be redone, and blames no reading.
-    let why = match retry(deadline, || ctx.table.upsert_batch(&batch.entities)).await {
-        Ok(BatchOutcome::Committed) => return Written::Stored(batch.entities.len()),
+    let why = match retry(deadline, || ctx.table.upsert_rows(&batch.rows)).await {
+        Ok(BatchOutcome::Committed) => return Written::Stored(batch.rows.len()),
         Ok(BatchOutcome::Rejected(refusal @ Refusal::Content(_))) => refusal.to_string(),
         Ok(BatchOutcome::Rejected(refusal)) => {
             return Written::Retry(Failure::Refused {
@@ -102,12 +102,12 @@ async fn write_batch(ctx: &Ctx, batch: &Batch<Origin>, deadline: Instant) -> Wri
         Err(e) => return Written::Retry(failed(e)),
     };
     // A refused transaction wrote nothing; find the culprit by writing one at a time.
-    tracing::warn!(reason = %why, entities = batch.entities.len(), "Transaction refused; writing its entities one by one.");
-    let entities = &batch.entities;
-    let results: Vec<(usize, Result<(), StorageError>)> = stream::iter(0..entities.len())
+    tracing::warn!(reason = %why, entities = batch.rows.len(), "Transaction refused; writing its entities one by one.");
+    let rows = &batch.rows;
+    let results: Vec<(usize, Result<(), StorageError>)> = stream::iter(0..rows.len())
         .map(|k| async move {
             metrics::counter!(m::TABLE_WRITES, "kind" => "single").increment(1);
-            (k, retry(deadline, || ctx.table.upsert(&entities[k])).await)
+            (k, retry(deadline, || ctx.table.upsert_row(&rows[k])).await)
         })
         .buffer_unordered(SINGLE_WRITES)
         .collect()

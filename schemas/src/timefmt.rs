@@ -22,11 +22,23 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
 /// # Panics
 /// If `ms` is outside [`MIN_MS`]..=[`MAX_MS`]; validation guarantees it for readings.
 pub fn format_ms(ms: i64) -> String {
+    let mut out = Vec::with_capacity(24);
+    write_ms(&mut out, ms);
+    String::from_utf8(out).expect("the format is ASCII")
+}
+
+/// [`format_ms`] appended to `out`, without a `String` of its own.
+///
+/// # Panics
+/// As [`format_ms`].
+pub fn write_ms(out: &mut Vec<u8>, ms: i64) {
+    use std::io::Write;
     assert!((MIN_MS..=MAX_MS).contains(&ms), "instant {ms} out of range");
     let dt = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .expect("range checked above")
         .to_offset(UtcOffset::UTC);
-    format!(
+    write!(
+        out,
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
         dt.year(),
         u8::from(dt.month()),
@@ -36,6 +48,7 @@ pub fn format_ms(ms: i64) -> String {
         dt.second(),
         dt.millisecond()
     )
+    .expect("writing to a Vec cannot fail");
 }
 
 /// Current time in UTC milliseconds.

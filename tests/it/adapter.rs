@@ -58,7 +58,7 @@ async fn adapter_pitfalls() {
     // future says Ok). A string property over 64 KiB is one refusal; a repeated RowKey is
     // another, which is why the processor deduplicates keys before batching.
     let bad = entity(json!({"PartitionKey": "p", "RowKey": "b", "S": "x".repeat(70_000)}));
-    for batch in [vec![good("a"), bad], vec![good("a"), good("a")]] {
+    for batch in [vec![good("a"), bad.clone()], vec![good("a"), good("a")]] {
         let outcome = table
             .upsert_batch(&batch)
             .await
@@ -79,6 +79,59 @@ async fn adapter_pitfalls() {
             .is_empty(),
         "nothing written"
     );
+
+    // A single write refused for its content says so by the service's code, so the processor
+    // dead-letters that reading instead of waiting on it.
+    let err = table.upsert(&bad).await.unwrap_err();
+    assert!(err.is_content_error() && !err.is_retriable(), "{err}");
+    assert!(err.to_string().contains("PropertyValueTooLarge"), "{err}");
+
+    // Keys are quoted and encoded on the way (the request is signed over the encoded path):
+    // spaces, quotes, percent signs and non-ASCII survive a write, a transaction and a delete.
+    let odd = ["dev 'x' 100% ü", "a+b=c,d;e(f)", "日本"];
+    for pk in odd {
+        let row = entity(json!({"PartitionKey": pk, "RowKey": "r'1", "V": 1}));
+        table.upsert(&row).await.expect("odd keys upsert");
+        let more: Vec<Entity> = ["r 2", "r%3"]
+            .iter()
+            .map(|rk| entity(json!({"PartitionKey": pk, "RowKey": rk, "V": 2})))
+            .collect();
+        assert_eq!(
+            table.upsert_batch(&more).await.expect("odd keys batch"),
+            BatchOutcome::Committed
+        );
+        let merged = [entity(json!({"PartitionKey": pk, "RowKey": "r'1", "W": 3}))];
+        assert_eq!(
+            table.merge_batch(&merged).await.expect("odd keys merge"),
+            BatchOutcome::Committed
+        );
+        let filter = format!("PartitionKey eq '{}'", pk.replace('\'', "''"));
+        let stored = table.query(&filter).await.expect("query odd keys");
+        assert_eq!(stored.len(), 3, "{pk}: {stored:?}");
+        let first = stored.iter().find(|e| e["RowKey"] == "r'1").expect("r'1");
+        assert_eq!((&first["V"], &first["W"]), (&json!(1), &json!(3)), "merged");
+        let refs: Vec<_> = stored
+            .iter()
+            .map(|e| infra::storage::RowRef::of(e).expect("keys and etag"))
+            .collect();
+        assert_eq!(
+            table.delete_batch(&refs).await.expect("odd keys delete"),
+            BatchOutcome::Committed
+        );
+        assert!(table.query(&filter).await.expect("query").is_empty());
+    }
+    // A delete with a stale ETag deletes nothing and says the row changed.
+    table.upsert(&good("e")).await.expect("upsert");
+    let read = table.query("RowKey eq 'e'").await.expect("query");
+    table.upsert(&good("e")).await.expect("changed since read");
+    let stale = infra::storage::RowRef::of(&read[0]).expect("keys and etag");
+    assert_eq!(
+        table.delete_batch(&[stale]).await.expect("answered"),
+        BatchOutcome::Rejected(infra::storage::Refusal::Changed(412))
+    );
+    table.delete_table().await.expect("drop");
+    let table = account.table(&unique("t"));
+    table.create_if_missing().await.expect("create table");
 
     // Mixed partitions and oversize batches are refused before sending (Azurite would accept).
     let other = entity(json!({"PartitionKey": "q", "RowKey": "a"}));

@@ -1,6 +1,7 @@
 //! Which storage account to talk to, from an Azure connection string.
 
 use super::entra::{Auth, Entra};
+use super::wire::{Credential, TableWire};
 use super::{blob::Container, queue::Queue, table::Table};
 use azure_data_tables::prelude::TableServiceClient;
 use azure_storage::{CloudLocation, ConnectionString, StorageCredentials};
@@ -99,6 +100,7 @@ pub struct Account {
     queues: QueueServiceClient,
     tables: TableServiceClient,
     blobs: BlobServiceClient,
+    wire: Arc<TableWire>,
     timeout: Duration,
 }
 
@@ -139,7 +141,7 @@ impl Account {
         let cs = ConnectionString::new(s).map_err(|_| {
             AccountError::Malformed("the SDK cannot read it (check each Key=value)".to_owned())
         })?;
-        let (account, credentials, queue_endpoint, table_endpoint, blob_endpoint);
+        let (account, credentials, wire, queue_endpoint, table_endpoint, blob_endpoint);
         if cs.use_development_storage == Some(true) {
             if token.is_some() {
                 return Err(AccountError::Entra(
@@ -154,6 +156,8 @@ impl Account {
                 .trim_end_matches('/');
             account = EMULATOR_ACCOUNT.to_owned();
             credentials = StorageCredentials::access_key(EMULATOR_ACCOUNT, EMULATOR_KEY);
+            wire =
+                Credential::key(EMULATOR_ACCOUNT, EMULATOR_KEY).map_err(AccountError::Malformed)?;
             queue_endpoint = format!("{host}:10001/{EMULATOR_ACCOUNT}");
             table_endpoint = format!("{host}:10002/{EMULATOR_ACCOUNT}");
             blob_endpoint = format!("{host}:10000/{EMULATOR_ACCOUNT}");
@@ -163,14 +167,24 @@ impl Account {
                 .map(str::to_owned)
                 .or_else(|| cs.queue_endpoint.and_then(account_from_endpoint))
                 .ok_or(AccountError::Missing("AccountName"))?;
-            credentials = match (token, cs.account_key, cs.sas) {
-                (Some(token), _, _) => StorageCredentials::token_credential(Arc::new(token)),
-                (None, Some(key), _) => {
-                    StorageCredentials::access_key(account.clone(), key.to_owned())
+            (credentials, wire) = match (token, cs.account_key, cs.sas) {
+                (Some(token), _, _) => {
+                    let token = Arc::new(token);
+                    (
+                        StorageCredentials::token_credential(token.clone()),
+                        Credential::Token(token),
+                    )
                 }
-                (None, None, Some(sas)) => StorageCredentials::sas_token(sas).map_err(|_| {
-                    AccountError::Malformed("SharedAccessSignature cannot be read".to_owned())
-                })?,
+                (None, Some(key), _) => (
+                    StorageCredentials::access_key(account.clone(), key.to_owned()),
+                    Credential::key(&account, key).map_err(AccountError::Malformed)?,
+                ),
+                (None, None, Some(sas)) => (
+                    StorageCredentials::sas_token(sas).map_err(|_| {
+                        AccountError::Malformed("SharedAccessSignature cannot be read".to_owned())
+                    })?,
+                    Credential::sas(sas),
+                ),
                 (None, None, None) => {
                     return Err(AccountError::Missing("AccountKey or SharedAccessSignature"))
                 }
@@ -195,9 +209,10 @@ impl Account {
             account: account.clone(),
             uri: uri.trim_end_matches('/').to_owned(),
         };
-        let transport = azure_core::TransportOptions::new(
-            super::http::Pooled::shared(trusted_ca).map_err(AccountError::Ca)?,
-        );
+        let http = super::http::client(trusted_ca).map_err(AccountError::Ca)?;
+        let wire = TableWire::new(http.clone(), &account, &table_endpoint, wire)
+            .map_err(AccountError::Malformed)?;
+        let transport = azure_core::TransportOptions::new(super::http::Pooled::shared(http));
         let queues = azure_storage_queues::QueueServiceClientBuilder::with_location(
             location(&queue_endpoint),
             credentials.clone(),
@@ -227,6 +242,7 @@ impl Account {
             queues,
             tables,
             blobs,
+            wire: Arc::new(wire),
             timeout,
         })
     }
@@ -259,7 +275,11 @@ impl Account {
 
     /// A handle on table `name` (nothing is sent).
     pub fn table(&self, name: &str) -> Table {
-        Table::new(self.tables.table_client(name), self.timeout)
+        Table::new(
+            self.tables.table_client(name),
+            self.wire.clone(),
+            self.timeout,
+        )
     }
 }
 

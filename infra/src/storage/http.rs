@@ -24,27 +24,32 @@ const IDLE: Duration = Duration::from_secs(3);
 #[derive(Debug, Clone)]
 pub(super) struct Pooled(reqwest::Client);
 
-impl Pooled {
-    /// The client, as the SDK's builders take it; `trusted_ca` (PEM) adds CAs to the
-    /// built-in web roots (a private endpoint, or an emulator behind TLS).
-    pub(super) fn shared(trusted_ca: Option<&[u8]>) -> Result<Arc<dyn HttpClient>, String> {
-        let mut builder = reqwest::Client::builder()
-            .pool_idle_timeout(IDLE)
-            .tcp_nodelay(true);
-        if let Some(pem) = trusted_ca {
-            let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|_| "holds no readable PEM certificate".to_owned())?;
-            if certs.is_empty() {
-                return Err("holds no PEM certificate".to_owned());
-            }
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
+/// The pooled client; `trusted_ca` (PEM) adds CAs to the built-in web roots (a private
+/// endpoint, or an emulator behind TLS). The SDK's transport and the lean table path
+/// (`wire.rs`) share it, and so its connections.
+pub(super) fn client(trusted_ca: Option<&[u8]>) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder()
+        .pool_idle_timeout(IDLE)
+        .tcp_nodelay(true);
+    if let Some(pem) = trusted_ca {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|_| "holds no readable PEM certificate".to_owned())?;
+        if certs.is_empty() {
+            return Err("holds no PEM certificate".to_owned());
         }
-        let client = builder
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
-        Ok(Arc::new(Self(client)))
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
+
+impl Pooled {
+    /// `client`, as the SDK's builders take it.
+    pub(super) fn shared(client: reqwest::Client) -> Arc<dyn HttpClient> {
+        Arc::new(Self(client))
     }
 }
 

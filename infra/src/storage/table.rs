@@ -1,9 +1,11 @@
 //! Azure Table Storage operations.
 
-use super::{call, ErrorKind, StorageError};
+use super::wire::{Row, TableWire, WireOp};
+use super::{call, measured, ErrorKind, StorageError};
 use azure_data_tables::prelude::*;
 use futures::StreamExt;
 use serde_json::{Map, Value};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Azure's limit on operations in one entity group transaction.
@@ -30,21 +32,6 @@ impl<'a> RowRef<'a> {
             row_key: text("RowKey")?,
             etag: text("odata.etag")?,
         })
-    }
-}
-
-enum Op<'a> {
-    Replace(&'a Entity),
-    Merge(&'a Entity),
-    Delete(&'a RowRef<'a>),
-}
-
-impl Op<'_> {
-    fn keys(&self, op: &'static str) -> Result<(&str, &str), StorageError> {
-        match self {
-            Op::Replace(e) | Op::Merge(e) => keys(op, e),
-            Op::Delete(row) => Ok((row.partition_key, row.row_key)),
-        }
     }
 }
 
@@ -99,12 +86,38 @@ impl std::fmt::Display for Refusal {
 #[derive(Debug, Clone)]
 pub struct Table {
     client: TableClient,
+    /// The lean path of the writes (`wire.rs`); the SDK serves everything else.
+    wire: Arc<TableWire>,
     timeout: Duration,
 }
 
+impl Row {
+    /// An entity as a row: its keys and its JSON.
+    pub fn of(entity: &Entity) -> Result<Self, StorageError> {
+        let (pk, rk) = keys("table_write", entity)?;
+        let json = serde_json::to_vec(entity).map_err(|e| StorageError {
+            op: "table_write",
+            kind: ErrorKind::Protocol(format!("entity cannot be encoded: {e}")),
+        })?;
+        Ok(Self {
+            partition_key: pk.to_owned(),
+            row_key: rk.to_owned(),
+            json: json.into(),
+        })
+    }
+}
+
+fn rows(entities: &[Entity]) -> Result<Vec<Row>, StorageError> {
+    entities.iter().map(Row::of).collect()
+}
+
 impl Table {
-    pub(super) fn new(client: TableClient, timeout: Duration) -> Self {
-        Self { client, timeout }
+    pub(super) fn new(client: TableClient, wire: Arc<TableWire>, timeout: Duration) -> Self {
+        Self {
+            client,
+            wire,
+            timeout,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -123,16 +136,17 @@ impl Table {
 
     /// Inserts or replaces one entity, keyed by its `PartitionKey` and `RowKey`.
     pub async fn upsert(&self, entity: &Entity) -> Result<(), StorageError> {
-        let (pk, rk) = keys("table_upsert", entity)?;
-        let op = self
-            .client
-            .partition_key_client(pk)
-            .entity_client(rk)
-            .insert_or_replace(entity)
-            .map_err(|e| StorageError::from_sdk("table_upsert", &e))?;
-        call("table_upsert", self.timeout, op.into_future())
-            .await
-            .map(drop)
+        self.upsert_row(&Row::of(entity)?).await
+    }
+
+    /// Inserts or replaces one row already encoded.
+    pub async fn upsert_row(&self, row: &Row) -> Result<(), StorageError> {
+        measured(
+            "table_upsert",
+            self.timeout,
+            self.wire.upsert(self.name(), row),
+        )
+        .await
     }
 
     /// Inserts or replaces up to [`MAX_BATCH_OPERATIONS`] entities of one partition atomically.
@@ -142,13 +156,19 @@ impl Table {
     /// would catch the mistake. Keeping within [`MAX_BATCH_BYTES`] is the caller's job (it has
     /// to measure entities anyway to chunk them); a batch over it comes back `Rejected`.
     pub async fn upsert_batch(&self, entities: &[Entity]) -> Result<BatchOutcome, StorageError> {
-        self.transact(entities.iter().map(Op::Replace).collect())
+        self.upsert_rows(&rows(entities)?).await
+    }
+
+    /// [`Table::upsert_batch`] of rows already encoded.
+    pub async fn upsert_rows(&self, rows: &[Row]) -> Result<BatchOutcome, StorageError> {
+        self.transact(rows.iter().map(WireOp::Replace).collect())
             .await
     }
 
     /// Like [`Table::upsert_batch`], but merges: properties the entities leave out are kept.
     pub async fn merge_batch(&self, entities: &[Entity]) -> Result<BatchOutcome, StorageError> {
-        self.transact(entities.iter().map(Op::Merge).collect())
+        let rows = rows(entities)?;
+        self.transact(rows.iter().map(WireOp::Merge).collect())
             .await
     }
 
@@ -156,7 +176,15 @@ impl Table {
     /// it still has the ETag it was read with. A row changed or deleted meanwhile makes the
     /// whole transaction [`Refusal::Changed`], and nothing is deleted.
     pub async fn delete_batch(&self, rows: &[RowRef<'_>]) -> Result<BatchOutcome, StorageError> {
-        self.transact(rows.iter().map(Op::Delete).collect()).await
+        let ops = rows
+            .iter()
+            .map(|row| WireOp::Delete {
+                partition_key: row.partition_key,
+                row_key: row.row_key,
+                etag: row.etag,
+            })
+            .collect();
+        self.transact(ops).await
     }
 
     /// Deletes one row if it still has `etag`. `Ok(false)` when it is already gone.
@@ -176,7 +204,7 @@ impl Table {
         }
     }
 
-    async fn transact(&self, ops: Vec<Op<'_>>) -> Result<BatchOutcome, StorageError> {
+    async fn transact(&self, ops: Vec<WireOp<'_>>) -> Result<BatchOutcome, StorageError> {
         const OP: &str = "table_batch";
         let invalid = |why: String| StorageError {
             op: OP,
@@ -189,36 +217,21 @@ impl Table {
         let Some(first) = ops.first() else {
             return Ok(BatchOutcome::Committed);
         };
-        let pk = first.keys(OP)?.0;
-        let conditional = matches!(first, Op::Delete(_));
-        let mut tx = self.client.partition_key_client(pk).transaction();
-        for op in &ops {
-            let (epk, rk) = op.keys(OP)?;
-            if epk != pk {
-                return Err(invalid(format!(
-                    "batch spans partitions {pk:?} and {epk:?}"
-                )));
-            }
-            tx = match op {
-                Op::Replace(entity) => tx.insert_or_replace(rk, entity),
-                Op::Merge(entity) => tx.insert_or_merge(rk, entity),
-                Op::Delete(row) => tx.delete(rk, Some(IfMatchCondition::Etag(row.etag.into()))),
-            }
-            .map_err(|e| StorageError::from_sdk(OP, &e))?;
+        let pk = first.partition_key();
+        if let Some(other) = ops.iter().map(WireOp::partition_key).find(|&p| p != pk) {
+            return Err(invalid(format!(
+                "batch spans partitions {pk:?} and {other:?}"
+            )));
         }
-        let response = call(OP, self.timeout, tx.into_future()).await?;
-        let failed = response
-            .operation_responses
-            .iter()
-            .map(|r| u16::from(r.status_code))
-            .find(|&s| s >= 300);
-        Ok(match failed {
+        let conditional = matches!(first, WireOp::Delete { .. });
+        let statuses = measured(OP, self.timeout, self.wire.transact(self.name(), &ops)).await?;
+        Ok(match statuses.iter().copied().find(|&s| s >= 300) {
             Some(status) => BatchOutcome::Rejected(Refusal::of(status, conditional)),
-            None if response.operation_responses.len() == count => BatchOutcome::Committed,
+            None if statuses.len() == count => BatchOutcome::Committed,
             None => {
                 return Err(invalid(format!(
                     "{} responses for {count} operations",
-                    response.operation_responses.len(),
+                    statuses.len(),
                 )))
             }
         })
