@@ -56,9 +56,11 @@ pub struct Config {
     #[arg(long, env = "PROCESSOR_WORKERS", default_value_t = 8)]
     pub workers: usize,
 
-    /// Queue text one worker takes at a time under backlog, in KiB: gets of 32 go on while
-    /// the queue is full and the round holds less, so a device's readings from many small
-    /// envelopes share one transaction. Bounds memory: a round exceeds it by one get at most.
+    /// Queue text one worker takes at a time under backlog, in KiB: gets go on while the
+    /// queue is full and the round holds less, so a device's readings from many small
+    /// envelopes share one transaction. Bounds memory: each get asks only for what the room
+    /// left holds at 64 KiB a message, so a round exceeds it by one message at most, and the
+    /// processor holds at most `PROCESSOR_WORKERS` rounds.
     #[arg(long, env = "PROCESSOR_ROUND_KIB", default_value_t = 1024)]
     pub round_kib: usize,
 

@@ -90,15 +90,18 @@ pub async fn run(ctx: Arc<Ctx>, writer: Writer, fetch: Fetch, shutdown: Cancella
     rounds.wait().await;
 }
 
-/// Messages in gets of 32 while they come back full, until they hold `max_bytes` of text
-/// (full envelopes, 64 KiB each, reach 1 MiB in one get; small ones take several gets). Also
-/// says whether the last get was full (a backlog). A failed get after some succeeded ends the
-/// take with what it has.
+/// Messages in gets while they come back full, until they hold `max_bytes` of text. Each get
+/// asks for no more messages than the room left could hold at the queue's largest (64 KiB),
+/// 32 at most and 1 at least, so a take never exceeds `max_bytes` by more than one message:
+/// what a worker holds is bounded by configuration, whatever the messages' sizes. Also says
+/// whether the last get was full (a backlog). A failed get after some succeeded ends the take
+/// with what it has.
 async fn take(ctx: &Ctx, max_bytes: usize) -> Result<(Vec<QueueMessage>, bool), StorageError> {
     let mut messages = Vec::new();
     let mut bytes = 0;
     loop {
-        let got = match ctx.queue.get(32, ctx.visibility).await {
+        let want = per_get(max_bytes.saturating_sub(bytes));
+        let got = match ctx.queue.get(want, ctx.visibility).await {
             Ok(got) => got,
             Err(error) if messages.is_empty() => return Err(error),
             Err(error) => {
@@ -107,11 +110,34 @@ async fn take(ctx: &Ctx, max_bytes: usize) -> Result<(Vec<QueueMessage>, bool), 
                 return Ok((messages, false));
             }
         };
-        let full = got.len() == 32;
+        let full = got.len() == usize::from(want);
         bytes += got.iter().map(|m| m.text.len()).sum::<usize>();
         messages.extend(got);
         if !full || bytes >= max_bytes {
             return Ok((messages, full));
+        }
+    }
+}
+
+/// Messages to ask for with `room` bytes left: as many as fit at the largest size.
+fn per_get(room: usize) -> u8 {
+    let fit = room / schemas::QUEUE_MESSAGE_MAX_CHARS;
+    u8::try_from(fit.clamp(1, 32)).unwrap_or(32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_get_never_asks_for_more_than_the_room_left() {
+        let max = schemas::QUEUE_MESSAGE_MAX_CHARS;
+        assert_eq!(per_get(1024 * 1024), 16);
+        assert_eq!(per_get(100 * max), 32);
+        assert_eq!(per_get(max - 1), 1, "at least one");
+        assert_eq!(per_get(0), 1);
+        for room in [0, 1, max, 3 * max + 5, 1 << 20, 1 << 30] {
+            assert!(usize::from(per_get(room)) * max <= room.max(max));
         }
     }
 }

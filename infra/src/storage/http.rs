@@ -1,4 +1,5 @@
-//! The HTTP transport under the SDK: one pooled, keep-alive connection set per account.
+//! The HTTP client of every storage request, the SDK's (as its transport) and the lean table
+//! writes' (`wire.rs`): one pooled, keep-alive connection set per account.
 //!
 //! The SDK's default client disables connection pooling (`pool_max_idle_per_host(0)`, a
 //! workaround for hyperium/hyper#2312), so every storage request opened a new TCP connection
@@ -29,6 +30,7 @@ pub(super) struct Pooled(reqwest::Client);
 /// (`wire.rs`) share it, and so its connections.
 pub(super) fn client(trusted_ca: Option<&[u8]>) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder()
+        .user_agent(concat!("telemetry-pipeline/", env!("CARGO_PKG_VERSION")))
         .pool_idle_timeout(IDLE)
         .tcp_nodelay(true);
     if let Some(pem) = trusted_ca {

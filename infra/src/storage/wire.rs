@@ -5,14 +5,17 @@
 //! with header maps, a policy pipeline of boxed futures, the account key decoded from base64
 //! and the URL parsed again on every request, and the body serialised from a JSON map. Here
 //! the key is decoded once, the body comes already encoded ([`Row`]), and a request is one
-//! URL string, a few headers and the body. The answers are read as the SDK read them, and
-//! failures classified the same way ([`ErrorKind`]), so callers see no difference; the
-//! adapter tests run against Azurite to hold it to that. Everything else still goes through
-//! the SDK.
+//! URL string, a few headers and the body. The answers are read as the SDK read them and
+//! failures classified into the same [`ErrorKind`]s, with two differences: the error code is
+//! also read from a table error's body (`odata.error`, which the SDK missed, so a refusal
+//! for an entity's content is recognised even without the `x-ms-error-code` header), and the
+//! message is the service's first line rather than the SDK's dump. The adapter tests run
+//! against Azurite to hold it to that; golden tests below pin the signature and the batch
+//! body. Everything else still goes through the SDK.
 
 use super::entra::Entra;
 use super::{full_chain, redact, ErrorKind};
-use azure_core::auth::TokenCredential;
+use azure_core::auth::{AccessToken, TokenCredential};
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -130,10 +133,9 @@ impl TableWire {
 
     /// Inserts or replaces one row.
     pub(super) async fn upsert(&self, table: &str, row: &Row) -> Result<(), ErrorKind> {
-        let mut path = String::with_capacity(table.len() + row.row_key.len() + 64);
-        entity_path(&mut path, table, &row.partition_key, &row.row_key);
-        let answer = self.send("PUT", &path, JSON, row.json.clone()).await?;
-        check(&answer)
+        let token = self.token().await?;
+        let request = self.upsert_request(table, row, bearer(token.as_ref()))?;
+        check(&self.execute(request).await?)
     }
 
     /// Sends `ops` as one entity group transaction; the status of each answered operation.
@@ -143,23 +145,56 @@ impl TableWire {
         table: &str,
         ops: &[WireOp<'_>],
     ) -> Result<Vec<u16>, ErrorKind> {
-        let (batch, body) = self.batch_body(table, ops);
-        let content_type = format!("multipart/mixed; boundary={batch}");
-        let answer = self.send("POST", "$batch", &content_type, body).await?;
+        let token = self.token().await?;
+        let request = self.transact_request(table, ops, bearer(token.as_ref()))?;
+        let answer = self.execute(request).await?;
         check(&answer)?;
         let text = std::str::from_utf8(&answer.body)
             .map_err(|_| ErrorKind::Protocol("a transaction's answer is not UTF-8".into()))?;
         statuses(text)
     }
 
+    /// The upsert of `row` into `table`, built and signed.
+    pub(super) fn upsert_request(
+        &self,
+        table: &str,
+        row: &Row,
+        bearer: Option<&str>,
+    ) -> Result<reqwest::Request, ErrorKind> {
+        let mut path = String::with_capacity(table.len() + row.row_key.len() + 64);
+        entity_path(&mut path, table, &row.partition_key, &row.row_key);
+        self.request(reqwest::Method::PUT, &path, JSON, row.json.clone(), bearer)
+    }
+
+    /// The transaction of `ops` on `table`, built and signed.
+    pub(super) fn transact_request(
+        &self,
+        table: &str,
+        ops: &[WireOp<'_>],
+        bearer: Option<&str>,
+    ) -> Result<reqwest::Request, ErrorKind> {
+        let ids = [fastrand::u128(..), fastrand::u128(..)];
+        let (batch, body) = self.batch_body(table, ops, ids);
+        let content_type = format!("multipart/mixed; boundary={batch}");
+        self.request(reqwest::Method::POST, "$batch", &content_type, body, bearer)
+    }
+
+    /// The Entra token, when that is the credential (cached by [`Entra`]).
+    async fn token(&self) -> Result<Option<AccessToken>, ErrorKind> {
+        match &self.credential {
+            Credential::Token(entra) => entra
+                .get_token(&[STORAGE_SCOPE])
+                .await
+                .map(Some)
+                .map_err(|e| ErrorKind::Credential(full_chain(&e))),
+            _ => Ok(None),
+        }
+    }
+
     /// The multipart body of a transaction, and its batch boundary.
-    fn batch_body(&self, table: &str, ops: &[WireOp<'_>]) -> (String, Vec<u8>) {
-        let batch = format!("batch_{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-        let changeset = format!(
-            "changeset_{:016x}{:016x}",
-            fastrand::u64(..),
-            fastrand::u64(..)
-        );
+    fn batch_body(&self, table: &str, ops: &[WireOp<'_>], ids: [u128; 2]) -> (String, Vec<u8>) {
+        let batch = format!("batch_{:032x}", ids[0]);
+        let changeset = format!("changeset_{:032x}", ids[1]);
         let size: usize = ops
             .iter()
             .map(|op| match op {
@@ -210,73 +245,121 @@ impl TableWire {
         (batch, body)
     }
 
-    /// Sends one request to `{endpoint}/{path}`, signed, and reads the whole answer (so the
-    /// connection goes back to the pool at once).
-    async fn send(
-        &self,
-        method: &'static str,
-        path: &str,
-        content_type: &str,
-        body: impl Into<reqwest::Body>,
-    ) -> Result<Answer, ErrorKind> {
-        let mut url = String::with_capacity(self.endpoint.len() + path.len() + 256);
-        url.push_str(&self.endpoint);
-        url.push('/');
-        url.push_str(path);
-        let date = rfc1123_now();
-        let authorization = match &self.credential {
-            Credential::Key { account, mac } => {
-                let mut mac = mac.clone();
-                for part in [method, "\n\n", content_type, "\n", &date, "\n"] {
-                    mac.update(part.as_bytes());
-                }
-                mac.update(self.resource.as_bytes());
-                mac.update(b"/");
-                mac.update(path.as_bytes());
-                let signature =
-                    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
-                Some(format!("SharedKey {account}:{signature}"))
-            }
-            Credential::Sas(sas) => {
-                url.push('?');
-                url.push_str(sas);
-                None
-            }
-            Credential::Token(entra) => {
-                let token = entra
-                    .get_token(&[STORAGE_SCOPE])
-                    .await
-                    .map_err(|e| ErrorKind::Credential(full_chain(&e)))?;
-                Some(format!("Bearer {}", token.token.secret()))
-            }
-        };
-        let method = match method {
-            "PUT" => reqwest::Method::PUT,
-            _ => reqwest::Method::POST,
-        };
-        let mut request = self
-            .http
-            .request(method, url)
-            .header("x-ms-date", date)
-            .header("x-ms-version", VERSION)
-            .header(reqwest::header::CONTENT_TYPE, content_type)
-            .header(reqwest::header::ACCEPT, ACCEPT)
-            .body(body);
-        if let Some(authorization) = authorization {
-            request = request.header(reqwest::header::AUTHORIZATION, authorization);
-        }
+    /// Sends a request and reads the whole answer (so the connection goes back to the pool
+    /// at once).
+    async fn execute(&self, request: reqwest::Request) -> Result<Answer, ErrorKind> {
         // Errors without the URL: with a SAS credential its query string holds the signature.
         let transport = |e: reqwest::Error| ErrorKind::Transport(full_chain(&e.without_url()));
-        let response = request.send().await.map_err(transport)?;
+        let response = self.http.execute(request).await.map_err(transport)?;
         let status = response.status().as_u16();
         let code = response
             .headers()
             .get("x-ms-error-code")
             .and_then(|v| v.to_str().ok())
+            .filter(|c| !c.is_empty())
             .map(str::to_owned);
         let body = response.bytes().await.map_err(transport)?;
         Ok(Answer { status, code, body })
     }
+
+    /// The request, signed: all the CPU a write costs before the network (what the
+    /// `table_request` benchmarks measure). `bearer` is the Entra token, when that is the
+    /// credential.
+    fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+        bearer: Option<&str>,
+    ) -> Result<reqwest::Request, ErrorKind> {
+        use reqwest::header::{HeaderName, HeaderValue};
+        let mut url = String::with_capacity(self.endpoint.len() + path.len() + 256);
+        url.push_str(&self.endpoint);
+        url.push('/');
+        url.push_str(path);
+        let date = rfc1123_now();
+        let authorization = match (&self.credential, bearer) {
+            (Credential::Key { account, mac }, _) => Some(shared_key(
+                mac,
+                account,
+                [method.as_str(), content_type, &date, &self.resource, path],
+            )),
+            (Credential::Sas(sas), _) => {
+                url.push('?');
+                url.push_str(sas);
+                None
+            }
+            (Credential::Token(_), Some(token)) => Some(format!("Bearer {token}")),
+            (Credential::Token(_), None) => {
+                return Err(ErrorKind::Credential("no token to send".into()))
+            }
+        };
+        let invalid = |what: &str| ErrorKind::Protocol(format!("{what} is not a header value"));
+        let mut request = self
+            .http
+            .request(method, url)
+            .header(
+                HeaderName::from_static("x-ms-date"),
+                HeaderValue::from_str(&date).map_err(|_| invalid("the date"))?,
+            )
+            .header(
+                HeaderName::from_static("x-ms-version"),
+                HeaderValue::from_static(VERSION),
+            )
+            .header(
+                HeaderName::from_static("dataserviceversion"),
+                HeaderValue::from_static("3.0;"),
+            )
+            .header(
+                HeaderName::from_static("maxdataserviceversion"),
+                HeaderValue::from_static("3.0;NetFx"),
+            )
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                HeaderValue::from_str(content_type).map_err(|_| invalid("the content type"))?,
+            )
+            .header(reqwest::header::ACCEPT, HeaderValue::from_static(ACCEPT))
+            .body(body);
+        if let Some(authorization) = authorization {
+            // Sensitive: left out of any Debug of the request.
+            let mut value =
+                HeaderValue::from_str(&authorization).map_err(|_| invalid("the credential"))?;
+            value.set_sensitive(true);
+            request = request.header(reqwest::header::AUTHORIZATION, value);
+        }
+        // Only a URL that cannot be parsed fails here: the endpoint or a key, never data sent.
+        request
+            .build()
+            .map_err(|e| ErrorKind::Protocol(full_chain(&e.without_url())))
+    }
+}
+
+/// The Table service's SharedKey authorization of `[verb, content type, x-ms-date, resource
+/// prefix, path]`: HMAC-SHA256 of `VERB\n\nContent-Type\nx-ms-date\n/account/path` (the
+/// Content-MD5 line empty), under the key `mac` was created with.
+fn shared_key(mac: &Hmac<Sha256>, account: &str, parts: [&str; 5]) -> String {
+    let [verb, content_type, date, resource, path] = parts;
+    let mut mac = mac.clone();
+    for part in [
+        verb,
+        "\n\n",
+        content_type,
+        "\n",
+        date,
+        "\n",
+        resource,
+        "/",
+        path,
+    ] {
+        mac.update(part.as_bytes());
+    }
+    let signature = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    format!("SharedKey {account}:{signature}")
+}
+
+fn bearer(token: Option<&AccessToken>) -> Option<&str> {
+    token.map(|t| t.token.secret())
 }
 
 /// `Ok` for a success status; the service's error, by status, code and message, otherwise.
@@ -322,7 +405,11 @@ fn statuses(text: &str) -> Result<Vec<u16>, ErrorKind> {
 }
 
 /// Appends `table(PartitionKey='pk',RowKey='rk')`, each key quoted as OData requires
-/// (a quote doubled) and percent-encoded as a path segment.
+/// (a quote doubled) and percent-encoded but for unreserved characters.
+///
+/// A single-row delete ([`super::Table::delete`]) still goes through the SDK, which neither
+/// doubles quotes nor encodes as much: a key with a quote can be written, and deleted in a
+/// transaction, but not deleted alone. Keys this project writes have no quote.
 fn entity_path(out: &mut String, table: &str, partition_key: &str, row_key: &str) {
     out.push_str(table);
     out.push_str("(PartitionKey='");
@@ -335,26 +422,13 @@ fn entity_path(out: &mut String, table: &str, partition_key: &str, row_key: &str
 fn key(out: &mut String, key: &str) {
     for b in key.bytes() {
         match b {
-            b'\'' => out.push_str("''"),
-            b'A'..=b'Z'
-            | b'a'..=b'z'
-            | b'0'..=b'9'
-            | b'-'
-            | b'.'
-            | b'_'
-            | b'~'
-            | b'!'
-            | b'$'
-            | b'&'
-            | b'('
-            | b')'
-            | b'*'
-            | b'+'
-            | b','
-            | b';'
-            | b'='
-            | b':'
-            | b'@' => out.push(char::from(b)),
+            // Doubled inside the OData literal, then encoded like the rest.
+            b'\'' => out.push_str("%27%27"),
+            // Only RFC 3986's unreserved characters go raw, as the .NET and JS SDKs send keys:
+            // the service has read a raw `+` in a path as a space.
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                out.push(char::from(b))
+            }
             _ => {
                 let _ = write!(out, "%{b:02X}");
             }
@@ -382,8 +456,93 @@ mod tests {
         entity_path(&mut path, "t", "dev 'a'/ü", "2026-11-26T15:04:05.123Z");
         assert_eq!(
             path,
-            "t(PartitionKey='dev%20''a''%2F%C3%BC',RowKey='2026-11-26T15:04:05.123Z')"
+            "t(PartitionKey='dev%20%27%27a%27%27%2F%C3%BC',RowKey='2026-11-26T15%3A04%3A05.123Z')"
         );
+    }
+
+    fn emulator() -> TableWire {
+        const KEY: &str = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+        let credential = Credential::key("devstoreaccount1", KEY).expect("the emulator's key");
+        TableWire::new(
+            reqwest::Client::new(),
+            "devstoreaccount1",
+            "http://127.0.0.1:10002/devstoreaccount1/",
+            credential,
+        )
+        .expect("an endpoint")
+    }
+
+    #[test]
+    fn the_shared_key_signs_the_documented_string() {
+        let wire = emulator();
+        let Credential::Key { account, mac } = &wire.credential else {
+            panic!("a key");
+        };
+        assert_eq!(wire.resource, "/devstoreaccount1/devstoreaccount1");
+        let date = "Thu, 26 Nov 2026 15:04:05 GMT";
+        let path = "t(PartitionKey='p',RowKey='r')";
+        let signed = shared_key(mac, account, ["PUT", JSON, date, &wire.resource, path]);
+        // Computed independently: HMAC-SHA256 under the decoded key of the string Azure
+        // documents for the Table service, written out whole.
+        let expected = "PUT\n\napplication/json\nThu, 26 Nov 2026 15:04:05 GMT\n/devstoreaccount1/devstoreaccount1/t(PartitionKey='p',RowKey='r')";
+        let mut independent = mac.clone();
+        independent.update(expected.as_bytes());
+        let signature =
+            base64::engine::general_purpose::STANDARD.encode(independent.finalize().into_bytes());
+        assert_eq!(signed, format!("SharedKey devstoreaccount1:{signature}"));
+        // And by Python's hmac module, for a value no Rust code here produced.
+        assert_eq!(
+            signed,
+            "SharedKey devstoreaccount1:9cmchBGIGi7rEqwDtuHQoV2waXwRktV96a1VHW+dwGA="
+        );
+    }
+
+    #[test]
+    fn a_transaction_body_is_the_documented_multipart() {
+        let wire = emulator();
+        let row = Row {
+            partition_key: "p".into(),
+            row_key: "r 1".into(),
+            json: bytes::Bytes::from_static(br#"{"PartitionKey":"p","RowKey":"r 1"}"#),
+        };
+        let ops = [
+            WireOp::Replace(&row),
+            WireOp::Delete {
+                partition_key: "p",
+                row_key: "r2",
+                etag: "W/\"1\"",
+            },
+        ];
+        let (batch, body) = wire.batch_body("t", &ops, [1, 2]);
+        assert_eq!(batch, "batch_00000000000000000000000000000001");
+        let expected = "--batch_00000000000000000000000000000001\r\n\
+Content-Type: multipart/mixed; boundary=changeset_00000000000000000000000000000002\r\n\r\n\
+--changeset_00000000000000000000000000000002\r\n\
+Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n\
+PUT http://127.0.0.1:10002/devstoreaccount1/t(PartitionKey='p',RowKey='r%201') HTTP/1.1\r\n\
+Accept: application/json;odata=minimalmetadata\r\nContent-Type: application/json\r\n\r\n\
+{\"PartitionKey\":\"p\",\"RowKey\":\"r 1\"}\r\n\
+--changeset_00000000000000000000000000000002\r\n\
+Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n\
+DELETE http://127.0.0.1:10002/devstoreaccount1/t(PartitionKey='p',RowKey='r2') HTTP/1.1\r\n\
+Accept: application/json;odata=minimalmetadata\r\nIf-Match: W/\"1\"\r\n\r\n\
+--changeset_00000000000000000000000000000002--\r\n\
+--batch_00000000000000000000000000000001--\r\n";
+        assert_eq!(String::from_utf8(body).unwrap(), expected);
+    }
+
+    #[test]
+    fn the_credential_never_shows_in_a_request() {
+        let wire = emulator();
+        let row = Row {
+            partition_key: "p".into(),
+            row_key: "r".into(),
+            json: bytes::Bytes::new(),
+        };
+        let request = wire.upsert_request("t", &row, None).expect("built");
+        let shown = format!("{request:?}");
+        assert!(!shown.contains("SharedKey"), "{shown}");
+        assert!(request.headers()["authorization"].is_sensitive());
     }
 
     #[test]
