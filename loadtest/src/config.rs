@@ -12,13 +12,16 @@ use std::time::Duration;
 #[command(version, about, long_about = None)]
 pub struct Config {
     /// `seed` (10,000 sensors every 30 s), `saturation` (single readings, offered at 25% to
-    /// 150% of the single-write ceiling in steps), or `gateway` (1,000 gateways sending arrays
-    /// of 100 readings at 120% of the batch ceiling).
+    /// 150% of the single-write ceiling in steps), `gateway` (1,000 gateways sending arrays
+    /// of 100 readings at 120% of the batch ceiling), or `burst` (1,000 devices publishing
+    /// 100 single readings each as fast as the broker takes them: 100,000 readings, timed
+    /// from the first publish to the last row).
     #[arg(long, env = "LOADTEST_PROFILE", value_enum, default_value = "seed")]
     pub profile: Profile,
 
     /// How long the load runs (per step, for `saturation`). Default: 5m for `seed`, 30s per
-    /// step for `saturation`, 2m for `gateway`.
+    /// step for `saturation`, 2m for `gateway`; for `burst`, the most the publisher may take
+    /// (10m).
     #[arg(long, env = "LOADTEST_DURATION", value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
 
@@ -74,6 +77,7 @@ pub enum Profile {
     Seed,
     Saturation,
     Gateway,
+    Burst,
 }
 
 impl Profile {
@@ -82,6 +86,7 @@ impl Profile {
             Profile::Seed => "seed",
             Profile::Saturation => "saturation",
             Profile::Gateway => "gateway",
+            Profile::Burst => "burst",
         }
     }
 }

@@ -19,6 +19,8 @@ pub struct Result {
     pub ceiling: Ceiling,
     pub load_seconds: f64,
     pub total_seconds: f64,
+    /// From the start of the load until the stored count last rose (to 0.25 s).
+    pub last_row_seconds: f64,
     /// Distinct readings the simulator sent that the pipeline must store.
     pub expected_rows: u64,
     /// Rows of this run found in the table afterwards.
@@ -106,14 +108,6 @@ pub fn write(dir: &Path, r: &Result) -> anyhow::Result<PathBuf> {
                 format!("{:.3}", per_reading(queue_requests)),
                 per_reading(queue_requests) <= 0.05,
             );
-            for (name, (_, rss)) in &r.cpu {
-                target(
-                    &format!("{name} peak RSS"),
-                    "≤ 64 MiB".into(),
-                    format!("{:.1} MiB", *rss as f64 / MIB),
-                    (*rss as f64) <= 64.0 * MIB,
-                );
-            }
             let share = r.simulator_cpu_seconds / r.load_seconds.max(1.0);
             target(
                 "simulator CPU",
@@ -124,7 +118,7 @@ pub fn write(dir: &Path, r: &Result) -> anyhow::Result<PathBuf> {
         }
         Profile::Saturation | Profile::Gateway => {
             let (what, got, ceiling, goal) = if r.profile == Profile::Saturation {
-                ("single-write", best_step, r.ceiling.single_per_second, 0.9)
+                ("single-write", best_step, r.ceiling.single_per_second, 1.0)
             } else {
                 ("batch", throughput, r.ceiling.batch_per_second, 0.7)
             };
@@ -136,6 +130,39 @@ pub fn write(dir: &Path, r: &Result) -> anyhow::Result<PathBuf> {
                 frac >= goal,
             );
         }
+        Profile::Burst => {
+            let publisher = r
+                .steps
+                .first()
+                .and_then(|s| s["publisher_seconds"].as_f64());
+            let publisher = publisher.unwrap_or(r.load_seconds);
+            let rate = r.rows as f64 / r.last_row_seconds.max(0.001);
+            let frac = rate / r.ceiling.batch_per_second.max(1.0);
+            target(
+                "first publish to last row",
+                "keep pace with the publisher".into(),
+                format!(
+                    "{:.1} s for {} readings = {rate:.0}/s; the publisher took {publisher:.1} s",
+                    r.last_row_seconds, r.rows
+                ),
+                r.last_row_seconds - publisher <= 10.0,
+            );
+            target(
+                "burst throughput vs batch ceiling",
+                "≥ 70%".into(),
+                format!("{rate:.0}/s = {:.0}%", frac * 100.0),
+                frac >= 0.7,
+            );
+        }
+    }
+    // Under any load, a backlog included: bounded by configuration, not by luck.
+    for (name, (_, rss)) in &r.cpu {
+        target(
+            &format!("{name} peak RSS"),
+            "≤ 64 MiB".into(),
+            format!("{:.1} MiB", *rss as f64 / MIB),
+            (*rss as f64) <= 64.0 * MIB,
+        );
     }
     target(
         "CPU per reading (ingest + processor)",
@@ -171,7 +198,7 @@ pub fn write(dir: &Path, r: &Result) -> anyhow::Result<PathBuf> {
         "storage_requests_per_reading": r.requests.iter().map(|(op, n)| (op.clone(), json!(per_reading(*n)))).collect::<serde_json::Map<_, _>>(),
         "storage_requests_per_reading_total": per_reading(total_requests),
         "simulator_cpu_seconds": r.simulator_cpu_seconds,
-        "seconds": {"load": r.load_seconds, "total": r.total_seconds},
+        "seconds": {"load": r.load_seconds, "total": r.total_seconds, "last_row": r.last_row_seconds},
         "targets": targets.iter().map(|t| json!({"what": t.what, "goal": t.goal, "measured": t.measured, "met": t.met})).collect::<Vec<_>>(),
     });
     std::fs::write(
