@@ -1,7 +1,7 @@
 //! Why a queue message cannot be finished in a round. Typed, so that tests, logs and metrics
 //! tell the causes apart, and so that what may poison a message is decided in one place.
 
-use infra::storage::{Refusal, StorageError};
+use infra::storage::{ErrorKind, Refusal, StorageError};
 
 /// The step of a round that failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,9 +88,22 @@ impl Failure {
     /// reading is to blame); never for a failed registration (the message's rows may be
     /// written already, and deleting it before its device has a row would hide them from the
     /// archiver for good); never for a failed quarantine (the record keeps only part of an
-    /// unreadable message's text).
+    /// unreadable message's text); never for running out of the round's time (waiting for a
+    /// write permit, or retrying past the deadline), which says this processor had more work
+    /// than time, not that the message cannot be written: under overload every message would
+    /// reach its delivery limit that way.
     pub fn may_poison(&self) -> bool {
-        !self.needs_operator() && self.stage() == Stage::Write
+        let out_of_time = matches!(
+            self,
+            Failure::Storage {
+                error: StorageError {
+                    kind: ErrorKind::OutOfTime,
+                    ..
+                },
+                ..
+            }
+        );
+        !self.needs_operator() && self.stage() == Stage::Write && !out_of_time
     }
 }
 
@@ -114,7 +127,6 @@ impl std::fmt::Display for Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use infra::storage::ErrorKind;
 
     fn storage(stage: Stage, status: u16, code: &str) -> Failure {
         Failure::Storage {
@@ -143,5 +155,32 @@ mod tests {
         };
         assert!(refused.needs_operator() && !refused.may_poison());
         assert!(!storage(Stage::Quarantine, 500, "InternalError").may_poison());
+    }
+
+    #[test]
+    fn running_out_of_time_never_poisons() {
+        // Seen under overload: every round waited past its deadline for a write permit, and
+        // messages reached their delivery limit without a single storage error.
+        for op in ["table_write_permit", "table_upsert"] {
+            let late = Failure::Storage {
+                stage: Stage::Write,
+                error: StorageError {
+                    op,
+                    kind: ErrorKind::OutOfTime,
+                },
+            };
+            assert!(!late.may_poison() && !late.needs_operator(), "{op}");
+        }
+        let timeout = Failure::Storage {
+            stage: Stage::Write,
+            error: StorageError {
+                op: "table_upsert",
+                kind: ErrorKind::Timeout(std::time::Duration::from_secs(30)),
+            },
+        };
+        assert!(
+            timeout.may_poison(),
+            "a storage call that never answers still may"
+        );
     }
 }

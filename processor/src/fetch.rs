@@ -49,6 +49,15 @@ pub async fn run(ctx: Arc<Ctx>, writer: Writer, fetch: Fetch, shutdown: Cancella
                 _ = tokio::time::sleep(pause) => {}
             }
         }
+        // No new round while the rounds already held wait for write permits. The semaphore
+        // is fair, so this turn comes once every write queued before it has started: a round
+        // taken now gets storage's whole bandwidth instead of a share of it, and the
+        // messages nobody could write in time stay in the queue, not in this process, where
+        // they would run out of their visibility and be redone.
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = ctx.writes.acquire() => drop(permit),
+        }
         let taken_at = Instant::now();
         let delay = match take(&ctx, fetch.round_bytes).await {
             Ok((messages, _)) if messages.is_empty() => {
