@@ -53,7 +53,10 @@ pub struct Config {
     pub topic_prefix: String,
 
     /// Concurrent workers (rounds in progress), each holding about `--round-kib` of messages.
-    #[arg(long, env = "PROCESSOR_WORKERS", default_value_t = 8)]
+    /// Two keep one round fetching and sorting while the other writes; more rounds would only
+    /// split storage's bandwidth, and fewer, larger rounds group more of a device's readings
+    /// into one transaction.
+    #[arg(long, env = "PROCESSOR_WORKERS", default_value_t = 2)]
     pub workers: usize,
 
     /// Queue text one worker takes at a time under backlog, in KiB: gets go on while the
@@ -61,7 +64,7 @@ pub struct Config {
     /// envelopes share one transaction. Bounds memory: each get asks only for what the room
     /// left holds at 64 KiB a message, so a round exceeds it by one message at most, and the
     /// processor holds at most `PROCESSOR_WORKERS` rounds.
-    #[arg(long, env = "PROCESSOR_ROUND_KIB", default_value_t = 1024)]
+    #[arg(long, env = "PROCESSOR_ROUND_KIB", default_value_t = 4096)]
     pub round_kib: usize,
 
     /// After a get that found fewer than 32 messages (no backlog), wait this long before the

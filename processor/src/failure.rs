@@ -88,12 +88,20 @@ impl Failure {
     /// reading is to blame); never for a failed registration (the message's rows may be
     /// written already, and deleting it before its device has a row would hide them from the
     /// archiver for good); never for a failed quarantine (the record keeps only part of an
-    /// unreadable message's text); never for running out of the round's time (waiting for a
-    /// write permit, or retrying past the deadline), which says this processor had more work
-    /// than time, not that the message cannot be written: under overload every message would
-    /// reach its delivery limit that way.
+    /// unreadable message's text); never for a write that waited past the round's deadline
+    /// for a permit, which says this processor took more than it could write in time, not
+    /// that the message cannot be written: under overload every message would reach its
+    /// delivery limit that way (the fetcher takes less after such a round).
     pub fn may_poison(&self) -> bool {
-        let out_of_time = matches!(
+        let waited_for_a_permit = self.out_of_time()
+            && matches!(self, Failure::Storage { error, .. } if error.op == crate::write::PERMIT_OP);
+        !self.needs_operator() && self.stage() == Stage::Write && !waited_for_a_permit
+    }
+
+    /// The round's time ran out first: waiting for a write permit, or retrying past its
+    /// deadline.
+    pub fn out_of_time(&self) -> bool {
+        matches!(
             self,
             Failure::Storage {
                 error: StorageError {
@@ -102,8 +110,7 @@ impl Failure {
                 },
                 ..
             }
-        );
-        !self.needs_operator() && self.stage() == Stage::Write && !out_of_time
+        )
     }
 }
 
@@ -158,19 +165,21 @@ mod tests {
     }
 
     #[test]
-    fn running_out_of_time_never_poisons() {
+    fn waiting_past_the_deadline_for_a_write_permit_never_poisons() {
         // Seen under overload: every round waited past its deadline for a write permit, and
         // messages reached their delivery limit without a single storage error.
-        for op in ["table_write_permit", "table_upsert"] {
-            let late = Failure::Storage {
-                stage: Stage::Write,
-                error: StorageError {
-                    op,
-                    kind: ErrorKind::OutOfTime,
-                },
-            };
-            assert!(!late.may_poison() && !late.needs_operator(), "{op}");
-        }
+        let late = |op| Failure::Storage {
+            stage: Stage::Write,
+            error: StorageError {
+                op,
+                kind: ErrorKind::OutOfTime,
+            },
+        };
+        let waited = late(crate::write::PERMIT_OP);
+        assert!(waited.out_of_time() && !waited.may_poison() && !waited.needs_operator());
+        // A write still retrying at the deadline is storage's slowness, as before.
+        let retrying = late("table_upsert");
+        assert!(retrying.out_of_time() && retrying.may_poison());
         let timeout = Failure::Storage {
             stage: Stage::Write,
             error: StorageError {

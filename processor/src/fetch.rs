@@ -17,8 +17,9 @@ use tokio_util::sync::CancellationToken;
 pub struct Fetch {
     /// Rounds in progress at once.
     pub workers: usize,
-    /// Queue text one round takes under backlog (gets of 32 while they come back full), in
-    /// bytes; a round may exceed it by one get.
+    /// Queue text one round takes under backlog (gets while they come back full), in bytes;
+    /// a round may exceed it by one message. The most: after a round that ran out of time
+    /// the fetcher takes half as much, and doubles back after rounds that did not.
     pub round_bytes: usize,
     /// Pause after a get that came back short.
     pub batch_wait: Duration,
@@ -38,6 +39,7 @@ pub async fn run(ctx: Arc<Ctx>, writer: Writer, fetch: Fetch, shutdown: Cancella
     let rounds = tokio_util::task::TaskTracker::new();
     let mut idle = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     let mut failing = Backoff::default();
+    let budget = Arc::new(Budget::new(fetch.round_bytes));
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -49,17 +51,16 @@ pub async fn run(ctx: Arc<Ctx>, writer: Writer, fetch: Fetch, shutdown: Cancella
                 _ = tokio::time::sleep(pause) => {}
             }
         }
-        // No new round while the rounds already held wait for write permits. The semaphore
-        // is fair, so this turn comes once every write queued before it has started: a round
-        // taken now gets storage's whole bandwidth instead of a share of it, and the
-        // messages nobody could write in time stay in the queue, not in this process, where
-        // they would run out of their visibility and be redone.
+        // No new round while the rounds held keep writes waiting for a permit (the semaphore
+        // is fair: this turn comes after every write queued before it): messages storage
+        // cannot take yet wait in the queue, not in this process, where they would run out
+        // of time and be redone.
         tokio::select! {
             _ = shutdown.cancelled() => break,
             permit = ctx.writes.acquire() => drop(permit),
         }
         let taken_at = Instant::now();
-        let delay = match take(&ctx, fetch.round_bytes).await {
+        let delay = match take(&ctx, budget.get()).await {
             Ok((messages, _)) if messages.is_empty() => {
                 failing.reset();
                 ctx.health.set_ready();
@@ -69,10 +70,10 @@ pub async fn run(ctx: Arc<Ctx>, writer: Writer, fetch: Fetch, shutdown: Cancella
                 failing.reset();
                 idle.reset();
                 ctx.health.set_ready();
-                let (ctx, writer) = (ctx.clone(), writer.clone());
+                let (ctx, writer, budget) = (ctx.clone(), writer.clone(), budget.clone());
                 rounds.spawn(async move {
                     let started = std::time::Instant::now();
-                    round(&ctx, &writer, messages, taken_at).await;
+                    budget.after_round(round(&ctx, &writer, messages, taken_at).await);
                     metrics::histogram!(m::ROUND_SECONDS).record(started.elapsed().as_secs_f64());
                     drop(permit);
                 });
@@ -109,7 +110,8 @@ async fn take(ctx: &Ctx, max_bytes: usize) -> Result<(Vec<QueueMessage>, bool), 
     let mut messages = Vec::new();
     let mut bytes = 0;
     loop {
-        let want = per_get(max_bytes.saturating_sub(bytes));
+        let left = MAX_ROUND_MESSAGES - messages.len();
+        let want = per_get(max_bytes.saturating_sub(bytes)).min(u8::try_from(left).unwrap_or(32));
         let got = match ctx.queue.get(want, ctx.visibility).await {
             Ok(got) => got,
             Err(error) if messages.is_empty() => return Err(error),
@@ -122,11 +124,57 @@ async fn take(ctx: &Ctx, max_bytes: usize) -> Result<(Vec<QueueMessage>, bool), 
         let full = got.len() == usize::from(want);
         bytes += got.iter().map(|m| m.text.len()).sum::<usize>();
         messages.extend(got);
-        if !full || bytes >= max_bytes {
+        if !full || bytes >= max_bytes || messages.len() >= MAX_ROUND_MESSAGES {
             return Ok((messages, full));
         }
     }
 }
+
+/// The most queue text a round takes: halved after a round that ran out of time (storage
+/// took less than the round held in the time it had), doubled back after one that did not,
+/// between one message and the configured most. So a slow storage account gets rounds it can
+/// finish, instead of rounds that are redone forever.
+#[derive(Debug)]
+struct Budget {
+    most: usize,
+    now: std::sync::atomic::AtomicUsize,
+}
+
+impl Budget {
+    fn new(most: usize) -> Self {
+        let most = most.max(schemas::QUEUE_MESSAGE_MAX_CHARS);
+        Self {
+            most,
+            now: most.into(),
+        }
+    }
+
+    fn get(&self) -> usize {
+        self.now.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn after_round(&self, out_of_time: bool) {
+        let next = if out_of_time {
+            (self.get() / 2).max(schemas::QUEUE_MESSAGE_MAX_CHARS)
+        } else {
+            self.get().saturating_mul(2).min(self.most)
+        };
+        if next != self.get() {
+            metrics::gauge!(m::ROUND_BUDGET_BYTES).set(next as f64);
+            if out_of_time {
+                tracing::warn!(
+                    bytes = next,
+                    "A round ran out of time; taking less from now on."
+                );
+            }
+        }
+        self.now.store(next, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The most messages one round takes, whatever their size: a round settles its messages one
+/// by one, so a backlog of small envelopes must not make a round of thousands.
+const MAX_ROUND_MESSAGES: usize = 256;
 
 /// Messages to ask for with `room` bytes left: as many as fit at the largest size.
 fn per_get(room: usize) -> u8 {
@@ -137,6 +185,24 @@ fn per_get(room: usize) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_round_that_ran_out_of_time_halves_the_next_take_down_to_one_message() {
+        let one = schemas::QUEUE_MESSAGE_MAX_CHARS;
+        let budget = Budget::new(4 << 20);
+        budget.after_round(true);
+        assert_eq!(budget.get(), 2 << 20);
+        for _ in 0..20 {
+            budget.after_round(true);
+        }
+        assert_eq!(budget.get(), one, "never below one message");
+        budget.after_round(false);
+        assert_eq!(budget.get(), 2 * one);
+        for _ in 0..20 {
+            budget.after_round(false);
+        }
+        assert_eq!(budget.get(), 4 << 20, "never above the configured most");
+    }
 
     #[test]
     fn a_get_never_asks_for_more_than_the_room_left() {

@@ -19,7 +19,7 @@ pub const MESSAGES_DONE: &str = "processor_messages_done_total";
 pub const MESSAGES_RETRIED: &str = "processor_messages_retried_total";
 /// Table requests, by `kind` (`batch` or `single`).
 pub const TABLE_WRITES: &str = "processor_table_writes_total";
-/// Time to process one get of up to 32 queue messages.
+/// Time to process one round (the messages of one or more gets).
 pub const ROUND_SECONDS: &str = "processor_round_seconds";
 /// From ingest receiving a message to its readings being stored (recorded once the message is
 /// finished, so a message that is redone counts once).
@@ -41,3 +41,5 @@ pub const OVERWRITES: &str = "processor_row_overwrites_total";
 pub const QUARANTINED: &str = "processor_quarantined_total";
 /// Deliveries of queue messages whose envelope version this build cannot read (left queued).
 pub const NEWER_ENVELOPES: &str = "processor_newer_envelopes_total";
+/// The most queue text the next round takes (halved after a round that ran out of time).
+pub const ROUND_BUDGET_BYTES: &str = "processor_round_budget_bytes";

@@ -54,9 +54,15 @@ impl Held {
     }
 }
 
-/// Runs a round on `messages`, taken with the first get at `taken_at`.
+/// Runs a round on `messages`, taken with the first get at `taken_at`. Returns whether it ran
+/// out of time for any message (then the fetcher takes less next time).
 #[tracing::instrument(skip_all, fields(messages = messages.len()))]
-pub async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>, taken_at: Instant) {
+pub async fn round(
+    ctx: &Ctx,
+    writer: &Writer,
+    messages: Vec<QueueMessage>,
+    taken_at: Instant,
+) -> bool {
     let write_by = taken_at + ctx.visibility / 2;
     let settle_by = taken_at + ctx.visibility / 8 * 7;
     let now = now_ms();
@@ -141,6 +147,9 @@ pub async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>, take
         None if held.iter().all(|h| h.failure.is_none()) => ctx.storage_works(),
         None => {}
     }
+    let out_of_time = held
+        .iter()
+        .any(|h| h.failure.as_ref().is_some_and(Failure::out_of_time));
     poison(ctx, &mut held, now);
 
     let mut newer: BTreeMap<u64, usize> = BTreeMap::new();
@@ -181,6 +190,7 @@ pub async fn round(ctx: &Ctx, writer: &Writer, messages: Vec<QueueMessage>, take
         ctx.newer_envelopes(version, count);
     }
     ctx.forget_held_back();
+    out_of_time
 }
 
 /// The device-hours of `rows`, with the messages carrying them.

@@ -56,11 +56,14 @@ pub async fn write_all(
         .await
 }
 
+/// The operation a write that waited past its round's deadline for a permit failed in.
+pub const PERMIT_OP: &str = "table_write_permit";
+
 fn out_of_time() -> Failure {
     Failure::Storage {
         stage: Stage::Write,
         error: StorageError {
-            op: "table_write_permit",
+            op: PERMIT_OP,
             kind: ErrorKind::OutOfTime,
         },
     }
