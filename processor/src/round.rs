@@ -397,25 +397,20 @@ mod tests {
         }
     }
 
-    /// A transient storage failure: the kind that may poison a message at the write stage.
     fn busy(stage: Stage) -> Failure {
         Failure::Storage {
             stage,
             error: StorageError {
                 op: "test",
-                kind: ErrorKind::Status {
-                    status: 503,
-                    code: "ServerBusy".into(),
-                    message: String::new(),
-                },
+                kind: ErrorKind::OutOfTime,
             },
         }
     }
 
     #[test]
     fn a_failure_that_forbids_poison_is_not_overwritten_by_one_that_allows_it() {
-        // A failed quarantine put, then failed writes: still never poisoned (its text is kept
-        // nowhere else).
+        // A slow quarantine put, then writes out of time: still never poisoned (its text is
+        // kept nowhere else).
         let mut h = held();
         h.fail(busy(Stage::Quarantine));
         h.fail(busy(Stage::Write));

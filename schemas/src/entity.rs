@@ -52,8 +52,8 @@ pub fn to_entity(reading: &Reading, ingested_at_ms: i64) -> Map<String, Value> {
     e
 }
 
-/// [`to_entity`]'s JSON written straight into `out`, with no map and no allocation beyond
-/// `out` itself: the processor's hot path. The same properties and values (the equality is
+/// [`to_entity`]'s JSON written straight into `out`, with no map, allocating only for a
+/// property name that needs escaping (validated names never do): the processor's hot path. The same properties and values (the equality is
 /// unit-tested); `IngestedAt` comes last, so that [`same_reading`] can ignore it.
 pub fn encode(reading: &Reading, ingested_at_ms: i64, out: &mut Vec<u8>) {
     out.extend_from_slice(b"{\"PartitionKey\":");
@@ -63,7 +63,7 @@ pub fn encode(reading: &Reading, ingested_at_ms: i64, out: &mut Vec<u8>) {
     out.push(b'"');
     encoded_datetime(out, "MeasuredAt", reading.measured_at_ms);
     if let Some(seq) = reading.seq {
-        encoded_int(out, "Seq", seq);
+        encoded_int(out, "", "Seq", seq);
     }
     for (name, v) in [
         ("Temperature", reading.temperature),
@@ -76,14 +76,7 @@ pub fn encode(reading: &Reading, ingested_at_ms: i64, out: &mut Vec<u8>) {
     }
     for (name, extra) in &reading.extras {
         match extra {
-            Extra::Int(i) => {
-                property(out, EXTRA_PREFIX, name, "@odata.type");
-                out.extend_from_slice(br#""Edm.Int64""#);
-                property(out, EXTRA_PREFIX, name, "");
-                out.push(b'"');
-                json(out, i);
-                out.push(b'"');
-            }
+            Extra::Int(i) => encoded_int(out, EXTRA_PREFIX, name, *i),
             Extra::Float(f) => encoded_double(out, EXTRA_PREFIX, name, *f),
             Extra::Bool(b) => {
                 property(out, EXTRA_PREFIX, name, "");
@@ -135,28 +128,32 @@ fn property(out: &mut Vec<u8>, prefix: &str, name: &str, suffix: &str) {
     out.extend_from_slice(b"\":");
 }
 
+/// `,"<prefix><name>@odata.type":"<edm>","<prefix><name>":`, for the value to follow.
+fn typed_name(out: &mut Vec<u8>, prefix: &str, name: &str, edm: &str) {
+    property(out, prefix, name, "@odata.type");
+    out.push(b'"');
+    out.extend_from_slice(edm.as_bytes());
+    out.push(b'"');
+    property(out, prefix, name, "");
+}
+
 fn encoded_datetime(out: &mut Vec<u8>, name: &str, ms: i64) {
-    property(out, "", name, "@odata.type");
-    out.extend_from_slice(br#""Edm.DateTime""#);
-    property(out, "", name, "");
+    typed_name(out, "", name, DATETIME);
     out.push(b'"');
     timefmt::write_ms(out, ms.clamp(timefmt::MIN_MS, timefmt::MAX_MS));
     out.push(b'"');
 }
 
-fn encoded_int(out: &mut Vec<u8>, name: &str, v: i64) {
-    property(out, "", name, "@odata.type");
-    out.extend_from_slice(br#""Edm.Int64""#);
-    property(out, "", name, "");
+/// An `Edm.Int64`, as a string (a JSON number would be read as a double).
+fn encoded_int(out: &mut Vec<u8>, prefix: &str, name: &str, v: i64) {
+    typed_name(out, prefix, name, INT64);
     out.push(b'"');
     json(out, &v);
     out.push(b'"');
 }
 
 fn encoded_double(out: &mut Vec<u8>, prefix: &str, name: &str, v: f64) {
-    property(out, prefix, name, "@odata.type");
-    out.extend_from_slice(br#""Edm.Double""#);
-    property(out, prefix, name, "");
+    typed_name(out, prefix, name, DOUBLE);
     json(out, &v);
 }
 
