@@ -9,7 +9,7 @@ use infra::storage::{Account, Row, DEVELOPMENT_STORAGE};
 use std::hint::black_box;
 use std::time::Duration;
 
-const SAS: &str = "TableEndpoint=https://acme.table.core.windows.net;SharedAccessSignature=sv=2022-11-02&ss=t&srt=o&sp=au&se=2030-01-01T00:00:00Z&sig=c2lnbmF0dXJl";
+const SAS: &str = "AccountName=acme;TableEndpoint=https://acme.table.core.windows.net;SharedAccessSignature=sv=2022-11-02&ss=t&srt=o&sp=au&se=2030-01-01T00:00:00Z&sig=c2lnbmF0dXJl";
 
 /// A seed-profile reading's row: what the processor writes.
 fn row(i: usize) -> Row {
