@@ -133,9 +133,12 @@ impl StorageError {
     pub fn needs_operator(&self) -> bool {
         !self.is_retriable() && !self.is_content_error()
     }
+}
 
-    fn from_sdk(op: &'static str, e: &azure_core::Error) -> Self {
-        let kind = match e.kind() {
+impl ErrorKind {
+    /// How an SDK error is classified.
+    fn from_sdk(e: &azure_core::Error) -> Self {
+        match e.kind() {
             azure_core::error::ErrorKind::HttpResponse { status, error_code } => {
                 ErrorKind::Status {
                     status: u16::from(*status),
@@ -147,8 +150,7 @@ impl StorageError {
             azure_core::error::ErrorKind::DataConversion => ErrorKind::Protocol(full_chain(e)),
             azure_core::error::ErrorKind::Credential => ErrorKind::Credential(full_chain(e)),
             _ => ErrorKind::Transport(full_chain(e)),
-        };
-        Self { op, kind }
+        }
     }
 }
 
@@ -195,7 +197,7 @@ async fn call<T>(
     fut: impl std::future::Future<Output = azure_core::Result<T>>,
 ) -> Result<T, StorageError> {
     measured(op, timeout, async {
-        fut.await.map_err(|e| StorageError::from_sdk(op, &e).kind)
+        fut.await.map_err(|e| ErrorKind::from_sdk(&e))
     })
     .await
 }

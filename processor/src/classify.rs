@@ -136,7 +136,7 @@ pub fn classify<'a>(
 }
 
 /// A reading's table row, encoded once (no JSON map on the way to the wire).
-fn row(reading: &reading::Reading, ingested_at_ms: i64) -> Row {
+pub(crate) fn row(reading: &reading::Reading, ingested_at_ms: i64) -> Row {
     let mut json = Vec::with_capacity(384);
     schemas::entity::encode(reading, ingested_at_ms, &mut json);
     Row {

@@ -35,6 +35,9 @@ impl Stage {
 pub enum Failure {
     /// A storage call failed, or the round's time ran out before it answered.
     Storage { stage: Stage, error: StorageError },
+    /// A table write waited past the round's deadline for a permit: this processor took more
+    /// than it could write in time, which says nothing about the message.
+    NoWritePermit,
     /// A transaction was refused for a reason that blames none of its operations.
     Refused {
         stage: Stage,
@@ -53,6 +56,7 @@ impl Failure {
     pub fn stage(&self) -> Stage {
         match self {
             Failure::Storage { stage, .. } | Failure::Refused { stage, .. } => *stage,
+            Failure::NoWritePermit => Stage::Write,
             Failure::Unpacked | Failure::DeadLettersInFlight => Stage::DeadLetter,
         }
     }
@@ -62,7 +66,7 @@ impl Failure {
         match self {
             Failure::Storage { error, .. } => error.is_content_error(),
             Failure::Refused { refusal, .. } => matches!(refusal, Refusal::Content(_)),
-            Failure::Unpacked | Failure::DeadLettersInFlight => false,
+            Failure::NoWritePermit | Failure::Unpacked | Failure::DeadLettersInFlight => false,
         }
     }
 
@@ -78,7 +82,7 @@ impl Failure {
                 ..
             } => false,
             Failure::Refused { .. } => true,
-            Failure::Unpacked | Failure::DeadLettersInFlight => false,
+            Failure::NoWritePermit | Failure::Unpacked | Failure::DeadLettersInFlight => false,
         }
     }
 
@@ -93,9 +97,9 @@ impl Failure {
     /// that the message cannot be written: under overload every message would reach its
     /// delivery limit that way (the fetcher takes less after such a round).
     pub fn may_poison(&self) -> bool {
-        let waited_for_a_permit = self.out_of_time()
-            && matches!(self, Failure::Storage { error, .. } if error.op == crate::write::PERMIT_OP);
-        !self.needs_operator() && self.stage() == Stage::Write && !waited_for_a_permit
+        !self.needs_operator()
+            && self.stage() == Stage::Write
+            && !matches!(self, Failure::NoWritePermit)
     }
 
     /// The round's time ran out first: waiting for a write permit, or retrying past its
@@ -103,13 +107,14 @@ impl Failure {
     pub fn out_of_time(&self) -> bool {
         matches!(
             self,
-            Failure::Storage {
-                error: StorageError {
-                    kind: ErrorKind::OutOfTime,
+            Failure::NoWritePermit
+                | Failure::Storage {
+                    error: StorageError {
+                        kind: ErrorKind::OutOfTime,
+                        ..
+                    },
                     ..
-                },
-                ..
-            }
+                }
         )
     }
 }
@@ -123,6 +128,9 @@ impl std::fmt::Display for Failure {
                 table,
                 refusal,
             } => write!(f, "{}: table {table} {refusal}", stage.as_str()),
+            Failure::NoWritePermit => {
+                f.write_str("write: no write permit before the round's deadline")
+            }
             Failure::Unpacked => f.write_str("a dead-letter record could not be packed"),
             Failure::DeadLettersInFlight => {
                 f.write_str("its dead letters are being written already (an earlier delivery's put has not ended)")
@@ -175,7 +183,7 @@ mod tests {
                 kind: ErrorKind::OutOfTime,
             },
         };
-        let waited = late(crate::write::PERMIT_OP);
+        let waited = Failure::NoWritePermit;
         assert!(waited.out_of_time() && !waited.may_poison() && !waited.needs_operator());
         // A write still retrying at the deadline is storage's slowness, as before.
         let retrying = late("table_upsert");

@@ -154,12 +154,13 @@ impl Budget {
     }
 
     fn after_round(&self, out_of_time: bool) {
+        let now = self.get();
         let next = if out_of_time {
-            (self.get() / 2).max(schemas::QUEUE_MESSAGE_MAX_CHARS)
+            (now / 2).max(schemas::QUEUE_MESSAGE_MAX_CHARS)
         } else {
-            self.get().saturating_mul(2).min(self.most)
+            now.saturating_mul(2).min(self.most)
         };
-        if next != self.get() {
+        if next != now {
             metrics::gauge!(m::ROUND_BUDGET_BYTES).set(next as f64);
             if out_of_time {
                 tracing::warn!(

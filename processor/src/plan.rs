@@ -106,13 +106,7 @@ mod tests {
             pressure: None,
             extras: vec![("pad".into(), Extra::Str("x".repeat(filler)))],
         };
-        let mut json = Vec::new();
-        schemas::entity::encode(&reading, received, &mut json);
-        Row {
-            partition_key: pk.into(),
-            row_key: schemas::entity::row_key(&reading),
-            json: json.into(),
-        }
+        crate::classify::row(&reading, received)
     }
 
     fn row(pk: &str, at: usize, filler: usize) -> Row {

@@ -8,7 +8,7 @@ use crate::failure::{Failure, Stage};
 use crate::metrics_names as m;
 use crate::plan::Batch;
 use futures::{stream, StreamExt};
-use infra::storage::{BatchOutcome, ErrorKind, Refusal, StorageError};
+use infra::storage::{BatchOutcome, Refusal, StorageError};
 use tokio::time::Instant;
 
 /// Single writes at once when a refused transaction is retried entity by entity.
@@ -42,7 +42,7 @@ pub async fn write_all(
                     drop(permit);
                     written
                 }
-                Err(_) => Written::Retry(out_of_time()),
+                Err(_) => Written::Retry(Failure::NoWritePermit),
             };
             // Counted as each write lands, not when the round ends, so the rate is live.
             if let Written::Stored(n) | Written::Refused { stored: n, .. } = &written {
@@ -54,19 +54,6 @@ pub async fn write_all(
         .buffer_unordered(ctx.write_concurrency.max(1))
         .collect()
         .await
-}
-
-/// The operation a write that waited past its round's deadline for a permit failed in.
-pub const PERMIT_OP: &str = "table_write_permit";
-
-fn out_of_time() -> Failure {
-    Failure::Storage {
-        stage: Stage::Write,
-        error: StorageError {
-            op: PERMIT_OP,
-            kind: ErrorKind::OutOfTime,
-        },
-    }
 }
 
 fn failed(error: StorageError) -> Failure {

@@ -175,15 +175,8 @@ impl Table {
     /// it still has the ETag it was read with. A row changed or deleted meanwhile makes the
     /// whole transaction [`Refusal::Changed`], and nothing is deleted.
     pub async fn delete_batch(&self, rows: &[RowRef<'_>]) -> Result<BatchOutcome, StorageError> {
-        let ops = rows
-            .iter()
-            .map(|row| WireOp::Delete {
-                partition_key: row.partition_key,
-                row_key: row.row_key,
-                etag: row.etag,
-            })
-            .collect();
-        self.transact(ops).await
+        self.transact(rows.iter().map(WireOp::Delete).collect())
+            .await
     }
 
     /// Deletes one row if it still has `etag`. `Ok(false)` when it is already gone.
@@ -250,7 +243,7 @@ impl Table {
                 "batch spans partitions {pk:?} and {other:?}"
             )));
         }
-        let conditional = matches!(first, WireOp::Delete { .. });
+        let conditional = matches!(first, WireOp::Delete(_));
         let statuses = measured(OP, self.timeout, self.wire.transact(self.name(), &ops)).await?;
         Ok(match statuses.iter().copied().find(|&s| s >= 300) {
             Some(status) => BatchOutcome::Rejected(Refusal::of(status, conditional)),

@@ -14,6 +14,7 @@
 //! body. Everything else still goes through the SDK.
 
 use super::entra::Entra;
+use super::table::RowRef;
 use super::{full_chain, redact, ErrorKind};
 use azure_core::auth::{AccessToken, TokenCredential};
 use base64::Engine;
@@ -70,18 +71,14 @@ impl Credential {
 pub(super) enum WireOp<'a> {
     Replace(&'a Row),
     Merge(&'a Row),
-    Delete {
-        partition_key: &'a str,
-        row_key: &'a str,
-        etag: &'a str,
-    },
+    Delete(&'a RowRef<'a>),
 }
 
 impl WireOp<'_> {
     pub(super) fn partition_key(&self) -> &str {
         match self {
             WireOp::Replace(row) | WireOp::Merge(row) => &row.partition_key,
-            WireOp::Delete { partition_key, .. } => partition_key,
+            WireOp::Delete(row) => row.partition_key,
         }
     }
 }
@@ -199,7 +196,7 @@ impl TableWire {
             .iter()
             .map(|op| match op {
                 WireOp::Replace(row) | WireOp::Merge(row) => row.json.len() + 400,
-                WireOp::Delete { .. } => 400,
+                WireOp::Delete(_) => 400,
             })
             .sum();
         let mut body = Vec::with_capacity(size + 200);
@@ -213,30 +210,25 @@ impl TableWire {
                 line,
                 "--{changeset}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n"
             );
-            let (method, pk, rk, json) = match op {
-                WireOp::Replace(row) => ("PUT", &*row.partition_key, &*row.row_key, Some(row)),
-                WireOp::Merge(row) => ("MERGE", &*row.partition_key, &*row.row_key, Some(row)),
-                WireOp::Delete {
-                    partition_key,
-                    row_key,
-                    ..
-                } => ("DELETE", *partition_key, *row_key, None),
+            let (method, pk, rk) = match op {
+                WireOp::Replace(row) => ("PUT", &*row.partition_key, &*row.row_key),
+                WireOp::Merge(row) => ("MERGE", &*row.partition_key, &*row.row_key),
+                WireOp::Delete(row) => ("DELETE", row.partition_key, row.row_key),
             };
             let _ = write!(line, "{method} {}/", self.endpoint);
             entity_path(&mut line, table, pk, rk);
             let _ = write!(line, " HTTP/1.1\r\nAccept: {ACCEPT}\r\n");
-            match (op, json) {
-                (WireOp::Delete { etag, .. }, _) => {
-                    let _ = write!(line, "If-Match: {etag}\r\n\r\n");
+            match op {
+                WireOp::Delete(row) => {
+                    let _ = write!(line, "If-Match: {}\r\n\r\n", row.etag);
                     body.extend_from_slice(line.as_bytes());
                 }
-                (_, Some(row)) => {
+                WireOp::Replace(row) | WireOp::Merge(row) => {
                     let _ = write!(line, "Content-Type: {JSON}\r\n\r\n");
                     body.extend_from_slice(line.as_bytes());
                     body.extend_from_slice(&row.json);
                     body.extend_from_slice(b"\r\n");
                 }
-                (_, None) => body.extend_from_slice(line.as_bytes()),
             }
             line.clear();
         }
@@ -505,14 +497,12 @@ mod tests {
             row_key: "r 1".into(),
             json: bytes::Bytes::from_static(br#"{"PartitionKey":"p","RowKey":"r 1"}"#),
         };
-        let ops = [
-            WireOp::Replace(&row),
-            WireOp::Delete {
-                partition_key: "p",
-                row_key: "r2",
-                etag: "W/\"1\"",
-            },
-        ];
+        let stale = RowRef {
+            partition_key: "p",
+            row_key: "r2",
+            etag: "W/\"1\"",
+        };
+        let ops = [WireOp::Replace(&row), WireOp::Delete(&stale)];
         let (batch, body) = wire.batch_body("t", &ops, [1, 2]);
         assert_eq!(batch, "batch_00000000000000000000000000000001");
         let expected = "--batch_00000000000000000000000000000001\r\n\
