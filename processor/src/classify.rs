@@ -44,11 +44,13 @@ pub enum Keep {
     Queued(u64),
 }
 
-/// One queue message, sorted.
+/// One queue message, sorted. It keeps no copy of its device messages: a round holds the
+/// queue text, and the rare path that needs them again decodes it again ([`decode_again`]).
 #[derive(Debug)]
 pub struct Sorted {
-    /// The device messages that decoded (rows and refusals point into these).
-    pub devices: Vec<DeviceMessage>,
+    /// When each device message that decoded was received, in envelope order (rows point
+    /// into these by [`Origin::device`]).
+    pub received_at_ms: Vec<i64>,
     /// Dead-letter records: refused readings and unreadable entries.
     pub refusals: Vec<DeadLetter>,
     pub keep: Keep,
@@ -75,13 +77,15 @@ pub fn classify<'a>(
         rows: Vec::new(),
         latest: Latest::new(),
     };
+    // Each row is encoded here, then copied out at its exact size: a round holds thousands.
+    let mut scratch = Vec::with_capacity(1024);
     for (message, (text, attempts)) in messages.into_iter().enumerate() {
         let mut sorted = Sorted {
-            devices: Vec::new(),
+            received_at_ms: Vec::new(),
             refusals: Vec::new(),
             keep: Keep::Nothing,
         };
-        match envelope::decode_entries(text) {
+        let decoded = match envelope::decode_entries(text) {
             Ok((devices, bad)) => {
                 for entry in bad {
                     sorted.keep = Keep::Quarantine;
@@ -96,9 +100,12 @@ pub fn classify<'a>(
                         now_ms,
                     ));
                 }
-                sorted.devices = devices;
+                devices
             }
-            Err(DecodeError::Version(version)) => sorted.keep = Keep::Queued(version),
+            Err(DecodeError::Version(version)) => {
+                sorted.keep = Keep::Queued(version);
+                Vec::new()
+            }
             Err(error) => {
                 sorted.keep = Keep::Quarantine;
                 let detail = format!(
@@ -108,9 +115,10 @@ pub fn classify<'a>(
                 sorted
                     .refusals
                     .push(DeadLetter::for_unreadable(text, detail, attempts, now_ms));
+                Vec::new()
             }
-        }
-        for (device, msg) in sorted.devices.iter().enumerate() {
+        };
+        for (device, msg) in decoded.iter().enumerate() {
             let outcome = reading::validate(
                 &rules.topic_prefix,
                 &msg.topic,
@@ -123,26 +131,35 @@ pub fn classify<'a>(
             for r in &outcome.readings {
                 devices::keep_newest(&mut out.latest, r, msg.received_at_ms);
                 let origin = Origin { message, device };
-                out.rows.push((origin, row(r, msg.received_at_ms)));
+                out.rows
+                    .push((origin, row(r, msg.received_at_ms, &mut scratch)));
             }
             if !outcome.rejections.is_empty() {
                 let record = refusal(rules, msg, &outcome.rejections, attempts, now_ms);
                 sorted.refusals.push(record);
             }
         }
+        sorted.received_at_ms = decoded.iter().map(|d| d.received_at_ms).collect();
         out.messages.push(sorted);
     }
     out
 }
 
-/// A reading's table row, encoded once (no JSON map on the way to the wire).
-pub(crate) fn row(reading: &reading::Reading, ingested_at_ms: i64) -> Row {
-    let mut json = Vec::with_capacity(384);
-    schemas::entity::encode(reading, ingested_at_ms, &mut json);
+/// The device messages of a queue message's text, in the order [`classify`] numbered them.
+/// Decoding is deterministic, so an [`Origin::device`] found then points into these now.
+pub fn decode_again(text: &str) -> Vec<DeviceMessage> {
+    envelope::decode_entries(text).map_or_else(|_| Vec::new(), |(devices, _)| devices)
+}
+
+/// A reading's table row, encoded once (no JSON map on the way to the wire) in `scratch` and
+/// kept at its exact size.
+pub(crate) fn row(reading: &reading::Reading, ingested_at_ms: i64, scratch: &mut Vec<u8>) -> Row {
+    scratch.clear();
+    schemas::entity::encode(reading, ingested_at_ms, scratch);
     Row {
         partition_key: reading.device_id.clone(),
         row_key: schemas::entity::row_key(reading),
-        json: json.into(),
+        json: bytes::Bytes::copy_from_slice(scratch),
     }
 }
 
@@ -272,7 +289,7 @@ mod tests {
         let c = classify([(garbage, 3)], &rules(), NOW);
         let m = &c.messages[0];
         assert_eq!(m.keep, Keep::Quarantine);
-        assert!(m.devices.is_empty() && c.rows.is_empty());
+        assert!(m.received_at_ms.is_empty() && c.rows.is_empty());
         assert_eq!(m.refusals[0].reason, Reason::InvalidEnvelope);
         assert_eq!(m.refusals[0].attempts, 3);
         assert!(m.refusals[0].detail.contains("kept in queue quarantine"));
@@ -289,11 +306,39 @@ mod tests {
         let c = classify([(text.as_str(), 1)], &rules(), NOW);
         let m = &c.messages[0];
         assert_eq!(c.rows.len(), 1);
-        assert_eq!(m.devices.len(), 1);
+        assert_eq!(m.received_at_ms, [NOW]);
         assert_eq!(m.keep, Keep::Quarantine);
         assert_eq!(m.refusals.len(), 1);
         assert_eq!(m.refusals[0].reason, Reason::InvalidEnvelope);
         assert!(m.refusals[0].detail.contains("entry 1"));
+    }
+
+    #[test]
+    fn a_rows_origin_points_at_its_device_message_when_decoded_again() {
+        // The refusal and poison paths find a row's device message by decoding the text
+        // again: an unreadable entry between readable ones must not shift the positions.
+        let entry = |(topic, payload): (String, Vec<u8>), received: i64| {
+            let payload = serde_json::to_string(std::str::from_utf8(&payload).unwrap()).unwrap();
+            format!(r#"{{"t":"{topic}","r":{received},"p":{payload}}}"#)
+        };
+        let a = entry(reading("a", NOW - 1_000, "20"), NOW - 3);
+        let b = entry(reading("b", NOW - 900, "21"), NOW - 2);
+        let text = b64(&format!(r#"{{"v":1,"m":[{a},{{"t":"x","r":1}},{b}]}}"#));
+        let c = classify([(text.as_str(), 1)], &rules(), NOW);
+        assert_eq!(c.messages[0].received_at_ms, [NOW - 3, NOW - 2]);
+        let again = decode_again(&text);
+        assert_eq!(c.rows.len(), 2);
+        for (origin, row) in &c.rows {
+            let device = &again[origin.device];
+            assert_eq!(
+                device.topic,
+                format!("devices/{}/telemetry", row.partition_key)
+            );
+            assert_eq!(
+                device.received_at_ms,
+                c.messages[0].received_at_ms[origin.device]
+            );
+        }
     }
 
     #[test]
@@ -302,6 +347,6 @@ mod tests {
         let c = classify([(text.as_str(), 9)], &rules(), NOW);
         let m = &c.messages[0];
         assert_eq!(m.keep, Keep::Queued(2));
-        assert!(m.refusals.is_empty() && m.devices.is_empty() && c.rows.is_empty());
+        assert!(m.refusals.is_empty() && m.received_at_ms.is_empty() && c.rows.is_empty());
     }
 }

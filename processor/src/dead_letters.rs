@@ -27,7 +27,7 @@ use crate::settle;
 use futures::{stream, StreamExt};
 use infra::recent::Recent;
 use infra::storage::{QueueMessage, StorageError};
-use schemas::{DeadLetter, DeviceMessage};
+use schemas::DeadLetter;
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -173,7 +173,8 @@ impl Drop for Claim {
 #[derive(Debug)]
 pub struct Submission {
     pub message: QueueMessage,
-    pub devices: Vec<DeviceMessage>,
+    /// When each of its device messages was received.
+    pub received_at_ms: Vec<i64>,
     pub records: Vec<DeadLetter>,
     /// The claim on `records`.
     pub claim: Claim,
@@ -372,7 +373,7 @@ async fn flush(ctx: &Ctx, mut pending: Vec<Submission>, shutdown: &CancellationT
                 Some(failure) => settle::leave(&s.message, &failure),
                 None => {
                     let by = s.deadline.max(delete_by);
-                    settle::finished(ctx, &s.message, &s.devices, by, s.stored_at_ms).await;
+                    settle::finished(ctx, &s.message, &s.received_at_ms, by, s.stored_at_ms).await;
                 }
             }
         })
@@ -420,7 +421,7 @@ async fn keep_hidden(ctx: &Ctx, s: &mut Submission, puts_done: &CancellationToke
 mod tests {
     use super::*;
     use schemas::dead_letter::Refusal;
-    use schemas::Reason;
+    use schemas::{DeviceMessage, Reason};
 
     fn record(received_at_ms: i64, attempts: u64) -> DeadLetter {
         let msg = DeviceMessage::from_mqtt("devices/d-1/telemetry", b"{}", received_at_ms);

@@ -2,7 +2,6 @@
 //! key, and chunked within Azure's transaction limits. Pure, so its invariants are unit-tested.
 
 use infra::storage::{Row, MAX_BATCH_BYTES, MAX_BATCH_OPERATIONS};
-use std::collections::BTreeMap;
 
 /// Multipart framing and headers around each operation in a transaction (the sub-request
 /// line with the account's URL, and its headers).
@@ -45,44 +44,49 @@ pub struct Plan<O> {
 /// that touches one entity twice). When two readings share a key, the later one wins, and the
 /// batch owes its result to both messages.
 pub fn plan<O: Copy>(items: impl IntoIterator<Item = (O, Row)>) -> Plan<O> {
-    // By partition, then RowKey: each row is one of the map's keys (no copies of the keys).
-    let mut partitions: BTreeMap<String, BTreeMap<String, (Row, Vec<O>)>> = BTreeMap::new();
+    // By partition, then RowKey, in place: a round holds thousands of rows, and this copies
+    // none of their keys. The sort is stable, so of two readings with one key the later
+    // comes last.
+    let mut items: Vec<(O, Row)> = items.into_iter().collect();
+    items.sort_by(|(_, a), (_, b)| {
+        (&a.partition_key, &a.row_key).cmp(&(&b.partition_key, &b.row_key))
+    });
+    let mut items = items.into_iter().peekable();
     let mut overwrites = 0;
-    for (owner, row) in items {
-        let rows = match partitions.get_mut(&row.partition_key) {
-            Some(rows) => rows,
-            None => partitions.entry(row.partition_key.clone()).or_default(),
-        };
-        match rows.get_mut(&row.row_key) {
-            Some(slot) => {
-                if !schemas::entity::same_reading(&slot.0.json, &row.json) {
-                    overwrites += 1;
-                }
-                slot.0 = row;
-                slot.1.push(owner);
-            }
-            None => {
-                rows.insert(row.row_key.clone(), (row, vec![owner]));
-            }
-        }
-    }
     let mut batches = Vec::new();
-    for rows in partitions.into_values() {
-        let mut current = Batch::new();
-        let mut bytes = 0;
-        for (row, owners) in rows.into_values() {
-            let size = row.json.len() + PER_OPERATION_OVERHEAD;
-            if current.rows.len() == MAX_BATCH_OPERATIONS || bytes + size > MAX_BATCH_BYTES {
-                batches.push(std::mem::replace(&mut current, Batch::new()));
-                bytes = 0;
+    let mut current = Batch::new();
+    let mut bytes = 0;
+    while let Some((owner, mut row)) = items.next() {
+        let mut owners = vec![owner];
+        while let Some((owner, later)) = items.next_if(|(_, next)| {
+            next.partition_key == row.partition_key && next.row_key == row.row_key
+        }) {
+            if !schemas::entity::same_reading(&row.json, &later.json) {
+                overwrites += 1;
             }
-            bytes += size;
-            current.rows.push(row);
-            current.origins.push(owners);
+            row = later;
+            owners.push(owner);
         }
-        if !current.rows.is_empty() {
-            batches.push(current);
+        let size = row.json.len() + PER_OPERATION_OVERHEAD;
+        let other_partition = current
+            .rows
+            .first()
+            .is_some_and(|first| first.partition_key != row.partition_key);
+        if other_partition
+            || current.rows.len() == MAX_BATCH_OPERATIONS
+            || bytes + size > MAX_BATCH_BYTES
+        {
+            if !current.rows.is_empty() {
+                batches.push(std::mem::replace(&mut current, Batch::new()));
+            }
+            bytes = 0;
         }
+        bytes += size;
+        current.rows.push(row);
+        current.origins.push(owners);
+    }
+    if !current.rows.is_empty() {
+        batches.push(current);
     }
     Plan {
         batches,
@@ -106,7 +110,7 @@ mod tests {
             pressure: None,
             extras: vec![("pad".into(), Extra::Str("x".repeat(filler)))],
         };
-        crate::classify::row(&reading, received)
+        crate::classify::row(&reading, received, &mut Vec::new())
     }
 
     fn row(pk: &str, at: usize, filler: usize) -> Row {

@@ -25,7 +25,7 @@ use crate::settle;
 use crate::write::{write_all, Written};
 use infra::storage::QueueMessage;
 use schemas::timefmt::now_ms;
-use schemas::Reason;
+use schemas::{DeviceMessage, Reason};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use tokio::time::Instant;
 
@@ -35,9 +35,16 @@ struct Held {
     sorted: Sorted,
     /// The failure that keeps this message from being finished.
     failure: Option<Failure>,
+    /// Its device messages, decoded again only when a refusal or poison needs them.
+    devices: Option<Vec<DeviceMessage>>,
 }
 
 impl Held {
+    fn devices(&mut self) -> &[DeviceMessage] {
+        self.devices
+            .get_or_insert_with(|| classify::decode_again(&self.message.text))
+    }
+
     /// Records a failure. One only the operator can fix outweighs a transient one, and one
     /// that forbids poisoning outweighs one that allows it, so a message is never poisoned
     /// for a round that storage refused, nor deleted after its quarantine or registration
@@ -82,6 +89,7 @@ pub async fn round(
             message,
             sorted,
             failure: None,
+            devices: None,
         })
         .collect();
 
@@ -158,6 +166,7 @@ pub async fn round(
             message,
             sorted,
             failure,
+            ..
         } = h;
         if let Keep::Queued(version) = sorted.keep {
             *newer.entry(version).or_default() += 1;
@@ -172,12 +181,12 @@ pub async fn round(
             continue;
         };
         if refusals.is_empty() {
-            settle::finished(ctx, &message, &sorted.devices, settle_by, now_ms()).await;
+            settle::finished(ctx, &message, &sorted.received_at_ms, settle_by, now_ms()).await;
         } else {
             writer
                 .submit(Submission {
                     message,
-                    devices: sorted.devices,
+                    received_at_ms: sorted.received_at_ms,
                     records: refusals,
                     claim,
                     deadline: settle_by,
@@ -282,13 +291,14 @@ async fn quarantine(ctx: &Ctx, held: &mut [Held], deadline: Instant) {
 /// Dead-letters one reading the table refused for its content.
 fn storage_refused(ctx: &Ctx, held: &mut [Held], origin: Origin, row: &str, error: &str, now: i64) {
     let h = &mut held[origin.message];
+    let attempts = h.message.dequeue_count;
     let record = classify::record(
         &ctx.rules,
-        &h.sorted.devices[origin.device],
+        &h.devices()[origin.device],
         Reason::StorageRejected,
         format!("row {row} refused by Table Storage: {error}"),
         Vec::new(),
-        h.message.dequeue_count,
+        attempts,
         now,
     );
     h.sorted.refusals.push(record);
@@ -354,18 +364,24 @@ fn poison(ctx: &Ctx, held: &mut [Held], now: i64) {
             "gave up after {} deliveries: {failure}",
             h.message.dequeue_count
         );
-        for device in &h.sorted.devices {
-            let record = classify::record(
-                &ctx.rules,
-                device,
-                Reason::Poison,
-                detail.clone(),
-                Vec::new(),
-                h.message.dequeue_count,
-                now,
-            );
-            h.sorted.refusals.push(record);
-        }
+        let attempts = h.message.dequeue_count;
+        let records: Vec<_> = h
+            .devices()
+            .iter()
+            .map(|device| {
+                let (reason, detail) = (Reason::Poison, detail.clone());
+                classify::record(
+                    &ctx.rules,
+                    device,
+                    reason,
+                    detail,
+                    Vec::new(),
+                    attempts,
+                    now,
+                )
+            })
+            .collect();
+        h.sorted.refusals.extend(records);
         h.failure = None;
         poisoned += 1;
     }
@@ -389,11 +405,12 @@ mod tests {
                 text: String::new(),
             },
             sorted: Sorted {
-                devices: Vec::new(),
+                received_at_ms: Vec::new(),
                 refusals: Vec::new(),
                 keep: Keep::Quarantine,
             },
             failure: None,
+            devices: None,
         }
     }
 

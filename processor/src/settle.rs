@@ -8,23 +8,23 @@ use crate::ctx::{retry, Ctx};
 use crate::failure::Failure;
 use crate::metrics_names as m;
 use infra::storage::QueueMessage;
-use schemas::DeviceMessage;
 use tokio::time::Instant;
 
 /// Deletes a queue message whose every reading is stored or dead-lettered; `stored_at_ms` is
-/// when its readings were stored (the latency the metric reports).
+/// when its readings were stored, and `received_at_ms` when each of its device messages was
+/// received (the latency the metric reports).
 pub async fn finished(
     ctx: &Ctx,
     message: &QueueMessage,
-    devices: &[DeviceMessage],
+    received_at_ms: &[i64],
     deadline: Instant,
     stored_at_ms: i64,
 ) {
     match retry(deadline, || ctx.queue.delete(message)).await {
         Ok(()) => {
             metrics::counter!(m::MESSAGES_DONE).increment(1);
-            for d in devices {
-                let seconds = (stored_at_ms - d.received_at_ms).max(0) as f64 / 1000.0;
+            for received in received_at_ms {
+                let seconds = (stored_at_ms - received).max(0) as f64 / 1000.0;
                 metrics::histogram!(m::LATENCY_SECONDS).record(seconds);
             }
         }
