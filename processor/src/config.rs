@@ -77,6 +77,12 @@ pub struct Config {
     #[arg(long, env = "PROCESSOR_WRITE_CONCURRENCY", default_value_t = 128)]
     pub write_concurrency: usize,
 
+    /// Table request bodies in flight, in KiB, all workers together (a transaction of 100
+    /// readings is about 70 KiB; a larger one than this is sent alone). With the rounds, what
+    /// bounds memory under a backlog: 128 transactions in flight would hold 9 MiB and more.
+    #[arg(long, env = "PROCESSOR_WRITE_KIB", default_value_t = 4096)]
+    pub write_kib: u32,
+
     /// Longest wait to gather dead letters from many rounds into one dead-letter message
     /// (at most a quarter of the visibility timeout). A queue message with refused readings is
     /// deleted that much later; a dead-letter queue of packed messages is far cheaper to

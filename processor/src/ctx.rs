@@ -9,6 +9,7 @@ use infra::serve::Health;
 use infra::storage::{Queue, StorageError, Table};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
+use tokio::sync::SemaphorePermit;
 use tokio::time::Instant;
 
 /// The readiness key of storage trouble met by rounds.
@@ -38,6 +39,10 @@ pub struct Ctx {
     /// fills every worker, and more concurrent requests than storage serves only queue there
     /// until they time out and are redone.
     pub writes: tokio::sync::Semaphore,
+    /// The KiB of request bodies those writes may hold (`write_bytes` permits): with the
+    /// rounds, what bounds memory.
+    pub write_kib: u32,
+    pub write_bytes: tokio::sync::Semaphore,
     pub health: Health,
     /// Set while storage refuses this processor for a reason only the operator can fix (a
     /// credential without a right, a missing table): the fetcher then spaces its gets by this
@@ -165,6 +170,34 @@ impl Ctx {
     }
 }
 
+/// A table write's turn: one of the requests in flight, and its body's KiB.
+pub type WritePermit<'a> = (SemaphorePermit<'a>, SemaphorePermit<'a>);
+
+impl Ctx {
+    /// Waits for a write's turn with a body of about `bytes` (one larger than all the KiB
+    /// allowed waits for all of them, and goes alone). Both semaphores are fair, so a turn
+    /// comes after every write that asked before it.
+    pub async fn write_permit(&self, bytes: usize) -> WritePermit<'_> {
+        let body = self
+            .write_bytes
+            .acquire_many(body_kib(bytes, self.write_kib))
+            .await;
+        let request = self.writes.acquire().await;
+        (
+            request.expect("the write semaphores are never closed"),
+            body.expect("the write semaphores are never closed"),
+        )
+    }
+}
+
+/// The KiB permits a body of `bytes` takes of `most`: at least one, and never more than all
+/// (more would wait forever).
+fn body_kib(bytes: usize, most: u32) -> u32 {
+    u32::try_from(bytes.div_ceil(1024))
+        .unwrap_or(u32::MAX)
+        .clamp(1, most.max(1))
+}
+
 /// Runs `op` until it succeeds, fails for good, or `deadline` passes (no attempt outlives it).
 pub async fn retry<T, F, Fut>(deadline: Instant, op: F) -> Result<T, StorageError>
 where
@@ -175,4 +208,21 @@ where
         metrics::counter!(m::STORAGE_ERRORS).increment(1);
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::body_kib;
+
+    #[test]
+    fn a_body_takes_its_kib_between_one_and_all() {
+        assert_eq!(body_kib(0, 4096), 1, "the fetcher's gate takes one");
+        assert_eq!(body_kib(70 * 1024 + 1, 4096), 71);
+        assert_eq!(
+            body_kib(4 << 20, 1024),
+            1024,
+            "larger than all: waits for all, goes alone"
+        );
+        assert_eq!(body_kib(usize::MAX, 0), 1);
+    }
 }

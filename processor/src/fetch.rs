@@ -51,13 +51,13 @@ pub async fn run(ctx: Arc<Ctx>, writer: Writer, fetch: Fetch, shutdown: Cancella
                 _ = tokio::time::sleep(pause) => {}
             }
         }
-        // No new round while the rounds held keep writes waiting for a permit (the semaphore
-        // is fair: this turn comes after every write queued before it): messages storage
+        // No new round while the rounds held keep writes waiting for a permit (the semaphores
+        // are fair: this turn comes after every write queued before it): messages storage
         // cannot take yet wait in the queue, not in this process, where they would run out
         // of time and be redone.
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            permit = ctx.writes.acquire() => drop(permit),
+            permit = ctx.write_permit(0) => drop(permit),
         }
         let taken_at = Instant::now();
         let delay = match take(&ctx, budget.get()).await {

@@ -65,6 +65,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         max_deliveries: config.max_deliveries,
         write_concurrency: config.write_concurrency,
         writes: tokio::sync::Semaphore::new(config.write_concurrency.max(1)),
+        write_kib: config.write_kib.max(1),
+        write_bytes: tokio::sync::Semaphore::new(config.write_kib.max(1) as usize),
         health: health.clone(),
         stalled: std::sync::Mutex::default(),
         poison_from: std::sync::Mutex::new(

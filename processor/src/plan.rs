@@ -13,6 +13,8 @@ pub struct Batch<O> {
     pub rows: Vec<Row>,
     /// Where each entity came from (several sources when readings shared a key).
     pub origins: Vec<Vec<O>>,
+    /// About how large its request body is.
+    pub bytes: usize,
 }
 
 impl<O: Copy> Batch<O> {
@@ -20,6 +22,7 @@ impl<O: Copy> Batch<O> {
         Self {
             rows: Vec::new(),
             origins: Vec::new(),
+            bytes: 0,
         }
     }
 
@@ -55,7 +58,6 @@ pub fn plan<O: Copy>(items: impl IntoIterator<Item = (O, Row)>) -> Plan<O> {
     let mut overwrites = 0;
     let mut batches = Vec::new();
     let mut current = Batch::new();
-    let mut bytes = 0;
     while let Some((owner, mut row)) = items.next() {
         let mut owners = vec![owner];
         while let Some((owner, later)) = items.next_if(|(_, next)| {
@@ -72,16 +74,12 @@ pub fn plan<O: Copy>(items: impl IntoIterator<Item = (O, Row)>) -> Plan<O> {
             .rows
             .first()
             .is_some_and(|first| first.partition_key != row.partition_key);
-        if other_partition
-            || current.rows.len() == MAX_BATCH_OPERATIONS
-            || bytes + size > MAX_BATCH_BYTES
-        {
-            if !current.rows.is_empty() {
-                batches.push(std::mem::replace(&mut current, Batch::new()));
-            }
-            bytes = 0;
+        let full = current.rows.len() == MAX_BATCH_OPERATIONS
+            || (!current.rows.is_empty() && current.bytes + size > MAX_BATCH_BYTES);
+        if other_partition || full {
+            batches.push(std::mem::replace(&mut current, Batch::new()));
         }
-        bytes += size;
+        current.bytes += size;
         current.rows.push(row);
         current.origins.push(owners);
     }
@@ -164,6 +162,7 @@ mod tests {
                 .iter()
                 .map(|r| r.json.len() + PER_OPERATION_OVERHEAD)
                 .sum();
+            assert_eq!(b.bytes, bytes);
             assert!(bytes <= MAX_BATCH_BYTES);
         }
     }

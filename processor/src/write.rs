@@ -28,7 +28,8 @@ pub enum Written {
     },
 }
 
-/// Writes every batch, at most `write_concurrency` at once across all rounds.
+/// Writes every batch, at most `write_concurrency` at once and `write_kib` of bodies across
+/// all rounds.
 pub async fn write_all(
     ctx: &Ctx,
     batches: Vec<Batch<Origin>>,
@@ -36,7 +37,8 @@ pub async fn write_all(
 ) -> Vec<(Batch<Origin>, Written)> {
     stream::iter(batches)
         .map(|batch| async move {
-            let written = match tokio::time::timeout_at(deadline, ctx.writes.acquire()).await {
+            let turn = tokio::time::timeout_at(deadline, ctx.write_permit(batch.bytes)).await;
+            let written = match turn {
                 Ok(permit) => {
                     let written = write_batch(ctx, &batch, deadline).await;
                     drop(permit);
