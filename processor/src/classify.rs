@@ -6,7 +6,7 @@
 //! tests drive it from fixtures; [`crate::round`] carries out the effects.
 
 use crate::devices::{self, Latest};
-use infra::storage::Row;
+use crate::plan::Pending;
 use schemas::dead_letter::{DeadLetter, Refusal};
 use schemas::envelope::{self, DecodeError, DeviceMessage};
 use schemas::reading::{self, Policy, Rejection};
@@ -60,8 +60,8 @@ pub struct Sorted {
 pub struct Classified {
     /// Per queue message, in the order given.
     pub messages: Vec<Sorted>,
-    /// The valid readings as encoded rows, with where each came from.
-    pub rows: Vec<(Origin, Row)>,
+    /// The valid readings, with where each came from.
+    pub rows: Vec<(Origin, Pending)>,
     /// The newest reading of each device, for the device table.
     pub latest: Latest,
 }
@@ -77,8 +77,6 @@ pub fn classify<'a>(
         rows: Vec::new(),
         latest: Latest::new(),
     };
-    // Each row is encoded here, then copied out at its exact size: a round holds thousands.
-    let mut scratch = Vec::with_capacity(1024);
     for (message, (text, attempts)) in messages.into_iter().enumerate() {
         let mut sorted = Sorted {
             received_at_ms: Vec::new(),
@@ -128,11 +126,17 @@ pub fn classify<'a>(
                 &rules.policy,
                 &msg.overrides,
             );
-            for r in &outcome.readings {
-                devices::keep_newest(&mut out.latest, r, msg.received_at_ms);
+            for reading in outcome.readings {
+                devices::keep_newest(&mut out.latest, &reading, msg.received_at_ms);
                 let origin = Origin { message, device };
-                out.rows
-                    .push((origin, row(r, msg.received_at_ms, &mut scratch)));
+                let ingested_at_ms = msg.received_at_ms;
+                out.rows.push((
+                    origin,
+                    Pending {
+                        reading,
+                        ingested_at_ms,
+                    },
+                ));
             }
             if !outcome.rejections.is_empty() {
                 let record = refusal(rules, msg, &outcome.rejections, attempts, now_ms);
@@ -148,19 +152,9 @@ pub fn classify<'a>(
 /// The device messages of a queue message's text, in the order [`classify`] numbered them.
 /// Decoding is deterministic, so an [`Origin::device`] found then points into these now.
 pub fn decode_again(text: &str) -> Vec<DeviceMessage> {
-    envelope::decode_entries(text).map_or_else(|_| Vec::new(), |(devices, _)| devices)
-}
-
-/// A reading's table row, encoded once (no JSON map on the way to the wire) in `scratch` and
-/// kept at its exact size.
-pub(crate) fn row(reading: &reading::Reading, ingested_at_ms: i64, scratch: &mut Vec<u8>) -> Row {
-    scratch.clear();
-    schemas::entity::encode(reading, ingested_at_ms, scratch);
-    Row {
-        partition_key: reading.device_id.clone(),
-        row_key: schemas::entity::row_key(reading),
-        json: bytes::Bytes::copy_from_slice(scratch),
-    }
+    envelope::decode_entries(text)
+        .map(|(devices, _)| devices)
+        .unwrap_or_default()
 }
 
 /// The dead-letter record for a device message with refused readings.
@@ -332,7 +326,7 @@ mod tests {
             let device = &again[origin.device];
             assert_eq!(
                 device.topic,
-                format!("devices/{}/telemetry", row.partition_key)
+                format!("devices/{}/telemetry", row.reading.device_id)
             );
             assert_eq!(
                 device.received_at_ms,

@@ -77,9 +77,10 @@ pub struct Config {
     #[arg(long, env = "PROCESSOR_WRITE_CONCURRENCY", default_value_t = 128)]
     pub write_concurrency: usize,
 
-    /// Table request bodies in flight, in KiB, all workers together (a transaction of 100
-    /// readings is about 70 KiB; a larger one than this is sent alone). With the rounds, what
-    /// bounds memory under a backlog: 128 transactions in flight would hold 9 MiB and more.
+    /// Table request bodies in flight, in KiB, all workers together: each write waits for its
+    /// body's largest size (a transaction of 100 readings about 100 KiB; a larger one than
+    /// this goes alone). With the rounds, what bounds memory under a backlog: a write in flight
+    /// holds its encoded rows and its body, about twice what it counts here.
     #[arg(long, env = "PROCESSOR_WRITE_KIB", default_value_t = 4096)]
     pub write_kib: u32,
 

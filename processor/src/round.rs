@@ -20,7 +20,7 @@ use crate::dead_letters::{Claim, Submission, Writer};
 use crate::devices::Trouble;
 use crate::failure::{Failure, Stage};
 use crate::metrics_names as m;
-use crate::plan::plan;
+use crate::plan::{plan, Pending};
 use crate::settle;
 use crate::write::{write_all, Written};
 use infra::storage::QueueMessage;
@@ -98,12 +98,13 @@ pub async fn round(
     // Which messages carry each device's readings: a failed registration holds back those.
     let mut carriers: HashMap<String, BTreeSet<usize>> = HashMap::new();
     for (origin, row) in &rows {
-        match carriers.get_mut(&row.partition_key) {
+        let device = &row.reading.device_id;
+        match carriers.get_mut(device) {
             Some(messages) => {
                 messages.insert(origin.message);
             }
             None => {
-                carriers.insert(row.partition_key.clone(), BTreeSet::from([origin.message]));
+                carriers.insert(device.clone(), BTreeSet::from([origin.message]));
             }
         }
     }
@@ -126,7 +127,7 @@ pub async fn round(
                 for (k, error) in refused {
                     for origin in batch.origins[k].iter().copied() {
                         if seen.insert(origin) {
-                            let row = format!("{:?}", batch.rows[k].row_key);
+                            let row = format!("{:?}", batch.rows[k].row_key());
                             storage_refused(ctx, &mut held, origin, &row, &error, now);
                         }
                     }
@@ -203,17 +204,13 @@ pub async fn round(
 }
 
 /// The device-hours of `rows`, with the messages carrying them.
-fn device_hours(
-    rows: &[(Origin, infra::storage::Row)],
-) -> BTreeMap<(String, i64), BTreeSet<usize>> {
+fn device_hours(rows: &[(Origin, Pending)]) -> BTreeMap<(String, i64), BTreeSet<usize>> {
     let hour = schemas::rollup::Interval::Hour;
     let mut hours: BTreeMap<(String, i64), BTreeSet<usize>> = BTreeMap::new();
     for (origin, row) in rows {
-        let Some(at) = schemas::timefmt::parse_rfc3339_ms(&row.row_key) else {
-            continue;
-        };
+        let at = hour.floor(row.reading.measured_at_ms);
         hours
-            .entry((row.partition_key.clone(), hour.floor(at)))
+            .entry((row.reading.device_id.clone(), at))
             .or_default()
             .insert(origin.message);
     }

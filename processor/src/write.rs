@@ -8,7 +8,7 @@ use crate::failure::{Failure, Stage};
 use crate::metrics_names as m;
 use crate::plan::Batch;
 use futures::{stream, StreamExt};
-use infra::storage::{BatchOutcome, Refusal, StorageError};
+use infra::storage::{BatchOutcome, Refusal, Row, StorageError};
 use tokio::time::Instant;
 
 /// Single writes at once when a refused transaction is retried entity by entity.
@@ -66,7 +66,10 @@ fn failed(error: StorageError) -> Failure {
 }
 
 async fn write_batch(ctx: &Ctx, batch: &Batch<Origin>, deadline: Instant) -> Written {
-    if let [row] = batch.rows.as_slice() {
+    // Encoded now, not when the round was sorted: only the writes in flight hold rows.
+    let mut scratch = Vec::with_capacity(1024);
+    let rows: Vec<Row> = batch.rows.iter().map(|p| p.row(&mut scratch)).collect();
+    if let [row] = rows.as_slice() {
         metrics::counter!(m::TABLE_WRITES, "kind" => "single").increment(1);
         return match retry(deadline, || ctx.table.upsert_row(row)).await {
             Ok(()) => Written::Stored(1),
@@ -80,8 +83,8 @@ async fn write_batch(ctx: &Ctx, batch: &Batch<Origin>, deadline: Instant) -> Wri
     metrics::counter!(m::TABLE_WRITES, "kind" => "batch").increment(1);
     // Only a refusal for what the batch carries can be one entity's fault; any other leaves
     // the messages to be redone, and blames no reading.
-    let why = match retry(deadline, || ctx.table.upsert_rows(&batch.rows)).await {
-        Ok(BatchOutcome::Committed) => return Written::Stored(batch.rows.len()),
+    let why = match retry(deadline, || ctx.table.upsert_rows(&rows)).await {
+        Ok(BatchOutcome::Committed) => return Written::Stored(rows.len()),
         Ok(BatchOutcome::Rejected(refusal @ Refusal::Content(_))) => refusal.to_string(),
         Ok(BatchOutcome::Rejected(refusal)) => {
             return Written::Retry(Failure::Refused {
@@ -94,8 +97,8 @@ async fn write_batch(ctx: &Ctx, batch: &Batch<Origin>, deadline: Instant) -> Wri
         Err(e) => return Written::Retry(failed(e)),
     };
     // A refused transaction wrote nothing; find the culprit by writing one at a time.
-    tracing::warn!(reason = %why, entities = batch.rows.len(), "Transaction refused; writing its entities one by one.");
-    let rows = &batch.rows;
+    tracing::warn!(reason = %why, entities = rows.len(), "Transaction refused; writing its entities one by one.");
+    let rows = &rows;
     let results: Vec<(usize, Result<(), StorageError>)> = stream::iter(0..rows.len())
         .map(|k| async move {
             metrics::counter!(m::TABLE_WRITES, "kind" => "single").increment(1);
