@@ -127,7 +127,6 @@ pub fn classify<'a>(
                 &msg.overrides,
             );
             for reading in outcome.readings {
-                devices::keep_newest(&mut out.latest, &reading, msg.received_at_ms);
                 let origin = Origin { message, device };
                 let ingested_at_ms = msg.received_at_ms;
                 out.rows.push((
@@ -146,6 +145,7 @@ pub fn classify<'a>(
         sorted.received_at_ms = decoded.iter().map(|d| d.received_at_ms).collect();
         out.messages.push(sorted);
     }
+    out.latest = devices::newest(out.rows.iter().map(|(_, p)| (&p.reading, p.ingested_at_ms)));
     out
 }
 

@@ -9,6 +9,7 @@
 use crate::metrics_names as m;
 use infra::storage::{BatchOutcome, Entity, Refusal, StorageError, Table, MAX_BATCH_OPERATIONS};
 use schemas::{device, Reading};
+use std::collections::hash_map;
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
@@ -190,15 +191,26 @@ fn chunk(rows: Vec<Entity>) -> Vec<Vec<Entity>> {
     out
 }
 
-/// Keeps, per device, the newest of the readings offered.
-pub fn keep_newest(latest: &mut Latest, reading: &Reading, ingested_at_ms: i64) {
-    match latest.get_mut(&reading.device_id) {
-        Some((r, _)) if r.measured_at_ms >= reading.measured_at_ms => {}
-        Some(slot) => *slot = (reading.clone(), ingested_at_ms),
-        None => {
-            latest.insert(reading.device_id.clone(), (reading.clone(), ingested_at_ms));
+/// The newest of `readings` for each device (the first of equals), cloned once per device:
+/// a gateway's array holds a hundred readings of one device, each newer than the last.
+pub fn newest<'a>(readings: impl IntoIterator<Item = (&'a Reading, i64)>) -> Latest {
+    let mut picked: HashMap<&'a str, (&'a Reading, i64)> = HashMap::new();
+    for (reading, ingested_at_ms) in readings {
+        match picked.entry(&reading.device_id) {
+            hash_map::Entry::Occupied(mut slot) => {
+                if reading.measured_at_ms > slot.get().0.measured_at_ms {
+                    slot.insert((reading, ingested_at_ms));
+                }
+            }
+            hash_map::Entry::Vacant(slot) => {
+                slot.insert((reading, ingested_at_ms));
+            }
         }
     }
+    picked
+        .into_iter()
+        .map(|(id, (reading, at))| (id.to_owned(), (reading.clone(), at)))
+        .collect()
 }
 
 #[cfg(test)]
@@ -230,11 +242,15 @@ mod tests {
 
     #[test]
     fn new_devices_are_registered_and_known_ones_queued_newest_first() {
-        let mut latest = Latest::new();
-        keep_newest(&mut latest, &reading("a", 2_000), 10);
-        keep_newest(&mut latest, &reading("a", 1_000), 11);
-        keep_newest(&mut latest, &reading("b", 5_000), 12);
-        assert_eq!(latest["a"].0.measured_at_ms, 2_000);
+        let offered = [
+            (reading("a", 2_000), 10),
+            (reading("a", 1_000), 11),
+            (reading("b", 5_000), 12),
+            (reading("b", 5_000), 13),
+        ];
+        let latest = newest(offered.iter().map(|(r, at)| (r, *at)));
+        assert_eq!(latest["a"], (reading("a", 2_000), 10));
+        assert_eq!(latest["b"].1, 12, "the first of equals");
 
         let r = registry();
         let fresh = r.note(latest.clone());
@@ -243,9 +259,8 @@ mod tests {
         r.registered(fresh.concat().iter().filter_map(device::device_id));
 
         // Known now: nothing to register; only readings newer than the row are queued.
-        let mut next = Latest::new();
-        keep_newest(&mut next, &reading("a", 1_500), 20);
-        keep_newest(&mut next, &reading("b", 6_000), 21);
+        let offered = [(reading("a", 1_500), 20), (reading("b", 6_000), 21)];
+        let next = newest(offered.iter().map(|(r, at)| (r, *at)));
         assert!(r.note(next).is_empty());
         let state = r.state();
         assert!(

@@ -309,8 +309,9 @@ pub fn validate(
                 // silently overwrite the first. An identical copy is harmless and dropped; a
                 // different one is refused, naming the element it collides with.
                 let new = &out.readings[before];
+                // The instant first: it rules out nearly every pair without a string compare.
                 let earlier = out.readings[..before].iter().position(|r| {
-                    r.device_id == new.device_id && r.measured_at_ms == new.measured_at_ms
+                    r.measured_at_ms == new.measured_at_ms && r.device_id == new.device_id
                 });
                 if let Some(j) = earlier {
                     let same = out.readings[j] == *new;

@@ -206,25 +206,36 @@ impl TableWire {
             "--{batch}\r\nContent-Type: multipart/mixed; boundary={changeset}\r\n\r\n"
         );
         for op in ops {
-            let _ = write!(
-                line,
-                "--{changeset}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+            // Pushed piece by piece: a formatter per line was a tenth of a gateway round.
+            line.push_str("--");
+            line.push_str(&changeset);
+            line.push_str(
+                "\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n",
             );
             let (method, pk, rk) = match op {
                 WireOp::Replace(row) => ("PUT", &*row.partition_key, &*row.row_key),
                 WireOp::Merge(row) => ("MERGE", &*row.partition_key, &*row.row_key),
                 WireOp::Delete(row) => ("DELETE", row.partition_key, row.row_key),
             };
-            let _ = write!(line, "{method} {}/", self.endpoint);
+            line.push_str(method);
+            line.push(' ');
+            line.push_str(&self.endpoint);
+            line.push('/');
             entity_path(&mut line, table, pk, rk);
-            let _ = write!(line, " HTTP/1.1\r\nAccept: {ACCEPT}\r\n");
+            line.push_str(" HTTP/1.1\r\nAccept: ");
+            line.push_str(ACCEPT);
+            line.push_str("\r\n");
             match op {
                 WireOp::Delete(row) => {
-                    let _ = write!(line, "If-Match: {}\r\n\r\n", row.etag);
+                    line.push_str("If-Match: ");
+                    line.push_str(row.etag);
+                    line.push_str("\r\n\r\n");
                     body.extend_from_slice(line.as_bytes());
                 }
                 WireOp::Replace(row) | WireOp::Merge(row) => {
-                    let _ = write!(line, "Content-Type: {JSON}\r\n\r\n");
+                    line.push_str("Content-Type: ");
+                    line.push_str(JSON);
+                    line.push_str("\r\n\r\n");
                     body.extend_from_slice(line.as_bytes());
                     body.extend_from_slice(&row.json);
                     body.extend_from_slice(b"\r\n");
@@ -422,7 +433,10 @@ fn key(out: &mut String, key: &str) {
                 out.push(char::from(b))
             }
             _ => {
-                let _ = write!(out, "%{b:02X}");
+                const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                out.push('%');
+                out.push(char::from(HEX[usize::from(b >> 4)]));
+                out.push(char::from(HEX[usize::from(b & 0xf)]));
             }
         }
     }
