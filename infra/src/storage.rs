@@ -8,6 +8,7 @@
 mod account;
 mod blob;
 mod entra;
+mod h1;
 mod http;
 mod prepare;
 mod queue;

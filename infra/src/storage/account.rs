@@ -211,7 +211,8 @@ impl Account {
         };
         let http = super::http::client(trusted_ca).map_err(AccountError::Ca)?;
         let wire = TableWire::new(http.clone(), &account, &table_endpoint, wire)
-            .map_err(AccountError::Malformed)?;
+            .map_err(AccountError::Malformed)?
+            .with_direct(super::h1::H1::for_endpoint(&table_endpoint, trusted_ca)?);
         let transport = azure_core::TransportOptions::new(super::http::Pooled::shared(http));
         let queues = azure_storage_queues::QueueServiceClientBuilder::with_location(
             location(&queue_endpoint),

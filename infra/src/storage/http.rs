@@ -18,8 +18,11 @@ use azure_core::{Body, HttpClient, Request, Response};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long an unused connection stays in the pool.
-const IDLE: Duration = Duration::from_secs(3);
+/// How long an unused connection stays in the pool (here and in `h1.rs`).
+pub(super) const IDLE: Duration = Duration::from_secs(3);
+
+/// What every storage request says it comes from.
+pub(super) const USER_AGENT: &str = concat!("telemetry-pipeline/", env!("CARGO_PKG_VERSION"));
 
 /// A `reqwest` client with pooling on, behind the SDK's `HttpClient` trait.
 #[derive(Debug, Clone)]
@@ -30,7 +33,7 @@ pub(super) struct Pooled(reqwest::Client);
 /// (`wire.rs`) share it, and so its connections.
 pub(super) fn client(trusted_ca: Option<&[u8]>) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder()
-        .user_agent(concat!("telemetry-pipeline/", env!("CARGO_PKG_VERSION")))
+        .user_agent(USER_AGENT)
         .pool_idle_timeout(IDLE)
         .tcp_nodelay(true);
     if let Some(pem) = trusted_ca {
