@@ -46,6 +46,8 @@ pub struct Packer {
     /// Messages of abandoned writes and of every write after one: never acknowledged here
     /// (acks go in order), so the broker redelivers them.
     unacknowledged: usize,
+    /// Deliveries held, not yet acknowledged (looked up once, changed per message).
+    pending: metrics::Gauge,
 }
 
 impl Packer {
@@ -70,6 +72,7 @@ impl Packer {
             abandon: CancellationToken::new(),
             interrupt: CancellationToken::new(),
             unacknowledged: 0,
+            pending: metrics::gauge!(m::PENDING),
         }
     }
 
@@ -175,7 +178,7 @@ impl Packer {
         delivery.publish.payload = Default::default();
         delivery.publish.topic = Default::default();
         self.held.push(delivery);
-        metrics::gauge!(m::PENDING).increment(1.0);
+        self.pending.increment(1.0);
         self.held.len() == 1
     }
 
@@ -235,7 +238,7 @@ impl Packer {
             metrics::counter!(m::ENVELOPES).increment(1);
             metrics::histogram!(m::ENVELOPE_MESSAGES).record(written as f64);
         }
-        metrics::gauge!(m::PENDING).decrement(deliveries.len() as f64);
+        self.pending.decrement(deliveries.len() as f64);
         // The acker only ends after the packer, so this send cannot fail while it matters.
         let _ = self.acks.send(deliveries);
     }

@@ -1,5 +1,6 @@
-//! The HTTP client of every storage request, the SDK's (as its transport) and the lean table
-//! writes' (`wire.rs`): one pooled, keep-alive connection set per account.
+//! The HTTP client of every storage request but the lean table writes (those have their own
+//! connections, `h1.rs`, unless a proxy is configured): the SDK's transport, one pooled,
+//! keep-alive connection set per account.
 //!
 //! The SDK's default client disables connection pooling (`pool_max_idle_per_host(0)`, a
 //! workaround for hyperium/hyper#2312), so every storage request opened a new TCP connection

@@ -257,8 +257,8 @@ impl TableWire {
         (batch, body)
     }
 
-    /// Sends a request and reads the whole answer (so the connection goes back to the pool
-    /// at once).
+    /// Sends a request on `direct`'s connections (or, with a proxy, the pooled client's) and
+    /// reads the whole answer (so the connection goes back to the pool at once).
     async fn execute(&self, request: reqwest::Request) -> Result<Answer, ErrorKind> {
         if let Some(direct) = &self.direct {
             // An I/O error names no URL, so no SAS signature can reach a log from here.
