@@ -1,6 +1,7 @@
-//! Micro-benchmarks of the table write path before the network: building and signing one
-//! upsert and one 100-entity transaction (`infra::storage`'s lean path, `wire.rs`), with a
-//! shared key and with a SAS. Sending is left out: that is the network's and the service's.
+//! Micro-benchmarks of the table write path before the network: building, signing and
+//! encoding one upsert and one 100-entity transaction (`infra::storage`'s lean path: the
+//! request from `wire.rs`, the bytes `h1.rs` writes), with a shared key and with a SAS.
+//! Sending is left out: that is the network's and the service's.
 //!
 //! `cargo bench -p infra` runs them; `cargo bench -p infra -- upsert` picks some.
 

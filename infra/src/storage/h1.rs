@@ -129,6 +129,29 @@ impl H1 {
 
     /// Sends `request` (its buffered body) and reads the whole answer.
     pub(super) async fn send(&self, request: &reqwest::Request) -> io::Result<Reply> {
+        let (out, rest) = self.encode(request)?;
+        let mut conn = match self.checkout() {
+            Some(conn) => conn,
+            None => self.connect().await?,
+        };
+        conn.stream.write_all(&out).await?;
+        if !rest.is_empty() {
+            conn.stream.write_all(rest).await?;
+        }
+        conn.stream.flush().await?;
+        let (reply, reusable) = conn.read_reply().await?;
+        if reusable {
+            self.checkin(conn);
+        }
+        Ok(reply)
+    }
+
+    /// What [`H1::send`] writes for `request`: its head with the body behind it when the
+    /// body is short, and the rest of the body (empty, or the whole of a long one).
+    pub(super) fn encode<'r>(
+        &self,
+        request: &'r reqwest::Request,
+    ) -> io::Result<(Vec<u8>, &'r [u8])> {
         let body = match request.body() {
             None => &[][..],
             Some(body) => body
@@ -137,24 +160,12 @@ impl H1 {
         };
         let mut out = Vec::with_capacity(1024 + body.len().min(COPY_BODY));
         self.head(&mut out, request, body.len());
-        let copied = body.len() <= COPY_BODY;
-        if copied {
+        if body.len() <= COPY_BODY {
             out.extend_from_slice(body);
+            Ok((out, &[]))
+        } else {
+            Ok((out, body))
         }
-        let mut conn = match self.checkout() {
-            Some(conn) => conn,
-            None => self.connect().await?,
-        };
-        conn.stream.write_all(&out).await?;
-        if !copied {
-            conn.stream.write_all(body).await?;
-        }
-        conn.stream.flush().await?;
-        let (reply, reusable) = conn.read_reply().await?;
-        if reusable {
-            self.checkin(conn);
-        }
-        Ok(reply)
     }
 
     fn head(&self, out: &mut Vec<u8>, request: &reqwest::Request, body_len: usize) {

@@ -257,6 +257,24 @@ impl TableWire {
         (batch, body)
     }
 
+    /// How many bytes sending `request` writes: its head and body on `direct`'s connections;
+    /// through the pooled client (a proxy), the body alone (that client writes the head when
+    /// it sends). For the `table_request` benchmarks.
+    pub(super) fn written_len(&self, request: &reqwest::Request) -> Result<usize, ErrorKind> {
+        match &self.direct {
+            Some(direct) => {
+                let (out, rest) = direct
+                    .encode(request)
+                    .map_err(|e| ErrorKind::Protocol(full_chain(&e)))?;
+                Ok(out.len() + rest.len())
+            }
+            None => Ok(request
+                .body()
+                .and_then(reqwest::Body::as_bytes)
+                .map_or(0, <[u8]>::len)),
+        }
+    }
+
     /// Sends a request on `direct`'s connections (or, with a proxy, the pooled client's) and
     /// reads the whole answer (so the connection goes back to the pool at once).
     async fn execute(&self, request: reqwest::Request) -> Result<Answer, ErrorKind> {
