@@ -66,7 +66,7 @@ impl std::fmt::Debug for H1 {
     }
 }
 
-/// What the service answered.
+/// What the service answered (on either path of `wire.rs`).
 #[derive(Debug)]
 pub(super) struct Reply {
     pub status: u16,

@@ -14,7 +14,7 @@
 //! body. Everything else still goes through the SDK.
 
 use super::entra::Entra;
-use super::h1::H1;
+use super::h1::{Reply, H1};
 use super::table::RowRef;
 use super::{full_chain, redact, ErrorKind};
 use azure_core::auth::{AccessToken, TokenCredential};
@@ -103,13 +103,6 @@ impl std::fmt::Debug for TableWire {
             .field("endpoint", &self.endpoint)
             .finish_non_exhaustive()
     }
-}
-
-/// What the service answered.
-struct Answer {
-    status: u16,
-    code: Option<String>,
-    body: bytes::Bytes,
 }
 
 impl TableWire {
@@ -277,18 +270,13 @@ impl TableWire {
 
     /// Sends a request on `direct`'s connections (or, with a proxy, the pooled client's) and
     /// reads the whole answer (so the connection goes back to the pool at once).
-    async fn execute(&self, request: reqwest::Request) -> Result<Answer, ErrorKind> {
+    async fn execute(&self, request: reqwest::Request) -> Result<Reply, ErrorKind> {
         if let Some(direct) = &self.direct {
             // An I/O error names no URL, so no SAS signature can reach a log from here.
-            let reply = direct
+            return direct
                 .send(&request)
                 .await
-                .map_err(|e| ErrorKind::Transport(full_chain(&e)))?;
-            return Ok(Answer {
-                status: reply.status,
-                code: reply.code,
-                body: reply.body,
-            });
+                .map_err(|e| ErrorKind::Transport(full_chain(&e)));
         }
         // Errors without the URL: with a SAS credential its query string holds the signature.
         let transport = |e: reqwest::Error| ErrorKind::Transport(full_chain(&e.without_url()));
@@ -301,7 +289,7 @@ impl TableWire {
             .filter(|c| !c.is_empty())
             .map(str::to_owned);
         let body = response.bytes().await.map_err(transport)?;
-        Ok(Answer { status, code, body })
+        Ok(Reply { status, code, body })
     }
 
     /// The request, signed: all the CPU a write costs before the network (what the
@@ -405,7 +393,7 @@ fn bearer(token: Option<&AccessToken>) -> Option<&str> {
 }
 
 /// `Ok` for a success status; the service's error, by status, code and message, otherwise.
-fn check(answer: &Answer) -> Result<(), ErrorKind> {
+fn check(answer: &Reply) -> Result<(), ErrorKind> {
     if answer.status < 300 {
         return Ok(());
     }
@@ -605,7 +593,7 @@ Accept: application/json;odata=minimalmetadata\r\nIf-Match: W/\"1\"\r\n\r\n\
 
     #[test]
     fn errors_carry_the_service_code_and_message() {
-        let answer = Answer {
+        let answer = Reply {
             status: 400,
             code: None,
             body: bytes::Bytes::from_static(
@@ -625,7 +613,7 @@ Accept: application/json;odata=minimalmetadata\r\nIf-Match: W/\"1\"\r\n\r\n\
             message,
             "The property value exceeds the maximum allowed size (64KB)."
         );
-        let bare = Answer {
+        let bare = Reply {
             status: 503,
             code: Some("ServerBusy".into()),
             body: bytes::Bytes::new(),
