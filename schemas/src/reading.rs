@@ -4,9 +4,11 @@
 //! of the topic's device (a gateway batch). Validation is per reading: the valid readings of a
 //! message are stored even when a sibling is rejected, and every rejected one is reported.
 
+mod fields;
+
 use crate::reason::Reason;
 use crate::timefmt;
-use serde_json::{Map, Value};
+use fields::{Field, Fields, Item, Payload};
 use std::time::Duration;
 
 /// Most readings in one gateway array.
@@ -250,14 +252,14 @@ pub fn validate(
                 ))
             }
         };
-    let value: Value = match std::str::from_utf8(payload) {
+    let payload = match std::str::from_utf8(payload) {
         Err(e) => {
             return Validated::refused(Rejection::new(
                 Reason::MalformedJson,
                 format!("payload is not UTF-8: {e}"),
             ))
         }
-        Ok(text) => match serde_json::from_str(text) {
+        Ok(text) => match fields::parse(text) {
             Ok(v) => v,
             Err(e) => {
                 return Validated::refused(Rejection::new(
@@ -267,36 +269,34 @@ pub fn validate(
             }
         },
     };
-    let check = |index: Option<usize>, v: Value, out: &mut Validated| match v {
-        Value::Object(map) => match reading_from(map, topic_device, now_ms, policy, overrides) {
+    let check = |index: Option<usize>, item: Item, out: &mut Validated| match item {
+        Item::Object(f) => match reading_from(f, topic_device, now_ms, policy, overrides) {
             Ok(r) => out.readings.push(r),
             Err(mut rej) => {
                 rej.index = index;
                 out.rejections.push(rej);
             }
         },
-        _ => out.rejections.push(Rejection {
+        Item::NotObject => out.rejections.push(Rejection {
             reason: Reason::Schema,
             detail: "a reading must be a JSON object".into(),
             index,
         }),
     };
     let mut out = Validated::default();
-    match value {
-        Value::Array(items) if items.is_empty() => {
+    match payload {
+        Payload::Array { len: 0, .. } => {
             out.rejections
                 .push(Rejection::new(Reason::Schema, "the reading array is empty"));
         }
-        Value::Array(items) if items.len() > MAX_READINGS_PER_MESSAGE => {
+        Payload::Array { len, .. } if len > MAX_READINGS_PER_MESSAGE => {
             out.rejections.push(Rejection::new(
                 Reason::Schema,
-                format!(
-                    "{} readings in one message; the limit is {MAX_READINGS_PER_MESSAGE}",
-                    items.len()
-                ),
+                format!("{len} readings in one message; the limit is {MAX_READINGS_PER_MESSAGE}"),
             ));
         }
-        Value::Array(items) => {
+        Payload::Array { items, .. } => {
+            out.readings.reserve(items.len());
             // Element index of each reading kept, to name the first of two that collide.
             let mut kept_from: Vec<usize> = Vec::new();
             for (i, item) in items.into_iter().enumerate() {
@@ -331,20 +331,20 @@ pub fn validate(
                 kept_from.push(i);
             }
         }
-        other => check(None, other, &mut out),
+        Payload::One(item) => check(None, item, &mut out),
     }
     out
 }
 
 fn reading_from(
-    mut map: Map<String, Value>,
+    fields: Fields,
     topic_device: &str,
     now_ms: i64,
     policy: &Policy,
     overrides: &Override,
 ) -> Result<Reading, Rejection> {
-    let device_id = match map.remove("deviceId") {
-        Some(Value::String(s)) => overrides.device_id(&s).to_owned(),
+    let device_id = match fields.device_id {
+        Some(Field::Str(s)) => overrides.device_id(&s).to_owned(),
         Some(_) => return Err(Rejection::new(Reason::Schema, "deviceId must be a string")),
         None => return Err(Rejection::new(Reason::Schema, "deviceId is missing")),
     };
@@ -360,8 +360,8 @@ fn reading_from(
             format!("payload deviceId {device_id:?} differs from the topic's {topic_device:?}"),
         ));
     }
-    let measured_at_ms = match map.remove("timestamp") {
-        Some(Value::String(s)) => timefmt::parse_rfc3339_ms(&s).ok_or_else(|| {
+    let measured_at_ms = match fields.timestamp {
+        Some(Field::Str(s)) => timefmt::parse_rfc3339_ms(&s).ok_or_else(|| {
             Rejection::new(
                 Reason::InvalidTimestamp,
                 format!("timestamp {s:?} is not RFC 3339 with an offset in years 1970-9999"),
@@ -391,9 +391,9 @@ fn reading_from(
             ),
         ));
     }
-    let seq = match map.remove("seq") {
-        None | Some(Value::Null) => None,
-        Some(Value::Number(n)) => match n.as_u64() {
+    let seq = match fields.seq {
+        None | Some(Field::Null) => None,
+        Some(Field::Number(n)) => match n.as_u64() {
             Some(v) => Some(i64::try_from(v).map_err(|_| {
                 Rejection::new(Reason::OutOfRange, format!("seq {v} exceeds 2^63-1"))
             })?),
@@ -406,25 +406,28 @@ fn reading_from(
         },
         Some(_) => return Err(Rejection::new(Reason::Schema, "seq must be a number")),
     };
-    let temperature = measurement(&mut map, "temperature", TEMPERATURE_RANGE)?;
-    let humidity = measurement(&mut map, "humidity", HUMIDITY_RANGE)?;
-    let pressure = measurement(&mut map, "pressure", PRESSURE_RANGE)?;
+    let temperature = measurement(fields.temperature, "temperature", TEMPERATURE_RANGE)?;
+    let humidity = measurement(fields.humidity, "humidity", HUMIDITY_RANGE)?;
+    let pressure = measurement(fields.pressure, "pressure", PRESSURE_RANGE)?;
     if temperature.is_none() && humidity.is_none() && pressure.is_none() {
         return Err(Rejection::new(
             Reason::Schema,
             "at least one of temperature, humidity, pressure is required",
         ));
     }
-    if map.len() > MAX_EXTRAS {
+    if fields.extras.len() > MAX_EXTRAS {
         return Err(Rejection::new(
             Reason::Schema,
-            format!("{} extra fields; the limit is {MAX_EXTRAS}", map.len()),
+            format!(
+                "{} extra fields; the limit is {MAX_EXTRAS}",
+                fields.extras.len()
+            ),
         ));
     }
-    let mut extras = Vec::with_capacity(map.len());
-    for (name, value) in map {
+    let mut extras = Vec::with_capacity(fields.extras.len());
+    for (name, value) in fields.extras {
         let extra = extra_from(&name, value)?;
-        extras.push((name, extra));
+        extras.push((name.into_owned(), extra));
     }
     Ok(Reading {
         device_id,
@@ -438,13 +441,13 @@ fn reading_from(
 }
 
 fn measurement(
-    map: &mut Map<String, Value>,
+    field: Option<Field>,
     name: &str,
     (lo, hi): (f64, f64),
 ) -> Result<Option<f64>, Rejection> {
-    match map.remove(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => {
+    match field {
+        None | Some(Field::Null) => Ok(None),
+        Some(Field::Number(n)) => {
             // serde_json numbers are always finite, and every JSON number has an f64 form.
             let v = n.as_f64().unwrap_or(f64::NAN);
             if (lo..=hi).contains(&v) {
@@ -463,7 +466,7 @@ fn measurement(
     }
 }
 
-fn extra_from(name: &str, value: Value) -> Result<Extra, Rejection> {
+fn extra_from(name: &str, value: Field) -> Result<Extra, Rejection> {
     let valid_name = name.len() <= MAX_EXTRA_NAME_LEN
         && name.starts_with(|c: char| c.is_ascii_alphabetic())
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
@@ -483,8 +486,8 @@ fn extra_from(name: &str, value: Value) -> Result<Extra, Rejection> {
         ));
     }
     match value {
-        Value::Bool(b) => Ok(Extra::Bool(b)),
-        Value::Number(n) => {
+        Field::Bool(b) => Ok(Extra::Bool(b)),
+        Field::Number(n) => {
             if let Some(i) = n.as_i64() {
                 Ok(Extra::Int(i))
             } else if n.is_u64() {
@@ -496,8 +499,8 @@ fn extra_from(name: &str, value: Value) -> Result<Extra, Rejection> {
                 Ok(Extra::Float(n.as_f64().unwrap_or(f64::NAN)))
             }
         }
-        Value::String(s) if s.len() <= MAX_EXTRA_STRING_LEN => Ok(Extra::Str(s)),
-        Value::String(s) => Err(Rejection::new(
+        Field::Str(s) if s.len() <= MAX_EXTRA_STRING_LEN => Ok(Extra::Str(s.into_owned())),
+        Field::Str(s) => Err(Rejection::new(
             Reason::Schema,
             format!(
                 "extra field {name:?} is a {}-byte string; the limit is {MAX_EXTRA_STRING_LEN}",
@@ -582,6 +585,30 @@ mod tests {
         assert_eq!(out.readings[0].device_id, "d-1");
         // A mapping does not excuse anything else.
         assert_eq!(check(topic, &stale, &map), [Reason::Stale]);
+    }
+
+    #[test]
+    fn what_serde_json_values_refuse_is_not_json() {
+        let at = timefmt::format_ms(NOW);
+        let good = format!(r#"{{"deviceId":"d-1","timestamp":"{at}","temperature":1}}"#);
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let mut payloads: Vec<String> = [deep.as_str(), "[1e400]", r#"{"a":-1e999}"#]
+            .iter()
+            .map(|inner| format!(r#"[{good},{{"deviceId":"d-1","timestamp":"{at}","x":{inner}}}]"#))
+            .collect();
+        // Past the array limit too: the message is read whole before it is judged.
+        payloads.push(format!(
+            "[{}[1e400]]",
+            "7,".repeat(MAX_READINGS_PER_MESSAGE)
+        ));
+        for payload in payloads {
+            assert!(serde_json::from_str::<serde_json::Value>(&payload).is_err());
+            assert_eq!(
+                check("devices/d-1/telemetry", &payload, &Override::NONE),
+                [Reason::MalformedJson],
+                "{payload}"
+            );
+        }
     }
 
     #[test]

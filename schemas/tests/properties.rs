@@ -6,7 +6,7 @@
 use proptest::prelude::*;
 use schemas::dead_letter::{decode_message, pack, DeadLetter, Refusal};
 use schemas::envelope::{decode, decode_entries};
-use schemas::reading::{validate, Override, Policy};
+use schemas::reading::{validate, Override, Policy, Reading, Rejection};
 use schemas::{DeviceMessage, EnvelopeBuilder, Reason, MAX_PAYLOAD_BYTES, QUEUE_MESSAGE_MAX_CHARS};
 
 const NOW: i64 = 1_700_000_000_000;
@@ -41,6 +41,70 @@ fn reading_json() -> impl Strategy<Value = String> {
         one.clone(),
         prop::collection::vec(one, 0..120).prop_map(|v| format!("[{}]", v.join(","))),
     ]
+}
+
+/// Reading objects with repeated, escaped and case-shifted names, in any order.
+fn messy_objects() -> impl Strategy<Value = String> {
+    let name = prop_oneof![
+        Just("deviceId"),
+        Just("device\\u0049d"),
+        Just("timestamp"),
+        Just("seq"),
+        Just("temperature"),
+        Just("temp\\u0065rature"),
+        Just("humidity"),
+        Just("pressure"),
+        Just("Temperature"),
+        Just("x"),
+        Just("y"),
+        Just("b1"),
+    ];
+    let value = prop_oneof![
+        Just("\"d-1\"".to_owned()),
+        Just("\"d\\u002d1\"".to_owned()),
+        (NOW - 40 * 86_400_000..NOW + 3_600_000)
+            .prop_map(|ms| format!("\"{}\"", schemas::timefmt::format_ms(ms))),
+        (-100.0..1200.0f64).prop_map(|f| format!("{f:?}")),
+        any::<i64>().prop_map(|i| i.to_string()),
+        any::<u64>().prop_map(|u| u.to_string()),
+        Just("-0".to_owned()),
+        Just("true".to_owned()),
+        Just("null".to_owned()),
+        Just("[1,{\"a\":[]}]".to_owned()),
+        Just("{\"deviceId\":\"d-1\"}".to_owned()),
+    ];
+    // Often a valid reading first, so what follows decides between stored values.
+    let valid = format!(
+        r#""deviceId":"d-1","timestamp":"{}","temperature":1"#,
+        schemas::timefmt::format_ms(NOW)
+    );
+    let start = prop_oneof![Just(String::new()), Just(valid)];
+    let object =
+        (start, prop::collection::vec((name, value), 0..12)).prop_map(|(start, fields)| {
+            let fields = fields.iter().map(|(n, v)| format!("\"{n}\":{v}"));
+            let all: Vec<String> = std::iter::once(start)
+                .filter(|s| !s.is_empty())
+                .chain(fields)
+                .collect();
+            format!("{{{}}}", all.join(","))
+        });
+    prop_oneof![
+        object.clone(),
+        prop::collection::vec(object, 0..5).prop_map(|v| format!("[{}]", v.join(","))),
+    ]
+}
+
+fn outcome(payload: &[u8]) -> (Vec<Reading>, Vec<Rejection>) {
+    let out = validate(
+        "devices",
+        "devices/d-1/telemetry",
+        payload,
+        payload.len(),
+        NOW,
+        &Policy::default(),
+        &Override::NONE,
+    );
+    (out.readings, out.rejections)
 }
 
 fn check_outcome(topic: &str, payload: &[u8]) {
@@ -83,6 +147,15 @@ proptest! {
     #[test]
     fn any_reading_shaped_json_is_stored_or_refused(payload in reading_json()) {
         check_outcome("devices/d-1/telemetry", payload.as_bytes());
+    }
+
+    /// Validation reads JSON as `serde_json::Value` does (the last of a repeated name counts,
+    /// escapes are their text), so a payload and its normalised form have one outcome.
+    #[test]
+    fn validation_reads_json_as_serde_json_values_do(payload in messy_objects()) {
+        let value: serde_json::Value = serde_json::from_str(&payload).unwrap();
+        let normalised = serde_json::to_string(&value).unwrap();
+        prop_assert_eq!(outcome(payload.as_bytes()), outcome(normalised.as_bytes()));
     }
 
     #[test]
