@@ -592,10 +592,13 @@ mod tests {
         let at = timefmt::format_ms(NOW);
         let good = format!(r#"{{"deviceId":"d-1","timestamp":"{at}","temperature":1}}"#);
         let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
-        let mut payloads: Vec<String> = [deep.as_str(), "[1e400]", r#"{"a":-1e999}"#]
-            .iter()
-            .map(|inner| format!(r#"[{good},{{"deviceId":"d-1","timestamp":"{at}","x":{inner}}}]"#))
-            .collect();
+        let mut payloads: Vec<String> =
+            [deep.as_str(), "[1e400]", r#"{"a":-1e999}"#, r#"["\ud800"]"#]
+                .iter()
+                .map(|inner| {
+                    format!(r#"[{good},{{"deviceId":"d-1","timestamp":"{at}","x":{inner}}}]"#)
+                })
+                .collect();
         // Past the array limit too: the message is read whole before it is judged.
         payloads.push(format!(
             "[{}[1e400]]",
@@ -608,6 +611,30 @@ mod tests {
                 [Reason::MalformedJson],
                 "{payload}"
             );
+        }
+    }
+
+    #[test]
+    fn nesting_is_json_exactly_as_deep_as_serde_json_values_go() {
+        let at = timefmt::format_ms(NOW);
+        let good = format!(r#"{{"deviceId":"d-1","timestamp":"{at}","temperature":1}}"#);
+        for depth in 120..=132 {
+            let nested = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+            let as_extra = format!(r#"{{"deviceId":"d-1","timestamp":"{at}","x":{nested}}}"#);
+            let past_limit = format!("[{}{nested}]", "7,".repeat(MAX_READINGS_PER_MESSAGE));
+            for payload in [
+                format!("[{good},{as_extra}]"),
+                format!("[{good},{nested}]"),
+                past_limit,
+            ] {
+                let json = serde_json::from_str::<serde_json::Value>(&payload).is_ok();
+                let refused = check("devices/d-1/telemetry", &payload, &Override::NONE);
+                assert_eq!(
+                    refused == [Reason::MalformedJson],
+                    !json,
+                    "depth {depth}: {refused:?}"
+                );
+            }
         }
     }
 

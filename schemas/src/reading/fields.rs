@@ -53,7 +53,8 @@ pub(super) enum Item<'a> {
 }
 
 /// A reading object: the contract's fields in their slots, any other name in `extras`,
-/// sorted by name with one entry per name (the order a `serde_json::Map` iterates in).
+/// sorted by name with one entry per name (the order a `serde_json::Map` iterates in while its
+/// `preserve_order` feature is off, as it is here).
 #[derive(Default)]
 pub(super) struct Fields<'a> {
     pub device_id: Option<Field<'a>>,
