@@ -137,6 +137,7 @@ impl Account {
             Auth::Key => None,
             other => Some(Entra::from_env(other).map_err(AccountError::Entra)?),
         };
+        let entra = token.is_some();
         check_shape(s)?;
         let cs = ConnectionString::new(s).map_err(|_| {
             AccountError::Malformed("the SDK cannot read it (check each Key=value)".to_owned())
@@ -204,6 +205,22 @@ impl Account {
             blob_endpoint = cs
                 .blob_endpoint
                 .map_or_else(|| default("blob"), str::to_owned);
+        }
+        if entra {
+            // A bearer token is the account's access for its lifetime: never in cleartext.
+            let endpoints = [
+                ("queue", &queue_endpoint),
+                ("table", &table_endpoint),
+                ("blob", &blob_endpoint),
+            ];
+            if let Some((service, _)) = endpoints.iter().find(|(_, e)| {
+                !e.get(..8)
+                    .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+            }) {
+                return Err(AccountError::Entra(format!(
+                    "a token is sent only over https, and the {service} endpoint is not https"
+                )));
+            }
         }
         let location = |uri: &str| CloudLocation::Custom {
             account: account.clone(),
@@ -359,6 +376,30 @@ mod tests {
                 .to_string();
             assert!(err.contains(expected), "{err}");
             assert!(!err.contains("c2VjcmV0"), "{err}");
+        }
+    }
+
+    #[test]
+    fn entra_tokens_go_only_to_https_endpoints() {
+        let open = |s: &str| Account::open(s, Duration::from_secs(1), Auth::AzureCli, None);
+        let https = "AccountName=acme;EndpointSuffix=core.windows.net";
+        assert!(open(https).is_ok());
+        for (s, service) in [
+            (format!("{https};DefaultEndpointsProtocol=http"), "queue"),
+            (
+                format!("{https};TableEndpoint=http://10.0.0.5:10002/acme"),
+                "table",
+            ),
+            (
+                format!("{https};BlobEndpoint=HTTP://blob.example/acme"),
+                "blob",
+            ),
+        ] {
+            let err = open(&s).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("the {service} endpoint is not https")),
+                "{err}"
+            );
         }
     }
 

@@ -15,6 +15,7 @@
 use super::account::AccountError;
 use super::http::{IDLE, USER_AGENT};
 use bytes::Bytes;
+use futures::FutureExt;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use std::io;
@@ -31,8 +32,9 @@ const MAX_IDLE: usize = 256;
 /// Largest answer head: the table service's are under 2 KiB.
 const MAX_HEAD: usize = 64 * 1024;
 /// Largest answer body: a 100-operation transaction's is about 40 KiB; past this the peer is
-/// not the table service, and reading on would only hold memory.
-const MAX_BODY: usize = 8 * 1024 * 1024;
+/// not the table service, and reading on would only hold memory (up to twice this per write
+/// in flight while it is read).
+const MAX_BODY: usize = 1024 * 1024;
 /// What one read asks for at least.
 const READ_CHUNK: usize = 8 * 1024;
 /// A body at most this long is copied behind the head, so a request is one write.
@@ -195,7 +197,7 @@ impl H1 {
     /// The newest idle connection still young and still open, if any.
     fn checkout(&self) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some((conn, since)) = idle.pop() {
+        while let Some((mut conn, since)) = idle.pop() {
             if since.elapsed() < IDLE && conn.still_open() {
                 return Some(conn);
             }
@@ -268,14 +270,11 @@ enum Framing {
 
 impl Conn {
     /// Whether the server has not closed (or written to) the connection while it was idle:
-    /// one non-blocking read of the socket.
-    fn still_open(&self) -> bool {
-        let tcp = match &self.stream {
-            Stream::Plain(tcp) => tcp,
-            Stream::Tls(tls) => tls.get_ref().0,
-        };
+    /// one read that must find nothing to return yet. Through the stream, not its socket, so
+    /// that bytes TLS decrypted and holds, or its close, count too.
+    fn still_open(&mut self) -> bool {
         let mut probe = [0u8; 1];
-        matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        self.stream.read(&mut probe).now_or_never().is_none()
     }
 
     /// Reads more into `buf`; an error at the end of the stream.
@@ -644,6 +643,24 @@ mod tests {
             "PUT /acct/t(PartitionKey='p')?sv=1 HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {USER_AGENT}\r\nx-ms-version: 2022-11-02\r\nContent-Length: 2\r\n\r\n{{}}"
         );
         assert_eq!(server.requests.lock().unwrap()[0], expected.as_bytes());
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_the_answer_on_both_paths() {
+        let moved = b"HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n\r\n";
+        let server = server(vec![
+            Then::Answer(moved),
+            Then::Answer(moved),
+            // What a redirect followed would find: a page that reads as the write's success.
+            Then::Answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+        ])
+        .await;
+        let direct = send(&client(&server.origin), &server.origin, b"x").await;
+        assert_eq!(direct.unwrap().status, 302);
+        let pooled = super::super::http::client(None).unwrap();
+        let answer = pooled.execute(request(&server.origin, b"x")).await.unwrap();
+        assert_eq!(answer.status().as_u16(), 302);
+        assert_eq!(server.requests.lock().unwrap().len(), 2, "nothing followed");
     }
 
     #[tokio::test]

@@ -36,7 +36,10 @@ pub(super) fn client(trusted_ca: Option<&[u8]>) -> Result<reqwest::Client, Strin
     let mut builder = reqwest::Client::builder()
         .user_agent(USER_AGENT)
         .pool_idle_timeout(IDLE)
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // Storage never redirects. A redirect followed would turn a PUT into a GET whose 200
+        // (a proxy's page, say) reads as the write's success; unfollowed, a 3xx is an error.
+        .redirect(reqwest::redirect::Policy::none());
     if let Some(pem) = trusted_ca {
         let certs = reqwest::Certificate::from_pem_bundle(pem)
             .map_err(|_| "holds no readable PEM certificate".to_owned())?;
