@@ -306,6 +306,10 @@ impl Conn {
                         // Not a status HTTP knows: never read as a success.
                         return Err(invalid("the answer's status is below 100"));
                     }
+                    if status == 101 {
+                        // Never asked for: what follows would not be HTTP.
+                        return Err(invalid("the answer switches protocols"));
+                    }
                     if (100..200).contains(&status) {
                         // An interim answer (100 Continue): the real one follows.
                         self.buf.drain(..len);
@@ -360,8 +364,12 @@ impl Conn {
             let line = std::str::from_utf8(&self.buf[at..line_end])
                 .map_err(|_| invalid("a chunk size is not text"))?;
             let digits = line.split(';').next().unwrap_or_default().trim();
-            let size = usize::from_str_radix(digits, 16)
-                .map_err(|_| invalid("a chunk size is not hexadecimal"))?;
+            let size = digits
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit())
+                .then(|| usize::from_str_radix(digits, 16).ok())
+                .flatten()
+                .ok_or_else(|| invalid("a chunk size is not hexadecimal"))?;
             at = line_end + 2;
             if size == 0 {
                 // Trailers, up to an empty line.
@@ -452,6 +460,9 @@ fn read_headers(
     let framing = if status == 204 || status == 304 {
         Framing::None
     } else if chunked {
+        // Both framings named is how a request gets smuggled: use this answer, not the
+        // connection after it (RFC 9112, 6.3).
+        close |= length.is_some();
         Framing::Chunked
     } else if let (false, Some(length)) = (encoded, length) {
         Framing::Length(length)
@@ -764,13 +775,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_answer_framed_two_ways_retires_its_connection() {
+        let server = server(vec![
+            Then::Answer(b"HTTP/1.1 202 Accepted\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"),
+            Then::Answer(b"HTTP/1.1 204 No Content\r\n\r\n"),
+        ])
+        .await;
+        let h1 = client(&server.origin);
+        let first = send(&h1, &server.origin, b"x").await.unwrap();
+        assert_eq!((first.status, &first.body[..]), (202, &b"ok"[..]));
+        assert_eq!(send(&h1, &server.origin, b"x").await.unwrap().status, 204);
+        assert_eq!(server.connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
     async fn hostile_answers_are_errors_not_memory() {
-        let hostile: [Then; 8] = [
+        let hostile: [Then; 10] = [
             Then::Answer(b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n"),
             Then::Answer(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"),
             Then::Answer(b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nab"),
             Then::Answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"),
             Then::Answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\nffffffffffffffff\r\n"),
+            Then::Answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+1\r\na\r\n0\r\n\r\n"),
+            Then::Answer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n"),
             Then::Answer(b"HTTP/1.1 000 Fine\r\nContent-Length: 0\r\n\r\n"),
             Then::Answer(b"SMTP ready\r\n\r\n"),
             // Endless trailers: bounded by the answer's size, not only per line.
@@ -779,9 +806,10 @@ mod tests {
                 b"X-Trailer: 0123456789abcdef0123456789abcdef\r\n",
             ),
         ];
+        let hostile_count = hostile.len();
         let server = server(hostile.into()).await;
         let h1 = client(&server.origin);
-        for case in 0..8 {
+        for case in 0..hostile_count {
             let error = send(&h1, &server.origin, b"x").await.expect_err("refused");
             assert_eq!(
                 error.kind(),
