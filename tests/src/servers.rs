@@ -216,6 +216,19 @@ fn running_as_root() -> bool {
 /// Asks the broker to save its store now (SIGUSR1) and panics, with its log, if it cannot:
 /// a broker that cannot persist loses every session and queued reading when it restarts.
 async fn assert_persists(child: &Child, log: &std::path::Path) {
+    // Mosquitto listens before it installs its signal handlers, and a SIGUSR1 before them
+    // kills it: wait for its "running" line, which follows them (the log is appended to
+    // across restarts, so each start's line is counted against its "starting").
+    wait_for(
+        "mosquitto to say it is running",
+        Duration::from_secs(10),
+        || async move {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let count = |what: &str| text.lines().filter(|l| l.ends_with(what)).count();
+            (count(" running") >= count(" starting")).then_some(())
+        },
+    )
+    .await;
     let saves = |text: &str| text.matches("Saving in-memory database").count();
     let before = saves(&std::fs::read_to_string(log).unwrap_or_default());
     let pid = child.id().expect("mosquitto running");

@@ -132,20 +132,46 @@ impl H1 {
     /// Sends `request` (its buffered body) and reads the whole answer.
     pub(super) async fn send(&self, request: &reqwest::Request) -> io::Result<Reply> {
         let (out, rest) = self.encode(request)?;
-        let mut conn = match self.checkout() {
-            Some(conn) => conn,
-            None => self.connect().await?,
+        if let Some(conn) = self.checkout() {
+            match self.exchange(conn, &out, rest).await {
+                // The server closed the kept connection as it was taken (after the probe),
+                // before a byte of an answer: the request goes again, once, on a new
+                // connection, rather than back to the caller as a failure to wait out. The
+                // writes sent here (upserts, merges, their transactions) are idempotent.
+                Err((e, false)) if closed(&e) => {}
+                other => return other.map_err(|(e, _)| e),
+            }
+        }
+        let conn = self.connect().await?;
+        self.exchange(conn, &out, rest).await.map_err(|(e, _)| e)
+    }
+
+    /// One request and its answer on `conn`, which goes back to the pool if it may carry
+    /// another. A failure says whether any byte of an answer had arrived.
+    async fn exchange(
+        &self,
+        mut conn: Conn,
+        out: &[u8],
+        rest: &[u8],
+    ) -> Result<Reply, (io::Error, bool)> {
+        let sent = async {
+            conn.stream.write_all(out).await?;
+            if !rest.is_empty() {
+                conn.stream.write_all(rest).await?;
+            }
+            conn.stream.flush().await
         };
-        conn.stream.write_all(&out).await?;
-        if !rest.is_empty() {
-            conn.stream.write_all(rest).await?;
+        sent.await.map_err(|e| (e, false))?;
+        conn.heard = false;
+        match conn.read_reply().await {
+            Ok((reply, reusable)) => {
+                if reusable {
+                    self.checkin(conn);
+                }
+                Ok(reply)
+            }
+            Err(e) => Err((e, conn.heard)),
         }
-        conn.stream.flush().await?;
-        let (reply, reusable) = conn.read_reply().await?;
-        if reusable {
-            self.checkin(conn);
-        }
-        Ok(reply)
     }
 
     /// What [`H1::send`] writes for `request`: its head with the body behind it when the
@@ -227,6 +253,7 @@ impl H1 {
         Ok(Conn {
             stream,
             buf: Vec::new(),
+            heard: false,
         })
     }
 }
@@ -257,6 +284,8 @@ fn tls_connector(trusted_ca: Option<&[u8]>) -> Result<tokio_rustls::TlsConnector
 struct Conn {
     stream: Stream,
     buf: Vec<u8>,
+    /// Some byte of the current answer has arrived.
+    heard: bool,
 }
 
 /// How an answer's body is delimited.
@@ -290,6 +319,7 @@ impl Conn {
                 "the connection closed before the answer ended",
             ));
         }
+        self.heard = true;
         Ok(())
     }
 
@@ -473,6 +503,17 @@ fn read_headers(
     Ok((framing, close, code))
 }
 
+/// Whether `e` is the peer closing or resetting the connection.
+fn closed(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
+}
+
 fn invalid(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_owned())
 }
@@ -541,6 +582,8 @@ mod tests {
         Late(&'static [u8]),
         /// Writes this head, then this line again and again until the client leaves.
         Flood(&'static [u8], &'static [u8]),
+        /// Closes the connection without an answer.
+        Close,
     }
 
     struct Server {
@@ -578,6 +621,7 @@ mod tests {
                                 // The client may be gone, and the connection with it.
                                 let _ = socket.write_all(bytes).await;
                             }
+                            Some(Then::Close) => return,
                             Some(Then::Flood(head, line)) => {
                                 socket.write_all(head).await.unwrap();
                                 while socket.write_all(line).await.is_ok() {}
@@ -742,6 +786,31 @@ mod tests {
         let reply = h1.send(&request(&server.origin, b"two")).await.unwrap();
         assert_eq!(reply.status, 204);
         assert_eq!(server.connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_closed_unanswered_is_retried_once_on_a_new_one() {
+        let no_content = b"HTTP/1.1 204 No Content\r\n\r\n";
+        let server = server(vec![
+            Then::Answer(no_content),
+            // Closed as the second request arrives on the kept connection: sent again.
+            Then::Close,
+            Then::Answer(no_content),
+            // Closed on a new connection: that is the caller's to retry.
+            Then::Close,
+        ])
+        .await;
+        let h1 = client(&server.origin);
+        for _ in 0..2 {
+            let reply = send(&h1, &server.origin, b"x").await.unwrap();
+            assert_eq!(reply.status, 204);
+        }
+        assert_eq!(server.requests.lock().unwrap().len(), 3);
+        assert_eq!(server.connections.load(Ordering::SeqCst), 2);
+        let fresh = client(&server.origin);
+        let error = send(&fresh, &server.origin, b"x").await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(server.requests.lock().unwrap().len(), 4, "not sent again");
     }
 
     #[tokio::test]
