@@ -162,7 +162,6 @@ impl H1 {
             conn.stream.flush().await
         };
         sent.await.map_err(|e| (e, false))?;
-        conn.heard = false;
         match conn.read_reply().await {
             Ok((reply, reusable)) => {
                 if reusable {
@@ -326,6 +325,7 @@ impl Conn {
     /// The answer, and whether the connection may carry another request.
     async fn read_reply(&mut self) -> io::Result<(Reply, bool)> {
         self.buf.clear();
+        self.heard = false;
         let (status, code, framing, close, head_len) = loop {
             let mut headers = [httparse::EMPTY_HEADER; 64];
             let mut response = httparse::Response::new(&mut headers);
@@ -393,13 +393,9 @@ impl Conn {
             let line_end = self.line_from(at).await?;
             let line = std::str::from_utf8(&self.buf[at..line_end])
                 .map_err(|_| invalid("a chunk size is not text"))?;
-            let digits = line.split(';').next().unwrap_or_default().trim();
-            let size = digits
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit())
-                .then(|| usize::from_str_radix(digits, 16).ok())
-                .flatten()
-                .ok_or_else(|| invalid("a chunk size is not hexadecimal"))?;
+            let size = line.split(';').next().unwrap_or_default().trim();
+            let size =
+                digits(size, 16).ok_or_else(|| invalid("a chunk size is not hexadecimal"))?;
             at = line_end + 2;
             if size == 0 {
                 // Trailers, up to an empty line.
@@ -457,12 +453,8 @@ fn read_headers(
     for header in response.headers.iter() {
         let value = std::str::from_utf8(header.value).unwrap_or_default().trim();
         if header.name.eq_ignore_ascii_case("content-length") {
-            let parsed: usize = value
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-                .then(|| value.parse().ok())
-                .flatten()
-                .ok_or_else(|| invalid("the Content-Length is not a number"))?;
+            let parsed =
+                digits(value, 10).ok_or_else(|| invalid("the Content-Length is not a number"))?;
             if length.is_some_and(|l| l != parsed) {
                 return Err(invalid("two different Content-Lengths"));
             }
@@ -501,6 +493,14 @@ fn read_headers(
         Framing::Close
     };
     Ok((framing, close, code))
+}
+
+/// `text` as a number in `radix`, of digits alone (`from_str_radix` also takes a sign).
+fn digits(text: &str, radix: u32) -> Option<usize> {
+    text.chars()
+        .all(|c| c.is_digit(radix))
+        .then(|| usize::from_str_radix(text, radix).ok())
+        .flatten()
 }
 
 /// Whether `e` is the peer closing or resetting the connection.

@@ -118,9 +118,8 @@ impl<'de> de::Deserialize<'de> for Item<'de> {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("any JSON value")
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                while seq.next_element::<Skip>()?.is_some() {}
-                Ok(Item::NotObject)
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                Skip.visit_seq(seq).map(|Skip| Item::NotObject)
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
                 fields(map).map(Item::Object)
@@ -218,13 +217,11 @@ impl<'de> Visitor<'de> for FieldVisitor {
     fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
         Ok(Field::Str(Cow::Owned(s.to_owned())))
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<Skip>()?.is_some() {}
-        Ok(Field::Nested)
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        Skip.visit_seq(seq).map(|Skip| Field::Nested)
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        while map.next_entry::<Skip, Skip>()?.is_some() {}
-        Ok(Field::Nested)
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        Skip.visit_map(map).map(|Skip| Field::Nested)
     }
 }
 
