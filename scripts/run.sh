@@ -148,7 +148,7 @@ sim_pid=$!
 
 echo "==> Running. Ctrl-C stops everything. Metrics: :$INGEST_PORT/metrics :$PROCESSOR_PORT/metrics :$ARCHIVER_PORT/metrics :$SIMULATOR_PORT/metrics :$DASHBOARD_PORT/metrics"
 echo "    Dashboard: http://$DASHBOARD_ADDR/ (API: http://$DASHBOARD_ADDR/api/v1/devices)"
-echo "    Dead letters, from another terminal: target/release/deadletter list (README: Operating the dead-letter queue)"
+echo "    Dead letters, from another terminal: target/release/deadletter list (docs/dead-letters.md)"
 t0=$(date +%s.%N); s0=0; begin=$(date +%s)
 while kill -0 "$sim_pid" 2>/dev/null; do
   sleep 2

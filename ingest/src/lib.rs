@@ -104,7 +104,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     outcome
 }
 
-/// On SIGUSR1, leaves the share group for good: the step before a replica is removed (README
+/// On SIGUSR1, leaves the share group for good: the step before a replica is removed (docs/deployment.md,
 /// "Scaling ingest down for good"). A removed replica's persistent session would otherwise
 /// keep being dealt its share of the messages, to wait for a client that never returns. The
 /// replica unsubscribes, goes on writing and acknowledging what it holds and what the broker
