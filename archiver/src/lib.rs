@@ -19,10 +19,17 @@ pub use schemas::archive::layout::Layout;
 
 use futures::StreamExt;
 use infra::serve::Health;
-use infra::storage::{create_missing, Resource};
+use infra::storage::{create_missing, Grant, Resource};
 use schemas::archive::layout::{self, floor_day, DAY_MS};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+/// What the archiver may do with a SAS minted from an account key: read and write blobs.
+const STORAGE_GRANT: Grant = Grant {
+    services: "b",
+    resource_types: "co",
+    permissions: "rw",
+};
 
 /// Runs the archiver. Returns whether every device-day of every pass succeeded.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<bool> {
@@ -55,7 +62,7 @@ fn keeper(
 /// `archiver rollups`: rebuilds whole days' rollups, device by device, with a progress line.
 async fn rebuild_rollups(args: RollupArgs, shutdown: CancellationToken) -> anyhow::Result<bool> {
     anyhow::ensure!(args.from < args.to, "--from must be before --to");
-    let account = args.storage.account()?;
+    let account = args.storage.account(STORAGE_GRANT)?;
     // Settle and retention play no part in a rebuild.
     let keeper = keeper(&account, &args.sources, Duration::ZERO, Duration::MAX, 16);
     if !create_missing(
@@ -189,7 +196,7 @@ async fn run_passes(args: RunArgs, shutdown: CancellationToken) -> anyhow::Resul
         schemas::rollup::MIN_SETTLE_MS / 1000,
         schemas::rollup::MARK_AFTER_MS / 1000
     );
-    let account = args.storage.account()?;
+    let account = args.storage.account(STORAGE_GRANT)?;
     let health = Health::new("creating the archive container");
     if !args.once {
         let addr =

@@ -21,10 +21,18 @@ pub use http::SHUTDOWN_GRACE;
 
 use anyhow::Context;
 use infra::serve::Health;
-use infra::storage::Table;
+use infra::storage::{Grant, Table};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+/// What the dashboard may do with a SAS minted from an account key: read queue depths and
+/// archives.
+const STORAGE_GRANT: Grant = Grant {
+    services: "qb",
+    resource_types: "co",
+    permissions: "r",
+};
 
 /// How often readiness re-checks that storage answers.
 const STORAGE_CHECK: Duration = Duration::from_secs(15);
@@ -39,7 +47,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     if token.is_none() && !config.addr.ip().is_loopback() {
         tracing::warn!(addr = %config.addr, "The API is served beyond this machine without a token; set DASHBOARD_TOKEN_FILE.");
     }
-    let account = config.storage.account()?;
+    let account = config.storage.account(STORAGE_GRANT)?;
     let health = Health::new("checking storage");
     let devices = account.table(&config.device_table);
     let app = Arc::new(http::App {

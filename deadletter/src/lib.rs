@@ -21,11 +21,19 @@ pub mod walk;
 pub use config::{Cli, Command};
 
 use infra::serve::LogFormat;
-use infra::storage::Account;
+use infra::storage::{Account, Grant};
 use schemas::DeadLetter;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+/// What the tool may do with a SAS minted from an account key: take, update, delete and add
+/// messages, read a queue's depth.
+const STORAGE_GRANT: Grant = Grant {
+    services: "q",
+    resource_types: "co",
+    permissions: "rapu",
+};
 
 /// Runs one command. `Ok(false)` means it ran but did not finish cleanly (interrupted, or
 /// some records failed); the exit code says so.
@@ -39,7 +47,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<bool> 
         humantime::format_duration(MAX_HOLD)
     );
     let session = Session {
-        account: cli.storage.account()?,
+        account: cli.storage.account(STORAGE_GRANT)?,
         queue: cli.queue.clone(),
         hold: cli.hold,
         log_format: cli.log.log_format,

@@ -2,7 +2,7 @@
 //! point at a local emulator and broker, so a newcomer needs none of them.
 
 use crate::serve::LogFormat;
-use crate::storage::{Account, AccountError, Auth, DEVELOPMENT_STORAGE};
+use crate::storage::{Access, Account, AccountError, Auth, Grant, DEVELOPMENT_STORAGE};
 use std::time::Duration;
 
 /// The storage account.
@@ -74,7 +74,9 @@ impl std::fmt::Debug for StorageArgs {
 }
 
 impl StorageArgs {
-    pub fn account(&self) -> Result<Account, AccountError> {
+    /// The account, reached as these flags say; a SAS minted from an account key allows
+    /// `grant` on queues and blobs (and creating them, with `STORAGE_CREATE_MISSING`).
+    pub fn account(&self, grant: Grant) -> Result<Account, AccountError> {
         let ca =
             match &self.ca_file {
                 Some(path) => Some(std::fs::read(path).map_err(|e| {
@@ -93,12 +95,13 @@ impl StorageArgs {
             }
             _ => self.connection_string.clone(),
         };
-        Account::open(
-            &connection_string,
-            self.storage_timeout,
-            self.auth,
-            ca.as_deref(),
-        )
+        let access = Access {
+            auth: self.auth,
+            trusted_ca: ca.as_deref(),
+            grant,
+            create: self.create_missing,
+        };
+        Account::open(&connection_string, self.storage_timeout, access)
     }
 }
 
@@ -136,7 +139,10 @@ mod tests {
             "--storage-connection-string=UseDevelopmentStorage=true",
             &format!("--storage-connection-string-file={}", file.display()),
         ]);
-        let account = cli.storage.account().expect("the file's connection string");
+        let account = cli
+            .storage
+            .account(Grant::ALL)
+            .expect("the file's connection string");
         assert_eq!(account.name(), "fromfile");
 
         let missing = dir.join("missing");
@@ -144,7 +150,11 @@ mod tests {
             "t",
             &format!("--storage-connection-string-file={}", missing.display()),
         ]);
-        let err = cli.storage.account().expect_err("no such file").to_string();
+        let err = cli
+            .storage
+            .account(Grant::ALL)
+            .expect_err("no such file")
+            .to_string();
         assert!(
             err.contains("AZURE_STORAGE_CONNECTION_STRING_FILE") && err.contains("missing"),
             "{err}"

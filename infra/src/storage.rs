@@ -7,19 +7,21 @@
 
 mod account;
 mod blob;
-mod entra;
+mod credential;
 mod h1;
 mod http;
 mod prepare;
 mod queue;
+mod sas;
 mod table;
 mod wire;
 
-pub use account::{Account, AccountError, DEVELOPMENT_STORAGE};
+pub use account::{Access, Account, AccountError, DEVELOPMENT_STORAGE};
 pub use blob::{BlobContent, BlobInfo, Container, PutOptions, PutOutcome, Write};
-pub use entra::Auth;
+pub use credential::Auth;
 pub use prepare::{create_missing, Resource};
-pub use queue::{Queue, QueueMessage, NEVER_EXPIRE};
+pub use queue::{Queue, QueueMessage};
+pub use sas::Grant;
 pub use table::{
     BatchOutcome, Entity, Refusal, RowRef, Table, MAX_BATCH_BYTES, MAX_BATCH_OPERATIONS,
 };
@@ -139,19 +141,39 @@ impl StorageError {
 impl ErrorKind {
     /// How an SDK error is classified.
     fn from_sdk(e: &azure_core::Error) -> Self {
+        use azure_core::error::ErrorKind as Sdk;
         match e.kind() {
-            azure_core::error::ErrorKind::HttpResponse { status, error_code } => {
-                ErrorKind::Status {
-                    status: u16::from(*status),
-                    code: error_code.clone().unwrap_or_default(),
-                    message: redact(&e.to_string()),
-                }
-            }
-            azure_core::error::ErrorKind::Io => ErrorKind::Transport(full_chain(e)),
-            azure_core::error::ErrorKind::DataConversion => ErrorKind::Protocol(full_chain(e)),
-            azure_core::error::ErrorKind::Credential => ErrorKind::Credential(full_chain(e)),
+            Sdk::HttpResponse {
+                status, error_code, ..
+            } => ErrorKind::Status {
+                status: u16::from(*status),
+                code: error_code.clone().unwrap_or_default(),
+                message: service_message(&e.to_string()),
+            },
+            Sdk::Connection | Sdk::Io => ErrorKind::Transport(full_chain(e)),
+            Sdk::DataConversion => ErrorKind::Protocol(full_chain(e)),
+            Sdk::Credential => ErrorKind::Credential(full_chain(e)),
             _ => ErrorKind::Transport(full_chain(e)),
         }
+    }
+}
+
+/// The service's own words from an SDK error's text (`{status}: {XML error body}`): the
+/// `<Message>`'s first line, or the text's first line, bounded and with URLs' queries cut.
+fn service_message(text: &str) -> String {
+    let message = text
+        .split_once("<Message>")
+        .and_then(|(_, rest)| rest.split_once("</Message>"))
+        .map_or(text, |(message, _)| message);
+    let line = message.lines().next().unwrap_or_default();
+    redact(&line.chars().take(300).collect::<String>())
+}
+
+/// An SDK failure outside [`call`] (building a request), as this adapter reports it.
+fn sdk_error(op: &'static str, e: &azure_core::Error) -> StorageError {
+    StorageError {
+        op,
+        kind: ErrorKind::from_sdk(e),
     }
 }
 
@@ -189,6 +211,24 @@ fn redact(text: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// Appends `value` percent-encoded: every byte but RFC 3986's unreserved characters, as the
+/// .NET and JS SDKs send keys and query values (the service has read a raw `+` as a space).
+fn percent_encode(out: &mut String, value: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for b in value.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                out.push(char::from(b))
+            }
+            _ => {
+                out.push('%');
+                out.push(char::from(HEX[usize::from(b >> 4)]));
+                out.push(char::from(HEX[usize::from(b & 0xf)]));
+            }
+        }
+    }
 }
 
 /// Runs one SDK call under the timeout, counting and timing it and classifying its failure.
@@ -232,13 +272,11 @@ async fn measured<T>(
     Err(result)
 }
 
-/// Runs a create call, treating the "already exists" answer (409) as success.
+/// A create call's outcome, with the "already exists" answer (409) as success.
 async fn create_if_missing(
-    op: &'static str,
-    timeout: Duration,
-    fut: impl std::future::Future<Output = azure_core::Result<impl Sized>>,
+    created: impl std::future::Future<Output = Result<(), StorageError>>,
 ) -> Result<(), StorageError> {
-    match call(op, timeout, fut).await {
+    match created.await {
         Err(e) if e.status() != Some(409) => Err(e),
         _ => Ok(()),
     }

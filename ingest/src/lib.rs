@@ -23,10 +23,17 @@ mod packer;
 pub use config::Config;
 
 use infra::serve::Health;
-use infra::storage::{create_missing, Resource};
+use infra::storage::{create_missing, Grant, Resource};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+/// What ingest may do with a SAS minted from an account key: add messages.
+const STORAGE_GRANT: Grant = Grant {
+    services: "q",
+    resource_types: "o",
+    permissions: "a",
+};
 
 /// After leaving its share group, how long a replica must have had nothing owed and nothing
 /// arriving before it says it can be stopped. The broker sends what it queued for the session
@@ -53,7 +60,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let metrics_addr =
         infra::serve::serve_http(config.metrics_addr, health.clone(), shutdown.clone()).await?;
     metrics::gauge!(metrics_names::RECEIVE_MAXIMUM).set(f64::from(config.receive_maximum));
-    let account = config.storage.account()?;
+    let account = config.storage.account(STORAGE_GRANT)?;
     let broker = config.mqtt.connection()?;
     let queue = account.queue(&config.queue_name);
     if broker.sends_password_in_clear() {

@@ -102,7 +102,7 @@ const SATURATION_STEPS: [f64; 6] = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5];
 
 /// Runs the profile, writes the report and prints its Markdown.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let account = config.storage.account()?;
+    let account = config.storage.account(infra::storage::Grant::ALL)?;
     let table = account.table(&config.table_name);
     let queue = account.queue(&config.queue_name);
     let pids = [
@@ -231,7 +231,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     tracing::info!("Counting the run's rows.");
     let rows = counting
-        .account()?
+        .account(infra::storage::Grant::ALL)?
         .table(&config.table_name)
         .count(&filter)
         .await? as u64;

@@ -28,11 +28,19 @@ pub use config::Config;
 
 use infra::retry::until_ok;
 use infra::serve::Health;
-use infra::storage::{create_missing, Resource};
+use infra::storage::{create_missing, Grant, Resource};
 use schemas::reading::Policy;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+/// What the processor may do with a SAS minted from an account key: take, update and delete
+/// messages, add dead letters, read the queue's depth.
+const STORAGE_GRANT: Grant = Grant {
+    services: "q",
+    resource_types: "co",
+    permissions: "rapu",
+};
 
 /// Runs the processor until `shutdown`; rounds in progress finish first.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -45,7 +53,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     for reason in schemas::Reason::ALL {
         metrics::counter!(metrics_names::DEAD_LETTERS, "reason" => reason.as_str()).increment(0);
     }
-    let account = config.storage.account()?;
+    let account = config.storage.account(STORAGE_GRANT)?;
     let ctx = Arc::new(ctx::Ctx {
         queue: account.queue(&config.queue_name),
         dead_letters: account.queue(&config.dead_letter_queue),

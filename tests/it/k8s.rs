@@ -419,7 +419,7 @@ fn every_variable_the_manifests_set_is_a_setting_and_parses() {
                     "storage",
                     &format!("--storage-connection-string={value}"),
                 ]);
-                if let Err(e) = args.storage.account() {
+                if let Err(e) = args.storage.account(infra::storage::Grant::ALL) {
                     panic!("{overlay} {workload}: the connection string is refused: {e}");
                 }
             }

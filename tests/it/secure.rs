@@ -817,16 +817,38 @@ fn fake_entra_token() -> String {
     )
 }
 
-/// A stand-in for the Entra ID token endpoint: answers every request with `answer` and keeps
-/// the request bodies.
-async fn token_endpoint(answer: String) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+/// A stand-in for the Entra ID token endpoint, over https with `cert` and `key` (PEM files; the
+/// official credentials refuse an http authority): answers a managed identity's `GET /msi/`
+/// with `msi`, anything else (the Entra ID token endpoint) with `oauth`, and keeps the
+/// requests.
+async fn token_endpoint(
+    oauth: String,
+    msi: String,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let keep = seen.clone();
     tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
+        while let Ok((stream, _)) = listener.accept().await {
+            let Ok(mut stream) = acceptor.accept(stream).await else {
+                continue;
+            };
             let mut raw = Vec::new();
             let mut buf = [0u8; 4096];
             // Headers, then as much body as Content-Length says.
@@ -846,16 +868,22 @@ async fn token_endpoint(answer: String) -> (u16, std::sync::Arc<std::sync::Mutex
                         })
                         .unwrap_or(0);
                     if body.len() >= length {
-                        keep.lock().unwrap().push(body.to_owned());
+                        keep.lock().unwrap().push(text.into_owned());
                         break;
                     }
                 }
             }
+            let answer = if raw.starts_with(b"GET /msi/") {
+                &msi
+            } else {
+                &oauth
+            };
             let response = format!(
                 "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
                 answer.len()
             );
             let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
         }
     });
     (port, seen)
@@ -934,7 +962,18 @@ async fn entra_id_tokens_from_the_azure_cli_and_workload_identity_reach_storage_
     // processor: workload identity, against a stand-in token endpoint.
     let answer =
         serde_json::json!({"access_token": token, "expires_in": 3600, "token_type": "Bearer"});
-    let (port, requests) = token_endpoint(answer.to_string()).await;
+    // App Service's managed identity answers with `expires_on`, in Unix seconds as a string.
+    let msi = serde_json::json!({
+        "access_token": token, "expires_on": (now_ms() / 1000 + 3600).to_string(),
+        "resource": "https://storage.azure.com", "token_type": "Bearer",
+    });
+    let (port, requests) = token_endpoint(
+        answer.to_string(),
+        msi.to_string(),
+        &tls("server.crt"),
+        &tls("server.key"),
+    )
+    .await;
     let federated = dir.0.join("federated-token");
     std::fs::write(&federated, "federated-assertion-1").unwrap();
     let mut penv = names.processor_env(&endpoints);
@@ -947,7 +986,7 @@ async fn entra_id_tokens_from_the_azure_cli_and_workload_identity_reach_storage_
             "AZURE_FEDERATED_TOKEN_FILE",
             federated.display().to_string(),
         ),
-        ("AZURE_AUTHORITY_HOST", format!("http://127.0.0.1:{port}")),
+        ("AZURE_AUTHORITY_HOST", format!("https://127.0.0.1:{port}")),
     ]);
     let processor = Service::start("processor", &penv).await;
 
@@ -978,7 +1017,7 @@ async fn entra_id_tokens_from_the_azure_cli_and_workload_identity_reach_storage_
     );
     // deadletter: a managed identity (the App Service / Container Apps style endpoint).
     let ca = ca.display().to_string();
-    let identity_endpoint = format!("http://127.0.0.1:{port}/msi/token");
+    let identity_endpoint = format!("https://127.0.0.1:{port}/msi/token");
     let (listed, listed_out) = run_tool(
         "deadletter",
         &["list", "--json", "--queue", &names.dead, "--hold", "3s"],
@@ -992,6 +1031,13 @@ async fn entra_id_tokens_from_the_azure_cli_and_workload_identity_reach_storage_
     )
     .await;
     assert!(listed, "{listed_out}");
+    let sent = requests.lock().unwrap().clone();
+    assert!(
+        sent.iter().any(|r| r.starts_with("GET /msi/token?")
+            && r.to_ascii_lowercase()
+                .contains("x-identity-header: header-1")),
+        "the managed identity never asked its endpoint: {sent:?}"
+    );
     for text in [ingest.log_text(), processor.log_text(), listed_out] {
         assert!(!text.contains(&token), "a token leaked");
         assert!(!text.contains("federated-assertion"), "an assertion leaked");

@@ -160,8 +160,10 @@ impl Azurite {
         infra::storage::Account::open(
             &self.connection_string(),
             Duration::from_secs(10),
-            infra::storage::Auth::Key,
-            self.tls.as_ref().map(|t| t.2.as_slice()),
+            infra::storage::Access {
+                trusted_ca: self.tls.as_ref().map(|t| t.2.as_slice()),
+                ..infra::storage::Access::FULL
+            },
         )
         .expect("valid connection string")
     }

@@ -1,12 +1,13 @@
 //! Which storage account to talk to, from an Azure connection string.
 
-use super::entra::{Auth, Entra};
+use super::credential::{self, Auth, Cached};
+use super::sas::{Grant, Minter, Sas, SasPolicy};
 use super::wire::{Credential, TableWire};
 use super::{blob::Container, queue::Queue, table::Table};
-use azure_data_tables::prelude::TableServiceClient;
-use azure_storage::{CloudLocation, ConnectionString, StorageCredentials};
-use azure_storage_blobs::prelude::BlobServiceClient;
-use azure_storage_queues::QueueServiceClient;
+use azure_core::credentials::TokenCredential;
+use azure_core::http::{ClientOptions, RetryOptions, Url};
+use azure_storage_blob::{BlobContainerClient, BlobContainerClientOptions};
+use azure_storage_queue::{QueueClient, QueueClientOptions};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,9 +56,20 @@ const KNOWN_KEYS: &[&str] = &[
     "FileSecondaryEndpoint",
 ];
 
-/// Checks the `Key=value;...` shape before the SDK sees the string: the SDK's own parse
-/// errors quote the whole string, key included.
-fn check_shape(s: &str) -> Result<(), AccountError> {
+/// The settings of a connection string, by key (case as [`KNOWN_KEYS`] spells it).
+#[derive(Default)]
+struct Settings<'a>(Vec<(&'static str, &'a str)>);
+
+impl<'a> Settings<'a> {
+    fn get(&self, key: &str) -> Option<&'a str> {
+        self.0.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+    }
+}
+
+/// Reads the `Key=value;...` string. Errors name the part at fault, never a value: the string
+/// holds the account key or SAS.
+fn parse(s: &str) -> Result<Settings<'_>, AccountError> {
+    let mut settings = Settings::default();
     for (n, part) in s.split(';').map(str::trim).enumerate() {
         if part.is_empty() {
             continue;
@@ -84,22 +96,33 @@ fn check_shape(s: &str) -> Result<(), AccountError> {
             Some(k) if value.trim().is_empty() => {
                 return Err(AccountError::Malformed(format!("{k} is empty")))
             }
-            Some(_) => {}
+            Some(k) => settings.0.push((k, value.trim())),
         }
     }
-    Ok(())
+    Ok(settings)
 }
 
-/// A storage account: credentials plus the queue and table endpoints.
+/// How the SDK's clients authenticate.
+#[derive(Clone)]
+enum Sdk {
+    /// A SAS added to each request.
+    Sas(Arc<SasPolicy>),
+    /// An Entra ID token.
+    Token(Arc<Cached>),
+}
+
+/// A storage account: credentials plus the queue, table and blob endpoints.
 #[derive(Clone)]
 pub struct Account {
     account: String,
     queue_endpoint: String,
     table_endpoint: String,
     blob_endpoint: String,
-    queues: QueueServiceClient,
-    tables: TableServiceClient,
-    blobs: BlobServiceClient,
+    queue_url: Url,
+    blob_url: Url,
+    sdk: Sdk,
+    /// The SDK clients' options: the pooled transport, no SDK retries, the SAS policy.
+    options: ClientOptions,
     wire: Arc<TableWire>,
     timeout: Duration,
 }
@@ -116,34 +139,50 @@ impl std::fmt::Debug for Account {
     }
 }
 
+/// How a service reaches an account, besides the connection string.
+#[derive(Debug, Clone, Copy)]
+pub struct Access<'a> {
+    pub auth: Auth,
+    /// PEM: CAs the storage endpoints' certificates may come from, besides the public roots.
+    pub trusted_ca: Option<&'a [u8]>,
+    /// What a SAS minted from an account key allows on queues and blobs.
+    pub grant: Grant,
+    /// Whether that SAS may also create queues and containers (`STORAGE_CREATE_MISSING`).
+    pub create: bool,
+}
+
+impl Access<'_> {
+    /// The account key or SAS, everything on queues and blobs: the operator's own access.
+    pub const FULL: Access<'static> = Access {
+        auth: Auth::Key,
+        trusted_ca: None,
+        grant: Grant::ALL,
+        create: true,
+    };
+}
+
 impl Account {
     /// Reads an Azure Storage connection string: `UseDevelopmentStorage=true` (optionally with
     /// `DevelopmentStorageProxyUri`), account name and key, or a SAS, with either explicit
     /// `QueueEndpoint`/`TableEndpoint`/`BlobEndpoint` or `DefaultEndpointsProtocol` + `EndpointSuffix`.
+    /// With the full access of [`Access::FULL`].
     pub fn from_connection_string(s: &str, timeout: Duration) -> Result<Self, AccountError> {
-        Self::open(s, timeout, Auth::Key, None)
+        Self::open(s, timeout, Access::FULL)
     }
 
-    /// Like [`Account::from_connection_string`], authenticating with `auth`: with an Entra ID
-    /// method the string gives only the account and endpoints (no key), and
-    /// `trusted_ca` (PEM) adds CAs the storage endpoints' certificates may come from.
-    pub fn open(
-        s: &str,
-        timeout: Duration,
-        auth: Auth,
-        trusted_ca: Option<&[u8]>,
-    ) -> Result<Self, AccountError> {
-        let token = match auth {
-            Auth::Key => None,
-            other => Some(Entra::from_env(other).map_err(AccountError::Entra)?),
-        };
-        let entra = token.is_some();
-        check_shape(s)?;
-        let cs = ConnectionString::new(s).map_err(|_| {
-            AccountError::Malformed("the SDK cannot read it (check each Key=value)".to_owned())
-        })?;
-        let (account, credentials, wire, queue_endpoint, table_endpoint, blob_endpoint);
-        if cs.use_development_storage == Some(true) {
+    /// Like [`Account::from_connection_string`], reaching the account as `access` says: with
+    /// an Entra ID method the string gives only the account and endpoints (no key).
+    pub fn open(s: &str, timeout: Duration, access: Access<'_>) -> Result<Self, AccountError> {
+        let http = super::http::client(access.trusted_ca).map_err(AccountError::Ca)?;
+        let transport = super::http::Pooled::transport(http.clone());
+        let token =
+            credential::from_env(access.auth, transport.clone()).map_err(AccountError::Entra)?;
+        let settings = parse(s)?;
+        let (account, key_or_sas, queue_endpoint, table_endpoint, blob_endpoint);
+        if settings
+            .get("UseDevelopmentStorage")
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        {
             if token.is_some() {
                 return Err(AccountError::Entra(
                     "it needs https endpoints: set AZURE_STORAGE_ACCOUNT, or a connection string \
@@ -151,115 +190,114 @@ impl Account {
                         .to_owned(),
                 ));
             }
-            let host = cs
-                .development_storage_proxy_uri
+            let host = settings
+                .get("DevelopmentStorageProxyUri")
                 .unwrap_or("http://127.0.0.1")
                 .trim_end_matches('/');
             account = EMULATOR_ACCOUNT.to_owned();
-            credentials = StorageCredentials::access_key(EMULATOR_ACCOUNT, EMULATOR_KEY);
-            wire =
-                Credential::key(EMULATOR_ACCOUNT, EMULATOR_KEY).map_err(AccountError::Malformed)?;
+            key_or_sas = KeyOrSas::Key(EMULATOR_KEY);
             queue_endpoint = format!("{host}:10001/{EMULATOR_ACCOUNT}");
             table_endpoint = format!("{host}:10002/{EMULATOR_ACCOUNT}");
             blob_endpoint = format!("{host}:10000/{EMULATOR_ACCOUNT}");
         } else {
-            account = cs
-                .account_name
+            account = settings
+                .get("AccountName")
                 .map(str::to_owned)
-                .or_else(|| cs.queue_endpoint.and_then(account_from_endpoint))
+                .or_else(|| {
+                    settings
+                        .get("QueueEndpoint")
+                        .and_then(account_from_endpoint)
+                })
                 .ok_or(AccountError::Missing("AccountName"))?;
-            (credentials, wire) = match (token, cs.account_key, cs.sas) {
-                (Some(token), _, _) => {
-                    let token = Arc::new(token);
-                    (
-                        StorageCredentials::token_credential(token.clone()),
-                        Credential::Token(token),
-                    )
-                }
-                (None, Some(key), _) => (
-                    StorageCredentials::access_key(account.clone(), key.to_owned()),
-                    Credential::key(&account, key).map_err(AccountError::Malformed)?,
-                ),
-                (None, None, Some(sas)) => (
-                    StorageCredentials::sas_token(sas).map_err(|_| {
-                        AccountError::Malformed("SharedAccessSignature cannot be read".to_owned())
-                    })?,
-                    Credential::sas(sas),
-                ),
+            key_or_sas = match (
+                &token,
+                settings.get("AccountKey"),
+                settings.get("SharedAccessSignature"),
+            ) {
+                (Some(_), _, _) => KeyOrSas::Neither,
+                (None, Some(key), _) => KeyOrSas::Key(key),
+                (None, None, Some(sas)) => KeyOrSas::Sas(sas),
                 (None, None, None) => {
                     return Err(AccountError::Missing("AccountKey or SharedAccessSignature"))
                 }
             };
-            let protocol = match cs.default_endpoints_protocol {
-                Some(azure_storage::EndpointProtocol::Http) => "http",
+            let protocol = match settings.get("DefaultEndpointsProtocol") {
+                Some(p) if p.eq_ignore_ascii_case("http") => "http",
                 _ => "https",
             };
-            let suffix = cs.endpoint_suffix.unwrap_or("core.windows.net");
-            let default = |service: &str| format!("{protocol}://{account}.{service}.{suffix}");
-            queue_endpoint = cs
-                .queue_endpoint
-                .map_or_else(|| default("queue"), str::to_owned);
-            table_endpoint = cs
-                .table_endpoint
-                .map_or_else(|| default("table"), str::to_owned);
-            blob_endpoint = cs
-                .blob_endpoint
-                .map_or_else(|| default("blob"), str::to_owned);
+            let suffix = settings.get("EndpointSuffix").unwrap_or("core.windows.net");
+            let endpoint = |key: &str, service: &str| {
+                settings.get(key).map_or_else(
+                    || format!("{protocol}://{account}.{service}.{suffix}"),
+                    |e| e.trim_end_matches('/').to_owned(),
+                )
+            };
+            queue_endpoint = endpoint("QueueEndpoint", "queue");
+            table_endpoint = endpoint("TableEndpoint", "table");
+            blob_endpoint = endpoint("BlobEndpoint", "blob");
         }
-        if entra {
+        let url = |service: &str, endpoint: &str| {
+            let url = Url::parse(endpoint)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https") && !u.cannot_be_a_base())
+                .ok_or_else(|| {
+                    AccountError::Malformed(format!("the {service} endpoint is not an http(s) URL"))
+                })?;
             // A bearer token is the account's access for its lifetime: never in cleartext.
-            let endpoints = [
-                ("queue", &queue_endpoint),
-                ("table", &table_endpoint),
-                ("blob", &blob_endpoint),
-            ];
-            if let Some((service, _)) = endpoints.iter().find(|(_, e)| {
-                !e.get(..8)
-                    .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
-            }) {
+            if token.is_some() && url.scheme() != "https" {
                 return Err(AccountError::Entra(format!(
                     "a token is sent only over https, and the {service} endpoint is not https"
                 )));
             }
-        }
-        let location = |uri: &str| CloudLocation::Custom {
-            account: account.clone(),
-            uri: uri.trim_end_matches('/').to_owned(),
+            Ok(url)
         };
-        let http = super::http::client(trusted_ca).map_err(AccountError::Ca)?;
-        let wire = TableWire::new(http.clone(), &account, &table_endpoint, wire)
+        let queue_url = url("queue", &queue_endpoint)?;
+        url("table", &table_endpoint)?;
+        let blob_url = url("blob", &blob_endpoint)?;
+        let (sdk, wire_credential) = match (token, key_or_sas) {
+            (Some(token), _) => (Sdk::Token(token.clone()), Credential::Token(token)),
+            (None, KeyOrSas::Key(key)) => {
+                let minter = Minter::new(&account, key, access.grant, access.create)
+                    .map_err(AccountError::Malformed)?;
+                (
+                    Sdk::Sas(Arc::new(SasPolicy(Arc::new(Sas::Minted(Box::new(minter)))))),
+                    Credential::key(&account, key).map_err(AccountError::Malformed)?,
+                )
+            }
+            (None, KeyOrSas::Sas(sas)) => {
+                let sas = sas.trim_start_matches('?');
+                (
+                    Sdk::Sas(Arc::new(SasPolicy(Arc::new(Sas::Given(sas.to_owned()))))),
+                    Credential::sas(sas),
+                )
+            }
+            (None, KeyOrSas::Neither) => {
+                return Err(AccountError::Missing("AccountKey or SharedAccessSignature"))
+            }
+        };
+        let wire = TableWire::new(http, &account, &table_endpoint, wire_credential)
             .map_err(AccountError::Malformed)?
-            .with_direct(super::h1::H1::for_endpoint(&table_endpoint, trusted_ca)?);
-        let transport = azure_core::TransportOptions::new(super::http::Pooled::shared(http));
-        let queues = azure_storage_queues::QueueServiceClientBuilder::with_location(
-            location(&queue_endpoint),
-            credentials.clone(),
-        )
-        .retry(azure_core::RetryOptions::none())
-        .transport(transport.clone())
-        .build();
-        let tables = azure_data_tables::clients::TableServiceClientBuilder::with_location(
-            location(&table_endpoint),
-            credentials.clone(),
-        )
-        .retry(azure_core::RetryOptions::none())
-        .transport(transport.clone())
-        .build();
-        let blobs = azure_storage_blobs::prelude::ClientBuilder::with_location(
-            location(&blob_endpoint),
-            credentials.clone(),
-        )
-        .retry(azure_core::RetryOptions::none())
-        .transport(transport.clone())
-        .blob_service_client();
+            .with_direct(super::h1::H1::for_endpoint(
+                &table_endpoint,
+                access.trusted_ca,
+            )?);
+        let mut options = ClientOptions {
+            transport: Some(transport),
+            retry: RetryOptions::none(),
+            ..Default::default()
+        };
+        if let Sdk::Sas(policy) = &sdk {
+            options.per_try_policies.push(policy.clone());
+        }
         Ok(Self {
             account,
             queue_endpoint,
             table_endpoint,
             blob_endpoint,
-            queues,
-            tables,
-            blobs,
+            queue_url,
+            blob_url,
+            sdk,
+            options,
             wire: Arc::new(wire),
             timeout,
         })
@@ -277,28 +315,64 @@ impl Account {
         &self.table_endpoint
     }
 
-    /// A handle on queue `name` (nothing is sent).
-    pub fn queue(&self, name: &str) -> Queue {
-        Queue::new(self.queues.queue_client(name), self.timeout)
-    }
-
     pub fn blob_endpoint(&self) -> &str {
         &self.blob_endpoint
     }
 
+    /// `endpoint/name`, the URL of a queue or container.
+    fn url(endpoint: &Url, name: &str) -> Url {
+        let mut url = endpoint.clone();
+        // An http(s) URL always has path segments (checked at open).
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().push(name);
+        }
+        url
+    }
+
+    fn credential(&self) -> Option<Arc<dyn TokenCredential>> {
+        match &self.sdk {
+            Sdk::Token(token) => Some(token.clone()),
+            Sdk::Sas(_) => None,
+        }
+    }
+
+    /// A handle on queue `name` (nothing is sent).
+    pub fn queue(&self, name: &str) -> Queue {
+        let options = QueueClientOptions {
+            client_options: self.options.clone(),
+            ..Default::default()
+        };
+        let url = Self::url(&self.queue_url, name);
+        // Fails only for a URL that cannot be a base, or a token over http: `open` refused both.
+        let client = QueueClient::new(url, self.credential(), Some(options))
+            .expect("an https or tokenless queue URL");
+        Queue::new(name, client, self.timeout)
+    }
+
     /// A handle on blob container `name` (nothing is sent).
     pub fn container(&self, name: &str) -> Container {
-        Container::new(self.blobs.container_client(name), self.timeout)
+        let options = BlobContainerClientOptions {
+            client_options: self.options.clone(),
+            ..Default::default()
+        };
+        let url = Self::url(&self.blob_url, name);
+        // Fails only for a URL that cannot be a base, or a token over http: `open` refused both.
+        let client = BlobContainerClient::new(url, self.credential(), Some(options))
+            .expect("an https or tokenless container URL");
+        Container::new(name, client, self.timeout)
     }
 
     /// A handle on table `name` (nothing is sent).
     pub fn table(&self, name: &str) -> Table {
-        Table::new(
-            self.tables.table_client(name),
-            self.wire.clone(),
-            self.timeout,
-        )
+        Table::new(name, self.wire.clone(), self.timeout)
     }
+}
+
+/// The connection string's secret, unless a token takes its place.
+enum KeyOrSas<'a> {
+    Key(&'a str),
+    Sas(&'a str),
+    Neither,
 }
 
 /// `https://acct.queue.core.windows.net` -> `acct`, for SAS strings without `AccountName`.
@@ -381,7 +455,13 @@ mod tests {
 
     #[test]
     fn entra_tokens_go_only_to_https_endpoints() {
-        let open = |s: &str| Account::open(s, Duration::from_secs(1), Auth::AzureCli, None);
+        let open = |s: &str| {
+            let access = Access {
+                auth: Auth::AzureCli,
+                ..Access::FULL
+            };
+            Account::open(s, Duration::from_secs(1), access)
+        };
         let https = "AccountName=acme;EndpointSuffix=core.windows.net";
         assert!(open(https).is_ok());
         for (s, service) in [

@@ -6,12 +6,17 @@
 //! [`PutOutcome::Conflict`] and re-reads.
 
 use super::{call, StorageError};
-use azure_core::prelude::IfMatchCondition;
-use azure_core::request_options::Metadata;
-use azure_storage_blobs::prelude::*;
+use azure_core::http::Etag;
+use azure_storage_blob::models::{
+    AccessTier, BlobClientDownloadOptions, BlobClientGetPropertiesResultHeaders,
+    BlobClientUploadOptions, BlobContainerClientListBlobsOptions, BlobItem, ListBlobsIncludeItem,
+};
+use azure_storage_blob::BlobContainerClient;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::TryStreamExt;
 use std::collections::HashMap;
+use std::num::NonZero;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A blob read in full, with the ETag the content belongs to.
@@ -60,73 +65,91 @@ pub struct PutOptions<'a> {
     pub metadata: &'a [(&'static str, String)],
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Container {
-    client: ContainerClient,
+    name: String,
+    client: Arc<BlobContainerClient>,
     timeout: Duration,
 }
 
+impl std::fmt::Debug for Container {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Container")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Container {
-    pub(super) fn new(client: ContainerClient, timeout: Duration) -> Self {
-        Self { client, timeout }
+    pub(super) fn new(name: &str, client: BlobContainerClient, timeout: Duration) -> Self {
+        Self {
+            name: name.to_owned(),
+            client: Arc::new(client),
+            timeout,
+        }
     }
 
     pub fn name(&self) -> &str {
-        self.client.container_name()
+        &self.name
     }
 
     /// Creates the container (private) unless it exists.
     pub async fn create_if_missing(&self) -> Result<(), StorageError> {
-        super::create_if_missing(
-            "blob_container_create",
-            self.timeout,
-            self.client.create().into_future(),
-        )
+        super::create_if_missing(call("blob_container_create", self.timeout, async {
+            self.client.create(None).await.map(drop)
+        }))
         .await
     }
 
     /// A blob's properties, or `None` if it does not exist.
     pub async fn properties(&self, name: &str) -> Result<Option<BlobInfo>, StorageError> {
-        let request = self.client.blob_client(name).get_properties().into_future();
-        match call("blob_properties", self.timeout, request).await {
-            Ok(r) => Ok(Some(info(r.blob))),
+        let read = call("blob_properties", self.timeout, async {
+            let r = self.client.blob_client(name).get_properties(None).await?;
+            Ok(BlobInfo {
+                name: name.to_owned(),
+                etag: r.etag()?.map(|e| e.as_ref().to_owned()).unwrap_or_default(),
+                size: r.content_length()?.unwrap_or(0),
+                tier: r.access_tier()?,
+                content_type: r.content_type()?.unwrap_or_default(),
+                metadata: r.metadata()?,
+            })
+        });
+        match read.await {
+            Ok(info) => Ok(Some(info)),
             Err(e) if e.status() == Some(404) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
-    /// The whole blob and its ETag, or `None` if it does not exist. Every chunk is read under
+    /// The whole blob and its ETag, or `None` if it does not exist. It is read under
     /// `If-Match` of the ETag, so the bytes are one version even if a writer races the read
     /// (the read then fails with 412 and the caller retries).
     pub async fn get(&self, name: &str) -> Result<Option<BlobContent>, StorageError> {
-        const OP: &str = "blob_get";
         let Some(props) = self.properties(name).await? else {
             return Ok(None);
         };
-        let blob = self.client.blob_client(name);
-        let mut chunks = blob
-            .get()
-            .if_match(IfMatchCondition::Match(props.etag.clone()))
-            .into_stream();
-        let mut bytes = Vec::with_capacity(props.size as usize);
-        while let Some(chunk) = call(OP, self.timeout, async {
-            match chunks.next().await {
-                Some(Ok(r)) => r.data.collect().await.map(Some),
-                Some(Err(e)) => Err(e),
-                None => Ok(None),
-            }
+        let options = BlobClientDownloadOptions {
+            if_match: Some(Etag::from(props.etag.as_str())),
+            // One range at a time: an archive is read whole, into one buffer, anyway.
+            parallel: NonZero::new(1),
+            ..Default::default()
+        };
+        let bytes = call("blob_get", self.timeout, async {
+            let download = self
+                .client
+                .blob_client(name)
+                .download(Some(options))
+                .await?;
+            download.body.collect().await
         })
-        .await?
-        {
-            bytes.extend_from_slice(&chunk);
-        }
+        .await?;
         Ok(Some(BlobContent {
-            bytes: Bytes::from(bytes),
+            bytes,
             etag: props.etag,
         }))
     }
 
-    /// Writes a whole block blob under `condition`.
+    /// Writes a whole block blob under `condition`, in one request.
     pub async fn put(
         &self,
         name: &str,
@@ -134,25 +157,36 @@ impl Container {
         condition: Write<'_>,
         options: PutOptions<'_>,
     ) -> Result<PutOutcome, StorageError> {
-        let mut metadata = Metadata::new();
-        for (k, v) in options.metadata {
-            metadata.insert(*k, v.clone());
-        }
-        let mut request = self
-            .client
-            .blob_client(name)
-            .put_block_blob(body)
-            .content_type(options.content_type)
-            .metadata(metadata)
-            .if_match(match condition {
-                Write::Create => IfMatchCondition::NotMatch("*".into()),
-                Write::Replace { etag } => IfMatchCondition::Match(etag.to_owned()),
-            });
-        if options.cool {
-            request = request.access_tier(AccessTier::Cool);
-        }
-        match call("blob_put", self.timeout, request.into_future()).await {
-            Ok(r) => Ok(PutOutcome::Written { etag: r.etag }),
+        let metadata: HashMap<String, String> = options
+            .metadata
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect();
+        let (if_match, if_none_match) = match condition {
+            Write::Create => (None, Some(Etag::from("*"))),
+            Write::Replace { etag } => (Some(Etag::from(etag)), None),
+        };
+        let upload = BlobClientUploadOptions {
+            blob_content_type: Some(options.content_type.to_owned()),
+            metadata: Some(metadata),
+            if_match,
+            if_none_match,
+            tier: options.cool.then_some(AccessTier::Cool),
+            // One Put Blob, never staged blocks: the condition then holds for the whole
+            // write, and a refused write leaves no uncommitted blocks behind.
+            partition_size: NonZero::new(u64::MAX),
+            ..Default::default()
+        };
+        let written = call("blob_put", self.timeout, async {
+            self.client
+                .blob_client(name)
+                .upload(body.into(), Some(upload))
+                .await
+        });
+        match written.await {
+            Ok(r) => Ok(PutOutcome::Written {
+                etag: r.etag.map(|e| e.as_ref().to_owned()).unwrap_or_default(),
+            }),
             // 409 BlobAlreadyExists for Create, 412 ConditionNotMet for Replace.
             Err(e) if matches!(e.status(), Some(409 | 412)) => Ok(PutOutcome::Conflict),
             Err(e) => Err(e),
@@ -161,31 +195,44 @@ impl Container {
 
     /// Every blob whose name starts with `prefix`, with its metadata.
     pub async fn list(&self, prefix: &str) -> Result<Vec<BlobInfo>, StorageError> {
+        const OP: &str = "blob_list";
+        let options = BlobContainerClientListBlobsOptions {
+            prefix: Some(prefix.to_owned()),
+            include: Some(vec![ListBlobsIncludeItem::Metadata]),
+            ..Default::default()
+        };
         let mut pages = self
             .client
-            .list_blobs()
-            .prefix(prefix.to_owned())
-            .include_metadata(true)
-            .into_stream();
+            .list_blobs(Some(options))
+            .map_err(|e| super::sdk_error(OP, &e))?
+            .into_pages();
         let mut out = Vec::new();
-        while let Some(page) = call("blob_list", self.timeout, async {
-            pages.next().await.transpose()
+        while let Some(page) = call(OP, self.timeout, async {
+            match pages.try_next().await? {
+                Some(page) => page.into_model().map(Some),
+                None => Ok(None),
+            }
         })
         .await?
         {
-            out.extend(page.blobs.blobs().cloned().map(info));
+            out.extend(page.blob_items.into_iter().filter_map(info));
         }
         Ok(out)
     }
 }
 
-fn info(blob: Blob) -> BlobInfo {
-    BlobInfo {
-        etag: blob.properties.etag.to_string(),
-        size: blob.properties.content_length,
-        tier: blob.properties.access_tier.map(|t| t.as_ref().to_owned()),
-        content_type: blob.properties.content_type,
-        metadata: blob.metadata.unwrap_or_default(),
-        name: blob.name,
-    }
+/// A listed blob's properties; `None` for an entry without a name.
+fn info(blob: BlobItem) -> Option<BlobInfo> {
+    let properties = blob.properties.unwrap_or_default();
+    Some(BlobInfo {
+        name: blob.name?,
+        etag: properties
+            .etag
+            .map(|e| e.as_ref().to_owned())
+            .unwrap_or_default(),
+        size: properties.content_length.unwrap_or(0),
+        tier: properties.access_tier.map(|t| t.to_string()),
+        content_type: properties.content_type.unwrap_or_default(),
+        metadata: blob.metadata.and_then(|m| m.values).unwrap_or_default(),
+    })
 }

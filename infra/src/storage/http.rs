@@ -2,20 +2,18 @@
 //! connections, `h1.rs`, unless a proxy is configured): the SDK's transport, one pooled,
 //! keep-alive connection set per account.
 //!
-//! The SDK's default client disables connection pooling (`pool_max_idle_per_host(0)`, a
-//! workaround for hyperium/hyper#2312), so every storage request opened a new TCP connection
-//! (and, on real Azure, a TLS session): at the seed load that was the largest CPU cost of the
-//! processor. This transport keeps connections, and avoids the hang that workaround addressed
-//! by never handing the SDK a live response body: each body is read to its end here, so the
-//! connection is back in the pool before the SDK sees the response, and a body that stalls is
-//! bounded by the adapter's per-call timeout like everything else.
+//! The official SDK is built without its default client (reqwest 0.13 with aws-lc, a second
+//! HTTP and TLS stack in the graph), so every SDK client and Entra ID credential is handed this
+//! one. It keeps connections, and never hands the SDK a live response body: each body is read
+//! to its end here, so the connection is back in the pool before the SDK sees the response,
+//! and a body that stalls is bounded by the adapter's per-call timeout like everything else.
 //!
 //! Idle connections are dropped after [`IDLE`], below the emulator's (Node's) 5 s keep-alive,
 //! so the client never reuses a connection the server is closing.
 
-use azure_core::error::{ErrorKind, ResultExt};
-use azure_core::headers::{HeaderName, HeaderValue, Headers};
-use azure_core::{Body, HttpClient, Request, Response};
+use azure_core::error::{Error, ErrorKind};
+use azure_core::http::headers::{HeaderName, HeaderValue, Headers};
+use azure_core::http::{AsyncRawResponse, Body, HttpClient, Method, Request, StatusCode};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,8 +28,9 @@ pub(super) const USER_AGENT: &str = concat!("telemetry-pipeline/", env!("CARGO_P
 pub(super) struct Pooled(reqwest::Client);
 
 /// The pooled client; `trusted_ca` (PEM) adds CAs to the built-in web roots (a private
-/// endpoint, or an emulator behind TLS). The SDK's transport and the lean table path
-/// (`wire.rs`) share it, and so its connections.
+/// endpoint, or an emulator behind TLS). The SDK's transport, the Entra ID credentials and the
+/// lean table path (`wire.rs`) share it, and so its connections. It never decompresses (the
+/// blob client's ranged reads need the bytes as stored).
 pub(super) fn client(trusted_ca: Option<&[u8]>) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder()
         .user_agent(USER_AGENT)
@@ -56,19 +55,29 @@ pub(super) fn client(trusted_ca: Option<&[u8]>) -> Result<reqwest::Client, Strin
 }
 
 impl Pooled {
-    /// `client`, as the SDK's builders take it.
-    pub(super) fn shared(client: reqwest::Client) -> Arc<dyn HttpClient> {
-        Arc::new(Self(client))
+    /// `client`, as the SDK's client options take it.
+    pub(super) fn transport(client: reqwest::Client) -> azure_core::http::Transport {
+        azure_core::http::Transport::new(Arc::new(Self(client)))
     }
 }
 
 #[async_trait::async_trait]
 impl HttpClient for Pooled {
-    async fn execute_request(&self, request: &Request) -> azure_core::Result<Response> {
-        let method = reqwest::Method::from_bytes(request.method().as_ref().as_bytes())
-            .with_context(ErrorKind::DataConversion, || {
-                format!("HTTP method {}", request.method())
-            })?;
+    async fn execute_request(&self, request: &Request) -> azure_core::Result<AsyncRawResponse> {
+        let method = match request.method() {
+            Method::Get => reqwest::Method::GET,
+            Method::Put => reqwest::Method::PUT,
+            Method::Post => reqwest::Method::POST,
+            Method::Delete => reqwest::Method::DELETE,
+            Method::Head => reqwest::Method::HEAD,
+            Method::Patch => reqwest::Method::PATCH,
+            other => {
+                return Err(Error::with_message(
+                    ErrorKind::DataConversion,
+                    format!("HTTP method {other:?}"),
+                ))
+            }
+        };
         let mut builder = self.0.request(method, request.url().clone());
         for (name, value) in request.headers().iter() {
             builder = builder.header(name.as_str(), value.as_str());
@@ -77,14 +86,17 @@ impl HttpClient for Pooled {
             Body::Bytes(bytes) => builder.body(bytes),
             Body::SeekableStream(stream) => builder.body(reqwest::Body::wrap_stream(stream)),
         };
-        let response = builder
-            .send()
-            .await
-            // Without the URL: with a SAS credential its query string holds the signature.
-            .map_err(reqwest::Error::without_url)
-            .context(ErrorKind::Io, "sending the request")?;
-        let status = azure_core::StatusCode::try_from(response.status().as_u16())
-            .map_err(|_| ErrorKind::DataConversion.into_error())?;
+        // Errors without the URL: with a SAS its query string holds the signature.
+        let io = |e: reqwest::Error| {
+            let kind = if e.is_connect() {
+                ErrorKind::Connection
+            } else {
+                ErrorKind::Io
+            };
+            Error::new(kind, e.without_url())
+        };
+        let response = builder.send().await.map_err(io)?;
+        let status = StatusCode::from(response.status().as_u16());
         let mut headers = Headers::new();
         for (name, value) in response.headers() {
             if let Ok(value) = value.to_str() {
@@ -94,12 +106,9 @@ impl HttpClient for Pooled {
                 );
             }
         }
-        let body = response
-            .bytes()
-            .await
-            .map_err(reqwest::Error::without_url)
-            .context(ErrorKind::Io, "reading the response body")?;
-        let once = futures::stream::once(async move { Ok(body) });
-        Ok(Response::new(status, headers, Box::pin(once)))
+        // Read whole here, so the connection is back in the pool before the SDK sees the
+        // response, and a stalled body is bounded by the adapter's per-call timeout.
+        let body = response.bytes().await.map_err(io)?;
+        Ok(AsyncRawResponse::from_bytes(status, headers, body))
     }
 }

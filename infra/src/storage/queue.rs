@@ -1,13 +1,20 @@
 //! Azure Storage Queue operations.
 
-use super::{call, StorageError};
-use azure_storage_queues::prelude::*;
+use super::{call, ErrorKind, StorageError};
+use azure_core::http::headers::HeaderName;
+use azure_core::http::RequestContent;
+use azure_storage_queue::models::{
+    QueueClientGetPropertiesResultHeaders, QueueClientPeekMessagesOptions,
+    QueueClientReceiveMessagesOptions, QueueClientSendMessageOptions,
+    QueueClientUpdateMessageOptions, QueueMessage as Text,
+};
+use azure_storage_queue::QueueClient;
+use std::sync::Arc;
 use std::time::Duration;
 
-/// The time-to-live this project gives every message: effectively never. Azure's default is
-/// 7 days, which would silently delete a backlog; the REST API's `-1` ("never") cannot be
-/// expressed through the SDK's `Duration`, so the largest positive value (68 years) stands in.
-pub const NEVER_EXPIRE: Duration = Duration::from_secs(i32::MAX as u64);
+/// The time-to-live this project gives every message: never expire (`-1`). Azure's default is
+/// 7 days, which would silently delete a backlog.
+pub const NEVER_EXPIRE: i32 = -1;
 
 /// A message taken from a queue; invisible to others until its visibility timeout ends.
 #[derive(Debug, Clone)]
@@ -21,39 +28,74 @@ pub struct QueueMessage {
     pub text: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Queue {
-    client: QueueClient,
+    name: String,
+    client: Arc<QueueClient>,
     timeout: Duration,
 }
 
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unix_ms(at: Option<time::OffsetDateTime>) -> Option<i64> {
+    at.map(|t| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX))
+}
+
+/// Seconds, as the queue service takes a visibility timeout.
+fn seconds(d: Duration) -> i32 {
+    i32::try_from(d.as_secs()).unwrap_or(i32::MAX)
+}
+
+fn text(text: String) -> Result<RequestContent<Text, azure_core::http::XmlFormat>, ErrorKind> {
+    Text {
+        message_text: Some(text),
+    }
+    .try_into()
+    .map_err(|e: azure_core::Error| ErrorKind::Protocol(super::full_chain(&e)))
+}
+
 impl Queue {
-    pub(super) fn new(client: QueueClient, timeout: Duration) -> Self {
-        Self { client, timeout }
+    pub(super) fn new(name: &str, client: QueueClient, timeout: Duration) -> Self {
+        Self {
+            name: name.to_owned(),
+            client: Arc::new(client),
+            timeout,
+        }
     }
 
     pub fn name(&self) -> &str {
-        self.client.queue_name()
+        &self.name
     }
 
     /// Creates the queue unless it exists.
     pub async fn create_if_missing(&self) -> Result<(), StorageError> {
-        super::create_if_missing(
-            "queue_create",
-            self.timeout,
-            self.client.create().into_future(),
-        )
+        super::create_if_missing(call("queue_create", self.timeout, async {
+            self.client.create(None).await.map(drop)
+        }))
         .await
     }
 
     /// Appends a message that never expires.
-    pub async fn put(&self, text: String) -> Result<(), StorageError> {
-        let put = self
-            .client
-            .put_message(text)
-            .ttl(NEVER_EXPIRE)
-            .into_future();
-        call("queue_put", self.timeout, put).await.map(drop)
+    pub async fn put(&self, message: String) -> Result<(), StorageError> {
+        const OP: &str = "queue_put";
+        let body = text(message).map_err(|kind| StorageError { op: OP, kind })?;
+        let options = QueueClientSendMessageOptions {
+            message_time_to_live: Some(NEVER_EXPIRE),
+            ..Default::default()
+        };
+        call(
+            OP,
+            self.timeout,
+            self.client.send_message(body, Some(options)),
+        )
+        .await
+        .map(drop)
     }
 
     /// Takes up to `max` (at most 32) messages, hiding them for `visibility`.
@@ -62,37 +104,49 @@ impl Queue {
         max: u8,
         visibility: Duration,
     ) -> Result<Vec<QueueMessage>, StorageError> {
-        let number = NumberOfMessages::new(max.clamp(1, 32));
-        let get = self
-            .client
-            .get_messages()
-            .number_of_messages(number)
-            .visibility_timeout(visibility)
-            .into_future();
-        let response = call("queue_get", self.timeout, get).await?;
-        Ok(response
-            .messages
+        const OP: &str = "queue_get";
+        let options = QueueClientReceiveMessagesOptions {
+            number_of_messages: Some(i32::from(max.clamp(1, 32))),
+            visibility_timeout: Some(seconds(visibility)),
+            ..Default::default()
+        };
+        let received = call(OP, self.timeout, async {
+            self.client
+                .receive_messages(Some(options))
+                .await?
+                .into_model()
+        })
+        .await?;
+        let missing = |field: &str| StorageError {
+            op: OP,
+            kind: ErrorKind::Protocol(format!("a received message has no {field}")),
+        };
+        received
+            .items
+            .unwrap_or_default()
             .into_iter()
-            .map(|m| QueueMessage {
-                id: m.message_id,
-                pop_receipt: m.pop_receipt,
-                dequeue_count: m.dequeue_count,
-                expires_at_ms: i64::try_from(m.expiration_time.unix_timestamp_nanos() / 1_000_000)
-                    .unwrap_or(i64::MAX),
-                text: m.message_text,
+            .map(|m| {
+                Ok(QueueMessage {
+                    id: m.message_id.ok_or_else(|| missing("id"))?,
+                    pop_receipt: m.pop_receipt.ok_or_else(|| missing("pop receipt"))?,
+                    dequeue_count: m
+                        .dequeue_count
+                        .and_then(|n| u64::try_from(n).ok())
+                        .unwrap_or(1),
+                    expires_at_ms: unix_ms(m.expiration_time).unwrap_or(i64::MAX),
+                    text: m.message_text.unwrap_or_default(),
+                })
             })
-            .collect())
+            .collect()
     }
 
     /// Deletes a message taken with [`Queue::get`]. Fails with 404 or 400
     /// (`PopReceiptMismatch`) when the message was deleted or retaken since.
     pub async fn delete(&self, message: &QueueMessage) -> Result<(), StorageError> {
-        let receipt = self
+        let delete = self
             .client
-            .pop_receipt_client(PopReceipt::new(&message.id, &message.pop_receipt));
-        call("queue_delete", self.timeout, receipt.delete().into_future())
-            .await
-            .map(drop)
+            .delete_message(&message.id, &message.pop_receipt, None);
+        call("queue_delete", self.timeout, delete).await.map(drop)
     }
 
     /// Replaces the text of a message taken with [`Queue::get`] and hides it for `visibility`
@@ -102,17 +156,38 @@ impl Queue {
     pub async fn update(
         &self,
         message: &QueueMessage,
-        text: String,
+        new_text: String,
         visibility: Duration,
     ) -> Result<QueueMessage, StorageError> {
-        let receipt = self
-            .client
-            .pop_receipt_client(PopReceipt::new(&message.id, &message.pop_receipt));
-        let update = receipt.update(text.clone(), visibility).into_future();
-        let response = call("queue_update", self.timeout, update).await?;
+        const OP: &str = "queue_update";
+        let body = text(new_text.clone()).map_err(|kind| StorageError { op: OP, kind })?;
+        let options = QueueClientUpdateMessageOptions {
+            queue_message: Some(body),
+            ..Default::default()
+        };
+        let response = call(
+            OP,
+            self.timeout,
+            self.client.update_message(
+                &message.id,
+                &message.pop_receipt,
+                seconds(visibility),
+                Some(options),
+            ),
+        )
+        .await?;
+        // The new pop receipt comes in a header only.
+        let pop_receipt = response
+            .headers()
+            .get_optional_str(&HeaderName::from_static("x-ms-popreceipt"))
+            .map(str::to_owned)
+            .ok_or(StorageError {
+                op: OP,
+                kind: ErrorKind::Protocol("an update answered no pop receipt".into()),
+            })?;
         Ok(QueueMessage {
-            pop_receipt: response.pop_receipt,
-            text,
+            pop_receipt,
+            text: new_text,
             ..message.clone()
         })
     }
@@ -120,25 +195,30 @@ impl Queue {
     /// When the first visible message was put (UTC milliseconds), `None` for none: the
     /// oldest waiting message, since messages are served roughly in order. One peek.
     pub async fn oldest_put_at(&self) -> Result<Option<i64>, StorageError> {
-        let peek = self
-            .client
-            .peek_messages()
-            .number_of_messages(NumberOfMessages::new(1))
-            .into_future();
-        let response = call("queue_peek", self.timeout, peek).await?;
-        Ok(response.messages.first().map(|m| {
-            i64::try_from(m.insertion_time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
-        }))
+        let options = QueueClientPeekMessagesOptions {
+            number_of_messages: Some(1),
+            ..Default::default()
+        };
+        let peeked = call("queue_peek", self.timeout, async {
+            self.client.peek_messages(Some(options)).await?.into_model()
+        })
+        .await?;
+        Ok(peeked
+            .items
+            .unwrap_or_default()
+            .first()
+            .map(|m| unix_ms(m.insertion_time).unwrap_or(0)))
     }
 
     /// The service's approximate count of messages, visible or not.
     pub async fn approximate_depth(&self) -> Result<usize, StorageError> {
-        let metadata = call(
-            "queue_metadata",
-            self.timeout,
-            self.client.get_metadata().into_future(),
-        )
+        let count = call("queue_metadata", self.timeout, async {
+            self.client
+                .get_properties(None)
+                .await?
+                .approximate_messages_count()
+        })
         .await?;
-        Ok(metadata.approximate_messages_count)
+        Ok(count.and_then(|n| usize::try_from(n).ok()).unwrap_or(0))
     }
 }

@@ -1,9 +1,7 @@
 //! Azure Table Storage operations.
 
-use super::wire::{Row, TableWire, WireOp};
-use super::{call, measured, ErrorKind, StorageError};
-use azure_data_tables::prelude::*;
-use futures::StreamExt;
+use super::wire::{Page, Row, TableWire, WireOp};
+use super::{measured, ErrorKind, StorageError};
 use serde_json::{Map, Value};
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,10 +82,11 @@ impl std::fmt::Display for Refusal {
     }
 }
 
+/// A table of an account. No official Azure SDK for tables exists yet, so every request is the
+/// project's own (`wire.rs`): the writes on their lean path, the rest on the pooled client.
 #[derive(Debug, Clone)]
 pub struct Table {
-    client: TableClient,
-    /// The lean path of the writes (`wire.rs`); the SDK serves everything else.
+    name: String,
     wire: Arc<TableWire>,
     timeout: Duration,
 }
@@ -111,25 +110,25 @@ fn rows(entities: &[Entity]) -> Result<Vec<Row>, StorageError> {
 }
 
 impl Table {
-    pub(super) fn new(client: TableClient, wire: Arc<TableWire>, timeout: Duration) -> Self {
+    pub(super) fn new(name: &str, wire: Arc<TableWire>, timeout: Duration) -> Self {
         Self {
-            client,
+            name: name.to_owned(),
             wire,
             timeout,
         }
     }
 
     pub fn name(&self) -> &str {
-        self.client.table_name()
+        &self.name
     }
 
     /// Creates the table unless it exists.
     pub async fn create_if_missing(&self) -> Result<(), StorageError> {
-        super::create_if_missing(
+        super::create_if_missing(measured(
             "table_create",
             self.timeout,
-            self.client.create().into_future(),
-        )
+            self.wire.create_table(&self.name),
+        ))
         .await
     }
 
@@ -181,16 +180,14 @@ impl Table {
 
     /// Deletes one row if it still has `etag`. `Ok(false)` when it is already gone.
     pub async fn delete(&self, row: &RowRef<'_>) -> Result<bool, StorageError> {
-        const OP: &str = "table_delete";
-        let client = self
-            .client
-            .partition_key_client(row.partition_key)
-            .entity_client(row.row_key);
-        let request = client
-            .delete()
-            .if_match(IfMatchCondition::Etag(row.etag.into()));
-        match call(OP, self.timeout, request.into_future()).await {
-            Ok(_) => Ok(true),
+        match measured(
+            "table_delete",
+            self.timeout,
+            self.wire.delete_row(&self.name, row),
+        )
+        .await
+        {
+            Ok(()) => Ok(true),
             Err(e) if e.is_not_found() => Ok(false),
             Err(e) => Err(e),
         }
@@ -258,13 +255,8 @@ impl Table {
 
     /// How many entities match `filter` (fetching only their keys).
     pub async fn count(&self, filter: &str) -> Result<usize, StorageError> {
-        let query = self
-            .client
-            .query()
-            .filter(filter.to_owned())
-            .select("PartitionKey,RowKey");
         let mut n = 0;
-        self.each_page(query, |page| {
+        self.each_page(filter, Some("PartitionKey,RowKey"), None, |page| {
             n += page.len();
             true
         })
@@ -274,21 +266,19 @@ impl Table {
 
     /// Deletes the whole table (for scratch tables).
     pub async fn delete_table(&self) -> Result<(), StorageError> {
-        call(
+        measured(
             "table_delete_table",
             self.timeout,
-            self.client.delete().into_future(),
+            self.wire.delete_table(&self.name),
         )
         .await
-        .map(drop)
     }
 
     /// The first entity matching `filter`, in key order, or `None`.
     pub async fn first(&self, filter: &str) -> Result<Option<Entity>, StorageError> {
-        let query = self.client.query().filter(filter.to_owned()).top(1);
         let mut first = None;
         // A page may come back empty with a continuation; keep going until a row or the end.
-        self.each_page(query, |page| {
+        self.each_page(filter, None, Some(1), |page| {
             first = page.into_iter().next();
             first.is_none()
         })
@@ -299,17 +289,12 @@ impl Table {
     /// The RowKey of every entity matching an OData `$filter` (all pages), fetching nothing
     /// else: a listing of a million rows costs their keys, not their properties.
     pub async fn row_keys(&self, filter: &str) -> Result<Vec<String>, StorageError> {
-        let query = self
-            .client
-            .query()
-            .filter(filter.to_owned())
-            .select("RowKey");
         let mut out = Vec::new();
-        self.each_page(query, |page| {
+        self.each_page(filter, Some("RowKey"), None, |page| {
             out.extend(
                 page.into_iter()
                     .filter_map(|mut e| match e.remove("RowKey") {
-                        Some(serde_json::Value::String(k)) => Some(k),
+                        Some(Value::String(k)) => Some(k),
                         _ => None,
                     }),
             );
@@ -331,8 +316,7 @@ impl Table {
             return Ok(out);
         }
         let page_size = u32::try_from(limit.min(1000)).unwrap_or(1000);
-        let query = self.client.query().filter(filter.to_owned()).top(page_size);
-        self.each_page(query, |page| {
+        self.each_page(filter, None, Some(page_size), |page| {
             out.extend(page.into_iter().take(limit - out.len()));
             out.len() < limit
         })
@@ -343,7 +327,7 @@ impl Table {
     /// Every entity matching an OData `$filter` (all pages).
     pub async fn query(&self, filter: &str) -> Result<Vec<Entity>, StorageError> {
         let mut out = Vec::new();
-        self.each_page(self.client.query().filter(filter.to_owned()), |page| {
+        self.each_page(filter, None, None, |page| {
             out.extend(page);
             true
         })
@@ -351,28 +335,29 @@ impl Table {
         Ok(out)
     }
 
-    /// Runs `query` page by page (each page a timed call), handing each page to `on_page`
+    /// Runs a query page by page (each page a timed call), handing each page to `on_page`
     /// until it returns `false` or the pages run out.
     async fn each_page(
         &self,
-        query: azure_data_tables::operations::QueryEntityBuilder,
+        filter: &str,
+        select: Option<&str>,
+        top: Option<u32>,
         mut on_page: impl FnMut(Vec<Entity>) -> bool,
     ) -> Result<(), StorageError> {
-        use azure_core::Continuable;
-        let mut pages = query.into_stream::<Entity>();
-        while let Some(page) = call("table_query", self.timeout, async {
-            pages.next().await.transpose()
-        })
-        .await?
-        {
-            // The stream would end without a request after a page with no continuation; not
-            // asking it keeps `storage_requests_total` to the requests made.
-            let last = page.continuation().is_none();
-            if !on_page(page.entities) || last {
-                break;
+        let mut from = None;
+        loop {
+            let Page { entities, next } = measured(
+                "table_query",
+                self.timeout,
+                self.wire
+                    .query_page(&self.name, filter, select, top, from.as_ref()),
+            )
+            .await?;
+            if !on_page(entities) || next.is_none() {
+                return Ok(());
             }
+            from = next;
         }
-        Ok(())
     }
 }
 

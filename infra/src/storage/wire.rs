@@ -11,13 +11,14 @@
 //! for an entity's content is recognised even without the `x-ms-error-code` header), and the
 //! message is the service's first line rather than the SDK's dump. The adapter tests run
 //! against Azurite to hold it to that; golden tests below pin the signature and the batch
-//! body. Everything else still goes through the SDK.
+//! body. The table's other requests (create, delete, queries, a single-row delete) are built
+//! and signed here too, and sent on the pooled client: no official Azure SDK for tables exists.
 
-use super::entra::Entra;
+use super::credential::Cached;
 use super::h1::{Reply, H1};
 use super::table::RowRef;
-use super::{full_chain, redact, ErrorKind};
-use azure_core::auth::{AccessToken, TokenCredential};
+use super::{full_chain, percent_encode, redact, ErrorKind};
+use azure_core::credentials::AccessToken;
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -26,7 +27,6 @@ use std::sync::Arc;
 
 /// The service version the SDK speaks, kept so that both paths see the same service.
 const VERSION: &str = "2022-11-02";
-const STORAGE_SCOPE: &str = "https://storage.azure.com/.default";
 const JSON: &str = "application/json";
 const ACCEPT: &str = "application/json;odata=minimalmetadata";
 
@@ -45,8 +45,8 @@ pub(super) enum Credential {
     Key { account: String, mac: Hmac<Sha256> },
     /// A SAS query string, appended to every URL.
     Sas(String),
-    /// Entra ID: a bearer token from the project's own cached credential.
-    Token(Arc<Entra>),
+    /// Entra ID: a bearer token from the cached credential.
+    Token(Arc<Cached>),
 }
 
 impl Credential {
@@ -82,6 +82,39 @@ impl WireOp<'_> {
             WireOp::Delete(row) => row.partition_key,
         }
     }
+}
+
+/// What a request is, before its body: what [`TableWire::request`] signs and sends.
+pub(super) struct Head<'a> {
+    method: reqwest::Method,
+    /// After the endpoint and a slash; signed.
+    path: &'a str,
+    /// Already encoded, without `?`; not signed.
+    query: &'a str,
+    /// Empty for a request with no body.
+    content_type: &'a str,
+    accept: &'static str,
+    if_match: Option<&'a str>,
+}
+
+impl<'a> Head<'a> {
+    fn new(method: reqwest::Method, path: &'a str, content_type: &'a str) -> Self {
+        Self {
+            method,
+            path,
+            query: "",
+            content_type,
+            accept: ACCEPT,
+            if_match: None,
+        }
+    }
+}
+
+/// One page of a query's answer.
+pub(super) struct Page {
+    pub entities: Vec<serde_json::Map<String, serde_json::Value>>,
+    /// Where the next page starts (`NextPartitionKey`, `NextRowKey`); `None` on the last.
+    pub next: Option<(String, Option<String>)>,
 }
 
 /// The table service of one account, for the two hot writes.
@@ -162,7 +195,11 @@ impl TableWire {
     ) -> Result<reqwest::Request, ErrorKind> {
         let mut path = String::with_capacity(table.len() + row.row_key.len() + 64);
         entity_path(&mut path, table, &row.partition_key, &row.row_key);
-        self.request(reqwest::Method::PUT, &path, JSON, row.json.clone(), bearer)
+        self.request(
+            Head::new(reqwest::Method::PUT, &path, JSON),
+            row.json.clone(),
+            bearer,
+        )
     }
 
     /// The transaction of `ops` on `table`, built and signed.
@@ -175,14 +212,139 @@ impl TableWire {
         let ids = [fastrand::u128(..), fastrand::u128(..)];
         let (batch, body) = self.batch_body(table, ops, ids);
         let content_type = format!("multipart/mixed; boundary={batch}");
-        self.request(reqwest::Method::POST, "$batch", &content_type, body, bearer)
+        self.request(
+            Head::new(reqwest::Method::POST, "$batch", &content_type),
+            body,
+            bearer,
+        )
     }
 
-    /// The Entra token, when that is the credential (cached by [`Entra`]).
+    /// Creates `table`; a table that exists answers 409 (`TableAlreadyExists`).
+    pub(super) async fn create_table(&self, table: &str) -> Result<(), ErrorKind> {
+        let token = self.token().await?;
+        let body = serde_json::json!({ "TableName": table }).to_string();
+        let request = self.request(
+            Head::new(reqwest::Method::POST, "Tables", JSON),
+            body,
+            bearer(token.as_ref()),
+        )?;
+        check(&self.pooled(request).await?.0)
+    }
+
+    /// Deletes `table` and every row in it.
+    pub(super) async fn delete_table(&self, table: &str) -> Result<(), ErrorKind> {
+        let token = self.token().await?;
+        let mut path = String::with_capacity(table.len() + 10);
+        path.push_str("Tables('");
+        key(&mut path, table);
+        path.push_str("')");
+        let request = self.request(
+            Head::new(reqwest::Method::DELETE, &path, ""),
+            bytes::Bytes::new(),
+            bearer(token.as_ref()),
+        )?;
+        check(&self.pooled(request).await?.0)
+    }
+
+    /// Deletes one row if it still has its ETag (404 when it is gone, 412 when it changed).
+    pub(super) async fn delete_row(&self, table: &str, row: &RowRef<'_>) -> Result<(), ErrorKind> {
+        let token = self.token().await?;
+        let mut path = String::with_capacity(table.len() + 64);
+        entity_path(&mut path, table, row.partition_key, row.row_key);
+        let head = Head {
+            if_match: Some(row.etag),
+            ..Head::new(reqwest::Method::DELETE, &path, "")
+        };
+        let request = self.request(head, bytes::Bytes::new(), bearer(token.as_ref()))?;
+        check(&self.pooled(request).await?.0)
+    }
+
+    /// One page of the rows of `table` matching the OData `filter`, from `from` (a previous
+    /// page's `next`), with only the properties `select` names (all when `None`) and at
+    /// most `top` rows. Rows come with full metadata: every typed property annotated, and
+    /// `odata.etag` for a conditional delete.
+    pub(super) async fn query_page(
+        &self,
+        table: &str,
+        filter: &str,
+        select: Option<&str>,
+        top: Option<u32>,
+        from: Option<&(String, Option<String>)>,
+    ) -> Result<Page, ErrorKind> {
+        let token = self.token().await?;
+        let path = format!("{table}()");
+        let mut query = String::with_capacity(filter.len() * 2 + 64);
+        query.push_str("$filter=");
+        percent_encode(&mut query, filter);
+        if let Some(select) = select {
+            query.push_str("&$select=");
+            percent_encode(&mut query, select);
+        }
+        if let Some(top) = top {
+            let _ = write!(query, "&$top={top}");
+        }
+        if let Some((partition, row)) = from {
+            query.push_str("&NextPartitionKey=");
+            percent_encode(&mut query, partition);
+            if let Some(row) = row {
+                query.push_str("&NextRowKey=");
+                percent_encode(&mut query, row);
+            }
+        }
+        let head = Head {
+            query: &query,
+            accept: "application/json;odata=fullmetadata",
+            ..Head::new(reqwest::Method::GET, &path, "")
+        };
+        let request = self.request(head, bytes::Bytes::new(), bearer(token.as_ref()))?;
+        let (answer, next) = self.pooled(request).await?;
+        check(&answer)?;
+        let unreadable = |why: &str| ErrorKind::Protocol(format!("a query's answer {why}"));
+        let mut json: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&answer.body).map_err(|_| unreadable("is not a JSON object"))?;
+        let Some(serde_json::Value::Array(rows)) = json.remove("value") else {
+            return Err(unreadable("has no value array"));
+        };
+        let entities = rows
+            .into_iter()
+            .map(|row| match row {
+                serde_json::Value::Object(entity) => Ok(entity),
+                _ => Err(unreadable("has a row that is not an object")),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Page { entities, next })
+    }
+
+    /// Sends `request` on the pooled client and reads the whole answer, with the
+    /// continuation headers a query answers with.
+    async fn pooled(
+        &self,
+        request: reqwest::Request,
+    ) -> Result<(Reply, Option<(String, Option<String>)>), ErrorKind> {
+        // Errors without the URL: with a SAS credential its query string holds the signature.
+        let transport = |e: reqwest::Error| ErrorKind::Transport(full_chain(&e.without_url()));
+        let response = self.http.execute(request).await.map_err(transport)?;
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+        };
+        let status = response.status().as_u16();
+        let code = header("x-ms-error-code");
+        let next = header("x-ms-continuation-nextpartitionkey")
+            .map(|partition| (partition, header("x-ms-continuation-nextrowkey")));
+        let body = response.bytes().await.map_err(transport)?;
+        Ok((Reply { status, code, body }, next))
+    }
+
+    /// The Entra token, when that is the credential (cached by [`Cached`]).
     async fn token(&self) -> Result<Option<AccessToken>, ErrorKind> {
         match &self.credential {
-            Credential::Token(entra) => entra
-                .get_token(&[STORAGE_SCOPE])
+            Credential::Token(cached) => cached
+                .token()
                 .await
                 .map(Some)
                 .map_err(|e| ErrorKind::Credential(full_chain(&e))),
@@ -278,18 +440,7 @@ impl TableWire {
                 .await
                 .map_err(|e| ErrorKind::Transport(full_chain(&e)));
         }
-        // Errors without the URL: with a SAS credential its query string holds the signature.
-        let transport = |e: reqwest::Error| ErrorKind::Transport(full_chain(&e.without_url()));
-        let response = self.http.execute(request).await.map_err(transport)?;
-        let status = response.status().as_u16();
-        let code = response
-            .headers()
-            .get("x-ms-error-code")
-            .and_then(|v| v.to_str().ok())
-            .filter(|c| !c.is_empty())
-            .map(str::to_owned);
-        let body = response.bytes().await.map_err(transport)?;
-        Ok(Reply { status, code, body })
+        Ok(self.pooled(request).await?.0)
     }
 
     /// The request, signed: all the CPU a write costs before the network (what the
@@ -297,26 +448,38 @@ impl TableWire {
     /// credential.
     fn request(
         &self,
-        method: reqwest::Method,
-        path: &str,
-        content_type: &str,
+        head: Head<'_>,
         body: impl Into<reqwest::Body>,
         bearer: Option<&str>,
     ) -> Result<reqwest::Request, ErrorKind> {
         use reqwest::header::{HeaderName, HeaderValue};
-        let mut url = String::with_capacity(self.endpoint.len() + path.len() + 256);
+        let Head {
+            method,
+            path,
+            query,
+            content_type,
+            accept,
+            if_match,
+        } = head;
+        let mut url = String::with_capacity(self.endpoint.len() + path.len() + query.len() + 256);
         url.push_str(&self.endpoint);
         url.push('/');
         url.push_str(path);
+        if !query.is_empty() {
+            url.push('?');
+            url.push_str(query);
+        }
         let date = rfc1123_now();
         let authorization = match (&self.credential, bearer) {
+            // The query is not signed: the Table service's canonicalized resource holds only
+            // `comp`, which no request here uses.
             (Credential::Key { account, mac }, _) => Some(shared_key(
                 mac,
                 account,
                 [method.as_str(), content_type, &date, &self.resource, path],
             )),
             (Credential::Sas(sas), _) => {
-                url.push('?');
+                url.push(if query.is_empty() { '?' } else { '&' });
                 url.push_str(sas);
                 None
             }
@@ -345,12 +508,20 @@ impl TableWire {
                 HeaderName::from_static("maxdataserviceversion"),
                 HeaderValue::from_static("3.0;NetFx"),
             )
-            .header(
+            .header(reqwest::header::ACCEPT, HeaderValue::from_static(accept))
+            .body(body);
+        if !content_type.is_empty() {
+            request = request.header(
                 reqwest::header::CONTENT_TYPE,
                 HeaderValue::from_str(content_type).map_err(|_| invalid("the content type"))?,
-            )
-            .header(reqwest::header::ACCEPT, HeaderValue::from_static(ACCEPT))
-            .body(body);
+            );
+        }
+        if let Some(etag) = if_match {
+            request = request.header(
+                reqwest::header::IF_MATCH,
+                HeaderValue::from_str(etag).map_err(|_| invalid("the ETag"))?,
+            );
+        }
         if let Some(authorization) = authorization {
             // Sensitive: left out of any Debug of the request.
             let mut value =
@@ -436,10 +607,6 @@ fn statuses(text: &str) -> Result<Vec<u16>, ErrorKind> {
 
 /// Appends `table(PartitionKey='pk',RowKey='rk')`, each key quoted as OData requires
 /// (a quote doubled) and percent-encoded but for unreserved characters.
-///
-/// A single-row delete ([`super::Table::delete`]) still goes through the SDK, which neither
-/// doubles quotes nor encodes as much: a key with a quote can be written, and deleted in a
-/// transaction, but not deleted alone. Keys this project writes have no quote.
 fn entity_path(out: &mut String, table: &str, partition_key: &str, row_key: &str) {
     out.push_str(table);
     out.push_str("(PartitionKey='");
@@ -450,21 +617,14 @@ fn entity_path(out: &mut String, table: &str, partition_key: &str, row_key: &str
 }
 
 fn key(out: &mut String, key: &str) {
-    for b in key.bytes() {
-        match b {
+    for part in key.split_inclusive('\'') {
+        match part.strip_suffix('\'') {
             // Doubled inside the OData literal, then encoded like the rest.
-            b'\'' => out.push_str("%27%27"),
-            // Only RFC 3986's unreserved characters go raw, as the .NET and JS SDKs send keys:
-            // the service has read a raw `+` in a path as a space.
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                out.push(char::from(b))
+            Some(before) => {
+                percent_encode(out, before);
+                out.push_str("%27%27");
             }
-            _ => {
-                const HEX: &[u8; 16] = b"0123456789ABCDEF";
-                out.push('%');
-                out.push(char::from(HEX[usize::from(b >> 4)]));
-                out.push(char::from(HEX[usize::from(b & 0xf)]));
-            }
+            None => percent_encode(out, part),
         }
     }
 }
