@@ -1,7 +1,9 @@
-//! Micro-benchmarks of the table write path before the network: building, signing and
-//! encoding one upsert and one 100-entity transaction (`infra::storage`'s lean path: the
-//! request from `wire.rs`, the bytes `h1.rs` writes), with a shared key and with a SAS.
-//! Sending is left out: that is the network's and the service's.
+//! Micro-benchmarks of the table write path (`infra::storage`'s lean path):
+//! - `table_request`: building and signing one upsert and one 100-entity transaction
+//!   (`wire.rs`), with a shared key and with a SAS, before the network;
+//! - `table_round_trip`: one upsert sent and its response read, on a kept-alive loopback
+//!   connection to a stand-in server that answers every request with 204 at once: the
+//!   client's whole HTTP cost per request (`pool.rs` on hyper), with the server's kept small.
 //!
 //! `cargo bench -p infra` runs them; `cargo bench -p infra -- upsert` picks some.
 
@@ -9,6 +11,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use infra::storage::{Account, Row, DEVELOPMENT_STORAGE};
 use std::hint::black_box;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SAS: &str = "AccountName=acme;TableEndpoint=https://acme.table.core.windows.net;SharedAccessSignature=sv=2022-11-02&ss=t&srt=o&sp=au&se=2030-01-01T00:00:00Z&sig=c2lnbmF0dXJl";
 
@@ -47,5 +50,71 @@ fn bench_requests(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_requests);
+/// A server on a free loopback port that answers each request (head and Content-Length body)
+/// with `204 No Content`, keeping the connection; returns its port.
+async fn stand_in() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a loopback port");
+    let port = listener.local_addr().expect("bound").port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::with_capacity(8192);
+                loop {
+                    let mut chunk = [0u8; 8192];
+                    let Ok(n) = socket.read(&mut chunk).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse().unwrap_or(0));
+                        if buf.len() < end + 4 + length {
+                            break;
+                        }
+                        buf.drain(..end + 4 + length);
+                        let answer = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n";
+                        if socket.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+fn bench_round_trip(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let port = runtime.block_on(stand_in());
+    let connection = format!(
+        "AccountName=devstoreaccount1;AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;\
+         TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1"
+    );
+    let table = Account::from_connection_string(&connection, Duration::from_secs(5))
+        .expect("a valid connection string")
+        .table("telemetry");
+    let one = row(7);
+    let mut group = c.benchmark_group("table_round_trip");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("upsert_shared_key", |b| {
+        b.iter(|| {
+            runtime
+                .block_on(table.upsert_row(black_box(&one)))
+                .expect("answered")
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_requests, bench_round_trip);
 criterion_main!(benches);

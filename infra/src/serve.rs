@@ -2,17 +2,25 @@
 //!
 //! `GET /metrics` renders Prometheus text; `GET /healthz` answers 200 while the process runs;
 //! `GET /readyz` answers 200 once the service is connected and doing its job, 503 with the
-//! reason otherwise. The endpoint is hand-rolled on a `TcpListener`: three fixed routes do not
-//! justify an HTTP server framework in every binary.
+//! reason otherwise. HTTP/1.1 by hyper, with no framework: three fixed routes do not justify
+//! one in every binary.
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::{HeaderValue, CONTENT_TYPE, HOST};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+/// Bound on reading a request's head, and on a whole [`http_get`].
+const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -140,7 +148,16 @@ pub async fn serve_http(
                     let Ok((stream, _)) = accepted else { continue };
                     let (handle, health) = (handle.clone(), health.clone());
                     tokio::spawn(async move {
-                        if let Err(error) = respond(stream, &handle, &health).await {
+                        let service = hyper::service::service_fn(move |request| {
+                            let response = respond(&request, &handle, &health);
+                            async move { Ok::<_, Infallible>(response) }
+                        });
+                        let served = hyper::server::conn::http1::Builder::new()
+                            .timer(TokioTimer::new())
+                            .header_read_timeout(TIMEOUT)
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                        if let Err(error) = served {
                             tracing::debug!(%error, "Metrics request failed.");
                         }
                     });
@@ -151,60 +168,76 @@ pub async fn serve_http(
     Ok(bound)
 }
 
-async fn respond(
-    mut stream: tokio::net::TcpStream,
+fn respond<B>(
+    request: &Request<B>,
     handle: &PrometheusHandle,
     health: &Health,
-) -> std::io::Result<()> {
-    let mut buf = [0u8; 1024];
-    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    let request = String::from_utf8_lossy(&buf[..n]);
-    let path = request.split_whitespace().nth(1).unwrap_or("/");
-    let (status, content_type, body) = match path {
-        "/metrics" => {
+) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/metrics") => {
             // Readiness as a metric too, read at scrape time (1 ready, 0 not), for alerting.
             let ready = health.not_ready_reason().is_none();
             metrics::gauge!(READY).set(if ready { 1.0 } else { 0.0 });
-            ("200 OK", "text/plain; version=0.0.4", handle.render())
+            (StatusCode::OK, "text/plain; version=0.0.4", handle.render())
         }
-        "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
-        "/readyz" => match health.not_ready_reason() {
-            None => ("200 OK", "text/plain", "ready\n".to_owned()),
+        (&Method::GET | &Method::HEAD, "/healthz") => {
+            (StatusCode::OK, "text/plain", "ok\n".to_owned())
+        }
+        (&Method::GET | &Method::HEAD, "/readyz") => match health.not_ready_reason() {
+            None => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
             Some(reason) => (
-                "503 Service Unavailable",
+                StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",
                 format!("{reason}\n"),
             ),
         },
-        _ => (
-            "404 Not Found",
+        (&Method::GET | &Method::HEAD, _) => (
+            StatusCode::NOT_FOUND,
             "text/plain",
             "try /metrics, /healthz or /readyz\n".to_owned(),
         ),
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET and HEAD\n".to_owned(),
+        ),
     };
-    let head = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
 }
 
-/// A bare HTTP GET of one of these endpoints: (status, body), or `None` when unreachable.
-/// For tests and the load tester, which read the services' metrics and readiness.
+/// An HTTP GET of one of these endpoints: (status, body), or `None` when unreachable, refused
+/// or slower than 5 s. For tests and the load tester, which read the services' metrics and
+/// readiness.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    // One request per connection: read to the end, whatever the server's keep-alive.
-    let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).await.ok()?;
-    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-    Some((status, body))
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .ok()?;
+        // One request: the connection is driven until the response is read, then dropped.
+        let driver = tokio::spawn(connection);
+        let mut request = Request::new(Full::new(Bytes::new()));
+        *request.uri_mut() = path.parse().ok()?;
+        request
+            .headers_mut()
+            .insert(HOST, HeaderValue::from_str(&addr.to_string()).ok()?);
+        let response = sender.send_request(request).await.ok()?;
+        let status = response.status().as_u16();
+        // Metrics bodies run to a few hundred KiB; 16 MiB bounds a wrong peer.
+        let body = Limited::new(response.into_body(), 16 << 20)
+            .collect()
+            .await
+            .ok()?
+            .to_bytes();
+        driver.abort();
+        Some((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(TIMEOUT, exchange).await.ok().flatten()
 }
 
 /// The sum of a metric's samples in a Prometheus text body, over every label set. `name`
@@ -217,4 +250,74 @@ pub fn metric_sum(body: &str, name: &str) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn endpoint() -> (SocketAddr, Health, CancellationToken) {
+        let (health, shutdown) = (Health::new("starting"), CancellationToken::new());
+        let addr = serve_http(
+            "127.0.0.1:0".parse().expect("an address"),
+            health.clone(),
+            shutdown.clone(),
+        )
+        .await
+        .expect("bound");
+        (addr, health, shutdown)
+    }
+
+    #[tokio::test]
+    async fn the_routes_answer_by_method_and_path() {
+        let (addr, health, shutdown) = endpoint().await;
+        assert_eq!(
+            http_get(addr, "/readyz").await,
+            Some((503, "starting\n".to_owned()))
+        );
+        health.set_ready();
+        assert_eq!(
+            http_get(addr, "/readyz").await,
+            Some((200, "ready\n".to_owned()))
+        );
+        assert_eq!(http_get(addr, "/healthz").await.map(|r| r.0), Some(200));
+        let (status, metrics) = http_get(addr, "/metrics").await.expect("metrics");
+        assert_eq!(status, 200);
+        assert!(metrics.contains(READY), "{metrics}");
+        assert_eq!(http_get(addr, "/nope").await.map(|r| r.0), Some(404));
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_request_split_across_packets_is_read_whole_and_a_post_refused() {
+        let (addr, _health, shutdown) = endpoint().await;
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connected");
+        stream.set_nodelay(true).expect("nodelay");
+        for part in ["GET /heal", "thz HTTP/1.1\r\nHost: x\r\n", "\r\n"] {
+            stream.write_all(part.as_bytes()).await.expect("written");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stream
+            .write_all(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("written");
+        let mut answer = String::new();
+        stream
+            .read_to_string(&mut answer)
+            .await
+            .expect("read to the close");
+        let statuses: Vec<&str> = answer
+            .lines()
+            .filter(|l| l.starts_with("HTTP/1.1 "))
+            .collect();
+        assert_eq!(
+            statuses,
+            ["HTTP/1.1 200 OK", "HTTP/1.1 405 Method Not Allowed"],
+            "{answer}"
+        );
+        shutdown.cancel();
+    }
 }

@@ -8,8 +8,8 @@
 mod account;
 mod blob;
 mod credential;
-mod h1;
 mod http;
+mod pool;
 mod prepare;
 mod queue;
 mod sas;

@@ -277,7 +277,7 @@ impl Account {
         };
         let wire = TableWire::new(http, &account, &table_endpoint, wire_credential)
             .map_err(AccountError::Malformed)?
-            .with_direct(super::h1::H1::for_endpoint(
+            .with_direct(super::pool::Pool::for_endpoint(
                 &table_endpoint,
                 access.trusted_ca,
             )?);

@@ -1,6 +1,6 @@
-//! The HTTP client of every storage request but the lean table writes (those have their own
-//! connections, `h1.rs`, unless a proxy is configured): the SDK's transport, one pooled,
-//! keep-alive connection set per account.
+//! The HTTP client of every queue and blob request (the table's have their own connections,
+//! `pool.rs`, unless a proxy is configured): the SDK's transport, one pooled, keep-alive
+//! connection set per account.
 //!
 //! The official SDK is built without its default client (reqwest 0.13 with aws-lc, a second
 //! HTTP and TLS stack in the graph), so every SDK client and Entra ID credential is handed this
@@ -17,7 +17,7 @@ use azure_core::http::{AsyncRawResponse, Body, HttpClient, Method, Request, Stat
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long an unused connection stays in the pool (here and in `h1.rs`).
+/// How long an unused connection stays in the pool (here and in `pool.rs`).
 pub(super) const IDLE: Duration = Duration::from_secs(3);
 
 /// What every storage request says it comes from.

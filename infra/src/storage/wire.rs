@@ -15,11 +15,12 @@
 //! and signed here too, and sent on the pooled client: no official Azure SDK for tables exists.
 
 use super::credential::Cached;
-use super::h1::{Reply, H1};
+use super::pool::{Pool, Resend, Response};
 use super::table::RowRef;
 use super::{full_chain, percent_encode, redact, ErrorKind};
 use azure_core::credentials::AccessToken;
 use base64::Engine;
+use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::fmt::Write;
@@ -36,7 +37,7 @@ pub struct Row {
     pub partition_key: String,
     pub row_key: String,
     /// Shared, not copied, by every try of a write.
-    pub json: bytes::Bytes,
+    pub json: Bytes,
 }
 
 /// How requests prove who sends them.
@@ -86,7 +87,7 @@ impl WireOp<'_> {
 
 /// What a request is, before its body: what [`TableWire::request`] signs and sends.
 pub(super) struct Head<'a> {
-    method: reqwest::Method,
+    method: hyper::Method,
     /// After the endpoint and a slash; signed.
     path: &'a str,
     /// Already encoded, without `?`; not signed.
@@ -98,7 +99,7 @@ pub(super) struct Head<'a> {
 }
 
 impl<'a> Head<'a> {
-    fn new(method: reqwest::Method, path: &'a str, content_type: &'a str) -> Self {
+    fn new(method: hyper::Method, path: &'a str, content_type: &'a str) -> Self {
         Self {
             method,
             path,
@@ -117,13 +118,17 @@ pub(super) struct Page {
     pub next: Option<(String, Option<String>)>,
 }
 
-/// The table service of one account, for the two hot writes.
+/// The table service of one account.
 pub(super) struct TableWire {
     http: reqwest::Client,
-    /// Where the writes are sent, unless a proxy is configured (then through `http`).
-    direct: Option<H1>,
+    /// Where the requests are sent, unless a proxy is configured (then through `http`).
+    direct: Option<Pool>,
     /// The table endpoint without a trailing slash.
     endpoint: String,
+    /// Its scheme and authority (`http://127.0.0.1:10002`), and its path (`/devstoreaccount1`,
+    /// or empty): a request's URI is the path and what follows.
+    origin: String,
+    prefix: String,
     /// `/{account}{the endpoint's path}`: where every canonicalized resource starts.
     resource: String,
     credential: Credential,
@@ -148,18 +153,21 @@ impl TableWire {
         let endpoint = endpoint.trim_end_matches('/').to_owned();
         let url = reqwest::Url::parse(&endpoint)
             .map_err(|_| "the table endpoint is not a URL".to_owned())?;
-        let resource = format!("/{account}{}", url.path().trim_end_matches('/'));
+        let prefix = url.path().trim_end_matches('/').to_owned();
+        let resource = format!("/{account}{prefix}");
         Ok(Self {
             http,
             direct: None,
+            origin: url.origin().ascii_serialization(),
+            prefix,
             endpoint,
             resource,
             credential,
         })
     }
 
-    /// Sends the writes on `direct`'s connections instead of the pooled client's.
-    pub(super) fn with_direct(self, direct: Option<H1>) -> Self {
+    /// Sends the requests on `direct`'s connections instead of the pooled client's.
+    pub(super) fn with_direct(self, direct: Option<Pool>) -> Self {
         Self { direct, ..self }
     }
 
@@ -167,7 +175,7 @@ impl TableWire {
     pub(super) async fn upsert(&self, table: &str, row: &Row) -> Result<(), ErrorKind> {
         let token = self.token().await?;
         let request = self.upsert_request(table, row, bearer(token.as_ref()))?;
-        check(&self.execute(request).await?)
+        check(&self.execute(request, Resend::IfUnanswered).await?)
     }
 
     /// Sends `ops` as one entity group transaction; the status of each answered operation.
@@ -179,7 +187,9 @@ impl TableWire {
     ) -> Result<Vec<u16>, ErrorKind> {
         let token = self.token().await?;
         let request = self.transact_request(table, ops, bearer(token.as_ref()))?;
-        let answer = self.execute(request).await?;
+        // A transaction repeated changes nothing: its upserts and merges write the same, and
+        // its conditional deletes find their rows gone (412 or 404, as a refusal).
+        let answer = self.execute(request, Resend::IfUnanswered).await?;
         check(&answer)?;
         let text = std::str::from_utf8(&answer.body)
             .map_err(|_| ErrorKind::Protocol("a transaction's answer is not UTF-8".into()))?;
@@ -192,11 +202,11 @@ impl TableWire {
         table: &str,
         row: &Row,
         bearer: Option<&str>,
-    ) -> Result<reqwest::Request, ErrorKind> {
+    ) -> Result<hyper::Request<Bytes>, ErrorKind> {
         let mut path = String::with_capacity(table.len() + row.row_key.len() + 64);
         entity_path(&mut path, table, &row.partition_key, &row.row_key);
         self.request(
-            Head::new(reqwest::Method::PUT, &path, JSON),
+            Head::new(hyper::Method::PUT, &path, JSON),
             row.json.clone(),
             bearer,
         )
@@ -208,13 +218,13 @@ impl TableWire {
         table: &str,
         ops: &[WireOp<'_>],
         bearer: Option<&str>,
-    ) -> Result<reqwest::Request, ErrorKind> {
+    ) -> Result<hyper::Request<Bytes>, ErrorKind> {
         let ids = [fastrand::u128(..), fastrand::u128(..)];
         let (batch, body) = self.batch_body(table, ops, ids);
         let content_type = format!("multipart/mixed; boundary={batch}");
         self.request(
-            Head::new(reqwest::Method::POST, "$batch", &content_type),
-            body,
+            Head::new(hyper::Method::POST, "$batch", &content_type),
+            Bytes::from(body),
             bearer,
         )
     }
@@ -224,11 +234,12 @@ impl TableWire {
         let token = self.token().await?;
         let body = serde_json::json!({ "TableName": table }).to_string();
         let request = self.request(
-            Head::new(reqwest::Method::POST, "Tables", JSON),
-            body,
+            Head::new(hyper::Method::POST, "Tables", JSON),
+            Bytes::from(body),
             bearer(token.as_ref()),
         )?;
-        check(&self.pooled(request).await?.0)
+        // Created already, a second try answers 409, which is success to the caller.
+        check(&self.execute(request, Resend::IfUnanswered).await?)
     }
 
     /// Deletes `table` and every row in it.
@@ -239,11 +250,11 @@ impl TableWire {
         key(&mut path, table);
         path.push_str("')");
         let request = self.request(
-            Head::new(reqwest::Method::DELETE, &path, ""),
-            bytes::Bytes::new(),
+            Head::new(hyper::Method::DELETE, &path, ""),
+            Bytes::new(),
             bearer(token.as_ref()),
         )?;
-        check(&self.pooled(request).await?.0)
+        check(&self.execute(request, Resend::Never).await?)
     }
 
     /// Deletes one row if it still has its ETag (404 when it is gone, 412 when it changed).
@@ -253,10 +264,11 @@ impl TableWire {
         entity_path(&mut path, table, row.partition_key, row.row_key);
         let head = Head {
             if_match: Some(row.etag),
-            ..Head::new(reqwest::Method::DELETE, &path, "")
+            ..Head::new(hyper::Method::DELETE, &path, "")
         };
-        let request = self.request(head, bytes::Bytes::new(), bearer(token.as_ref()))?;
-        check(&self.pooled(request).await?.0)
+        let request = self.request(head, Bytes::new(), bearer(token.as_ref()))?;
+        // Deleted already, a second try answers 404: "already gone" to the caller.
+        check(&self.execute(request, Resend::IfUnanswered).await?)
     }
 
     /// One page of the rows of `table` matching the OData `filter`, from `from` (a previous
@@ -294,11 +306,21 @@ impl TableWire {
         let head = Head {
             query: &query,
             accept: "application/json;odata=fullmetadata",
-            ..Head::new(reqwest::Method::GET, &path, "")
+            ..Head::new(hyper::Method::GET, &path, "")
         };
-        let request = self.request(head, bytes::Bytes::new(), bearer(token.as_ref()))?;
-        let (answer, next) = self.pooled(request).await?;
+        let request = self.request(head, Bytes::new(), bearer(token.as_ref()))?;
+        let answer = self.execute(request, Resend::IfUnanswered).await?;
         check(&answer)?;
+        let header = |name: &str| {
+            answer
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+        };
+        let next = header("x-ms-continuation-nextpartitionkey")
+            .map(|partition| (partition, header("x-ms-continuation-nextrowkey")));
         let unreadable = |why: &str| ErrorKind::Protocol(format!("a query's answer {why}"));
         let mut json: serde_json::Map<String, serde_json::Value> =
             serde_json::from_slice(&answer.body).map_err(|_| unreadable("is not a JSON object"))?;
@@ -315,29 +337,37 @@ impl TableWire {
         Ok(Page { entities, next })
     }
 
-    /// Sends `request` on the pooled client and reads the whole answer, with the
-    /// continuation headers a query answers with.
-    async fn pooled(
+    /// Sends `request` on `direct`'s connections (or, with a proxy, the pooled client's) and
+    /// reads the whole response (so the connection goes back to the pool at once).
+    async fn execute(
         &self,
-        request: reqwest::Request,
-    ) -> Result<(Reply, Option<(String, Option<String>)>), ErrorKind> {
+        request: hyper::Request<Bytes>,
+        resend: Resend,
+    ) -> Result<Response, ErrorKind> {
+        if let Some(direct) = &self.direct {
+            // An I/O error names no URL, so no SAS signature can reach a log from here.
+            return direct
+                .send(request, resend)
+                .await
+                .map_err(|e| ErrorKind::Transport(full_chain(&e)));
+        }
+        let (parts, body) = request.into_parts();
+        let url = reqwest::Url::parse(&format!("{}{}", self.origin, parts.uri))
+            .map_err(|_| ErrorKind::Protocol("a request's URL cannot be read".into()))?;
+        let mut request = reqwest::Request::new(parts.method, url);
+        *request.headers_mut() = parts.headers;
+        *request.body_mut() = Some(body.into());
         // Errors without the URL: with a SAS credential its query string holds the signature.
         let transport = |e: reqwest::Error| ErrorKind::Transport(full_chain(&e.without_url()));
         let response = self.http.execute(request).await.map_err(transport)?;
-        let header = |name: &str| {
-            response
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .filter(|v| !v.is_empty())
-                .map(str::to_owned)
-        };
         let status = response.status().as_u16();
-        let code = header("x-ms-error-code");
-        let next = header("x-ms-continuation-nextpartitionkey")
-            .map(|partition| (partition, header("x-ms-continuation-nextrowkey")));
+        let headers = response.headers().clone();
         let body = response.bytes().await.map_err(transport)?;
-        Ok((Reply { status, code, body }, next))
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
     }
 
     /// The Entra token, when that is the credential (cached by [`Cached`]).
@@ -412,47 +442,18 @@ impl TableWire {
         (batch, body)
     }
 
-    /// How many bytes sending `request` writes: its head and body on `direct`'s connections;
-    /// through the pooled client (a proxy), the body alone (that client writes the head when
-    /// it sends). For the `table_request` benchmarks.
-    pub(super) fn written_len(&self, request: &reqwest::Request) -> Result<usize, ErrorKind> {
-        match &self.direct {
-            Some(direct) => {
-                let (out, rest) = direct
-                    .encode(request)
-                    .map_err(|e| ErrorKind::Protocol(full_chain(&e)))?;
-                Ok(out.len() + rest.len())
-            }
-            None => Ok(request
-                .body()
-                .and_then(reqwest::Body::as_bytes)
-                .map_or(0, <[u8]>::len)),
-        }
-    }
-
-    /// Sends a request on `direct`'s connections (or, with a proxy, the pooled client's) and
-    /// reads the whole answer (so the connection goes back to the pool at once).
-    async fn execute(&self, request: reqwest::Request) -> Result<Reply, ErrorKind> {
-        if let Some(direct) = &self.direct {
-            // An I/O error names no URL, so no SAS signature can reach a log from here.
-            return direct
-                .send(&request)
-                .await
-                .map_err(|e| ErrorKind::Transport(full_chain(&e)));
-        }
-        Ok(self.pooled(request).await?.0)
-    }
-
     /// The request, signed: all the CPU a write costs before the network (what the
-    /// `table_request` benchmarks measure). `bearer` is the Entra token, when that is the
-    /// credential.
+    /// `table_request` benchmarks measure). Its URI is origin-form (the endpoint's path and
+    /// on). `bearer` is the Entra token, when that is the credential.
     fn request(
         &self,
         head: Head<'_>,
-        body: impl Into<reqwest::Body>,
+        body: Bytes,
         bearer: Option<&str>,
-    ) -> Result<reqwest::Request, ErrorKind> {
-        use reqwest::header::{HeaderName, HeaderValue};
+    ) -> Result<hyper::Request<Bytes>, ErrorKind> {
+        use hyper::header::{
+            HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, IF_MATCH,
+        };
         let Head {
             method,
             path,
@@ -461,13 +462,13 @@ impl TableWire {
             accept,
             if_match,
         } = head;
-        let mut url = String::with_capacity(self.endpoint.len() + path.len() + query.len() + 256);
-        url.push_str(&self.endpoint);
-        url.push('/');
-        url.push_str(path);
+        let mut uri = String::with_capacity(self.prefix.len() + path.len() + query.len() + 256);
+        uri.push_str(&self.prefix);
+        uri.push('/');
+        uri.push_str(path);
         if !query.is_empty() {
-            url.push('?');
-            url.push_str(query);
+            uri.push('?');
+            uri.push_str(query);
         }
         let date = rfc1123_now();
         let authorization = match (&self.credential, bearer) {
@@ -479,8 +480,8 @@ impl TableWire {
                 [method.as_str(), content_type, &date, &self.resource, path],
             )),
             (Credential::Sas(sas), _) => {
-                url.push(if query.is_empty() { '?' } else { '&' });
-                url.push_str(sas);
+                uri.push(if query.is_empty() { '?' } else { '&' });
+                uri.push_str(sas);
                 None
             }
             (Credential::Token(_), Some(token)) => Some(format!("Bearer {token}")),
@@ -489,36 +490,38 @@ impl TableWire {
             }
         };
         let invalid = |what: &str| ErrorKind::Protocol(format!("{what} is not a header value"));
-        let mut request = self
-            .http
-            .request(method, url)
-            .header(
-                HeaderName::from_static("x-ms-date"),
-                HeaderValue::from_str(&date).map_err(|_| invalid("the date"))?,
-            )
-            .header(
-                HeaderName::from_static("x-ms-version"),
-                HeaderValue::from_static(VERSION),
-            )
-            .header(
-                HeaderName::from_static("dataserviceversion"),
-                HeaderValue::from_static("3.0;"),
-            )
-            .header(
-                HeaderName::from_static("maxdataserviceversion"),
-                HeaderValue::from_static("3.0;NetFx"),
-            )
-            .header(reqwest::header::ACCEPT, HeaderValue::from_static(accept))
-            .body(body);
+        let mut request = hyper::Request::new(body);
+        *request.method_mut() = method;
+        // Only a URI that cannot be read fails here: the endpoint or a key, never data sent.
+        *request.uri_mut() = hyper::Uri::try_from(uri)
+            .map_err(|_| ErrorKind::Protocol("a request's URI cannot be read".into()))?;
+        let headers = request.headers_mut();
+        headers.insert(
+            HeaderName::from_static("x-ms-date"),
+            HeaderValue::from_str(&date).map_err(|_| invalid("the date"))?,
+        );
+        headers.insert(
+            HeaderName::from_static("x-ms-version"),
+            HeaderValue::from_static(VERSION),
+        );
+        headers.insert(
+            HeaderName::from_static("dataserviceversion"),
+            HeaderValue::from_static("3.0;"),
+        );
+        headers.insert(
+            HeaderName::from_static("maxdataserviceversion"),
+            HeaderValue::from_static("3.0;NetFx"),
+        );
+        headers.insert(ACCEPT, HeaderValue::from_static(accept));
         if !content_type.is_empty() {
-            request = request.header(
-                reqwest::header::CONTENT_TYPE,
+            headers.insert(
+                CONTENT_TYPE,
                 HeaderValue::from_str(content_type).map_err(|_| invalid("the content type"))?,
             );
         }
         if let Some(etag) = if_match {
-            request = request.header(
-                reqwest::header::IF_MATCH,
+            headers.insert(
+                IF_MATCH,
                 HeaderValue::from_str(etag).map_err(|_| invalid("the ETag"))?,
             );
         }
@@ -527,12 +530,9 @@ impl TableWire {
             let mut value =
                 HeaderValue::from_str(&authorization).map_err(|_| invalid("the credential"))?;
             value.set_sensitive(true);
-            request = request.header(reqwest::header::AUTHORIZATION, value);
+            headers.insert(AUTHORIZATION, value);
         }
-        // Only a URL that cannot be parsed fails here: the endpoint or a key, never data sent.
-        request
-            .build()
-            .map_err(|e| ErrorKind::Protocol(full_chain(&e.without_url())))
+        Ok(request)
     }
 }
 
@@ -564,7 +564,7 @@ fn bearer(token: Option<&AccessToken>) -> Option<&str> {
 }
 
 /// `Ok` for a success status; the service's error, by status, code and message, otherwise.
-fn check(answer: &Reply) -> Result<(), ErrorKind> {
+fn check(answer: &Response) -> Result<(), ErrorKind> {
     if answer.status < 300 {
         return Ok(());
     }
@@ -573,7 +573,7 @@ fn check(answer: &Reply) -> Result<(), ErrorKind> {
     let detail = error
         .as_ref()
         .and_then(|e| e.get("odata.error").or_else(|| e.get("error")));
-    let code = answer.code.clone().or_else(|| {
+    let code = answer.code().map(str::to_owned).or_else(|| {
         detail
             .and_then(|d| d.get("code"))
             .and_then(|c| c.as_str())
@@ -696,7 +696,7 @@ mod tests {
         let row = Row {
             partition_key: "p".into(),
             row_key: "r 1".into(),
-            json: bytes::Bytes::from_static(br#"{"PartitionKey":"p","RowKey":"r 1"}"#),
+            json: Bytes::from_static(br#"{"PartitionKey":"p","RowKey":"r 1"}"#),
         };
         let stale = RowRef {
             partition_key: "p",
@@ -728,7 +728,7 @@ Accept: application/json;odata=minimalmetadata\r\nIf-Match: W/\"1\"\r\n\r\n\
         let row = Row {
             partition_key: "p".into(),
             row_key: "r".into(),
-            json: bytes::Bytes::new(),
+            json: Bytes::new(),
         };
         let request = wire.upsert_request("t", &row, None).expect("built");
         let shown = format!("{request:?}");
@@ -753,10 +753,10 @@ Accept: application/json;odata=minimalmetadata\r\nIf-Match: W/\"1\"\r\n\r\n\
 
     #[test]
     fn errors_carry_the_service_code_and_message() {
-        let answer = Reply {
+        let answer = Response {
             status: 400,
-            code: None,
-            body: bytes::Bytes::from_static(
+            headers: hyper::HeaderMap::new(),
+            body: Bytes::from_static(
                 br#"{"odata.error":{"code":"PropertyValueTooLarge","message":{"lang":"en-US","value":"The property value exceeds the maximum allowed size (64KB).\nRequestId:1"}}}"#,
             ),
         };
@@ -773,10 +773,15 @@ Accept: application/json;odata=minimalmetadata\r\nIf-Match: W/\"1\"\r\n\r\n\
             message,
             "The property value exceeds the maximum allowed size (64KB)."
         );
-        let bare = Reply {
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert(
+            "x-ms-error-code",
+            hyper::header::HeaderValue::from_static("ServerBusy"),
+        );
+        let bare = Response {
             status: 503,
-            code: Some("ServerBusy".into()),
-            body: bytes::Bytes::new(),
+            headers,
+            body: Bytes::new(),
         };
         assert!(
             matches!(check(&bare), Err(ErrorKind::Status { status: 503, code, .. }) if code == "ServerBusy")
