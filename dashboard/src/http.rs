@@ -29,6 +29,10 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const INDEX_HTML: &str = include_str!("page/index.html");
 const APP_JS: &str = include_str!("page/app.js");
 const APP_CSS: &str = include_str!("page/app.css");
+// uPlot 1.6.32 (MIT, npm `uplot`), its dist files unmodified: the page's charts.
+const UPLOT_JS: &str = include_str!("page/vendor/uPlot.iife.min.js");
+const UPLOT_CSS: &str = include_str!("page/vendor/uPlot.min.css");
+const UPLOT_LICENSE: &str = include_str!("page/vendor/LICENSE-uPlot");
 
 #[derive(Debug)]
 pub struct App {
@@ -97,7 +101,12 @@ impl App {
         let started = Instant::now();
         let path = request.uri().path().to_owned();
         let route = match path.as_str() {
-            "/" | "/app.js" | "/app.css" => "page",
+            "/"
+            | "/app.js"
+            | "/app.css"
+            | "/vendor/uPlot.iife.min.js"
+            | "/vendor/uPlot.min.css"
+            | "/vendor/LICENSE-uPlot" => "page",
             "/healthz" | "/readyz" => "health",
             "/metrics" => "metrics",
             p if p.starts_with("/api/") => api::route_of(p),
@@ -119,6 +128,13 @@ impl App {
             "/" => text(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML),
             "/app.js" => text(StatusCode::OK, "text/javascript; charset=utf-8", APP_JS),
             "/app.css" => text(StatusCode::OK, "text/css; charset=utf-8", APP_CSS),
+            "/vendor/uPlot.iife.min.js" => {
+                text(StatusCode::OK, "text/javascript; charset=utf-8", UPLOT_JS)
+            }
+            "/vendor/uPlot.min.css" => text(StatusCode::OK, "text/css; charset=utf-8", UPLOT_CSS),
+            "/vendor/LICENSE-uPlot" => {
+                text(StatusCode::OK, "text/plain; charset=utf-8", UPLOT_LICENSE)
+            }
             "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
             "/readyz" => match self.health.not_ready_reason() {
                 None => text(StatusCode::OK, "text/plain", "ready\n"),

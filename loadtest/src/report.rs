@@ -279,9 +279,9 @@ fn sustained(samples: &[(f64, f64, usize)], load_seconds: f64) -> f64 {
     }
 }
 
-/// Throughput (readings/s, left axis) and probe latency (ms, right axis) over time.
+/// Throughput and probe latency over time: one panel each (their units differ), both on the
+/// same time axis, with labelled ticks and gridlines.
 fn chart(samples: &[(f64, f64, usize)], probes: &[(f64, Option<f64>)]) -> String {
-    let (w, h, pad) = (900.0, 360.0, 50.0);
     let rates: Vec<(f64, f64)> = samples
         .windows(5)
         .map(|win| {
@@ -289,43 +289,227 @@ fn chart(samples: &[(f64, f64, usize)], probes: &[(f64, Option<f64>)]) -> String
             (b.0, (b.1 - a.1) / (b.0 - a.0).max(0.001))
         })
         .collect();
-    let lat: Vec<(f64, f64)> = probes
+    let latencies: Vec<(f64, f64)> = probes
         .iter()
-        .filter_map(|(t, l)| l.map(|l| (*t, l * 1000.0)))
+        .filter_map(|(t, l)| l.map(|l| (*t, l)))
         .collect();
-    let t_max = samples.last().map_or(1.0, |s| s.0).max(1.0);
-    let r_max = rates.iter().map(|r| r.1).fold(1.0, f64::max) * 1.1;
-    let l_max = lat.iter().map(|l| l.1).fold(1.0, f64::max) * 1.1;
-    let x = |t: f64| pad + t / t_max * (w - 2.0 * pad);
-    let y = |v: f64, max: f64| h - pad - v / max * (h - 2.0 * pad);
-    let line = |pts: &[(f64, f64)], max: f64| {
-        pts.iter()
-            .map(|(t, v)| format!("{:.1},{:.1}", x(*t), y(*v, max)))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    let mut svg = String::new();
-    let _ = write!(
-        svg,
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
-<rect width="100%" height="100%" fill="white"/>
-<line x1="{pad}" y1="{b}" x2="{r}" y2="{b}" stroke="#444"/>
-<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{b}" stroke="#444"/>
-<line x1="{r}" y1="{pad}" x2="{r}" y2="{b}" stroke="#444"/>
-<text x="{pad}" y="30" fill="#1f77b4">stored readings/s (max {r_max:.0})</text>
-<text x="{lx}" y="30" fill="#d62728" text-anchor="end">publish-to-row latency, ms (max {l_max:.0})</text>
-<text x="{cx}" y="{tb}" text-anchor="middle">seconds (0 to {t_max:.0})</text>
-<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{rates}"/>
-<polyline fill="none" stroke="#d62728" stroke-width="1" points="{lat}"/>
-</svg>
-"##,
-        b = h - pad,
-        r = w - pad,
-        lx = w - pad,
-        cx = w / 2.0,
-        tb = h - 15.0,
-        rates = line(&rates, r_max),
-        lat = line(&lat, l_max),
+    let t_end = samples
+        .iter()
+        .map(|s| s.0)
+        .chain(probes.iter().map(|p| p.0))
+        .fold(0.0, f64::max);
+    let (height, width) = (2.0 * PANEL_HEIGHT, CHART_WIDTH);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
+         font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
     );
+    let time = ticks(t_end);
+    let throughput = Panel {
+        title: "Throughput: stored readings per second",
+        unit: "/s",
+        color: "#1f77b4",
+        dots: false,
+    };
+    throughput.draw(&mut svg, 0.0, &rates, &time);
+    let latency = Panel {
+        title: "Latency: publish to row readable, one dot a probe",
+        unit: " s",
+        color: "#d62728",
+        dots: true,
+    };
+    latency.draw(&mut svg, PANEL_HEIGHT, &latencies, &time);
+    svg.push_str("</svg>\n");
     svg
+}
+
+const CHART_WIDTH: f64 = 900.0;
+/// A panel: its title, the plot, the time labels and the time axis's title.
+const PANEL_HEIGHT: f64 = 290.0;
+/// Room left of the plot for the value labels, and right of it.
+const PLOT_LEFT: f64 = 80.0;
+const PLOT_RIGHT: f64 = 25.0;
+/// From a panel's top to its plot's, and the plot's height.
+const PLOT_TOP: f64 = 35.0;
+const PLOT_HEIGHT: f64 = 190.0;
+
+/// One panel of the chart: a measure in its own unit over time.
+struct Panel {
+    title: &'static str,
+    /// Appended to each value label, `/s` or ` s`.
+    unit: &'static str,
+    color: &'static str,
+    /// Dots for separate measurements (probes), else a line.
+    dots: bool,
+}
+
+impl Panel {
+    /// Draws the panel `top` pixels down; `points` are (seconds since the start, value), `time`
+    /// the time axis's ticks (from [`ticks`]).
+    fn draw(&self, svg: &mut String, top: f64, points: &[(f64, f64)], time: &(f64, Vec<f64>)) {
+        let (left, right) = (PLOT_LEFT, CHART_WIDTH - PLOT_RIGHT);
+        let (high, low) = (top + PLOT_TOP, top + PLOT_TOP + PLOT_HEIGHT);
+        let (t_step, t_ticks) = time;
+        let t_max = t_ticks.last().copied().unwrap_or(1.0);
+        let (v_step, v_ticks) = ticks(points.iter().map(|p| p.1).fold(0.0, f64::max));
+        let v_max = v_ticks.last().copied().unwrap_or(1.0);
+        let x = |t: f64| left + t / t_max * (right - left);
+        let y = |v: f64| low - v / v_max * (low - high);
+        let (title, unit, color) = (self.title, self.unit, self.color);
+        let title_y = top + 20.0;
+        let _ = writeln!(
+            svg,
+            "<g class=\"panel\">\n<text x=\"{left}\" y=\"{title_y}\" font-weight=\"bold\">{title}</text>"
+        );
+        for &v in &v_ticks {
+            let (at, label) = (y(v), tick_label(v, v_step));
+            let (label_x, label_y) = (left - 8.0, at + 4.0);
+            let _ = writeln!(
+                svg,
+                "<line x1=\"{left}\" y1=\"{at:.1}\" x2=\"{right}\" y2=\"{at:.1}\" stroke=\"#e3e3e3\"/>\
+                 <text x=\"{label_x}\" y=\"{label_y:.1}\" text-anchor=\"end\" class=\"tick\">{label}{unit}</text>"
+            );
+        }
+        for &t in t_ticks {
+            let (at, label) = (x(t), tick_label(t, *t_step));
+            let (tick_end, label_y) = (low + 5.0, low + 19.0);
+            let _ = writeln!(
+                svg,
+                "<line x1=\"{at:.1}\" y1=\"{high}\" x2=\"{at:.1}\" y2=\"{tick_end}\" stroke=\"#e3e3e3\"/>\
+                 <text x=\"{at:.1}\" y=\"{label_y}\" text-anchor=\"middle\" class=\"tick\">{label} s</text>"
+            );
+        }
+        let (middle_x, axis_title_y) = ((left + right) / 2.0, low + 38.0);
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{left}\" y1=\"{high}\" x2=\"{left}\" y2=\"{low}\" stroke=\"#444\"/>\
+             <line x1=\"{left}\" y1=\"{low}\" x2=\"{right}\" y2=\"{low}\" stroke=\"#444\"/>\n\
+             <text x=\"{middle_x}\" y=\"{axis_title_y}\" text-anchor=\"middle\">seconds since the start</text>"
+        );
+        if points.is_empty() {
+            let middle_y = (high + low) / 2.0;
+            let _ = writeln!(
+                svg,
+                "<text x=\"{middle_x}\" y=\"{middle_y}\" text-anchor=\"middle\" fill=\"#888\">no data</text>"
+            );
+        } else if self.dots {
+            for &(t, v) in points {
+                let (cx, cy) = (x(t), y(v));
+                let _ = writeln!(
+                    svg,
+                    "<circle cx=\"{cx:.1}\" cy=\"{cy:.1}\" r=\"2\" fill=\"{color}\"/>"
+                );
+            }
+        } else {
+            let line = points
+                .iter()
+                .map(|&(t, v)| format!("{:.1},{:.1}", x(t), y(v)))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let _ = writeln!(
+                svg,
+                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{line}\"/>"
+            );
+        }
+        svg.push_str("</g>\n");
+    }
+}
+
+/// Round ticks from 0 past `max` (at least 1 when there is nothing to show): a step of 1, 2 or
+/// 5 times a power of ten giving about five of them, and the ticks.
+fn ticks(max: f64) -> (f64, Vec<f64>) {
+    let max = if max.is_finite() && max > 0.0 {
+        max
+    } else {
+        1.0
+    };
+    let rough = max / 5.0;
+    let power = 10f64.powi(rough.log10().floor() as i32);
+    let step = [1.0_f64, 2.0, 5.0]
+        .iter()
+        .map(|m| m * power)
+        .find(|s| *s >= rough)
+        .unwrap_or(10.0 * power);
+    let count = (max / step).ceil() as usize;
+    (step, (0..=count).map(|i| i as f64 * step).collect())
+}
+
+/// A tick's value with the decimals its step needs: 0.5 for 0.5000000000000001 in steps of 0.1.
+fn tick_label(value: f64, step: f64) -> String {
+    let decimals = if step >= 1.0 {
+        0
+    } else {
+        (-step.log10() - 1e-9).ceil() as usize
+    };
+    format!("{value:.decimals$}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chart_has_a_panel_per_unit_with_labelled_ticks() {
+        // 1000 readings/s for a minute; a probe every 2 s taking 0.20 to 0.49 s, one lost.
+        let samples: Vec<(f64, f64, usize)> = (0..=60_i32)
+            .map(|i| (f64::from(i), f64::from(i) * 1000.0, 0))
+            .collect();
+        let probes: Vec<(f64, Option<f64>)> = (0..30_i32)
+            .map(|i| {
+                (
+                    f64::from(i) * 2.0,
+                    if i == 5 {
+                        None
+                    } else {
+                        Some(0.2 + f64::from(i) / 100.0)
+                    },
+                )
+            })
+            .collect();
+        let svg = chart(&samples, &probes);
+        assert!(
+            svg.starts_with("<svg") && svg.ends_with("</svg>\n"),
+            "{svg}"
+        );
+        assert_eq!(svg.matches("<g class=\"panel\">").count(), 2, "{svg}");
+        assert!(svg.contains(">Throughput: stored readings per second</text>"));
+        assert!(svg.contains(">Latency: publish to row readable, one dot a probe</text>"));
+        // Values with their units: 0 to 1000/s in steps of 200; 0 to 0.5 s in steps of 0.1.
+        for label in ["0/s", "200/s", "1000/s", "0.0 s", "0.1 s", "0.5 s"] {
+            assert!(
+                svg.contains(&format!(">{label}</text>")),
+                "no {label}: {svg}"
+            );
+        }
+        // Time in both panels: 0 to 60 s in steps of 20.
+        for label in ["0 s", "20 s", "60 s"] {
+            assert_eq!(
+                svg.matches(&format!(">{label}</text>")).count(),
+                2,
+                "{label}: {svg}"
+            );
+        }
+        assert_eq!(svg.matches("<polyline").count(), 1);
+        assert_eq!(svg.matches("<circle").count(), 29);
+    }
+
+    #[test]
+    fn an_empty_run_still_draws_both_panels() {
+        let svg = chart(&[], &[]);
+        assert_eq!(svg.matches("<g class=\"panel\">").count(), 2, "{svg}");
+        assert_eq!(svg.matches(">no data</text>").count(), 2, "{svg}");
+        assert!(svg.contains(">1.0 s</text>"), "{svg}");
+    }
+
+    #[test]
+    fn ticks_are_round_and_reach_past_the_maximum() {
+        let (step, values) = ticks(950.0);
+        assert_eq!(step, 200.0);
+        assert_eq!(values.len(), 6);
+        assert_eq!(values[5], 1000.0);
+        assert_eq!(ticks(0.0).1.last().copied(), Some(1.0));
+        assert_eq!(ticks(f64::NAN).1.last().copied(), Some(1.0));
+        assert_eq!(tick_label(3.0 * 0.1, 0.1), "0.3");
+        assert_eq!(tick_label(0.05, 0.05), "0.05");
+        assert_eq!(tick_label(1500.0, 500.0), "1500");
+    }
 }

@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MINUTE: i64 = 60_000;
 const DAY: i64 = 86_400_000;
+const HOUR: i64 = 3_600_000;
 /// Readings every 10 minutes: any 24 h window holds exactly 144 of them.
 const EVERY: i64 = 10 * MINUTE;
 
@@ -372,7 +373,21 @@ async fn the_dashboard_works_in_a_real_browser() {
         ));
     }
     store.backfill(&rows).await;
-    let dashboard = start_dashboard(&store, &[]).await;
+    // sensor-03's hourly rollups, whole past hours: the 30-day view draws their means inside
+    // their min–max band.
+    let rollups = unique("rollups");
+    let rollup_table = store.account.table(&rollups);
+    rollup_table.create_if_missing().await.unwrap();
+    let past: Vec<Reading> = rows
+        .iter()
+        .map(|r| r.reading.clone())
+        .filter(|r| r.device_id == "sensor-03" && r.measured_at_ms < now - now % HOUR)
+        .collect();
+    let hourly = schemas::rollup::hourly(&past);
+    for rollup in &hourly {
+        rollup_table.upsert(&rollup.to_entity()).await.unwrap();
+    }
+    let dashboard = start_dashboard(&store, &[("DASHBOARD_ROLLUP_TABLE", rollups)]).await;
     let shots = repo_root().join("target/screenshots");
     std::fs::create_dir_all(&shots).unwrap();
     let out = tokio::process::Command::new("node")
@@ -384,6 +399,7 @@ async fn the_dashboard_works_in_a_real_browser() {
         .env("EXPECT_DEVICES", "12")
         .env("DEVICE", "sensor-03")
         .env("EXPECT_POINTS", "144")
+        .env("EXPECT_ROLLUPS", hourly.len().to_string())
         .env("SCREENSHOT_DIR", &shots)
         .env("CHROMIUM", &chromium)
         .env("PLAYWRIGHT_CORE", &playwright)

@@ -1,8 +1,22 @@
-// The dashboard page: plain JavaScript over the /api/v1 endpoints, no dependencies.
+// The dashboard page: plain JavaScript over the /api/v1 endpoints. One library: uPlot
+// (vendor/, embedded in the binary and served by it) draws the charts.
 // Every value from the API reaches the page through textContent, never as HTML.
+// Times are shown in UTC throughout, as the API and its downloads give them.
 "use strict";
 
 const MEASURES = ["temperature", "humidity", "pressure"];
+// The contract's units (docs/contract.md).
+const UNITS = { temperature: "°C", humidity: "%RH", pressure: "hPa" };
+const CHART_HEIGHT = 220;
+// Time-axis labels, 24-hour: per tick step (s), the label and what is added below it when the
+// year or the day changes (uPlot's table; its own is 12-hour).
+const TIME_TICKS = [
+  [365 * 86400, "{YYYY}", null, null, null, null, null, null, 1],
+  [28 * 86400, "{MMM}", "\n{YYYY}", null, null, null, null, null, 1],
+  [86400, "{MMM} {D}", "\n{YYYY}", null, null, null, null, null, 1],
+  [60, "{HH}:{mm}", "\n{MMM} {D} {YYYY}", null, "\n{MMM} {D}", null, null, null, 1],
+  [1, "{HH}:{mm}:{ss}", "\n{MMM} {D} {YYYY}", null, "\n{MMM} {D}", null, null, null, 1],
+];
 // Raw readings up to a week; hourly rollups for a month, daily ones for a year.
 const RANGES = [["1h", 3600e3], ["6h", 6 * 3600e3], ["24h", 86400e3], ["7d", 7 * 86400e3], ["30d", 30 * 86400e3, "1h"], ["1y", 365 * 86400e3, "1d"]];
 const SHOWN_ROWS = 500;
@@ -15,12 +29,6 @@ function el(tag, attrs = {}, ...children) {
     if (k === "class") e.className = v; else if (k.startsWith("on")) e.addEventListener(k.slice(2), v); else e.setAttribute(k, v);
   }
   for (const c of children) e.append(c instanceof Node ? c : document.createTextNode(c == null ? "" : String(c)));
-  return e;
-}
-
-function svg(tag, attrs = {}) {
-  const e = document.createElementNS("http://www.w3.org/2000/svg", tag);
-  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
   return e;
 }
 
@@ -85,17 +93,19 @@ function fmtAgo(seconds) {
   return Math.round(seconds / 86400) + " d";
 }
 
-function fmtTime(iso) {
-  return new Date(iso).toLocaleString();
+// "2024-01-15 10:00 UTC", or to the second.
+function fmtUtc(ms, seconds = false) {
+  return new Date(ms).toISOString().slice(0, seconds ? 19 : 16).replace("T", " ") + " UTC";
 }
 
 function show(...nodes) {
+  dropCharts();
   const main = document.getElementById("main");
   main.replaceChildren(...nodes);
 }
 
 function stamp() {
-  document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
+  document.getElementById("updated").textContent = "updated " + new Date().toISOString().slice(11, 19) + " UTC";
 }
 
 function failed(error) {
@@ -188,18 +198,24 @@ async function showDevice(id, rangeName) {
   const base = "/api/v1/devices/" + encodeURIComponent(id);
   const span = "from=" + from.toISOString() + "&to=" + to.toISOString();
   const path = interval ? base + "/rollups?interval=" + interval + "&" + span : base + "/readings?" + span;
-  const readings = [];
+  // One row a reading, or a period: its time and, per measure, { mean, min, max } (all three
+  // the reading's value when raw).
+  const rows = [];
   if (interval) {
-    // A period's mean stands for it on the chart.
-    const mean = (s) => (s == null ? null : s.mean);
     for (const r of (await api(path)).rollups) {
-      readings.push({ measuredAt: r.periodStart, temperature: mean(r.temperature), humidity: mean(r.humidity), pressure: mean(r.pressure) });
+      const row = { at: Date.parse(r.periodStart) };
+      for (const m of MEASURES) row[m] = r[m] && r[m].mean != null ? { mean: r[m].mean, min: r[m].min, max: r[m].max } : null;
+      rows.push(row);
     }
   } else {
     let url = path;
     while (url) {
       const page = await api(url);
-      readings.push(...page.readings);
+      for (const r of page.readings) {
+        const row = { at: Date.parse(r.measuredAt) };
+        for (const m of MEASURES) row[m] = r[m] == null ? null : { mean: r[m], min: r[m], max: r[m] };
+        rows.push(row);
+      }
       url = page.next;
     }
   }
@@ -207,43 +223,113 @@ async function showDevice(id, rangeName) {
   const csv = link("csv", "CSV");
   const what = interval ? (interval === "1h" ? " hourly means" : " daily means") : " readings";
   const downloads = [csv, " · ", link("parquet", "Parquet")];
-  const summary = el("p", { class: "muted", id: "summary" }, readings.length + what + " from " + from.toLocaleString() + " to " + to.toLocaleString() + " · ", ...downloads);
-  const charts = MEASURES.map((m) => chart(m, readings));
-  show(buttons, summary, ...charts);
+  const summary = el("p", { class: "muted", id: "summary" }, rows.length + what + " from " + fmtUtc(from.getTime()) + " to " + fmtUtc(to.getTime()) + " · ", ...downloads);
+  const made = MEASURES.map((m) => chart(m, rows, Boolean(interval)));
+  show(buttons, summary, ...made.map((c) => c.box));
+  // Drawn once in the page, where they can measure their width.
+  for (const c of made) if (c.draw) c.draw();
   stamp();
 }
 
-function chart(measure, readings) {
-  const points = readings.filter((r) => r[measure] != null).map((r) => [Date.parse(r.measuredAt), r[measure]]);
-  const box = el("section", { class: "chart", "data-measure": measure });
-  box.append(el("h3", {}, measure[0].toUpperCase() + measure.slice(1)));
-  if (points.length === 0) {
-    box.append(el("p", { class: "muted" }, "No " + measure + " readings in this range."));
-    return box;
+// The charts on the page, by measure: dropped with the page, open to the browser test.
+let liveCharts = [];
+window.dashboardCharts = {};
+
+function dropCharts() {
+  for (const { u, observer } of liveCharts) {
+    observer.disconnect();
+    u.destroy();
   }
-  const W = 1000, H = 180;
-  const x0 = points[0][0], x1 = points[points.length - 1][0] || x0 + 1;
-  let lo = Infinity, hi = -Infinity;
-  for (const p of points) { lo = Math.min(lo, p[1]); hi = Math.max(hi, p[1]); }
-  if (lo === hi) { lo -= 1; hi += 1; }
-  const sx = (t) => ((t - x0) / Math.max(1, x1 - x0)) * W;
-  const sy = (v) => H - ((v - lo) / (hi - lo)) * H;
-  const plot = svg("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", role: "img", "aria-label": measure + " over time", "data-points": points.length });
-  plot.append(svg("polyline", { points: points.map(([t, v]) => sx(t).toFixed(1) + "," + sy(v).toFixed(1)).join(" ") }));
-  const cursor = svg("line", { class: "cursor", y1: 0, y2: H, x1: -10, x2: -10 });
-  plot.append(cursor);
-  const readout = el("div", { class: "readout" }, "min " + fmtNumber(lo, 2) + " · max " + fmtNumber(hi, 2));
-  plot.addEventListener("mousemove", (event) => {
-    const rect = plot.getBoundingClientRect();
-    const t = x0 + ((event.clientX - rect.left) / rect.width) * (x1 - x0);
-    let best = points[0];
-    for (const p of points) if (Math.abs(p[0] - t) < Math.abs(best[0] - t)) best = p;
-    cursor.setAttribute("x1", sx(best[0]));
-    cursor.setAttribute("x2", sx(best[0]));
-    readout.textContent = new Date(best[0]).toLocaleString() + ": " + fmtNumber(best[1], 2);
-  });
-  box.append(plot, el("div", { class: "axis muted" }, el("span", {}, fmtTime(points[0][0])), el("span", {}, fmtTime(points[points.length - 1][0]))), readout);
-  return box;
+  liveCharts = [];
+  window.dashboardCharts = {};
+}
+
+// Decimals enough for a tick increment: 2.5 → 1, 0.25 → 2, 50 → 0.
+function decimals(incr) {
+  const text = String(Number(incr.toFixed(6)));
+  const dot = text.indexOf(".");
+  return dot < 0 ? 0 : text.length - dot - 1;
+}
+
+// A y axis as wide as its longest tick label (uPlot's own is a fixed width).
+function axisWidth(u, values, axisIdx, cycleNum) {
+  const axis = u.axes[axisIdx];
+  if (cycleNum > 1) return axis._size;
+  let size = axis.ticks.size + axis.gap;
+  const longest = (values || []).reduce((a, v) => (v != null && String(v).length > a.length ? String(v) : a), "");
+  if (longest) {
+    u.ctx.font = axis.font[0];
+    size += u.ctx.measureText(longest).width / devicePixelRatio;
+  }
+  return Math.ceil(size);
+}
+
+// One chart: the reading (or, for rollups, the period's mean) as the line, with the period's
+// min–max as a band around it; time in UTC; the values under the cursor in the legend; drag
+// across to zoom, double-click to see the whole range again.
+function chart(measure, rows, rollup) {
+  const unit = UNITS[measure];
+  const title = measure[0].toUpperCase() + measure.slice(1);
+  const shown = rows.filter((r) => r[measure] != null);
+  const box = el("section", { class: "chart", "data-measure": measure, "aria-label": title + " in " + unit });
+  box.append(el("h3", {}, title + ", " + unit));
+  if (shown.length === 0) {
+    box.append(el("p", { class: "muted" }, "No " + measure + " readings in this range."));
+    return { box };
+  }
+  const t = shown.map((r) => r.at / 1000);
+  const mean = shown.map((r) => r[measure].mean);
+  const min = shown.map((r) => r[measure].min);
+  const max = shown.map((r) => r[measure].max);
+  const lo = min.reduce((a, v) => Math.min(a, v), Infinity), hi = max.reduce((a, v) => Math.max(a, v), -Infinity);
+  const plot = el("div", { class: "plot", "data-points": shown.length });
+  const what = rollup ? "the mean of each period as the line, its minimum to maximum as the band" : "each reading";
+  const note = el("p", { class: "readout muted" }, "min " + fmtNumber(lo, 2) + " " + unit + " · max " + fmtNumber(hi, 2) + " " + unit +
+    " · " + what + " · drag across the chart to zoom, double-click to reset");
+  box.append(plot, note);
+
+  const value = (u, v) => (v == null ? "–" : fmtNumber(v, 2) + " " + unit);
+  const color = "#0b63c5";
+  const series = [{ label: "Time (UTC)", value: (u, ts) => (ts == null ? "–" : fmtUtc(ts * 1000, !rollup)) }];
+  const data = [t, mean];
+  let bands;
+  if (rollup) {
+    series.push({ label: "mean", stroke: color, width: 1.5, value },
+      { label: "min", stroke: "rgba(11, 99, 197, 0.35)", width: 1, points: { show: false }, value },
+      { label: "max", stroke: "rgba(11, 99, 197, 0.35)", width: 1, points: { show: false }, value });
+    data.push(min, max);
+    bands = [{ series: [3, 2], fill: "rgba(11, 99, 197, 0.12)" }];
+  } else {
+    series.push({ label: title, stroke: color, width: 1.5, value });
+  }
+  const grid = () => ({ stroke: "#e6e9ed", width: 1 });
+  const ticks = () => ({ stroke: "#c9ced4", width: 1, size: 5 });
+  const opts = {
+    height: CHART_HEIGHT,
+    tzDate: (ts) => uPlot.tzDate(new Date(ts * 1000), "Etc/UTC"),
+    scales: { x: { time: true } },
+    series,
+    bands,
+    axes: [
+      { grid: grid(), ticks: ticks(), space: 60, values: TIME_TICKS },
+      { grid: grid(), ticks: ticks(), size: axisWidth, values: (u, splits, axisIdx, space, incr) => splits.map((v) => v.toFixed(decimals(incr)) + " " + unit) },
+    ],
+    legend: { live: true },
+  };
+  const draw = () => {
+    const u = new uPlot({ ...opts, width: plot.clientWidth }, data, plot);
+    u.root.querySelector(".u-wrap").setAttribute("role", "img");
+    u.root.querySelector(".u-wrap").setAttribute("aria-label", title + " over time in " + unit + ": " + note.textContent);
+    // As wide as its box, whatever the window does.
+    const observer = new ResizeObserver(() => {
+      const width = plot.clientWidth;
+      if (width > 0 && width !== u.width) u.setSize({ width, height: CHART_HEIGHT });
+    });
+    observer.observe(plot);
+    liveCharts.push({ u, observer });
+    window.dashboardCharts[measure] = u;
+  };
+  return { box, draw };
 }
 
 async function route() {
