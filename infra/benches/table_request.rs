@@ -63,7 +63,9 @@ async fn stand_in() -> u16 {
                 let mut buf = Vec::with_capacity(8192);
                 loop {
                     let mut chunk = [0u8; 8192];
-                    let Ok(n) = socket.read(&mut chunk).await else { return };
+                    let Ok(n) = socket.read(&mut chunk).await else {
+                        return;
+                    };
                     if n == 0 {
                         return;
                     }
