@@ -1,5 +1,6 @@
 use infra::cli::{LogArgs, StorageArgs};
 use schemas::archive::layout::Layout;
+use schemas::archive::Format;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -25,9 +26,9 @@ pub enum Command {
 /// Where the readings, the archive and the rollups are.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Sources {
-    /// Archive file format.
-    #[arg(long, env = "ARCHIVER_FORMAT", value_enum, default_value = "parquet")]
-    pub format: FormatArg,
+    /// Archive file format: `parquet` or `json`.
+    #[arg(long, env = "ARCHIVER_FORMAT", default_value = "parquet")]
+    pub format: Format,
 
     /// Blob container for archives.
     #[arg(long, env = "ARCHIVER_CONTAINER", default_value = "telemetry")]
@@ -142,21 +143,6 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub log: LogArgs,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum FormatArg {
-    Parquet,
-    Json,
-}
-
-impl From<FormatArg> for schemas::archive::Format {
-    fn from(f: FormatArg) -> Self {
-        match f {
-            FormatArg::Parquet => Self::Parquet,
-            FormatArg::Json => Self::Json,
-        }
-    }
 }
 
 /// `YYYY-MM-DD` -> milliseconds at that UTC midnight.

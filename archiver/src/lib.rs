@@ -14,7 +14,7 @@ mod pass;
 mod progress;
 mod rollups;
 
-pub use config::{Command, Config, FormatArg, RollupArgs, RunArgs, Sources};
+pub use config::{Command, Config, RollupArgs, RunArgs, Sources};
 pub use schemas::archive::layout::Layout;
 
 use futures::StreamExt;
@@ -52,7 +52,7 @@ fn keeper(
         rollups: account.table(&sources.rollup_table),
         archive: account.container(&sources.container),
         layout: sources.layout.clone(),
-        format: sources.format.into(),
+        format: sources.format,
         settle,
         retention,
         concurrency,
@@ -212,7 +212,7 @@ async fn run_passes(args: RunArgs, shutdown: CancellationToken) -> anyhow::Resul
         target: day::Target {
             telemetry: account.table(&args.sources.table_name),
             container: account.container(&args.sources.container),
-            format: args.sources.format.into(),
+            format: args.sources.format,
             dry_run: args.dry_run,
             failpoint: args.failpoint.clone(),
         },

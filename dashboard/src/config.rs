@@ -1,4 +1,3 @@
-use archiver::FormatArg;
 use infra::cli::{LogArgs, StorageArgs};
 use infra::mqtt::Secret;
 use schemas::archive::layout::Layout;
@@ -45,14 +44,9 @@ pub struct Config {
     #[arg(long, env = "DASHBOARD_ARCHIVE_LAYOUT", default_value = schemas::archive::layout::DEFAULT)]
     pub archive_layout: Layout,
 
-    /// Format of the archive (the archiver's `ARCHIVER_FORMAT`).
-    #[arg(
-        long,
-        env = "DASHBOARD_ARCHIVE_FORMAT",
-        value_enum,
-        default_value = "parquet"
-    )]
-    pub archive_format: FormatArg,
+    /// Format of the archive, `parquet` or `json` (the archiver's `ARCHIVER_FORMAT`).
+    #[arg(long, env = "DASHBOARD_ARCHIVE_FORMAT", default_value = "parquet")]
+    pub archive_format: schemas::archive::Format,
 
     /// The ingest queue, whose depth the pipeline view shows.
     #[arg(

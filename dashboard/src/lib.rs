@@ -58,7 +58,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 table: account.table(&config.table_name),
                 archive: account.container(&config.archive_container),
                 layout: config.archive_layout.clone(),
-                format: config.archive_format.into(),
+                format: config.archive_format,
             },
             ingest: account.queue(&config.ingest_queue),
             dead_letters: account.queue(&config.dead_letter_queue),

@@ -16,18 +16,34 @@ mod sas;
 mod table;
 mod wire;
 
-pub use account::{Access, Account, AccountError, DEVELOPMENT_STORAGE};
+pub use account::{Access, Account, DEVELOPMENT_STORAGE};
 pub use blob::{BlobContent, BlobInfo, Container, PutOptions, PutOutcome, Write};
 pub use credential::Auth;
 pub use prepare::{create_missing, Resource};
 pub use queue::{Queue, QueueMessage};
 pub use sas::Grant;
-pub use table::{
-    BatchOutcome, Entity, Refusal, RowRef, Table, MAX_BATCH_BYTES, MAX_BATCH_OPERATIONS,
-};
-pub use wire::Row;
+pub use table::{BatchOutcome, Entity, Refusal, Table, MAX_BATCH_BYTES, MAX_BATCH_OPERATIONS};
+pub use wire::{Row, RowRef};
 
 use std::time::Duration;
+
+/// A connection string that cannot be used. Names the part at fault, never a value: the
+/// string holds the account key or SAS.
+#[derive(Debug, thiserror::Error)]
+pub enum AccountError {
+    #[error("the storage connection string is malformed: {0}")]
+    Malformed(String),
+    #[error("the storage connection string has no {0}")]
+    Missing(&'static str),
+    #[error("Entra ID authentication: {0}")]
+    Entra(String),
+    #[error("AZURE_STORAGE_CA_FILE: {0}")]
+    Ca(String),
+    /// `AZURE_STORAGE_CONNECTION_STRING_FILE` cannot be read (names the file, never its
+    /// contents).
+    #[error(transparent)]
+    File(#[from] crate::mqtt::ConfigError),
+}
 
 /// A failed storage call.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -58,8 +58,8 @@ pub struct Ctx {
     pub held_back: Mutex<std::collections::HashMap<&'static str, Instant>>,
     /// The dead letters this process has written lately or is writing, so that a message
     /// redone meanwhile (its delete failed, its round ran out of time) does not write them
-    /// again (`dead_letters::Claim`).
-    pub dead_lettered: std::sync::Arc<Mutex<crate::dead_letters::DeadLettered>>,
+    /// again (`claims::Claim`).
+    pub dead_lettered: std::sync::Arc<Mutex<crate::claims::DeadLettered>>,
     /// Readings stored per minute, for the dashboard.
     pub stored: crate::stored::Stored,
 }

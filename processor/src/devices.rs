@@ -134,14 +134,14 @@ impl Registry {
         &self,
         rows: &[Entity],
         deadline: tokio::time::Instant,
-    ) -> HashMap<String, Trouble> {
+    ) -> HashMap<String, RegisterError> {
         let ids = |rows: &[Entity]| {
             rows.iter()
                 .filter_map(device::device_id)
                 .map(str::to_owned)
                 .collect::<Vec<_>>()
         };
-        let all_fail = |rows: &[Entity], why: Trouble| {
+        let all_fail = |rows: &[Entity], why: RegisterError| {
             ids(rows).into_iter().map(|id| (id, why.clone())).collect()
         };
         let merged = infra::retry::until_deadline(
@@ -160,11 +160,11 @@ impl Registry {
             }
             Ok(BatchOutcome::Rejected(refusal)) => {
                 tracing::warn!(%refusal, devices = rows.len(), "Device rows refused.");
-                return all_fail(rows, Trouble::Refused(refusal));
+                return all_fail(rows, RegisterError::Refused(refusal));
             }
             Err(error) => {
                 tracing::warn!(%error, devices = rows.len(), "Cannot write device rows.");
-                return all_fail(rows, Trouble::Storage(error));
+                return all_fail(rows, RegisterError::Storage(error));
             }
         }
         let mut failed = HashMap::new();
@@ -177,7 +177,7 @@ impl Registry {
 
 /// Why a device row was not written.
 #[derive(Debug, Clone)]
-pub enum Trouble {
+pub enum RegisterError {
     Storage(StorageError),
     Refused(Refusal),
 }

@@ -10,6 +10,7 @@
 //! every reading in it is stored or dead-lettered and what could not be decoded is kept whole;
 //! everything before that is idempotent.
 
+mod claims;
 mod classify;
 mod config;
 mod ctx;

@@ -14,10 +14,11 @@
 //! messages can reappear to another worker. Only a dead-letter put may run later (it is never
 //! cut short at the deadline: see [`crate::dead_letters`]).
 
+use crate::claims::Claim;
 use crate::classify::{self, classify, Classified, Keep, Origin, Sorted};
 use crate::ctx::{retry, Ctx};
-use crate::dead_letters::{Claim, Submission, Writer};
-use crate::devices::Trouble;
+use crate::dead_letters::{Submission, Writer};
+use crate::devices::RegisterError;
 use crate::failure::{Failure, Stage};
 use crate::metrics_names as m;
 use crate::plan::{plan, Pending};
@@ -29,8 +30,9 @@ use schemas::{DeviceMessage, Reason};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use tokio::time::Instant;
 
-/// A queue message and what became of it this round.
-struct Held {
+/// A queue message leased to this round (hidden from other readers until its visibility
+/// timeout), and what became of it.
+struct Leased {
     message: QueueMessage,
     sorted: Sorted,
     /// The failure that keeps this message from being finished.
@@ -39,7 +41,7 @@ struct Held {
     devices: Option<Vec<DeviceMessage>>,
 }
 
-impl Held {
+impl Leased {
     fn devices(&mut self) -> &[DeviceMessage] {
         self.devices
             .get_or_insert_with(|| classify::decode_again(&self.message.text))
@@ -82,10 +84,10 @@ pub async fn round(
         &ctx.rules,
         now,
     );
-    let mut held: Vec<Held> = messages
+    let mut held: Vec<Leased> = messages
         .into_iter()
         .zip(sorted)
-        .map(|(message, sorted)| Held {
+        .map(|(message, sorted)| Leased {
             message,
             sorted,
             failure: None,
@@ -163,7 +165,7 @@ pub async fn round(
 
     let mut newer: BTreeMap<u64, usize> = BTreeMap::new();
     for h in held {
-        let Held {
+        let Leased {
             message,
             sorted,
             failure,
@@ -223,7 +225,7 @@ fn device_hours(rows: &[(Origin, Pending)]) -> BTreeMap<(String, i64), BTreeSet<
 async fn mark_late(
     ctx: &Ctx,
     late: BTreeMap<(String, i64), BTreeSet<usize>>,
-    held: &mut [Held],
+    held: &mut [Leased],
     deadline: Instant,
 ) {
     if late.is_empty() {
@@ -266,7 +268,7 @@ async fn mark_late(
 
 /// Keeps each message that could not be wholly decoded in the quarantine queue, as it is,
 /// before anything lets it leave the ingest queue.
-async fn quarantine(ctx: &Ctx, held: &mut [Held], deadline: Instant) {
+async fn quarantine(ctx: &Ctx, held: &mut [Leased], deadline: Instant) {
     for h in held
         .iter_mut()
         .filter(|h| h.sorted.keep == Keep::Quarantine)
@@ -286,7 +288,14 @@ async fn quarantine(ctx: &Ctx, held: &mut [Held], deadline: Instant) {
 }
 
 /// Dead-letters one reading the table refused for its content.
-fn storage_refused(ctx: &Ctx, held: &mut [Held], origin: Origin, row: &str, error: &str, now: i64) {
+fn storage_refused(
+    ctx: &Ctx,
+    held: &mut [Leased],
+    origin: Origin,
+    row: &str,
+    error: &str,
+    now: i64,
+) {
     let h = &mut held[origin.message];
     let attempts = h.message.dequeue_count;
     let record = classify::record(
@@ -308,7 +317,7 @@ async fn register(
     ctx: &Ctx,
     latest: crate::devices::Latest,
     carriers: &HashMap<String, BTreeSet<usize>>,
-    held: &mut [Held],
+    held: &mut [Leased],
     deadline: Instant,
 ) {
     for rows in ctx.devices.note(latest) {
@@ -321,11 +330,11 @@ async fn register(
         metrics::counter!(m::DEVICE_ROWS).increment((rows.len() - failed.len()) as u64);
         for (id, trouble) in failed {
             let failure = match trouble {
-                Trouble::Storage(error) => Failure::Storage {
+                RegisterError::Storage(error) => Failure::Storage {
                     stage: Stage::Register,
                     error,
                 },
-                Trouble::Refused(refusal) => Failure::Refused {
+                RegisterError::Refused(refusal) => Failure::Refused {
                     stage: Stage::Register,
                     table: ctx.devices.table.name().to_owned(),
                     refusal,
@@ -345,7 +354,7 @@ async fn register(
 /// On its last allowed delivery, a message still failing to write its readings for a
 /// transient reason is dead-lettered whole (each device message as `poison`), so the queue
 /// moves on and a replay can restore it.
-fn poison(ctx: &Ctx, held: &mut [Held], now: i64) {
+fn poison(ctx: &Ctx, held: &mut [Leased], now: i64) {
     if !ctx.may_poison() {
         return;
     }
@@ -392,8 +401,8 @@ mod tests {
     use super::*;
     use infra::storage::{ErrorKind, StorageError};
 
-    fn held() -> Held {
-        Held {
+    fn held() -> Leased {
+        Leased {
             message: QueueMessage {
                 id: "m".into(),
                 pop_receipt: "r".into(),

@@ -77,6 +77,20 @@ pub enum Format {
     Json,
 }
 
+impl std::str::FromStr for Format {
+    type Err = String;
+
+    /// `parquet` or `json`: the archiver's `ARCHIVER_FORMAT` and the dashboard's
+    /// `DASHBOARD_ARCHIVE_FORMAT` both read it here, so the two cannot disagree.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "parquet" => Ok(Format::Parquet),
+            "json" => Ok(Format::Json),
+            _ => Err("expected parquet or json".to_owned()),
+        }
+    }
+}
+
 impl Format {
     pub fn extension(self) -> &'static str {
         match self {
@@ -468,6 +482,16 @@ fn decode_json_lines(bytes: &[u8]) -> Result<Vec<StoredReading>, ArchiveError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_format_flag_reads_two_names() {
+        assert_eq!("parquet".parse(), Ok(Format::Parquet));
+        assert_eq!("json".parse(), Ok(Format::Json));
+        assert_eq!(
+            "xml".parse::<Format>(),
+            Err("expected parquet or json".to_owned())
+        );
+    }
 
     fn row(ms: i64, temperature: f64) -> StoredReading {
         StoredReading {

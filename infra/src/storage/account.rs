@@ -3,7 +3,7 @@
 use super::credential::{self, Auth, Cached};
 use super::sas::{Grant, Minter, Sas, SasPolicy};
 use super::wire::{Credential, TableWire};
-use super::{blob::Container, queue::Queue, table::Table};
+use super::{blob::Container, queue::Queue, table::Table, AccountError};
 use azure_core::credentials::TokenCredential;
 use azure_core::http::{ClientOptions, RetryOptions, Url};
 use azure_storage_blob::{BlobContainerClient, BlobContainerClientOptions};
@@ -18,24 +18,6 @@ const EMULATOR_ACCOUNT: &str = "devstoreaccount1";
 /// Azurite's published, well-known key; not a secret.
 const EMULATOR_KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
-
-/// A connection string that cannot be used. Names the part at fault, never a value: the
-/// string holds the account key or SAS.
-#[derive(Debug, thiserror::Error)]
-pub enum AccountError {
-    #[error("the storage connection string is malformed: {0}")]
-    Malformed(String),
-    #[error("the storage connection string has no {0}")]
-    Missing(&'static str),
-    #[error("Entra ID authentication: {0}")]
-    Entra(String),
-    #[error("AZURE_STORAGE_CA_FILE: {0}")]
-    Ca(String),
-    /// `AZURE_STORAGE_CONNECTION_STRING_FILE` cannot be read (names the file, never its
-    /// contents).
-    #[error(transparent)]
-    File(#[from] crate::mqtt::ConfigError),
-}
 
 /// The settings a connection string may hold.
 const KNOWN_KEYS: &[&str] = &[

@@ -13,8 +13,8 @@
 //! other requests, and these writes too when a proxy is configured (that client honours
 //! `HTTPS_PROXY` and the like; this one does not).
 
-use super::account::AccountError;
 use super::http::{IDLE, USER_AGENT};
+use super::AccountError;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::client::conn::http1;

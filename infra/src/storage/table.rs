@@ -1,6 +1,6 @@
 //! Azure Table Storage operations.
 
-use super::wire::{Page, Row, TableWire, WireOp};
+use super::wire::{Page, Row, RowRef, TableWire, WireOp};
 use super::{measured, ErrorKind, StorageError};
 use serde_json::{Map, Value};
 use std::sync::Arc;
@@ -12,26 +12,6 @@ pub const MAX_BATCH_OPERATIONS: usize = 100;
 pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024 - 100 * 1024;
 
 pub type Entity = Map<String, Value>;
-
-/// A row to delete: its keys and the ETag it was read with (`odata.etag` of a queried entity).
-#[derive(Debug, Clone, Copy)]
-pub struct RowRef<'a> {
-    pub partition_key: &'a str,
-    pub row_key: &'a str,
-    pub etag: &'a str,
-}
-
-impl<'a> RowRef<'a> {
-    /// The keys and ETag of an entity returned by a query; `None` if any is missing.
-    pub fn of(entity: &'a Entity) -> Option<Self> {
-        let text = |k: &str| entity.get(k).and_then(Value::as_str);
-        Some(Self {
-            partition_key: text("PartitionKey")?,
-            row_key: text("RowKey")?,
-            etag: text("odata.etag")?,
-        })
-    }
-}
 
 /// What became of an entity group transaction that the service answered.
 #[derive(Debug, Clone, PartialEq, Eq)]

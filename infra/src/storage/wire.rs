@@ -16,7 +16,6 @@
 
 use super::credential::Cached;
 use super::pool::{Pool, Resend, Response};
-use super::table::RowRef;
 use super::{full_chain, percent_encode, redact, ErrorKind};
 use azure_core::credentials::AccessToken;
 use base64::Engine;
@@ -38,6 +37,26 @@ pub struct Row {
     pub row_key: String,
     /// Shared, not copied, by every try of a write.
     pub json: Bytes,
+}
+
+/// A row to delete: its keys and the ETag it was read with (`odata.etag` of a queried entity).
+#[derive(Debug, Clone, Copy)]
+pub struct RowRef<'a> {
+    pub partition_key: &'a str,
+    pub row_key: &'a str,
+    pub etag: &'a str,
+}
+
+impl<'a> RowRef<'a> {
+    /// The keys and ETag of an entity returned by a query; `None` if any is missing.
+    pub fn of(entity: &'a serde_json::Map<String, serde_json::Value>) -> Option<Self> {
+        let text = |k: &str| entity.get(k).and_then(serde_json::Value::as_str);
+        Some(Self {
+            partition_key: text("PartitionKey")?,
+            row_key: text("RowKey")?,
+            etag: text("odata.etag")?,
+        })
+    }
 }
 
 /// How requests prove who sends them.
