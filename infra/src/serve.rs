@@ -219,8 +219,9 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .ok()?;
-        // One request: the connection is driven until the response is read, then dropped.
-        let driver = tokio::spawn(connection);
+        // One request: the connection is driven until the response is read, and its task
+        // ends with this call, however it ends (a timeout included).
+        let _driver = AbortOnDrop(tokio::spawn(connection).abort_handle());
         let mut request = Request::new(Full::new(Bytes::new()));
         *request.uri_mut() = path.parse().ok()?;
         request
@@ -234,10 +235,18 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
             .await
             .ok()?
             .to_bytes();
-        driver.abort();
         Some((status, String::from_utf8_lossy(&body).into_owned()))
     };
     tokio::time::timeout(TIMEOUT, exchange).await.ok().flatten()
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The sum of a metric's samples in a Prometheus text body, over every label set. `name`

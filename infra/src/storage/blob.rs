@@ -123,7 +123,7 @@ impl Container {
 
     /// The whole blob and its ETag, or `None` if it does not exist. It is read under
     /// `If-Match` of the ETag, so the bytes are one version even if a writer races the read
-    /// (the read then fails with 412 and the caller retries).
+    /// (the read then fails with 412). The whole read is one call, under one timeout.
     pub async fn get(&self, name: &str) -> Result<Option<BlobContent>, StorageError> {
         let Some(props) = self.properties(name).await? else {
             return Ok(None);

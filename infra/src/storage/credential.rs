@@ -5,9 +5,10 @@
 //! project's own, [`Cached`]: the table path (`wire.rs`) asks for a token on every request, and
 //! `AzureCliCredential` caches nothing (it would run `az` per write), while the others fetch
 //! under a lock that holds every caller for the length of a renewal. [`Cached`] serves the
-//! token it holds until it is nearly expired, lets one caller renew while the others go on with
-//! the valid token, and keeps serving that token when a renewal fails, until it expires. No
-//! token or assertion is ever logged or put in an error.
+//! token it holds until it is nearly expired, then renews on a task of its own (so no caller's
+//! timeout cuts a renewal short) while every caller goes on with the valid token, keeps
+//! serving that token when a renewal fails, until it expires, and renews at most every 30 s.
+//! No token or assertion is ever logged or put in an error.
 
 use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
 use azure_core::http::{ClientOptions, RetryOptions, Transport};
@@ -16,7 +17,7 @@ use azure_identity::{
     ManagedIdentityCredentialOptions, UserAssignedId, WorkloadIdentityCredential,
     WorkloadIdentityCredentialOptions,
 };
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use time::OffsetDateTime;
 
@@ -90,71 +91,125 @@ pub(super) fn from_env(auth: Auth, transport: Transport) -> Result<Option<Arc<Ca
 #[derive(Debug)]
 pub struct Cached {
     inner: Arc<dyn TokenCredential>,
-    token: RwLock<Option<AccessToken>>,
-    /// Held by the one caller renewing.
-    renewing: tokio::sync::Mutex<()>,
+    state: Arc<Mutex<State>>,
+    /// Counts finished renewals, for callers with no valid token to wait on.
+    renewed: tokio::sync::watch::Sender<u64>,
+    /// [`RETRY_AFTER`], but in tests.
+    retry_after: Duration,
 }
+
+#[derive(Debug, Default)]
+struct State {
+    token: Option<AccessToken>,
+    /// A renewal runs (on a task of its own: no caller's timeout can cut it short).
+    renewing: bool,
+    /// When the last renewal began: the next waits [`RETRY_AFTER`].
+    last_attempt: Option<std::time::Instant>,
+    /// Why the last renewal failed, for callers with no valid token.
+    last_error: Option<String>,
+}
+
+/// A renewal begins at most this often, whether the last one failed or brought a token that
+/// is already due for renewal.
+const RETRY_AFTER: Duration = Duration::from_secs(30);
 
 impl Cached {
     pub(super) fn new(inner: Arc<dyn TokenCredential>) -> Self {
         Self {
             inner,
-            token: RwLock::new(None),
-            renewing: tokio::sync::Mutex::new(()),
+            state: Arc::default(),
+            renewed: tokio::sync::watch::Sender::new(0),
+            retry_after: RETRY_AFTER,
         }
     }
 
-    /// The cached token if it is still valid at `now` and has more than `margin` left.
-    fn cached(&self, now: OffsetDateTime, margin: time::Duration) -> Option<AccessToken> {
-        // A panic while holding this lock cannot leave the token half-written.
-        let token = self.token.read().unwrap_or_else(|e| e.into_inner());
-        token
-            .as_ref()
-            .filter(|t| t.expires_on - now > margin)
-            .cloned()
+    fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the state half-written.
+        state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The storage token: the cached one while it is fresh; else one caller renews while the
-    /// others use the cached one while it is valid, and wait only when there is none.
+    /// The storage token: the cached one while it is fresh. When it is due, a renewal starts
+    /// on its own task (one at a time, at most every [`RETRY_AFTER`]) and every caller goes on
+    /// with the cached token while it is valid; only a caller with no valid token waits for
+    /// the renewal, or gets the last renewal's error.
     pub(super) async fn token(&self) -> azure_core::Result<AccessToken> {
-        let now = OffsetDateTime::now_utc();
-        if let Some(fresh) = self.cached(now, RENEW_BEFORE) {
-            return Ok(fresh);
-        }
-        let _renewing = match self.renewing.try_lock() {
-            Ok(guard) => guard,
-            Err(_) => {
-                if let Some(valid) = self.cached(now, time::Duration::ZERO) {
-                    return Ok(valid);
-                }
-                let guard = self.renewing.lock().await;
-                // Renewed by the caller this one waited for.
-                if let Some(fresh) = self.cached(OffsetDateTime::now_utc(), RENEW_BEFORE) {
+        let mut renewed = self.renewed.subscribe();
+        loop {
+            let now = OffsetDateTime::now_utc();
+            {
+                let mut state = Self::lock(&self.state);
+                let left_over = |margin| {
+                    state
+                        .token
+                        .as_ref()
+                        .filter(|t| t.expires_on - now > margin)
+                        .cloned()
+                };
+                if let Some(fresh) = left_over(RENEW_BEFORE) {
                     return Ok(fresh);
                 }
-                guard
-            }
-        };
-        let fetched =
-            tokio::time::timeout(TOKEN_TIMEOUT, self.inner.get_token(&[STORAGE_SCOPE], None)).await;
-        let error = match fetched {
-            Ok(Ok(token)) => {
-                *self.token.write().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
-                return Ok(token);
-            }
-            Ok(Err(e)) => super::full_chain(&e),
-            Err(_) => format!("no token within {TOKEN_TIMEOUT:?}"),
-        };
-        match self.cached(OffsetDateTime::now_utc(), time::Duration::ZERO) {
-            Some(valid) => {
-                tracing::warn!(error = %error, "Cannot renew the storage token; using the current one until it expires.");
-                Ok(valid)
-            }
-            None => Err(azure_core::Error::with_message(
-                azure_core::error::ErrorKind::Credential,
-                error,
-            )),
+                let valid = left_over(time::Duration::ZERO);
+                let due = state
+                    .last_attempt
+                    .is_none_or(|at| at.elapsed() >= self.retry_after);
+                if !state.renewing && due {
+                    state.renewing = true;
+                    state.last_attempt = Some(std::time::Instant::now());
+                    self.renew();
+                }
+                if let Some(valid) = valid {
+                    return Ok(valid);
+                }
+                if !state.renewing {
+                    let why = state
+                        .last_error
+                        .clone()
+                        .unwrap_or_else(|| "no token yet".to_owned());
+                    return Err(azure_core::Error::with_message(
+                        azure_core::error::ErrorKind::Credential,
+                        why,
+                    ));
+                }
+                renewed.borrow_and_update();
+            };
+            // The sender lives as long as `self`, so this waits for the renewal's end.
+            let _ = renewed.changed().await;
         }
+    }
+
+    /// Starts a renewal on a task of its own.
+    fn renew(&self) {
+        let (inner, state, renewed) =
+            (self.inner.clone(), self.state.clone(), self.renewed.clone());
+        tokio::spawn(async move {
+            let fetched =
+                tokio::time::timeout(TOKEN_TIMEOUT, inner.get_token(&[STORAGE_SCOPE], None)).await;
+            {
+                let mut state = Self::lock(&state);
+                state.renewing = false;
+                match fetched {
+                    Ok(Ok(token)) => {
+                        state.token = Some(token);
+                        state.last_error = None;
+                    }
+                    failed => {
+                        let error = match failed {
+                            Ok(Err(e)) => super::full_chain(&e),
+                            _ => format!("no token within {TOKEN_TIMEOUT:?}"),
+                        };
+                        let valid = state
+                            .token
+                            .as_ref()
+                            .is_some_and(|t| t.expires_on > OffsetDateTime::now_utc());
+                        if valid {
+                            tracing::warn!(error = %error, "Cannot renew the storage token; using the current one until it expires.");
+                        }
+                        state.last_error = Some(error);
+                    }
+                }
+            }
+            renewed.send_modify(|n| *n += 1);
+        });
     }
 }
 
@@ -233,35 +288,66 @@ mod tests {
     async fn a_valid_token_is_served_while_a_renewal_runs_and_after_it_fails() {
         // Valid for 4 minutes: inside the renewal window from the start.
         let inner = source(time::Duration::minutes(4), Duration::from_millis(200));
-        let cached = Arc::new(Cached::new(inner.clone()));
+        let cached = Cached {
+            retry_after: Duration::ZERO,
+            ..Cached::new(inner.clone())
+        };
         assert_eq!(
             cached.token().await.expect("first").token.secret(),
             "token-0"
         );
         inner.fail.store(true, Ordering::SeqCst);
-        let renewing = {
-            let cached = cached.clone();
-            tokio::spawn(async move { cached.token().await })
-        };
+        // The caller that starts the renewal is not held by it, nor is any other.
+        for _ in 0..3 {
+            let now = tokio::time::timeout(Duration::from_millis(50), cached.token())
+                .await
+                .expect("not held by the renewal")
+                .expect("the valid token");
+            assert_eq!(now.token.secret(), "token-0");
+        }
+        // The renewal is under way on its own task: callers still go on, and start no other.
         tokio::time::sleep(Duration::from_millis(50)).await;
-        // The renewal is under way: another caller is not held by it.
-        let during = tokio::time::timeout(Duration::from_millis(100), cached.token())
+        let during = tokio::time::timeout(Duration::from_millis(50), cached.token())
             .await
             .expect("not held by the renewal")
             .expect("the valid token");
         assert_eq!(during.token.secret(), "token-0");
-        // The renewal failed: its caller gets the still-valid token, not the error.
-        let after = renewing.await.expect("joined").expect("the valid token");
+        assert_eq!(
+            inner.fetches.load(Ordering::SeqCst),
+            2,
+            "one renewal at a time"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The renewal failed: the still-valid token is served.
+        let after = cached.token().await.expect("the valid token");
         assert_eq!(after.token.secret(), "token-0");
-        assert_eq!(inner.fetches.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
-    async fn with_no_valid_token_a_failure_is_the_callers() {
+    async fn a_renewal_outlives_the_caller_that_started_it() {
+        let inner = source(time::Duration::hours(1), Duration::from_millis(300));
+        let cached = Cached::new(inner.clone());
+        let cut = tokio::time::timeout(Duration::from_millis(50), cached.token()).await;
+        assert!(cut.is_err(), "the caller gave up");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let token = tokio::time::timeout(Duration::from_millis(50), cached.token())
+            .await
+            .expect("already renewed")
+            .expect("a token");
+        assert_eq!(token.token.secret(), "token-0");
+        assert_eq!(inner.fetches.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn with_no_valid_token_a_failure_is_the_callers_and_is_not_retried_at_once() {
         let inner = source(time::Duration::hours(1), Duration::ZERO);
         inner.fail.store(true, Ordering::SeqCst);
-        let err = Cached::new(inner).token().await.expect_err("no token");
-        assert!(err.to_string().contains("the endpoint refused"), "{err}");
+        let cached = Cached::new(inner.clone());
+        for _ in 0..3 {
+            let err = cached.token().await.expect_err("no token");
+            assert!(err.to_string().contains("the endpoint refused"), "{err}");
+        }
+        assert_eq!(inner.fetches.load(Ordering::SeqCst), 1, "one try per 30 s");
     }
 
     #[test]

@@ -7,10 +7,11 @@
 //! timeout) drops its connection with it: no later request can read a stale response. Only
 //! a connection whose whole response was read, and that hyper says can carry another request,
 //! goes back to the pool. Responses are bounded: hyper bounds the head ([`MAX_HEAD`]), the
-//! body is read through a limit ([`MAX_BODY`]).
+//! body is read through the limit the caller gives ([`MAX_WRITE_RESPONSE`] for writes,
+//! [`MAX_QUERY_RESPONSE`] for query pages).
 //!
-//! Everything else stays with the pooled client (`http.rs`): the SDK's requests, the table's
-//! other requests, and these writes too when a proxy is configured (that client honours
+//! Every table request goes here. The SDK's queue and blob requests stay with the pooled
+//! client (`http.rs`), and so do the table's when a proxy is configured (that client honours
 //! `HTTPS_PROXY` and the like; this one does not).
 
 use super::http::{IDLE, USER_AGENT};
@@ -36,9 +37,12 @@ use tokio::net::TcpStream;
 const MAX_IDLE: usize = 256;
 /// Largest response head (hyper's read buffer): the table service's are under 2 KiB.
 const MAX_HEAD: usize = 64 * 1024;
-/// Largest response body: a 100-operation transaction's is about 40 KiB; past this the peer
-/// is not the table service, and reading on would only hold memory.
-const MAX_BODY: usize = 1024 * 1024;
+/// Largest response body to a write: a 100-operation transaction's is about 40 KiB; past this
+/// the peer is not the table service, and reading on would only hold memory.
+pub(super) const MAX_WRITE_RESPONSE: usize = 1024 * 1024;
+/// Largest response body to a query: a page of 1,000 rows with full metadata, each up to the
+/// service's 1 MiB entity limit in principle, in practice a few KiB (a rollup row about 1.2).
+pub(super) const MAX_QUERY_RESPONSE: usize = 32 * 1024 * 1024;
 /// The variables through which the pooled client finds a proxy.
 const PROXY_VARIABLES: [&str; 6] = [
     "HTTPS_PROXY",
@@ -67,9 +71,11 @@ impl Response {
     }
 }
 
-/// Whether a request may be sent again on a new connection when a kept one closes before any
-/// of its response arrives. The caller decides: only a request whose repetition changes
-/// nothing (an upsert, a conditional delete) may say yes.
+/// Whether a request may be sent again on a new connection when a kept one closes before a
+/// whole response head arrives (hyper cannot tell a close before the first byte from one
+/// inside the head, so a request the server began to answer may go again). The caller
+/// decides: only a request whose repetition changes nothing (an upsert, a conditional delete,
+/// whose repeat finds its row gone and says so) may say yes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Resend {
     IfUnanswered,
@@ -166,12 +172,14 @@ impl Pool {
     }
 
     /// Sends `request` (an origin-form URI, no `Host`: this adds it) and reads the whole
-    /// response. With [`Resend::IfUnanswered`], a kept connection that closes before any
-    /// of the response arrives sends the request once more, on a new connection.
+    /// response, of at most `max_body` bytes. With [`Resend::IfUnanswered`], a kept
+    /// connection that closes before a whole response head arrives sends the request once
+    /// more, on a new connection.
     pub(super) async fn send(
         &self,
         request: hyper::Request<Bytes>,
         resend: Resend,
+        max_body: usize,
     ) -> io::Result<Response> {
         let (mut parts, body) = request.into_parts();
         parts.headers.insert(HOST, self.host.clone());
@@ -189,7 +197,7 @@ impl Pool {
             request
         };
         if let Some(conn) = self.checkout() {
-            match self.exchange(conn, build(&parts)).await {
+            match self.exchange(conn, build(&parts), max_body).await {
                 Ok(response) => return Ok(response),
                 // The server closed the kept connection as it was taken, before a byte of a
                 // response: the request goes again, once, on a new connection, rather than
@@ -199,7 +207,7 @@ impl Pool {
             }
         }
         let conn = self.connect().await?;
-        self.exchange(conn, build(&parts))
+        self.exchange(conn, build(&parts), max_body)
             .await
             .map_err(|failed| failed.error)
     }
@@ -210,6 +218,7 @@ impl Pool {
         &self,
         mut conn: Conn,
         request: hyper::Request<Full<Bytes>>,
+        max_body: usize,
     ) -> Result<Response, Failed> {
         let mut sent = std::pin::pin!(conn.sender.send_request(request));
         let head = drive(&mut conn.driver, sent.as_mut()).await;
@@ -238,10 +247,10 @@ impl Pool {
             error: io::Error::new(io::ErrorKind::InvalidData, why),
         };
         // A length past the bound is refused before a byte of it is awaited.
-        if hyper::body::Body::size_hint(&body).lower() > MAX_BODY as u64 {
-            return Err(invalid(format!("a response body over {MAX_BODY} bytes")));
+        if hyper::body::Body::size_hint(&body).lower() > max_body as u64 {
+            return Err(invalid(format!("a response body over {max_body} bytes")));
         }
-        let mut collected = std::pin::pin!(Limited::new(body, MAX_BODY).collect());
+        let mut collected = std::pin::pin!(Limited::new(body, max_body).collect());
         let body = match drive(&mut conn.driver, collected.as_mut()).await {
             Some(Ok(body)) => body.to_bytes(),
             Some(Err(e)) => return Err(invalid(e.to_string())),
@@ -561,9 +570,12 @@ mod tests {
 
     /// `send`, bounded: a regression fails the test instead of hanging it.
     async fn send(pool: &Pool, body: &'static [u8], resend: Resend) -> io::Result<Response> {
-        tokio::time::timeout(Duration::from_secs(10), pool.send(request(body), resend))
-            .await
-            .expect("answered or failed within 10 s")
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            pool.send(request(body), resend, MAX_WRITE_RESPONSE),
+        )
+        .await
+        .expect("answered or failed within 10 s")
     }
 
     #[tokio::test]
@@ -656,7 +668,7 @@ mod tests {
         let pool = client(&server.origin);
         let cut = tokio::time::timeout(
             Duration::from_millis(100),
-            pool.send(request(b"first"), Resend::IfUnanswered),
+            pool.send(request(b"first"), Resend::IfUnanswered, MAX_WRITE_RESPONSE),
         )
         .await;
         assert!(cut.is_err(), "the slow request timed out");
@@ -808,7 +820,7 @@ mod tests {
         let pool = client(&server.origin);
         let cut = tokio::time::timeout(
             Duration::from_millis(300),
-            pool.send(request(b"x"), Resend::IfUnanswered),
+            pool.send(request(b"x"), Resend::IfUnanswered, MAX_WRITE_RESPONSE),
         )
         .await;
         assert!(cut.is_err(), "still waiting for the chunk");

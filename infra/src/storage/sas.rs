@@ -21,9 +21,9 @@ const VERSION: &str = "2022-11-02";
 /// How long a minted SAS is valid.
 const LIFETIME: time::Duration = time::Duration::hours(1);
 /// A minted SAS is replaced when it has less than this left: longer than any request takes.
+/// It has no start time (`st`), so a clock ahead of the service's cannot make it "not yet
+/// valid"; one behind shortens its life by as much.
 const RENEW_BEFORE: time::Duration = time::Duration::minutes(15);
-/// Its start lies this far back, for clocks that run behind the service's.
-const SKEW: time::Duration = time::Duration::minutes(5);
 
 /// What a service may do with an account's queues and blobs, as an account SAS says it:
 /// services (`q`, `b`), resource types (`s`, `c`, `o`) and permissions (`r`, `w`, `d`, `l`,
@@ -44,18 +44,27 @@ impl Grant {
         permissions: "rwdlacup",
     };
 
-    /// This grant, with the right to create queues and containers too.
-    fn with_create(self) -> (String, String) {
-        let mut types = self.resource_types.to_owned();
-        let mut permissions = self.permissions.to_owned();
-        if !types.contains('c') {
-            types.push('c');
-        }
-        if !permissions.contains('c') {
-            permissions.push('c');
-        }
-        (types, permissions)
+    /// Its resource types and permissions, with the right to create queues and containers
+    /// when `create`, each in the order Azure documents (`sco`, `rwdlacup`).
+    fn fields(self, create: bool) -> (String, String) {
+        let (types, permissions) = if create {
+            (
+                format!("{}c", self.resource_types),
+                format!("{}c", self.permissions),
+            )
+        } else {
+            (self.resource_types.to_owned(), self.permissions.to_owned())
+        };
+        (
+            in_order(&types, "sco"),
+            in_order(&permissions, "rwdxylacuptfi"),
+        )
     }
+}
+
+/// The letters of `order` that `letters` holds, in that order, each once.
+fn in_order(letters: &str, order: &str) -> String {
+    order.chars().filter(|c| letters.contains(*c)).collect()
 }
 
 /// Where a request's SAS comes from.
@@ -111,14 +120,7 @@ impl Minter {
             .map_err(|_| "AccountKey is not base64".to_owned())?;
         let mac = Hmac::<Sha256>::new_from_slice(&bytes)
             .map_err(|_| "AccountKey cannot key an HMAC".to_owned())?;
-        let (resource_types, permissions) = if create {
-            grant.with_create()
-        } else {
-            (
-                grant.resource_types.to_owned(),
-                grant.permissions.to_owned(),
-            )
-        };
+        let (resource_types, permissions) = grant.fields(create);
         Ok(Self {
             account: account.to_owned(),
             mac,
@@ -140,19 +142,20 @@ impl Minter {
             }
         }
         let expires = now + LIFETIME;
-        let sas = self.mint(now - SKEW, expires);
+        let sas = self.mint(expires);
         *current = Some((sas.clone(), expires));
         sas
     }
 
-    /// An account SAS valid from `start` to `expiry`, over https or http (the emulator).
-    fn mint(&self, start: OffsetDateTime, expiry: OffsetDateTime) -> String {
-        let (start, expiry) = (iso8601(start), iso8601(expiry));
+    /// An account SAS valid until `expiry`, over https or http (the emulator).
+    fn mint(&self, expiry: OffsetDateTime) -> String {
+        let expiry = iso8601(expiry);
         let protocol = "https,http";
         // The account SAS string-to-sign of versions from 2020-12-06: account, permissions,
-        // services, resource types, start, expiry, IP, protocol, version, encryption scope.
+        // services, resource types, start (none), expiry, IP, protocol, version, encryption
+        // scope.
         let to_sign = format!(
-            "{}\n{}\n{}\n{}\n{start}\n{expiry}\n\n{protocol}\n{VERSION}\n\n",
+            "{}\n{}\n{}\n{}\n\n{expiry}\n\n{protocol}\n{VERSION}\n\n",
             self.account, self.permissions, self.services, self.resource_types
         );
         let mut mac = self.mac.clone();
@@ -160,11 +163,10 @@ impl Minter {
         let signature =
             base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
         format!(
-            "sv={VERSION}&ss={}&srt={}&sp={}&st={}&se={}&spr={}&sig={}",
+            "sv={VERSION}&ss={}&srt={}&sp={}&se={}&spr={}&sig={}",
             self.services,
             self.resource_types,
             self.permissions,
-            encode(&start),
             encode(&expiry),
             encode(protocol),
             encode(&signature)
@@ -229,12 +231,13 @@ mod tests {
             permissions: "a",
         };
         let minter = Minter::new("devstoreaccount1", KEY, grant, false).expect("a key");
-        let sas = minter.mint(at(1_800_000_000), at(1_800_003_600));
+        let sas = minter.mint(at(1_800_003_600));
         // The string-to-sign Azure documents for account SASs from version 2020-12-06, whole.
-        let expected = "sv=2022-11-02&ss=q&srt=o&sp=a&st=2027-01-15T08%3A00%3A00Z\
-            &se=2027-01-15T09%3A00%3A00Z&spr=https%2Chttp&sig=";
+        let expected = "sv=2022-11-02&ss=q&srt=o&sp=a&se=2027-01-15T09%3A00%3A00Z\
+            &spr=https%2Chttp&sig=";
         assert!(sas.starts_with(expected), "{sas}");
-        let to_sign = "devstoreaccount1\na\nq\no\n2027-01-15T08:00:00Z\n2027-01-15T09:00:00Z\n\nhttps,http\n2022-11-02\n\n";
+        let to_sign =
+            "devstoreaccount1\na\nq\no\n\n2027-01-15T09:00:00Z\n\nhttps,http\n2022-11-02\n\n";
         let mut mac = minter.mac.clone();
         mac.update(to_sign.as_bytes());
         let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
@@ -269,7 +272,18 @@ mod tests {
                 creating.resource_types.as_str(),
                 creating.permissions.as_str()
             ),
-            ("oc", "ac")
+            ("co", "ac")
+        );
+        let processor = Grant {
+            services: "q",
+            resource_types: "co",
+            permissions: "rapu",
+        };
+        let both = Minter::new("a", KEY, processor, true).expect("a key");
+        assert_eq!(
+            (both.resource_types.as_str(), both.permissions.as_str()),
+            ("co", "racup"),
+            "each once, in Azure's order"
         );
         assert!(Minter::new("a", "not base64!", grant, false).is_err());
     }

@@ -12,10 +12,10 @@
 //! message is the service's first line rather than the SDK's dump. The adapter tests run
 //! against Azurite to hold it to that; golden tests below pin the signature and the batch
 //! body. The table's other requests (create, delete, queries, a single-row delete) are built
-//! and signed here too, and sent on the pooled client: no official Azure SDK for tables exists.
+//! and signed here too, and sent the same way: no official Azure SDK for tables exists.
 
 use super::credential::Cached;
-use super::pool::{Pool, Resend, Response};
+use super::pool::{Pool, Resend, Response, MAX_QUERY_RESPONSE, MAX_WRITE_RESPONSE};
 use super::{full_chain, percent_encode, redact, ErrorKind};
 use azure_core::credentials::AccessToken;
 use base64::Engine;
@@ -194,7 +194,11 @@ impl TableWire {
     pub(super) async fn upsert(&self, table: &str, row: &Row) -> Result<(), ErrorKind> {
         let token = self.token().await?;
         let request = self.upsert_request(table, row, bearer(token.as_ref()))?;
-        check(&self.execute(request, Resend::IfUnanswered).await?)
+        check(
+            &self
+                .execute(request, Resend::IfUnanswered, MAX_WRITE_RESPONSE)
+                .await?,
+        )
     }
 
     /// Sends `ops` as one entity group transaction; the status of each answered operation.
@@ -208,7 +212,9 @@ impl TableWire {
         let request = self.transact_request(table, ops, bearer(token.as_ref()))?;
         // A transaction repeated changes nothing: its upserts and merges write the same, and
         // its conditional deletes find their rows gone (412 or 404, as a refusal).
-        let answer = self.execute(request, Resend::IfUnanswered).await?;
+        let answer = self
+            .execute(request, Resend::IfUnanswered, MAX_WRITE_RESPONSE)
+            .await?;
         check(&answer)?;
         let text = std::str::from_utf8(&answer.body)
             .map_err(|_| ErrorKind::Protocol("a transaction's answer is not UTF-8".into()))?;
@@ -258,7 +264,11 @@ impl TableWire {
             bearer(token.as_ref()),
         )?;
         // Created already, a second try answers 409, which is success to the caller.
-        check(&self.execute(request, Resend::IfUnanswered).await?)
+        check(
+            &self
+                .execute(request, Resend::IfUnanswered, MAX_WRITE_RESPONSE)
+                .await?,
+        )
     }
 
     /// Deletes `table` and every row in it.
@@ -273,7 +283,11 @@ impl TableWire {
             Bytes::new(),
             bearer(token.as_ref()),
         )?;
-        check(&self.execute(request, Resend::Never).await?)
+        check(
+            &self
+                .execute(request, Resend::Never, MAX_WRITE_RESPONSE)
+                .await?,
+        )
     }
 
     /// Deletes one row if it still has its ETag (404 when it is gone, 412 when it changed).
@@ -287,7 +301,11 @@ impl TableWire {
         };
         let request = self.request(head, Bytes::new(), bearer(token.as_ref()))?;
         // Deleted already, a second try answers 404: "already gone" to the caller.
-        check(&self.execute(request, Resend::IfUnanswered).await?)
+        check(
+            &self
+                .execute(request, Resend::IfUnanswered, MAX_WRITE_RESPONSE)
+                .await?,
+        )
     }
 
     /// One page of the rows of `table` matching the OData `filter`, from `from` (a previous
@@ -328,7 +346,9 @@ impl TableWire {
             ..Head::new(hyper::Method::GET, &path, "")
         };
         let request = self.request(head, Bytes::new(), bearer(token.as_ref()))?;
-        let answer = self.execute(request, Resend::IfUnanswered).await?;
+        let answer = self
+            .execute(request, Resend::IfUnanswered, MAX_QUERY_RESPONSE)
+            .await?;
         check(&answer)?;
         let header = |name: &str| {
             answer
@@ -362,11 +382,12 @@ impl TableWire {
         &self,
         request: hyper::Request<Bytes>,
         resend: Resend,
+        max_body: usize,
     ) -> Result<Response, ErrorKind> {
         if let Some(direct) = &self.direct {
             // An I/O error names no URL, so no SAS signature can reach a log from here.
             return direct
-                .send(request, resend)
+                .send(request, resend, max_body)
                 .await
                 .map_err(|e| ErrorKind::Transport(full_chain(&e)));
         }
