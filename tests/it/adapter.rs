@@ -167,3 +167,33 @@ async fn adapter_pitfalls() {
     let err = queue.put("x".into()).await.unwrap_err();
     assert!(err.is_retriable(), "{err}");
 }
+
+#[tokio::test]
+async fn a_query_page_past_a_mebibyte_is_read_whole() {
+    if !tests::servers_available("large_query_page") {
+        return;
+    }
+    let azurite = Azurite::start().await;
+    let table = azurite.account().table(&unique("big"));
+    table.create_if_missing().await.expect("create table");
+    // 1,000 rows of about 1.5 KiB: one full page, about 1.6 MiB with its metadata.
+    let padding = "x".repeat(1_500);
+    for chunk in 0..10 {
+        let rows: Vec<Entity> = (0..100)
+            .map(|i| {
+                entity(json!({
+                    "PartitionKey": "p",
+                    "RowKey": format!("{:04}", chunk * 100 + i),
+                    "Padding": padding,
+                }))
+            })
+            .collect();
+        assert_eq!(
+            table.upsert_batch(&rows).await.expect("written"),
+            BatchOutcome::Committed
+        );
+    }
+    let rows = table.query("PartitionKey eq 'p'").await.expect("queried");
+    assert_eq!(rows.len(), 1_000);
+    assert_eq!(rows[999]["RowKey"], "0999");
+}
