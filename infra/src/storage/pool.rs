@@ -339,23 +339,22 @@ impl Conn {
     }
 }
 
-/// Polls `work` and the connection's `driver` together on this task until `work` is done;
-/// `None` if the connection ended first.
+/// Polls the connection's `driver` and `work` together on this task until `work` is done;
+/// `None` if the connection ended first. The driver goes first: what it reads completes the
+/// work in the same poll, not in one more trip through the scheduler.
 async fn drive<T>(
     driver: &mut Pin<Box<Driver>>,
     mut work: Pin<&mut impl Future<Output = T>>,
 ) -> Option<T> {
     let mut ended = false;
     poll_fn(|cx| {
+        if !ended && driver.as_mut().poll(cx).is_ready() {
+            ended = true;
+        }
         if let Poll::Ready(done) = work.as_mut().poll(cx) {
             return Poll::Ready(Some(done));
         }
-        if !ended && driver.as_mut().poll(cx).is_ready() {
-            ended = true;
-            // What the driver settled may have completed the work.
-            if let Poll::Ready(done) = work.as_mut().poll(cx) {
-                return Poll::Ready(Some(done));
-            }
+        if ended {
             return Poll::Ready(None);
         }
         Poll::Pending
