@@ -22,6 +22,10 @@ export MQTT_URL="${MQTT_URL:-mqtt://127.0.0.1:1883}"
 MQTT_PORT="${MQTT_URL##*:}"; MQTT_PORT="${MQTT_PORT%%/*}"
 INGEST_PORT=9101 PROCESSOR_PORT=9102 SIMULATOR_PORT=9103 ARCHIVER_PORT=9104
 export DASHBOARD_ADDR="${DASHBOARD_ADDR:-127.0.0.1:8080}"
+# The Azure SDK builds an error, and so captures a backtrace, for every optional header a
+# request or response lacks (x-ms-client-request-id on every call): with RUST_BACKTRACE=1 in
+# the shell that is a whole stack unwind per storage call. Panics still print backtraces.
+export RUST_LIB_BACKTRACE="${RUST_LIB_BACKTRACE:-0}"
 DASHBOARD_PORT="${DASHBOARD_ADDR##*:}"
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
