@@ -256,56 +256,43 @@ impl TableWire {
 
     /// Creates `table`; a table that exists answers 409 (`TableAlreadyExists`).
     pub(super) async fn create_table(&self, table: &str) -> Result<(), ErrorKind> {
-        let token = self.token().await?;
         let body = serde_json::json!({ "TableName": table }).to_string();
-        let request = self.request(
-            Head::new(hyper::Method::POST, "Tables", JSON),
-            Bytes::from(body),
-            bearer(token.as_ref()),
-        )?;
+        let head = Head::new(hyper::Method::POST, "Tables", JSON);
         // Created already, a second try answers 409, which is success to the caller.
-        check(
-            &self
-                .execute(request, Resend::IfUnanswered, MAX_WRITE_RESPONSE)
-                .await?,
+        self.send(
+            head,
+            Bytes::from(body),
+            Resend::IfUnanswered,
+            MAX_WRITE_RESPONSE,
         )
+        .await
+        .map(drop)
     }
 
     /// Deletes `table` and every row in it.
     pub(super) async fn delete_table(&self, table: &str) -> Result<(), ErrorKind> {
-        let token = self.token().await?;
         let mut path = String::with_capacity(table.len() + 10);
         path.push_str("Tables('");
         key(&mut path, table);
         path.push_str("')");
-        let request = self.request(
-            Head::new(hyper::Method::DELETE, &path, ""),
-            Bytes::new(),
-            bearer(token.as_ref()),
-        )?;
-        check(
-            &self
-                .execute(request, Resend::Never, MAX_WRITE_RESPONSE)
-                .await?,
-        )
+        let head = Head::new(hyper::Method::DELETE, &path, "");
+        self.send(head, Bytes::new(), Resend::Never, MAX_WRITE_RESPONSE)
+            .await
+            .map(drop)
     }
 
     /// Deletes one row if it still has its ETag (404 when it is gone, 412 when it changed).
     pub(super) async fn delete_row(&self, table: &str, row: &RowRef<'_>) -> Result<(), ErrorKind> {
-        let token = self.token().await?;
         let mut path = String::with_capacity(table.len() + 64);
         entity_path(&mut path, table, row.partition_key, row.row_key);
         let head = Head {
             if_match: Some(row.etag),
             ..Head::new(hyper::Method::DELETE, &path, "")
         };
-        let request = self.request(head, Bytes::new(), bearer(token.as_ref()))?;
         // Deleted already, a second try answers 404: "already gone" to the caller.
-        check(
-            &self
-                .execute(request, Resend::IfUnanswered, MAX_WRITE_RESPONSE)
-                .await?,
-        )
+        self.send(head, Bytes::new(), Resend::IfUnanswered, MAX_WRITE_RESPONSE)
+            .await
+            .map(drop)
     }
 
     /// One page of the rows of `table` matching the OData `filter`, from `from` (a previous
@@ -320,7 +307,6 @@ impl TableWire {
         top: Option<u32>,
         from: Option<&(String, Option<String>)>,
     ) -> Result<Page, ErrorKind> {
-        let token = self.token().await?;
         let path = format!("{table}()");
         let mut query = String::with_capacity(filter.len() * 2 + 64);
         query.push_str("$filter=");
@@ -345,11 +331,9 @@ impl TableWire {
             accept: "application/json;odata=fullmetadata",
             ..Head::new(hyper::Method::GET, &path, "")
         };
-        let request = self.request(head, Bytes::new(), bearer(token.as_ref()))?;
         let answer = self
-            .execute(request, Resend::IfUnanswered, MAX_QUERY_RESPONSE)
+            .send(head, Bytes::new(), Resend::IfUnanswered, MAX_QUERY_RESPONSE)
             .await?;
-        check(&answer)?;
         let header = |name: &str| {
             answer
                 .headers
@@ -374,6 +358,22 @@ impl TableWire {
             })
             .collect::<Result<_, _>>()?;
         Ok(Page { entities, next })
+    }
+
+    /// Signs `head` and `body`, sends them and reads the whole response: an error unless its
+    /// status is a success.
+    async fn send(
+        &self,
+        head: Head<'_>,
+        body: Bytes,
+        resend: Resend,
+        max_body: usize,
+    ) -> Result<Response, ErrorKind> {
+        let token = self.token().await?;
+        let request = self.request(head, body, bearer(token.as_ref()))?;
+        let answer = self.execute(request, resend, max_body).await?;
+        check(&answer)?;
+        Ok(answer)
     }
 
     /// Sends `request` on `direct`'s connections (or, with a proxy, the pooled client's) and
