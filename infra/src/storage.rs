@@ -22,7 +22,9 @@ pub use credential::Auth;
 pub use prepare::{create_missing, Resource};
 pub use queue::{Queue, QueueMessage};
 pub use sas::Grant;
-pub use table::{BatchOutcome, Entity, Refusal, Table, MAX_BATCH_BYTES, MAX_BATCH_OPERATIONS};
+pub use table::{
+    BatchOutcome, Entity, Placed, Presence, Refusal, Table, MAX_BATCH_BYTES, MAX_BATCH_OPERATIONS,
+};
 pub use wire::{Row, RowRef};
 
 use std::time::Duration;

@@ -5,9 +5,19 @@
 //! the telemetry table); the latest-state refresh is not, so it is batched up to 100 devices
 //! per transaction and written once per interval, costing a tiny fraction of a request per
 //! reading.
+//!
+//! Memory is bounded at any device count. The devices known to have a row are a cache of at
+//! most `capacity` ([`Known`]: the least recently seen are forgotten first), and the latest
+//! states waiting for the refresh are at most as many (a full set wakes the refresh early).
+//! A device the cache does not hold is registered again, with insert semantics: a device that
+//! has a row is merged into, so its `FirstSeen` is never overwritten. Which devices have rows
+//! is learnt from the transaction itself: it is sent presuming each device new or existing,
+//! and each wrong presumption the service names costs one more try ([`Registry::register`]).
 
 use crate::metrics_names as m;
-use infra::storage::{BatchOutcome, Entity, Refusal, StorageError, Table, MAX_BATCH_OPERATIONS};
+use infra::storage::{
+    BatchOutcome, Entity, Placed, Presence, Refusal, StorageError, Table, MAX_BATCH_OPERATIONS,
+};
 use schemas::{device, Reading};
 use std::collections::hash_map;
 use std::collections::HashMap;
@@ -22,81 +32,218 @@ pub type Latest = HashMap<String, (Reading, i64)>;
 #[derive(Debug)]
 pub struct Registry {
     pub table: Table,
-    state: Mutex<HashMap<String, Entry>>,
+    state: Mutex<State>,
+    /// Woken when the pending latest states reach the cache's capacity: flush them now.
+    pub full: tokio::sync::Notify,
 }
 
-#[derive(Debug, Default)]
-struct Entry {
-    /// Known to have a row in the device table.
-    registered: bool,
-    /// Time of the newest reading written or pending, so older ones never overwrite it.
-    newest_ms: i64,
-    /// A newer reading than the row holds, waiting for the next flush.
-    /// Boxed: most devices have none, and an entry is then 24 bytes (about 80 per device
-    /// with its id and the map's overhead: 80 MB for a million devices).
-    pending: Option<Box<(Reading, i64)>>,
+#[derive(Debug)]
+struct State {
+    known: Known,
+    /// Latest states newer than the rows hold, waiting for the next flush: at most
+    /// `known.capacity` of them.
+    pending: HashMap<String, (Reading, i64)>,
+    /// What most devices of the last registration turned out to be: the first presumption
+    /// for the next (a restart finds devices with rows; a new fleet finds none).
+    presume: Presence,
+}
+
+/// Device ids known to have a row, each with the time of its newest reading written or
+/// pending, at most `capacity` of them: two generations, the young one taking every id
+/// seen; when it is half the capacity, the old one is forgotten and the young one becomes
+/// old. An id found in the old one moves to the young one. About 60 bytes per id.
+#[derive(Debug)]
+struct Known {
+    capacity: usize,
+    young: HashMap<Box<str>, i64>,
+    old: HashMap<Box<str>, i64>,
+}
+
+impl Known {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(2),
+            young: HashMap::new(),
+            old: HashMap::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.young.len() + self.old.len()
+    }
+
+    /// The newest reading time of `id`, if it is known; it becomes the most recently seen.
+    fn newest(&mut self, id: &str) -> Option<&mut i64> {
+        if !self.young.contains_key(id) {
+            let (id, newest) = self.old.remove_entry(id)?;
+            self.insert(id, newest);
+        }
+        self.young.get_mut(id)
+    }
+
+    fn insert(&mut self, id: Box<str>, newest: i64) {
+        self.old.remove(&id);
+        if self.young.len() >= self.capacity / 2 && !self.young.contains_key(&id) {
+            self.old = std::mem::take(&mut self.young);
+        }
+        let slot = self.young.entry(id).or_insert(newest);
+        *slot = (*slot).max(newest);
+    }
 }
 
 impl Registry {
-    pub fn new(table: Table) -> Self {
+    /// A registry that knows at most `capacity` devices at a time.
+    pub fn new(table: Table, capacity: usize) -> Self {
         Self {
             table,
-            state: Mutex::default(),
+            state: Mutex::new(State {
+                known: Known::new(capacity),
+                pending: HashMap::new(),
+                presume: Presence::Existing,
+            }),
+            full: tokio::sync::Notify::new(),
         }
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
-        // The map stays consistent even if a holder panicked: every update is one insert.
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // The state stays consistent even if a holder panicked: every update is one insert.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Learns which devices already have rows. Returns how many.
-    pub async fn load(&self) -> Result<usize, StorageError> {
-        let filter = format!("PartitionKey eq '{}'", device::PARTITION);
-        let ids = self.table.row_keys(&filter).await?;
-        let mut state = self.state();
-        for id in ids {
-            state.entry(id).or_default().registered = true;
-        }
-        Ok(state.len())
-    }
-
-    /// Records a round's newest readings: devices with a row get them queued for the next
-    /// flush; the rows returned (chunked for transactions) register the devices without one,
-    /// and must be written before the round deletes its messages.
-    pub fn note(&self, latest: Latest) -> Vec<Vec<Entity>> {
+    /// Records a round's newest readings: devices known to have a row get them queued for
+    /// the next flush; the others are returned (chunked for transactions), to be registered
+    /// with [`Registry::register`] before the round deletes its messages.
+    pub fn note(&self, latest: Latest) -> Vec<Vec<(Reading, i64)>> {
         let mut fresh = Vec::new();
+        let mut deferred = 0u64;
         let mut state = self.state();
+        let state = &mut *state;
         for (id, (reading, ingested_at_ms)) in latest {
-            let entry = state.entry(id).or_default();
-            let newer = reading.measured_at_ms > entry.newest_ms;
-            if !entry.registered {
-                // The registration row carries this reading; if its write fails, the next
-                // round registers the device again with its own newest reading.
-                entry.newest_ms = entry.newest_ms.max(reading.measured_at_ms);
-                fresh.push(device::row(&reading, ingested_at_ms, Some(ingested_at_ms)));
-            } else if newer {
-                entry.newest_ms = reading.measured_at_ms;
-                entry.pending = Some(Box::new((reading, ingested_at_ms)));
+            let Some(newest) = state.known.newest(&id) else {
+                fresh.push((reading, ingested_at_ms));
+                continue;
+            };
+            if reading.measured_at_ms <= *newest {
+                continue;
             }
+            *newest = reading.measured_at_ms;
+            if state.pending.len() >= state.known.capacity && !state.pending.contains_key(&id) {
+                // The device's next reading brings its state; the flush is due now.
+                deferred += 1;
+                continue;
+            }
+            state.pending.insert(id, (reading, ingested_at_ms));
         }
+        if deferred > 0 {
+            metrics::counter!(m::DEVICE_UPDATES_DEFERRED).increment(deferred);
+            self.full.notify_one();
+        }
+        metrics::gauge!(m::DEVICES_KNOWN).set(state.known.len() as f64);
         chunk(fresh)
     }
 
-    /// Marks the devices of written registration rows as registered.
-    pub fn registered<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+    /// Writes the device rows of up to 100 devices (each with its newest reading) and
+    /// remembers them: a new device's row is inserted, with `FirstSeen`; an existing one's
+    /// merged into, its `FirstSeen` kept. Each device is presumed as the last registration
+    /// found most; each wrong presumption, which the service names and refuses the whole
+    /// transaction for, is put right and the transaction sent again. If it is refused for
+    /// what one row carries, each device on its own, so one bad row never holds back the
+    /// others. Returns the devices whose rows were not written, each with why.
+    pub async fn register(
+        &self,
+        devices: &[(Reading, i64)],
+        deadline: tokio::time::Instant,
+    ) -> HashMap<String, RegisterError> {
+        let all_fail = |why: RegisterError| {
+            devices
+                .iter()
+                .map(|(r, _)| (r.device_id.clone(), why.clone()))
+                .collect()
+        };
+        let mut presumed: Vec<Option<Presence>> = vec![None; devices.len()];
+        let mut presume = self.state().presume;
+        // Each wrong presumption settles a device, so this many tries settle them all, but
+        // for another processor inserting one of them meanwhile.
+        for _ in 0..devices.len() + 2 {
+            let rows: Vec<(Presence, Entity)> = devices
+                .iter()
+                .zip(&presumed)
+                .map(|((reading, at), p)| {
+                    let p = p.unwrap_or(presume);
+                    let first_seen = (p == Presence::New).then_some(*at);
+                    (p, device::row(reading, *at, first_seen))
+                })
+                .collect();
+            let placed = infra::retry::until_deadline(
+                deadline,
+                || self.table.insert_or_update(&rows),
+                |_| metrics::counter!(m::STORAGE_ERRORS).increment(1),
+            );
+            match placed.await {
+                Ok(Placed::Committed) => {
+                    self.registered(devices, &rows);
+                    return HashMap::new();
+                }
+                Ok(Placed::Mistaken(i)) => {
+                    metrics::counter!(m::DEVICES_PRESUMED_WRONGLY).increment(1);
+                    for (slot, (p, _)) in presumed.iter_mut().zip(&rows).take(i) {
+                        slot.get_or_insert(*p);
+                    }
+                    presume = rows[i].0.flipped();
+                    presumed[i] = Some(presume);
+                }
+                Ok(Placed::Rejected(Refusal::Content(_))) if devices.len() > 1 => break,
+                Err(error) if error.is_content_error() && devices.len() > 1 => {
+                    tracing::warn!(%error, "Device rows refused for their content; writing them one by one.");
+                    break;
+                }
+                Ok(Placed::Rejected(refusal)) => {
+                    tracing::warn!(%refusal, devices = devices.len(), "Device rows refused.");
+                    return all_fail(RegisterError::Refused(refusal));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, devices = devices.len(), "Cannot write device rows.");
+                    return all_fail(RegisterError::Storage(error));
+                }
+            }
+        }
+        if devices.len() == 1 {
+            // Its row kept appearing and disappearing: another writer; the next round tries.
+            return all_fail(RegisterError::Refused(Refusal::Transient(409)));
+        }
+        let mut failed = HashMap::new();
+        for one in devices {
+            failed.extend(Box::pin(self.register(std::slice::from_ref(one), deadline)).await);
+        }
+        failed
+    }
+
+    /// Remembers the devices of committed registration `rows`, and what most of them were.
+    fn registered(&self, devices: &[(Reading, i64)], rows: &[(Presence, Entity)]) {
+        metrics::counter!(m::DEVICE_ROWS).increment(rows.len() as u64);
+        let new = rows.iter().filter(|(p, _)| *p == Presence::New).count();
         let mut state = self.state();
-        for id in ids {
-            state.entry(id.to_owned()).or_default().registered = true;
+        state.presume = if 2 * new > rows.len() {
+            Presence::New
+        } else {
+            Presence::Existing
+        };
+        for (reading, _) in devices {
+            let id = reading.device_id.as_str();
+            // A waiting state older than the row now written would only take it back.
+            if let hash_map::Entry::Occupied(slot) = state.pending.entry(id.to_owned()) {
+                if slot.get().0.measured_at_ms <= reading.measured_at_ms {
+                    slot.remove();
+                }
+            }
+            state.known.insert(id.into(), reading.measured_at_ms);
         }
     }
 
     /// Writes every pending latest state. Failed devices stay pending for the next flush.
     pub async fn flush(&self) {
-        let pending: Vec<(Reading, i64)> = self
-            .state()
-            .values_mut()
-            .filter_map(|e| e.pending.take().map(|p| *p))
+        let pending: Vec<(Reading, i64)> = std::mem::take(&mut self.state().pending)
+            .into_values()
             .collect();
         if pending.is_empty() {
             return;
@@ -119,9 +266,10 @@ impl Registry {
                 if !failed.contains_key(&reading.device_id) {
                     continue;
                 }
-                let entry = state.entry(reading.device_id.clone()).or_default();
-                if entry.pending.is_none() {
-                    entry.pending = Some(Box::new((reading.clone(), *ingested)));
+                if let hash_map::Entry::Vacant(slot) =
+                    state.pending.entry(reading.device_id.clone())
+                {
+                    slot.insert((reading.clone(), *ingested));
                 }
             }
         }
@@ -130,7 +278,7 @@ impl Registry {
     /// Merges up to 100 device rows in one transaction; if it is refused for what one of them
     /// carries, each row on its own, so one bad row never holds back the others. Returns the
     /// devices whose rows were not written, each with why.
-    pub async fn merge_each(
+    async fn merge_each(
         &self,
         rows: &[Entity],
         deadline: tokio::time::Instant,
@@ -182,7 +330,7 @@ pub enum RegisterError {
     Refused(Refusal),
 }
 
-fn chunk(rows: Vec<Entity>) -> Vec<Vec<Entity>> {
+fn chunk<T>(rows: Vec<T>) -> Vec<Vec<T>> {
     let mut out = Vec::new();
     let mut rows = rows.into_iter().peekable();
     while rows.peek().is_some() {
@@ -231,13 +379,26 @@ mod tests {
         }
     }
 
-    fn registry() -> Registry {
+    fn registry(capacity: usize) -> Registry {
         let account = Account::from_connection_string(
             infra::storage::DEVELOPMENT_STORAGE,
             Duration::from_secs(1),
         )
         .unwrap();
-        Registry::new(account.table("devices"))
+        Registry::new(account.table("devices"), capacity)
+    }
+
+    fn latest(offered: &[(Reading, i64)]) -> Latest {
+        newest(offered.iter().map(|(r, at)| (r, *at)))
+    }
+
+    fn known(r: &Registry, ids: &[&str]) {
+        let devices: Vec<(Reading, i64)> = ids.iter().map(|id| (reading(id, 1_000), 1)).collect();
+        let rows: Vec<(Presence, Entity)> = devices
+            .iter()
+            .map(|(r, at)| (Presence::New, device::row(r, *at, Some(*at))))
+            .collect();
+        r.registered(&devices, &rows);
     }
 
     #[test]
@@ -248,37 +409,82 @@ mod tests {
             (reading("b", 5_000), 12),
             (reading("b", 5_000), 13),
         ];
-        let latest = newest(offered.iter().map(|(r, at)| (r, *at)));
+        let latest = latest(&offered);
         assert_eq!(latest["a"], (reading("a", 2_000), 10));
         assert_eq!(latest["b"].1, 12, "the first of equals");
 
-        let r = registry();
+        let r = registry(100);
         let fresh = r.note(latest.clone());
         assert_eq!(fresh.iter().map(Vec::len).sum::<usize>(), 2);
-        assert!(fresh[0].iter().all(|e| e.contains_key(device::FIRST_SEEN)));
-        r.registered(fresh.concat().iter().filter_map(device::device_id));
+        let rows: Vec<(Presence, Entity)> = fresh[0]
+            .iter()
+            .map(|(r, at)| (Presence::New, device::row(r, *at, Some(*at))))
+            .collect();
+        r.registered(&fresh[0], &rows);
+        assert_eq!(r.state().presume, Presence::New, "most were new");
 
         // Known now: nothing to register; only readings newer than the row are queued.
-        let offered = [(reading("a", 1_500), 20), (reading("b", 6_000), 21)];
-        let next = newest(offered.iter().map(|(r, at)| (r, *at)));
+        let next = self::latest(&[(reading("a", 1_500), 20), (reading("b", 6_000), 21)]);
         assert!(r.note(next).is_empty());
         let state = r.state();
         assert!(
-            state["a"].pending.is_none(),
+            !state.pending.contains_key("a"),
             "older than the registered row"
         );
-        assert_eq!(state["b"].pending.as_ref().unwrap().0.measured_at_ms, 6_000);
+        assert_eq!(state.pending["b"].0.measured_at_ms, 6_000);
     }
 
     #[test]
     fn registrations_are_chunked_for_transactions() {
-        let latest: Latest = (0..250)
-            .map(|i| {
-                let id = format!("d{i}");
-                (id.clone(), (reading(&id, 1), 1))
-            })
+        let offered: Vec<(Reading, i64)> = (0..250)
+            .map(|i| (reading(&format!("d{i}"), 1), 1))
             .collect();
-        let sizes: Vec<usize> = registry().note(latest).iter().map(Vec::len).collect();
+        let sizes: Vec<usize> = registry(1_000)
+            .note(latest(&offered))
+            .iter()
+            .map(Vec::len)
+            .collect();
         assert_eq!(sizes, vec![100, 100, 50]);
+    }
+
+    #[test]
+    fn the_cache_forgets_the_least_recently_seen_first_and_stays_bounded() {
+        let r = registry(4);
+        known(&r, &["a", "b"]);
+        // "a" seen again: it stays when the next two push out a generation.
+        assert!(r.note(latest(&[(reading("a", 2_000), 1)])).is_empty());
+        known(&r, &["c", "d"]);
+        let mut state = r.state();
+        assert!(state.known.len() <= 4, "{}", state.known.len());
+        assert!(state.known.newest("a").is_some(), "recently seen");
+        assert!(state.known.newest("b").is_none(), "least recently seen");
+        drop(state);
+        for i in 0..1_000 {
+            known(&r, &[&format!("x{i}")]);
+        }
+        assert!(r.state().known.len() <= 4);
+        let forgotten = r.note(latest(&[(reading("c", 3_000), 1)]));
+        assert_eq!(forgotten.concat().len(), 1, "forgotten: registered again");
+    }
+
+    #[test]
+    fn pending_states_are_bounded_and_a_full_set_wakes_the_flush() {
+        let r = registry(4);
+        let woken = r.full.notified();
+        let mut woken = std::pin::pin!(woken);
+        woken.as_mut().enable();
+        for i in 0..6 {
+            let id = format!("d{i}");
+            known(&r, &[&id]);
+            assert!(r.note(latest(&[(reading(&id, 9_000), 2)])).is_empty());
+            assert!(r.state().pending.len() <= 4, "{}", r.state().pending.len());
+        }
+        assert_eq!(r.state().pending.len(), 4);
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        assert!(
+            std::future::Future::poll(woken.as_mut(), &mut cx).is_ready(),
+            "the flush is woken"
+        );
     }
 }

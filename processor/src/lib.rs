@@ -27,7 +27,6 @@ mod write;
 
 pub use config::Config;
 
-use infra::retry::until_ok;
 use infra::serve::Health;
 use infra::storage::{create_missing, Grant, Resource};
 use schemas::reading::Policy;
@@ -61,7 +60,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         quarantine: account.queue(&config.quarantine_queue),
         table: account.table(&config.table_name),
         rollups: account.table(&config.rollup_table),
-        devices: devices::Registry::new(account.table(&config.device_table)),
+        devices: devices::Registry::new(
+            account.table(&config.device_table),
+            usize::try_from(config.device_cache).unwrap_or(usize::MAX),
+        ),
         rules: classify::Rules {
             topic_prefix: config.topic_prefix.clone(),
             policy: Policy {
@@ -109,18 +111,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     if !create_missing(&resources, config.storage.create_missing, &shutdown).await {
         return Ok(());
     }
-    let loaded = until_ok("load the device table", &shutdown, || async {
-        ctx.devices.load().await.inspect_err(|error| {
-            health.set_not_ready(format!(
-                "cannot load device table {}: {error}",
-                config.device_table
-            ));
-        })
-    });
-    let Some(known) = loaded.await else {
-        return Ok(());
-    };
-    tracing::info!(devices = known, "Device table loaded.");
     health.set_ready();
 
     // The writer outlives the rounds: it flushes what they handed it after they end.
@@ -165,6 +155,7 @@ async fn refresh_devices(ctx: Arc<ctx::Ctx>, interval: Duration, shutdown: Cance
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => ctx.devices.flush().await,
+            () = ctx.devices.full.notified() => ctx.devices.flush().await,
         }
     }
 }

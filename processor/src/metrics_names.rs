@@ -34,6 +34,14 @@ pub const QUEUE_OLDEST_AGE: &str = "processor_queue_oldest_age_seconds";
 pub const STORAGE_ERRORS: &str = "processor_storage_errors_total";
 /// Device-table rows written (registrations and latest-state refreshes).
 pub const DEVICE_ROWS: &str = "processor_device_rows_written_total";
+/// Devices the processor knows to have a device row (at most `PROCESSOR_DEVICE_CACHE`).
+pub const DEVICES_KNOWN: &str = "processor_devices_known";
+/// Device registrations sent again because a device was presumed new and had a row, or the
+/// reverse (a device the cache forgot, or the first registrations after a start).
+pub const DEVICES_PRESUMED_WRONGLY: &str = "processor_devices_presumed_wrongly_total";
+/// Latest-state updates left for the device's next reading because as many as the cache
+/// holds were already waiting for the refresh (which is then woken).
+pub const DEVICE_UPDATES_DEFERRED: &str = "processor_device_updates_deferred_total";
 /// Readings that replaced another of the same device and millisecond with other values,
 /// within one round (a re-sent correction; copies of one reading do not count).
 pub const OVERWRITES: &str = "processor_row_overwrites_total";

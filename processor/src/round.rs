@@ -310,8 +310,9 @@ fn storage_refused(
     h.sorted.refusals.push(record);
 }
 
-/// Writes the device-table rows of devices seen for the first time, so the archiver can find
-/// their partitions, before any message carrying their readings is deleted. A device whose row
+/// Writes the device-table rows of devices not known to have one (seen for the first time, or
+/// forgotten by the bounded cache), so the archiver can find their partitions, before any
+/// message carrying their readings is deleted. A device whose row
 /// cannot be written holds back only the messages that carry it.
 async fn register(
     ctx: &Ctx,
@@ -320,15 +321,8 @@ async fn register(
     held: &mut [Leased],
     deadline: Instant,
 ) {
-    for rows in ctx.devices.note(latest) {
-        let failed = ctx.devices.merge_each(&rows, deadline).await;
-        ctx.devices.registered(
-            rows.iter()
-                .filter_map(schemas::device::device_id)
-                .filter(|id| !failed.contains_key(*id)),
-        );
-        metrics::counter!(m::DEVICE_ROWS).increment((rows.len() - failed.len()) as u64);
-        for (id, trouble) in failed {
+    for devices in ctx.devices.note(latest) {
+        for (id, trouble) in ctx.devices.register(&devices, deadline).await {
             let failure = match trouble {
                 RegisterError::Storage(error) => Failure::Storage {
                     stage: Stage::Register,

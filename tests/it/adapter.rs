@@ -197,3 +197,63 @@ async fn a_query_page_past_a_mebibyte_is_read_whole() {
     assert_eq!(rows.len(), 1_000);
     assert_eq!(rows[999]["RowKey"], "0999");
 }
+
+/// Inserts that refuse an existing row and merges that refuse a missing one, in one
+/// transaction: the service names the operation presumed wrongly, and writes nothing.
+#[tokio::test]
+async fn inserts_and_updates_name_the_row_presumed_wrongly() {
+    use infra::storage::{Placed, Presence};
+    if !tests::servers_available("inserts_and_updates_name_the_row_presumed_wrongly") {
+        return;
+    }
+    let azurite = Azurite::start().await;
+    let table = azurite.account().table(&unique("t"));
+    table.create_if_missing().await.expect("create table");
+    let row = |rk: &str, v: i64| entity(json!({"PartitionKey": "p", "RowKey": rk, "First": v}));
+    let all = |p: Presence| -> Vec<(Presence, Entity)> {
+        ["a", "b", "c"].iter().map(|rk| (p, row(rk, 1))).collect()
+    };
+    assert_eq!(
+        table.insert_or_update(&all(Presence::New)).await.unwrap(),
+        Placed::Committed
+    );
+    assert_eq!(
+        table.insert_or_update(&all(Presence::New)).await.unwrap(),
+        Placed::Mistaken(0),
+        "the first insert finds its row"
+    );
+    let mixed = vec![
+        (Presence::Existing, row("a", 2)),
+        (Presence::Existing, row("b", 2)),
+        (Presence::Existing, row("d", 2)),
+        (Presence::New, row("c", 2)),
+    ];
+    assert_eq!(
+        table.insert_or_update(&mixed).await.unwrap(),
+        Placed::Mistaken(2),
+        "an update of a row that is not there"
+    );
+    let stored = table.query("PartitionKey eq 'p'").await.expect("query");
+    assert!(
+        stored.iter().all(|e| e["First"] == json!(1)) && stored.len() == 3,
+        "nothing written by a refused transaction: {stored:?}"
+    );
+    let right = vec![
+        (
+            Presence::Existing,
+            entity(json!({"PartitionKey": "p", "RowKey": "a", "Last": 3})),
+        ),
+        (Presence::New, row("d", 3)),
+    ];
+    assert_eq!(
+        table.insert_or_update(&right).await.unwrap(),
+        Placed::Committed
+    );
+    let a = table.query("RowKey eq 'a'").await.expect("query");
+    assert_eq!(
+        (&a[0]["First"], &a[0]["Last"]),
+        (&json!(1), &json!(3)),
+        "merged, First kept"
+    );
+    assert_eq!(table.count("PartitionKey eq 'p'").await.unwrap(), 4);
+}

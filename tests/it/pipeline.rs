@@ -211,3 +211,73 @@ async fn readings_become_typed_rows_and_refusals_become_dead_letters() {
         .collect();
     assert_eq!(listed, newest);
 }
+
+/// A processor that remembers only 4 devices, restarted with a kill -9 between two rounds of
+/// readings from 30 devices (and 10 new ones in the second): every device keeps the
+/// `FirstSeen` its first registration wrote, its row carries its newest reading, and the
+/// forgotten devices were found to have rows by the transactions themselves.
+#[tokio::test]
+async fn a_processor_that_forgets_devices_keeps_their_first_sighting() {
+    let cache = [("PROCESSOR_DEVICE_CACHE", "4".to_owned())];
+    let Some(mut p) = Pipeline::start("forgetful_registry", &[], &cache).await else {
+        return;
+    };
+    let now = now_ms();
+    let first_round: Vec<(String, Vec<u8>)> = (0..30)
+        .map(|d| {
+            let id = format!("fs-{d:02}");
+            (topic(&id), reading(&id, now - 120_000, 0))
+        })
+        .collect();
+    publish_all(p.mosquitto.port, first_round).await;
+    p.wait_rows(30, Duration::from_secs(60)).await;
+    let device_rows = |p: &Pipeline| {
+        let (account, devices) = (p.account.clone(), p.devices.clone());
+        async move {
+            tests::storage::rows(&account, &devices)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| {
+                    let id = e["RowKey"].as_str().unwrap().to_owned();
+                    let first = e[schemas::device::FIRST_SEEN].as_str().unwrap().to_owned();
+                    let measured = e["MeasuredAt"].as_str().unwrap().to_owned();
+                    (id, (first, measured))
+                })
+                .collect::<BTreeMap<String, (String, String)>>()
+        }
+    };
+    let before = device_rows(&p).await;
+    assert_eq!(before.len(), 30, "{before:?}");
+
+    p.processor.kill9().await;
+    p.processor.restart().await;
+    let second_round: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|d| {
+            let id = format!("fs-{d:02}");
+            (topic(&id), reading(&id, now - 60_000, 1))
+        })
+        .collect();
+    publish_all(p.mosquitto.port, second_round).await;
+    p.wait_rows(70, Duration::from_secs(60)).await;
+    let wrong = p
+        .processor
+        .metric("processor_devices_presumed_wrongly_total")
+        .await;
+    assert!(
+        wrong >= 1.0,
+        "the new devices were presumed to have rows: {wrong}"
+    );
+    assert!(p.processor.metric("processor_devices_known").await <= 4.0);
+    p.processor.terminate(Duration::from_secs(20)).await;
+
+    let after = device_rows(&p).await;
+    assert_eq!(after.len(), 40, "{after:?}");
+    let newest = format_ms(now - 60_000);
+    for (id, (first, measured)) in &after {
+        assert_eq!(measured, &newest, "{id}: its newest reading");
+        if let Some((was, _)) = before.get(id) {
+            assert_eq!(first, was, "{id}: FirstSeen kept");
+        }
+    }
+}

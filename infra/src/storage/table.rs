@@ -1,6 +1,6 @@
 //! Azure Table Storage operations.
 
-use super::wire::{Page, Row, RowRef, TableWire, WireOp};
+use super::wire::{Page, Row, RowRef, TableWire, Transacted, WireOp};
 use super::{measured, ErrorKind, StorageError};
 use serde_json::{Map, Value};
 use std::sync::Arc;
@@ -21,6 +21,37 @@ pub enum BatchOutcome {
     /// The service refused the transaction; nothing was written. The service answers such a
     /// transaction with success (202) and the failing operation's status inside, so it is
     /// read from the per-operation statuses.
+    Rejected(Refusal),
+}
+
+/// How [`Table::insert_or_update`] writes a row: as a new one (an insert, refused if the row
+/// exists) or into an existing one (a merge, refused if it does not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    New,
+    Existing,
+}
+
+impl Presence {
+    /// The other one.
+    pub fn flipped(self) -> Self {
+        match self {
+            Self::New => Self::Existing,
+            Self::Existing => Self::New,
+        }
+    }
+}
+
+/// What became of [`Table::insert_or_update`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placed {
+    /// Every row written.
+    Committed,
+    /// The row at this index was presumed wrongly: it exists (for [`Presence::New`]) or does
+    /// not (for [`Presence::Existing`]). Nothing was written; the rows before it were
+    /// presumed rightly.
+    Mistaken(usize),
+    /// Refused for another reason; nothing was written.
     Rejected(Refusal),
 }
 
@@ -201,35 +232,100 @@ impl Table {
     }
 
     async fn transact(&self, ops: Vec<WireOp<'_>>) -> Result<BatchOutcome, StorageError> {
-        const OP: &str = "table_batch";
+        let Some(first) = ops.first() else {
+            return Ok(BatchOutcome::Committed);
+        };
+        self.check_batch(&ops)?;
+        let conditional = matches!(first, WireOp::Delete(_));
+        Ok(match self.send_transaction(&ops).await? {
+            Ok(()) => BatchOutcome::Committed,
+            Err((status, _)) => BatchOutcome::Rejected(Refusal::of(status, conditional)),
+        })
+    }
+
+    /// Refuses, before sending anything, a batch of too many operations or of more than one
+    /// partition (Azurite accepts what Azure rejects).
+    fn check_batch(&self, ops: &[WireOp<'_>]) -> Result<(), StorageError> {
         let invalid = |why: String| StorageError {
-            op: OP,
+            op: "table_batch",
             kind: ErrorKind::Protocol(why),
         };
         let count = ops.len();
         if count > MAX_BATCH_OPERATIONS {
             return Err(invalid(format!("{count} operations in one batch")));
         }
-        let Some(first) = ops.first() else {
-            return Ok(BatchOutcome::Committed);
-        };
-        let pk = first.partition_key();
+        let pk = ops.first().map(WireOp::partition_key).unwrap_or_default();
         if let Some(other) = ops.iter().map(WireOp::partition_key).find(|&p| p != pk) {
             return Err(invalid(format!(
                 "batch spans partitions {pk:?} and {other:?}"
             )));
         }
-        let conditional = matches!(first, WireOp::Delete(_));
-        let statuses = measured(OP, self.timeout, self.wire.transact(self.name(), &ops)).await?;
-        Ok(match statuses.iter().copied().find(|&s| s >= 300) {
-            Some(status) => BatchOutcome::Rejected(Refusal::of(status, conditional)),
-            None if statuses.len() == count => BatchOutcome::Committed,
-            None => {
-                return Err(invalid(format!(
-                    "{} responses for {count} operations",
-                    statuses.len(),
-                )))
-            }
+        Ok(())
+    }
+
+    /// Checks and sends a transaction: `Err((status, failing index))` when refused.
+    async fn send_transaction(
+        &self,
+        ops: &[WireOp<'_>],
+    ) -> Result<Result<(), (u16, Option<usize>)>, StorageError> {
+        const OP: &str = "table_batch";
+        let invalid = |why: String| StorageError {
+            op: OP,
+            kind: ErrorKind::Protocol(why),
+        };
+        let count = ops.len();
+        let Transacted {
+            statuses,
+            failed_at,
+        } = measured(OP, self.timeout, self.wire.transact(self.name(), ops)).await?;
+        match statuses.iter().copied().find(|&s| s >= 300) {
+            Some(status) => Ok(Err((status, failed_at))),
+            None if statuses.len() == count => Ok(Ok(())),
+            None => Err(invalid(format!(
+                "{} responses for {count} operations",
+                statuses.len(),
+            ))),
+        }
+    }
+
+    /// Writes up to [`MAX_BATCH_OPERATIONS`] entities of one partition atomically, each as
+    /// `presence` says: a new row is inserted (so a property it alone carries, such as when
+    /// it was first seen, is never overwritten), an existing one merged into. A wrong guess
+    /// comes back as [`Placed::Mistaken`] with the row's index, and nothing is written.
+    pub async fn insert_or_update(
+        &self,
+        entities: &[(Presence, Entity)],
+    ) -> Result<Placed, StorageError> {
+        let rows: Vec<(Presence, Row)> = entities
+            .iter()
+            .map(|(p, e)| Ok((*p, row("table_batch", e)?)))
+            .collect::<Result<_, StorageError>>()?;
+        let ops: Vec<WireOp<'_>> = rows
+            .iter()
+            .map(|(presence, row)| match presence {
+                Presence::New => WireOp::Insert(row),
+                Presence::Existing => WireOp::Update(row),
+            })
+            .collect();
+        if ops.is_empty() {
+            return Ok(Placed::Committed);
+        }
+        self.check_batch(&ops)?;
+        let (status, failed_at) = match self.send_transaction(&ops).await? {
+            Ok(()) => return Ok(Placed::Committed),
+            Err(refused) => refused,
+        };
+        // An index the answer does not give, or one past the rows, is a refusal for content:
+        // the rows one by one tell which.
+        let Some(i) = failed_at
+            .filter(|&i| i < rows.len())
+            .or((rows.len() == 1).then_some(0))
+        else {
+            return Ok(Placed::Rejected(Refusal::Content(status)));
+        };
+        Ok(match (rows[i].0, status) {
+            (Presence::New, 409) | (Presence::Existing, 404) => Placed::Mistaken(i),
+            (_, status) => Placed::Rejected(Refusal::of(status, false)),
         })
     }
 
@@ -266,22 +362,21 @@ impl Table {
         Ok(first)
     }
 
-    /// The RowKey of every entity matching an OData `$filter` (all pages), fetching nothing
-    /// else: a listing of a million rows costs their keys, not their properties.
-    pub async fn row_keys(&self, filter: &str) -> Result<Vec<String>, StorageError> {
-        let mut out = Vec::new();
-        self.each_page(filter, Some("RowKey"), None, |page| {
-            out.extend(
-                page.into_iter()
-                    .filter_map(|mut e| match e.remove("RowKey") {
-                        Some(Value::String(k)) => Some(k),
-                        _ => None,
-                    }),
-            );
-            true
+    /// The RowKeys of the first `limit` entities matching an OData `$filter`, in key order,
+    /// fetching nothing else: a listing costs the rows' keys, not their properties. Fewer
+    /// than `limit` means no more match (continuations are followed).
+    pub async fn row_keys_first(
+        &self,
+        filter: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, StorageError> {
+        self.first_n(filter, Some("RowKey"), limit, |mut e| {
+            match e.remove("RowKey") {
+                Some(Value::String(k)) => Some(k),
+                _ => None,
+            }
         })
-        .await?;
-        Ok(out)
+        .await
     }
 
     /// The first `limit` entities matching an OData `$filter`, in key order (as many pages
@@ -291,13 +386,30 @@ impl Table {
         filter: &str,
         limit: usize,
     ) -> Result<Vec<Entity>, StorageError> {
+        self.first_n(filter, None, limit, Some).await
+    }
+
+    /// The first `limit` of what `keep` makes of the entities matching `filter` (those it
+    /// maps to `None` are skipped), in pages of at most `limit` (the service's largest is 1,000).
+    async fn first_n<T>(
+        &self,
+        filter: &str,
+        select: Option<&str>,
+        limit: usize,
+        mut keep: impl FnMut(Entity) -> Option<T>,
+    ) -> Result<Vec<T>, StorageError> {
         let mut out = Vec::new();
         if limit == 0 {
             return Ok(out);
         }
         let page_size = u32::try_from(limit.min(1000)).unwrap_or(1000);
-        self.each_page(filter, None, Some(page_size), |page| {
-            out.extend(page.into_iter().take(limit - out.len()));
+        self.each_page(filter, select, Some(page_size), |page| {
+            for entity in page {
+                if out.len() == limit {
+                    break;
+                }
+                out.extend(keep(entity));
+            }
             out.len() < limit
         })
         .await?;

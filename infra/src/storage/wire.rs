@@ -90,18 +90,37 @@ impl Credential {
 
 /// One write in a transaction.
 pub(super) enum WireOp<'a> {
+    /// Insert or replace.
     Replace(&'a Row),
+    /// Insert or merge.
     Merge(&'a Row),
+    /// Insert only: refused (409) if the row exists.
+    Insert(&'a Row),
+    /// Merge into the row only if it exists: refused (404) if it does not.
+    Update(&'a Row),
     Delete(&'a RowRef<'a>),
 }
 
 impl WireOp<'_> {
     pub(super) fn partition_key(&self) -> &str {
         match self {
-            WireOp::Replace(row) | WireOp::Merge(row) => &row.partition_key,
+            WireOp::Replace(row)
+            | WireOp::Merge(row)
+            | WireOp::Insert(row)
+            | WireOp::Update(row) => &row.partition_key,
             WireOp::Delete(row) => row.partition_key,
         }
     }
+}
+
+/// A transaction's answer: the status of each answered operation (a refused transaction
+/// answers one, the failing operation's) and, when refused, which operation failed.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Transacted {
+    pub statuses: Vec<u16>,
+    /// The failing operation's index, as the service's error message starts (`"3:The
+    /// specified entity already exists."`); `None` when committed or not said.
+    pub failed_at: Option<usize>,
 }
 
 /// What a request is, before its body: what [`TableWire::request`] signs and sends.
@@ -201,24 +220,33 @@ impl TableWire {
         )
     }
 
-    /// Sends `ops` as one entity group transaction; the status of each answered operation.
-    /// (A refused transaction answers one status, the failing operation's.)
+    /// Sends `ops` as one entity group transaction.
     pub(super) async fn transact(
         &self,
         table: &str,
         ops: &[WireOp<'_>],
-    ) -> Result<Vec<u16>, ErrorKind> {
+    ) -> Result<Transacted, ErrorKind> {
         let token = self.token().await?;
         let request = self.transact_request(table, ops, bearer(token.as_ref()))?;
         // A transaction repeated changes nothing: its upserts and merges write the same, and
-        // its conditional deletes find their rows gone (412 or 404, as a refusal).
+        // its conditional deletes find their rows gone (412 or 404, as a refusal), and its
+        // inserts their rows there (409, as a refusal that names the insert).
         let answer = self
             .execute(request, Resend::IfUnanswered, MAX_WRITE_RESPONSE)
             .await?;
         check(&answer)?;
         let text = std::str::from_utf8(&answer.body)
             .map_err(|_| ErrorKind::Protocol("a transaction's answer is not UTF-8".into()))?;
-        statuses(text)
+        let statuses = statuses(text)?;
+        let failed_at = statuses
+            .iter()
+            .any(|&s| s >= 300)
+            .then(|| failed_at(text))
+            .flatten();
+        Ok(Transacted {
+            statuses,
+            failed_at,
+        })
     }
 
     /// The upsert of `row` into `table`, built and signed.
@@ -429,7 +457,10 @@ impl TableWire {
         let size: usize = ops
             .iter()
             .map(|op| match op {
-                WireOp::Replace(row) | WireOp::Merge(row) => row.json.len() + 400,
+                WireOp::Replace(row)
+                | WireOp::Merge(row)
+                | WireOp::Insert(row)
+                | WireOp::Update(row) => row.json.len() + 400,
                 WireOp::Delete(_) => 400,
             })
             .sum();
@@ -446,19 +477,31 @@ impl TableWire {
             line.push_str(
                 "\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n",
             );
-            let (method, pk, rk) = match op {
-                WireOp::Replace(row) => ("PUT", &*row.partition_key, &*row.row_key),
-                WireOp::Merge(row) => ("MERGE", &*row.partition_key, &*row.row_key),
-                WireOp::Delete(row) => ("DELETE", row.partition_key, row.row_key),
+            let (method, keys) = match op {
+                WireOp::Replace(row) => ("PUT", Some((&*row.partition_key, &*row.row_key))),
+                WireOp::Merge(row) | WireOp::Update(row) => {
+                    ("MERGE", Some((&*row.partition_key, &*row.row_key)))
+                }
+                // An insert is posted to the table; its keys are in its body.
+                WireOp::Insert(_) => ("POST", None),
+                WireOp::Delete(row) => ("DELETE", Some((row.partition_key, row.row_key))),
             };
             line.push_str(method);
             line.push(' ');
             line.push_str(&self.endpoint);
             line.push('/');
-            entity_path(&mut line, table, pk, rk);
+            match keys {
+                Some((pk, rk)) => entity_path(&mut line, table, pk, rk),
+                None => line.push_str(table),
+            }
             line.push_str(" HTTP/1.1\r\nAccept: ");
             line.push_str(ACCEPT);
             line.push_str("\r\n");
+            match op {
+                WireOp::Insert(_) => line.push_str("Prefer: return-no-content\r\n"),
+                WireOp::Update(_) => line.push_str("If-Match: *\r\n"),
+                _ => {}
+            }
             match op {
                 WireOp::Delete(row) => {
                     line.push_str("If-Match: ");
@@ -466,7 +509,10 @@ impl TableWire {
                     line.push_str("\r\n\r\n");
                     body.extend_from_slice(line.as_bytes());
                 }
-                WireOp::Replace(row) | WireOp::Merge(row) => {
+                WireOp::Replace(row)
+                | WireOp::Merge(row)
+                | WireOp::Insert(row)
+                | WireOp::Update(row) => {
                     line.push_str("Content-Type: ");
                     line.push_str(JSON);
                     line.push_str("\r\n\r\n");
@@ -645,6 +691,19 @@ fn statuses(text: &str) -> Result<Vec<u16>, ErrorKind> {
         .collect()
 }
 
+/// Which operation a refused transaction's answer names: its error message starts with the
+/// operation's index (`"value":"3:The specified entity ..."`), on Azure and Azurite alike.
+fn failed_at(text: &str) -> Option<usize> {
+    const MESSAGE: &str = "\"value\":\"";
+    let at = text.find(MESSAGE)? + MESSAGE.len();
+    let rest = &text[at..];
+    let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+    if digits == 0 || !rest[digits..].starts_with(':') {
+        return None;
+    }
+    rest[..digits].parse().ok()
+}
+
 /// Appends `table(PartitionKey='pk',RowKey='rk')`, each key quoted as OData requires
 /// (a quote doubled) and percent-encoded but for unreserved characters.
 fn entity_path(out: &mut String, table: &str, partition_key: &str, row_key: &str) {
@@ -789,6 +848,38 @@ Accept: application/json;odata=minimalmetadata\r\nIf-Match: W/\"1\"\r\n\r\n\
         let refused = "--changesetresponse_2\nHTTP/1.1 400 Bad Request\n\n{\"odata.error\":{}}\n";
         assert_eq!(statuses(refused).unwrap(), [400]);
         assert!(statuses("HTTP/1.1 abc").is_err());
+    }
+
+    #[test]
+    fn a_refused_transaction_names_its_failing_operation() {
+        let refused = "--changesetresponse_2\r\nContent-Type: application/http\r\n\r\nHTTP/1.1 409 Conflict\r\nContent-ID: 4\r\n\r\n{\"odata.error\":{\"code\":\"EntityAlreadyExists\",\"message\":{\"lang\":\"en-US\",\"value\":\"3:The specified entity already exists.\\nRequestId:x\"}}}\r\n";
+        assert_eq!(failed_at(refused), Some(3));
+        let unsaid = "HTTP/1.1 409 Conflict\r\n\r\n{\"odata.error\":{\"message\":{\"value\":\"The specified entity already exists.\"}}}";
+        assert_eq!(failed_at(unsaid), None);
+        assert_eq!(failed_at("\"value\":\"12\""), None, "digits, but no colon");
+    }
+
+    #[test]
+    fn inserts_and_updates_say_what_they_presume() {
+        let wire = emulator();
+        let row = Row {
+            partition_key: "p".into(),
+            row_key: "r".into(),
+            json: Bytes::from_static(br#"{"PartitionKey":"p","RowKey":"r"}"#),
+        };
+        let (_, body) = wire.batch_body("t", &[WireOp::Insert(&row), WireOp::Update(&row)], [1, 2]);
+        let body = String::from_utf8(body).unwrap();
+        let endpoint = &wire.endpoint;
+        assert!(
+            body.contains(&format!(
+                "POST {endpoint}/t HTTP/1.1\r\nAccept: {ACCEPT}\r\nPrefer: return-no-content\r\n"
+            )),
+            "{body}"
+        );
+        assert!(
+            body.contains(&format!("MERGE {endpoint}/t(PartitionKey='p',RowKey='r') HTTP/1.1\r\nAccept: {ACCEPT}\r\nIf-Match: *\r\n")),
+            "{body}"
+        );
     }
 
     #[test]
