@@ -15,15 +15,23 @@ pub struct Config {
     /// 150% of the single-write ceiling in steps), `gateway` (1,000 gateways sending arrays
     /// of 100 readings at 120% of the batch ceiling), or `burst` (1,000 devices publishing
     /// 100 single readings each as fast as the broker takes them: 100,000 readings, timed
-    /// from the first publish to the last row).
+    /// from the first publish to the last row), or `million` (10,000 devices, then 10,000
+    /// devices taking turns over `--id-space` distinct ids until each has published once,
+    /// single readings at 70% of the single-write ceiling: throughput and every service's
+    /// memory against the device count).
     #[arg(long, env = "LOADTEST_PROFILE", value_enum, default_value = "seed")]
     pub profile: Profile,
 
     /// How long the load runs (per step, for `saturation`). Default: 5m for `seed`, 30s per
-    /// step for `saturation`, 2m for `gateway`; for `burst`, the most the publisher may take
+    /// step for `saturation`, 2m for `gateway`, 1m for `million`'s first step (its second
+    /// takes as long as the id space needs); for `burst`, the most the publisher may take
     /// (10m).
     #[arg(long, env = "LOADTEST_DURATION", value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
+
+    /// Distinct device ids of the `million` profile's second step.
+    #[arg(long, env = "LOADTEST_ID_SPACE", default_value_t = 1_000_000)]
+    pub id_space: u64,
 
     /// Time spent measuring each raw storage ceiling (single writes, 100-entity batches).
     #[arg(long, env = "LOADTEST_CEILING_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
@@ -78,6 +86,7 @@ pub enum Profile {
     Saturation,
     Gateway,
     Burst,
+    Million,
 }
 
 impl Profile {
@@ -87,6 +96,7 @@ impl Profile {
             Profile::Saturation => "saturation",
             Profile::Gateway => "gateway",
             Profile::Burst => "burst",
+            Profile::Million => "million",
         }
     }
 }

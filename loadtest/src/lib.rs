@@ -16,7 +16,7 @@ mod report;
 pub use config::{Config, Profile};
 
 use ceiling::Ceiling;
-use measure::{lock, Probes, Samples};
+use measure::{lock, Memory, Probes, Samples};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -31,12 +31,8 @@ struct Step {
 
 /// The profile's steps. Saturation and gateway loads are set from the ceiling measured in the
 /// same run, so they load this machine's storage the same way whatever its speed.
-fn steps(
-    profile: Profile,
-    duration: Option<Duration>,
-    prefix: &str,
-    ceiling: &Ceiling,
-) -> Vec<Step> {
+fn steps(config: &Config, prefix: &str, ceiling: &Ceiling) -> Vec<Step> {
+    let duration = config.duration;
     let step = |label: String, devices: u64, extra: &[&str], duration: Duration| Step {
         label,
         args: ["--devices", &devices.to_string(), "--device-prefix", prefix]
@@ -46,7 +42,7 @@ fn steps(
             .collect(),
         duration,
     };
-    match profile {
+    match config.profile {
         Profile::Seed => vec![step(
             "10,000 sensors every 30 s".into(),
             10_000,
@@ -87,8 +83,35 @@ fn steps(
                 )
             })
             .collect(),
+        Profile::Million => {
+            let rate = (ceiling.single_per_second * MILLION_SHARE).max(1.0).round();
+            let ids = config.id_space.max(MILLION_DEVICES);
+            // Every id once, and one interval more for the last round's stragglers.
+            let turns = Duration::from_secs_f64((ids as f64 + MILLION_DEVICES as f64) / rate);
+            let rate_arg = rate.to_string();
+            vec![
+                step(
+                    format!("{MILLION_DEVICES} devices, {rate} single readings/s offered"),
+                    MILLION_DEVICES,
+                    &["--rate", &rate_arg],
+                    duration.unwrap_or(Duration::from_secs(60)),
+                ),
+                step(
+                    format!(
+                        "{MILLION_DEVICES} devices taking turns over {ids} ids, {rate} single readings/s offered"
+                    ),
+                    MILLION_DEVICES,
+                    &["--rate", &rate_arg, "--id-space", &ids.to_string()],
+                    turns,
+                ),
+            ]
+        }
     }
 }
+
+/// The `million` profile: this many devices publish at this share of the single ceiling.
+const MILLION_DEVICES: u64 = 10_000;
+const MILLION_SHARE: f64 = 0.7;
 
 /// The most one page of the final row count may take.
 const COUNT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -154,6 +177,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let load_done = CancellationToken::new();
     let samples: Samples = Default::default();
     let probes: Probes = Default::default();
+    let memory: Memory = Default::default();
+    let watched: Vec<(&'static str, u32)> = ["ingest", "processor", "archiver", "dashboard"]
+        .into_iter()
+        .filter_map(|name| measure::find_pid(name).map(|pid| (name, pid)))
+        .collect();
+    let memory_sampler = tokio::spawn(measure::memory(
+        watched.clone(),
+        start,
+        memory.clone(),
+        stop.clone(),
+    ));
     let sampler = tokio::spawn(measure::sample(
         config.processor_metrics,
         queue.clone(),
@@ -173,7 +207,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let mut expected_rows = 0u64;
     let mut step_reports = Vec::new();
-    for step in steps(config.profile, config.duration, &run_id, &ceiling) {
+    for step in steps(&config, &run_id, &ceiling) {
         if shutdown.is_cancelled() {
             break;
         }
@@ -217,7 +251,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     }
     stop.cancel();
-    let _ = tokio::join!(sampler, prober);
+    let _ = tokio::join!(sampler, prober, memory_sampler);
     let total_seconds = start.elapsed().as_secs_f64();
     let last_row_seconds = last.1.duration_since(start).as_secs_f64();
 
@@ -271,6 +305,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         requests,
         samples: lock(&samples).clone(),
         probes: lock(&probes).clone(),
+        memory: lock(&memory).clone(),
+        peak_rss: watched
+            .iter()
+            .map(|&(name, pid)| (name, measure::proc_stat(pid).peak_rss))
+            .collect(),
         simulator_cpu_seconds,
     };
     let path = report::write(&config.report_dir, &result)?;

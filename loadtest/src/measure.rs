@@ -13,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 /// One sample per second: (seconds since start, readings stored so far, queue depth).
 pub type Samples = Arc<Mutex<Vec<(f64, f64, usize)>>>;
+/// Resident memory every few seconds: (seconds since start, bytes by service).
+pub type Memory = Arc<Mutex<Vec<(f64, BTreeMap<&'static str, u64>)>>>;
 /// Probe latencies: (seconds since start when sent, latency in seconds, or `None` if lost).
 pub type Probes = Arc<Mutex<Vec<(f64, Option<f64>)>>>;
 
@@ -41,6 +43,31 @@ pub async fn sample(
         let stored = stored(processor).await;
         let depth = queue.approximate_depth().await.unwrap_or(0);
         lock(&samples).push((start.elapsed().as_secs_f64(), stored, depth));
+    }
+}
+
+/// How often [`memory`] samples.
+const MEMORY_EVERY: Duration = Duration::from_secs(5);
+
+/// Samples the resident memory (VmRSS) of each of `services` every [`MEMORY_EVERY`] until
+/// `stop`.
+pub async fn memory(
+    services: Vec<(&'static str, u32)>,
+    start: Instant,
+    memory: Memory,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(MEMORY_EVERY);
+    while !stop.is_cancelled() {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let now: BTreeMap<&'static str, u64> = services
+            .iter()
+            .map(|&(name, pid)| (name, status_kib(pid, "VmRSS:") * 1024))
+            .collect();
+        lock(&memory).push((start.elapsed().as_secs_f64(), now));
     }
 }
 
@@ -144,17 +171,21 @@ pub fn find_pid(name: &str) -> Option<u32> {
 
 pub fn proc_stat(pid: u32) -> ProcStat {
     let ticks = stat_ticks(&pid.to_string());
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let peak_kib = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
     ProcStat {
         cpu_seconds: (ticks[0] + ticks[1]) / 100.0,
-        peak_rss: peak_kib * 1024,
+        peak_rss: status_kib(pid, "VmHWM:") * 1024,
     }
+}
+
+/// A KiB figure of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`), 0 if unreadable.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
 }
 
 /// CPU seconds of this process's finished, reaped children (the simulator runs).

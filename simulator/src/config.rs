@@ -35,6 +35,13 @@ pub struct Config {
     #[arg(long, env = "SIMULATOR_DEVICES", default_value_t = 10_000)]
     pub devices: usize,
 
+    /// Distinct device ids the devices publish as, when more than `--devices`: device k
+    /// publishes its round-t message as id number (t × devices + k) mod this, so each round
+    /// brings `--devices` ids not seen for the longest time, and a run of this many /
+    /// `--devices` rounds sends every id once (the processor's bounded memory is tested so).
+    #[arg(long, env = "SIMULATOR_ID_SPACE", default_value_t = 0)]
+    pub id_space: usize,
+
     /// Time between two messages of one device (compress time with e.g. `1s`).
     #[arg(long, env = "SIMULATOR_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub interval: Duration,

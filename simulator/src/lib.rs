@@ -80,6 +80,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let generator = Arc::new(Generator {
         seed: config.seed,
         devices: config.devices,
+        id_space: config.id_space,
         device_prefix: config.device_prefix.clone(),
         topic_prefix: config.topic_prefix.clone(),
         batch: config.batch,

@@ -37,6 +37,8 @@ const OVERSIZE_PAD: usize = schemas::MAX_PAYLOAD_BYTES + 1;
 pub struct Generator {
     pub seed: u64,
     pub devices: usize,
+    /// Distinct ids the devices take in turn, when more than `devices` (`--id-space`).
+    pub id_space: usize,
     pub device_prefix: String,
     pub topic_prefix: String,
     /// Readings per message: 1, or a gateway array of up to 100.
@@ -61,13 +63,23 @@ pub struct Message {
 }
 
 impl Generator {
+    /// Device `device`'s id (in round 0, when the devices take turns over a larger id space).
     pub fn device_id(&self, device: usize) -> String {
-        device_id(&self.device_prefix, device, self.devices)
+        self.id_at(device, 0)
+    }
+
+    /// The id device `device` publishes as in round `tick`.
+    fn id_at(&self, device: usize, tick: u64) -> String {
+        if self.id_space <= self.devices {
+            return device_id(&self.device_prefix, device, self.devices);
+        }
+        let n = (u128::from(tick) * self.devices as u128 + device as u128) % self.id_space as u128;
+        device_id(&self.device_prefix, n as usize, self.id_space)
     }
 
     /// Device `device`'s message for `tick`, its newest reading measured at `at_ms`.
     pub fn message(&self, device: usize, tick: u64, at_ms: i64) -> Message {
-        let id = self.device_id(device);
+        let id = self.id_at(device, tick);
         let fault = self.faults.pick(unit(self.seed, device, FAULT_SALT ^ tick));
         let n = self.batch.clamp(1, 100);
         let spoofed = (fault == Some(Fault::Spoofed)).then(|| {
@@ -75,7 +87,7 @@ impl Generator {
             if other == device {
                 format!("{}-spoof", self.device_prefix)
             } else {
-                self.device_id(other)
+                self.id_at(other, tick)
             }
         });
         let mut parts = Vec::with_capacity(n as usize);
@@ -192,6 +204,7 @@ mod tests {
         Generator {
             seed: 7,
             devices: 10_000,
+            id_space: 0,
             device_prefix: "sensor".into(),
             topic_prefix: "devices".into(),
             batch,
@@ -237,6 +250,28 @@ mod tests {
             );
         }
         assert_eq!(device_id("sensor", 42, 10_000), "sensor-0042");
+    }
+
+    #[test]
+    fn devices_take_every_id_of_the_id_space_in_turn() {
+        let g = Generator {
+            devices: 3,
+            id_space: 7,
+            ..generator(1, "")
+        };
+        let topics: Vec<String> = (0..7u64)
+            .flat_map(|tick| (0..3).map(move |d| (d, tick)))
+            .map(|(d, tick)| g.message(d, tick, AT).topic)
+            .take(7)
+            .collect();
+        let ids: std::collections::BTreeSet<&str> = topics
+            .iter()
+            .map(|t| t.split('/').nth(1).unwrap())
+            .collect();
+        assert_eq!(ids.len(), 7, "every id once in 7 messages: {topics:?}");
+        assert!(ids.contains("sensor-6") && !ids.contains("sensor-7"));
+        let m = g.message(2, 2, AT);
+        assert_eq!(judge(&m), (1, vec![]), "valid under its turned id");
     }
 
     #[test]
