@@ -17,10 +17,13 @@ mod rollups;
 pub use config::{Command, Config, RollupArgs, RunArgs, Sources};
 pub use schemas::archive::layout::Layout;
 
+use anyhow::Context as _;
 use futures::StreamExt;
 use infra::serve::Health;
 use infra::storage::{create_missing, Grant, Resource};
 use schemas::archive::layout::{self, floor_day, DAY_MS};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -74,36 +77,89 @@ async fn rebuild_rollups(args: RollupArgs, shutdown: CancellationToken) -> anyho
     {
         return Ok(true);
     }
+    // Counted first for the progress line; the ids themselves are read a page at a time below.
     let devices = if args.devices.is_empty() {
-        keeper.device_ids().await?
+        pass::device_count(&keeper.devices)
+            .await
+            .context("cannot count the devices")?
     } else {
-        args.devices.clone()
+        args.devices.len()
     };
     let days = ((args.to - args.from) / DAY_MS) as usize;
-    let total = devices.len() * days;
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let total = devices * days;
+    let done = Arc::new(AtomicUsize::new(0));
     let shown = done.clone();
     let bar = infra::progress::Progress::start(args.log.log_format, move |elapsed| {
-        let n = shown.load(std::sync::atomic::Ordering::Relaxed);
+        let n = shown.load(Relaxed);
         format!(
             "rollups {} {n}/{total} device-days, {:.0} s",
             infra::progress::bar(n, total, 30),
             elapsed.as_secs_f64()
         )
     });
+    let span = (args.from, args.to);
+    let mut totals = Rebuilt::default();
+    let read = if args.devices.is_empty() {
+        let mut pages = pass::DevicePages::new(&keeper.devices);
+        loop {
+            // Between pages is a safe point: the devices of the pages not read yet would
+            // only be skipped.
+            if shutdown.is_cancelled() {
+                break Ok(());
+            }
+            match pages.next_page().await {
+                Ok(Some(ids)) => {
+                    rebuild_devices(&keeper, &ids, span, &done, &shutdown, &mut totals).await;
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        }
+    } else {
+        rebuild_devices(&keeper, &args.devices, span, &done, &shutdown, &mut totals).await;
+        Ok(())
+    };
+    bar.finish().await;
+    // What the pages before a failed read rebuilt stays rebuilt.
+    read.context("cannot list the devices")?;
+    println!(
+        "Rebuilt {} rollups of {} devices over {days} days ({} device-days failed).",
+        totals.written, totals.devices, totals.failed
+    );
+    Ok(totals.failed == 0 && !shutdown.is_cancelled())
+}
+
+/// The running totals of `archiver rollups`.
+#[derive(Debug, Default)]
+struct Rebuilt {
+    devices: usize,
+    written: u64,
+    /// Device-days that could not be rebuilt.
+    failed: usize,
+}
+
+/// Rebuilds the days in `from..to` of `devices`, 16 device-days at a time, adding to
+/// `totals` as each finishes; skips what has not started at shutdown.
+async fn rebuild_devices(
+    keeper: &rollups::Keeper,
+    devices: &[String],
+    (from, to): (i64, i64),
+    done: &AtomicUsize,
+    stop: &CancellationToken,
+    totals: &mut Rebuilt,
+) {
     let work = devices.iter().flat_map(|device| {
-        (args.from..args.to)
+        (from..to)
             .step_by(DAY_MS as usize)
             .map(move |day| (device, day))
     });
-    let (keeper, done_ref, stop) = (&keeper, &done, &shutdown);
-    let results: Vec<Option<u64>> = futures::stream::iter(work)
+    futures::stream::iter(work)
         .map(|(device, day)| async move {
             if stop.is_cancelled() {
                 return None;
             }
             let result = keeper.rebuild_day(device, day).await;
-            done_ref.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            done.fetch_add(1, Relaxed);
             match result {
                 Ok(n) => Some(n),
                 Err(error) => {
@@ -113,20 +169,16 @@ async fn rebuild_rollups(args: RollupArgs, shutdown: CancellationToken) -> anyho
             }
         })
         .buffer_unordered(16)
-        .collect()
+        .for_each(|result| {
+            match result {
+                Some(u64::MAX) => totals.failed += 1,
+                Some(n) => totals.written += n,
+                None => {}
+            }
+            futures::future::ready(())
+        })
         .await;
-    bar.finish().await;
-    let failed = results.iter().filter(|r| **r == Some(u64::MAX)).count();
-    let written: u64 = results
-        .iter()
-        .filter_map(|r| *r)
-        .filter(|n| *n != u64::MAX)
-        .sum();
-    println!(
-        "Rebuilt {written} rollups of {} devices over {days} days ({failed} device-days failed).",
-        devices.len()
-    );
-    Ok(failed == 0 && !shutdown.is_cancelled())
+    totals.devices += devices.len();
 }
 
 /// Keeps rollups current until `shutdown`: a turn every `every`, expiry once a day. A failed

@@ -19,7 +19,8 @@
 //!   every turn.
 
 use crate::day::retried;
-use futures::{stream, StreamExt};
+use crate::pass::DevicePages;
+use futures::{future, stream, StreamExt};
 use infra::storage::{BatchOutcome, Container, Entity, Refusal, RowRef, StorageError, Table};
 use schemas::archive::layout::Layout;
 use schemas::archive::Format;
@@ -135,23 +136,29 @@ impl Keeper {
         retried(|| self.rollups.upsert(&e)).await
     }
 
-    /// Every device's id, from the device table.
-    pub async fn device_ids(&self) -> Result<Vec<String>, StorageError> {
-        let filter = format!("PartitionKey eq '{}'", schemas::device::PARTITION);
-        retried(|| self.devices.row_keys(&filter)).await
-    }
-
-    /// Rolls up every device's hour starting at `hour`. Returns the rollups written.
+    /// Rolls up every device's hour starting at `hour`, a page of devices at a time
+    /// ([`crate::pass::DEVICE_PAGE`]). Returns the rollups written; a device that fails fails
+    /// the sweep, but only once every other device's hour was rolled up.
     async fn sweep(&self, hour: i64) -> Result<u64, KeepError> {
-        let devices = self.device_ids().await?;
-        let results: Vec<Result<u64, KeepError>> = stream::iter(devices)
-            .map(|device| async move { self.recompute(&device, hour, false).await })
-            .buffer_unordered(self.concurrency.max(1))
-            .collect()
-            .await;
         let mut written = 0;
-        for r in results {
-            written += r?;
+        let mut failed = None;
+        let mut pages = DevicePages::new(&self.devices);
+        while let Some(devices) = pages.next_page().await? {
+            stream::iter(devices)
+                .map(|device| async move { self.recompute(&device, hour, false).await })
+                .buffer_unordered(self.concurrency.max(1))
+                .for_each(|r| {
+                    match r {
+                        Ok(n) => written += n,
+                        Err(e) if failed.is_none() => failed = Some(e),
+                        Err(_) => {}
+                    }
+                    future::ready(())
+                })
+                .await;
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         tracing::debug!(hour = %format_ms(hour), written, "Hour rolled up.");
         Ok(written)
@@ -270,24 +277,27 @@ impl Keeper {
         Ok((done, written))
     }
 
-    /// Deletes every rollup older than the retention, device by device.
+    /// Deletes every rollup older than the retention, device by device, a page of devices at
+    /// a time. A failure stops it; what it deleted stays deleted, and the next try walks again.
     pub async fn expire(&self, now: i64) -> Result<u64, StorageError> {
         let keep = i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX);
         let cutoff = Interval::Day.floor(now.saturating_sub(keep)).max(0);
-        let devices = self.device_ids().await?;
         let mut deleted = 0;
-        for device in devices {
-            for interval in [Interval::Hour, Interval::Day] {
-                let filter = format!(
-                    "PartitionKey eq '{device}' and RowKey ge '{}|' and RowKey lt '{}'",
-                    interval.name(),
-                    interval.row_key(cutoff)
-                );
-                let old = retried(|| self.rollups.query(&filter)).await?;
-                let rows: Vec<RowRef> = old.iter().filter_map(RowRef::of).collect();
-                for chunk in rows.chunks(100) {
-                    retried(|| self.rollups.delete_batch(chunk)).await?;
-                    deleted += chunk.len() as u64;
+        let mut pages = DevicePages::new(&self.devices);
+        while let Some(devices) = pages.next_page().await? {
+            for device in devices {
+                for interval in [Interval::Hour, Interval::Day] {
+                    let filter = format!(
+                        "PartitionKey eq '{device}' and RowKey ge '{}|' and RowKey lt '{}'",
+                        interval.name(),
+                        interval.row_key(cutoff)
+                    );
+                    let old = retried(|| self.rollups.query(&filter)).await?;
+                    let rows: Vec<RowRef> = old.iter().filter_map(RowRef::of).collect();
+                    for chunk in rows.chunks(100) {
+                        retried(|| self.rollups.delete_batch(chunk)).await?;
+                        deleted += chunk.len() as u64;
+                    }
                 }
             }
         }
