@@ -77,17 +77,8 @@ impl StorageArgs {
     /// The account, reached as these flags say; a SAS minted from an account key allows
     /// `grant` on queues and blobs (and creating them, with `STORAGE_CREATE_MISSING`).
     pub fn account(&self, grant: Grant) -> Result<Account, AccountError> {
-        let ca =
-            match &self.ca_file {
-                Some(path) => Some(std::fs::read(path).map_err(|e| {
-                    AccountError::Ca(format!("cannot read {}: {e}", path.display()))
-                })?),
-                None => None,
-            };
         let connection_string = match (&self.account, self.auth, &self.connection_string_file) {
-            (Some(name), auth, _) if auth != Auth::Key => {
-                format!("DefaultEndpointsProtocol=https;AccountName={name};EndpointSuffix=core.windows.net")
-            }
+            (Some(name), auth, _) if auth != Auth::Key => named_account(name),
             (_, _, Some(path)) => {
                 crate::mqtt::Secret::read_file("AZURE_STORAGE_CONNECTION_STRING_FILE", path)?
                     .expose()
@@ -95,14 +86,77 @@ impl StorageArgs {
             }
             _ => self.connection_string.clone(),
         };
+        self.open(&connection_string, grant)
+    }
+
+    /// Every shard's account, in shard order: those `shards` names, or this one alone.
+    pub fn accounts(&self, shards: &ShardArgs, grant: Grant) -> Result<Vec<Account>, AccountError> {
+        let Some(path) = &shards.shards_file else {
+            return Ok(vec![self.account(grant)?]);
+        };
+        let text = crate::mqtt::Secret::read_file("STORAGE_SHARDS_FILE", path)?;
+        let lines: Vec<&str> = text
+            .expose()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .collect();
+        if lines.is_empty() {
+            return Err(AccountError::Malformed(
+                "STORAGE_SHARDS_FILE names no account".into(),
+            ));
+        }
+        lines
+            .iter()
+            .enumerate()
+            .map(|(shard, line)| {
+                let connection_string = if line.contains('=') {
+                    (*line).to_owned()
+                } else {
+                    named_account(line)
+                };
+                // The line itself is never shown: it may hold a key.
+                self.open(&connection_string, grant).map_err(|e| {
+                    AccountError::Malformed(format!("STORAGE_SHARDS_FILE, shard {shard}: {e}"))
+                })
+            })
+            .collect()
+    }
+
+    fn open(&self, connection_string: &str, grant: Grant) -> Result<Account, AccountError> {
+        let ca =
+            match &self.ca_file {
+                Some(path) => Some(std::fs::read(path).map_err(|e| {
+                    AccountError::Ca(format!("cannot read {}: {e}", path.display()))
+                })?),
+                None => None,
+            };
         let access = Access {
             auth: self.auth,
             trusted_ca: ca.as_deref(),
             grant,
             create: self.create_missing,
         };
-        Account::open(&connection_string, self.storage_timeout, access)
+        Account::open(connection_string, self.storage_timeout, access)
     }
+}
+
+/// The connection string of an account reached by name (Entra ID): its public endpoints.
+fn named_account(name: &str) -> String {
+    format!("DefaultEndpointsProtocol=https;AccountName={name};EndpointSuffix=core.windows.net")
+}
+
+/// Several storage accounts, each a shard holding the readings of the devices
+/// `schemas::shard` assigns it, with its own ingest queue, dead-letter queue and tables.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ShardArgs {
+    /// File naming the shards' storage accounts, one per line in shard order: a connection
+    /// string (with its key or SAS, or naming endpoints only for Entra ID) or an account name
+    /// (Entra ID); blank lines and `#` comments are skipped. Unset: one shard, the account
+    /// of the storage flags. Lines are only ever appended: a shard's place decides its
+    /// devices.
+    #[arg(long = "storage-shards-file", env = "STORAGE_SHARDS_FILE")]
+    pub shards_file: Option<std::path::PathBuf>,
 }
 
 /// Log output.
@@ -122,6 +176,50 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         storage: StorageArgs,
+        #[command(flatten)]
+        shards: ShardArgs,
+    }
+
+    #[test]
+    fn a_shards_file_names_each_shards_account_in_order_and_never_shows_a_key() {
+        let dir = std::env::temp_dir().join(format!("shards-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("shards");
+        std::fs::write(
+            &file,
+            "# shard 0\nAccountName=first;AccountKey=a2V5;EndpointSuffix=core.windows.net\n\n\
+             AccountName=second;AccountKey=a2V5;EndpointSuffix=core.windows.net\n",
+        )
+        .unwrap();
+        let flag = format!("--storage-shards-file={}", file.display());
+        let cli = Cli::parse_from(["t", flag.as_str()]);
+        let names: Vec<String> = cli
+            .storage
+            .accounts(&cli.shards, Grant::ALL)
+            .expect("two shards")
+            .iter()
+            .map(|a| a.name().to_owned())
+            .collect();
+        assert_eq!(names, ["first", "second"]);
+
+        std::fs::write(&file, "AccountName=first;AccountKey=not*base64secret\n").unwrap();
+        let err = cli
+            .storage
+            .accounts(&cli.shards, Grant::ALL)
+            .expect_err("a key that is not base64")
+            .to_string();
+        assert!(err.contains("shard 0") && !err.contains("secret"), "{err}");
+
+        let cli = Cli::parse_from([
+            "t",
+            "--storage-connection-string=UseDevelopmentStorage=true",
+        ]);
+        let one = cli
+            .storage
+            .accounts(&cli.shards, Grant::ALL)
+            .expect("one shard");
+        assert_eq!(one.len(), 1, "no shards file: the one account");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

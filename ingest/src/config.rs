@@ -1,4 +1,4 @@
-use infra::cli::{LogArgs, StorageArgs};
+use infra::cli::{LogArgs, ShardArgs, StorageArgs};
 use infra::mqtt::MqttArgs;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -47,7 +47,9 @@ pub struct Config {
     pub puts_in_flight: usize,
 
     /// Unacknowledged messages the broker may send before waiting for acks (MQTT v5 Receive
-    /// Maximum). Bounds memory, and the work a crash makes the broker redeliver.
+    /// Maximum). Bounds memory, and the work a crash makes the broker redeliver. With shards,
+    /// also how long the others keep flowing while one shard's account is down: its held
+    /// messages use this up (raise it, up to 65535, for long outages at high rates).
     #[arg(long, env = "INGEST_RECEIVE_MAXIMUM", default_value_t = 2000)]
     pub receive_maximum: u16,
 
@@ -62,6 +64,10 @@ pub struct Config {
 
     #[command(flatten)]
     pub storage: StorageArgs,
+
+    /// Several accounts: each device's messages go to its shard's queue.
+    #[command(flatten)]
+    pub shards: ShardArgs,
 
     #[command(flatten)]
     pub log: LogArgs,

@@ -23,9 +23,10 @@ mod packer;
 pub use config::Config;
 
 use infra::serve::Health;
-use infra::storage::{create_missing, Grant, Resource};
+use infra::storage::{create_missing, Grant, Queue, Resource};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// What ingest may do with a SAS minted from an account key: add messages.
@@ -60,9 +61,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let metrics_addr =
         infra::serve::serve_http(config.metrics_addr, health.clone(), shutdown.clone()).await?;
     metrics::gauge!(metrics_names::RECEIVE_MAXIMUM).set(f64::from(config.receive_maximum));
-    let account = config.storage.account(STORAGE_GRANT)?;
+    let accounts = config.storage.accounts(&config.shards, STORAGE_GRANT)?;
     let broker = config.mqtt.connection()?;
-    let queue = account.queue(&config.queue_name);
+    let queues: Vec<Queue> = accounts
+        .iter()
+        .map(|a| a.queue(&config.queue_name))
+        .collect();
     if broker.sends_password_in_clear() {
         tracing::warn!(broker = %broker.url, "The MQTT password is sent unencrypted; use an mqtts:// URL beyond a trusted network.");
     }
@@ -71,17 +75,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         user = broker.username().unwrap_or("(anonymous)"),
         client_id = %config.client_id,
         queue = %config.queue_name,
-        queue_endpoint = account.queue_endpoint(),
-        account = account.name(),
+        queue_endpoint = accounts[0].queue_endpoint(),
+        account = accounts[0].name(),
+        shards = accounts.len(),
         filter = %config.filter(),
         %metrics_addr,
         "Ingest starting."
     );
+    for (shard, account) in accounts.iter().enumerate().skip(1) {
+        tracing::info!(
+            shard,
+            queue_endpoint = account.queue_endpoint(),
+            account = account.name(),
+            "Shard."
+        );
+    }
     if !config.share_group.is_empty() {
         tracing::warn!(group = %config.share_group, "Shared subscription: Mosquitto does not restore it after a broker restart, so readings published between the restart and this replica's resubscribe are routed nowhere and lost. Unset INGEST_SHARE_GROUP when one replica runs.");
     }
     let create = config.storage.create_missing;
-    if !create_missing(&[Resource::Queue(&queue)], create, &shutdown).await {
+    let resources: Vec<Resource<'_>> = queues.iter().map(Resource::Queue).collect();
+    if !create_missing(&resources, create, &shutdown).await {
         return Ok(());
     }
 
@@ -94,20 +108,73 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         shutdown.clone(),
     ));
     let (mqtt, publishes, acks) = mqtt::connect(&config, &broker, health.clone(), leave);
-    let packer = packer::Packer::new(
-        queue,
-        acks,
-        config.linger,
-        config.puts_in_flight,
-        create,
-        health,
-    );
-    let outcome = packer.run(publishes, shutdown.clone()).await;
+    let count = queues.len();
+    let packer = |(shard, queue): (usize, Queue)| {
+        packer::Packer::new(
+            queue,
+            acks.clone(),
+            config.linger,
+            config.puts_in_flight,
+            create,
+            health.clone(),
+            packer::Shard::new(shard, count),
+        )
+    };
+    let mut packers: Vec<packer::Packer> = queues.into_iter().enumerate().map(packer).collect();
+    drop(acks);
+    let outcome = if count == 1 {
+        let one = packers.pop().expect("one shard");
+        one.run(publishes, shutdown.clone()).await
+    } else {
+        run_shards(packers, publishes, &config.topic_prefix, &shutdown).await
+    };
 
     // Let the poller send the last PUBACKs, then leave the broker cleanly. The session persists,
     // so anything not acknowledged is redelivered to the next ingest.
     mqtt.close(CLOSE_GRACE).await;
     tracing::info!("Ingest stopped.");
+    outcome
+}
+
+/// Runs a packer per shard, each on its own task, and deals each delivery to its device's
+/// shard ([`schemas::shard`]). A shard whose queue cannot be written holds back only its own
+/// deliveries: the others are written and acknowledged meanwhile (within the broker's
+/// Receive Maximum of unacknowledged messages, which the held ones use up).
+async fn run_shards(
+    packers: Vec<packer::Packer>,
+    mut publishes: mpsc::UnboundedReceiver<mqtt::Delivery>,
+    topic_prefix: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut senders = Vec::with_capacity(packers.len());
+    let mut tasks = tokio::task::JoinSet::new();
+    for packer in packers {
+        let (send, receive) = mpsc::unbounded_channel();
+        senders.push(send);
+        tasks.spawn(packer.run(receive, shutdown.clone()));
+    }
+    let prefix = topic_prefix.to_owned();
+    let router = tokio::spawn(async move {
+        while let Some(delivery) = publishes.recv().await {
+            // A topic that names no device goes to the first shard, whose processor
+            // dead-letters it.
+            let topic = String::from_utf8_lossy(&delivery.publish.topic);
+            let shard = schemas::reading::device_id_from_topic(&prefix, &topic)
+                .map_or(0, |id| schemas::shard::of(id, senders.len()));
+            if senders[shard].send(delivery).is_err() {
+                // That packer stopped (shutdown): the broker redelivers what it did not take.
+                break;
+            }
+        }
+    });
+    let mut outcome = Ok(());
+    while let Some(done) = tasks.join_next().await {
+        let result = done.map_err(anyhow::Error::from).and_then(|r| r);
+        if outcome.is_ok() {
+            outcome = result;
+        }
+    }
+    router.abort();
     outcome
 }
 

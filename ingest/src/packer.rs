@@ -33,6 +33,8 @@ pub struct Packer {
     /// Whether a missing queue may be created (`STORAGE_CREATE_MISSING`).
     create_missing: bool,
     health: Health,
+    /// The shard whose queue this is: readiness and metrics say which one fails.
+    shard: Shard,
     envelope: EnvelopeBuilder,
     /// Deliveries inside `envelope`, to acknowledge once it is written.
     held: Vec<Delivery>,
@@ -50,6 +52,31 @@ pub struct Packer {
     pending: metrics::Gauge,
 }
 
+/// Which shard a packer writes to, as readiness and metrics name it.
+#[derive(Debug, Clone)]
+pub struct Shard {
+    /// Its readiness key: `queue`, or `queue of shard N` among several.
+    key: &'static str,
+    /// Its metrics label value.
+    label: String,
+}
+
+impl Shard {
+    /// Shard `index` of `count`; made once per shard at start (the key lives as long as the
+    /// process, as readiness keys do).
+    pub fn new(index: usize, count: usize) -> Self {
+        let key = if count <= 1 {
+            "queue"
+        } else {
+            Box::leak(format!("queue of shard {index}").into_boxed_str())
+        };
+        Self {
+            key,
+            label: index.to_string(),
+        }
+    }
+}
+
 impl Packer {
     pub fn new(
         queue: Queue,
@@ -58,6 +85,7 @@ impl Packer {
         puts_in_flight: usize,
         create_missing: bool,
         health: Health,
+        shard: Shard,
     ) -> Self {
         Self {
             queue,
@@ -65,6 +93,7 @@ impl Packer {
             linger,
             create_missing,
             health,
+            shard,
             envelope: EnvelopeBuilder::default(),
             held: Vec::new(),
             writing: FuturesOrdered::new(),
@@ -207,14 +236,21 @@ impl Packer {
         }
         let text = self.envelope.finish();
         let held = std::mem::take(&mut self.held);
-        let (queue, health, abandon, create) = (
+        let (queue, health, abandon, create, shard) = (
             self.queue.clone(),
             self.health.clone(),
             self.abandon.clone(),
             self.create_missing,
+            self.shard.clone(),
         );
         self.writing.push_back(Box::pin(async move {
-            if write(&queue, &health, create, text, held.len(), &abandon).await {
+            let to = To {
+                queue: &queue,
+                health: &health,
+                shard: &shard,
+                create_missing: create,
+            };
+            if write(to, text, held.len(), &abandon).await {
                 Ok(held)
             } else {
                 Err(held)
@@ -244,31 +280,41 @@ impl Packer {
     }
 }
 
+/// Where an envelope goes, and who hears when it cannot.
+struct To<'a> {
+    queue: &'a Queue,
+    health: &'a Health,
+    shard: &'a Shard,
+    create_missing: bool,
+}
+
 /// Writes one envelope, retrying until the queue takes it (true) or `cancel` (false). Every
 /// failure is retried, a refused credential (403) or a missing queue (404) included: those
 /// are the operator's to fix, and until then the broker keeps the messages unacknowledged.
-async fn write(
-    queue: &Queue,
-    health: &Health,
-    create_missing: bool,
-    text: String,
-    messages: usize,
-    cancel: &CancellationToken,
-) -> bool {
+async fn write(to: To<'_>, text: String, messages: usize, cancel: &CancellationToken) -> bool {
+    let To {
+        queue,
+        health,
+        shard,
+        create_missing,
+    } = to;
     let started = Instant::now();
     let mut backoff = Backoff::default();
     loop {
         match queue.put(text.clone()).await {
             Ok(()) => break,
             Err(error) => {
-                metrics::counter!(m::PUT_FAILURES).increment(1);
-                health.set_not_ready(format!("queue {} unavailable: {error}", queue.name()));
+                metrics::counter!(m::PUT_FAILURES, "shard" => shard.label.clone()).increment(1);
+                health.fail(
+                    shard.key,
+                    format!("queue {} unavailable: {error}", queue.name()),
+                );
                 if error.is_not_found() && create_missing {
                     let _ = queue.create_if_missing().await;
                 }
                 let delay = backoff.next_delay();
                 if backoff.attempts() == 1 || backoff.attempts() % 10 == 0 {
-                    tracing::warn!(%error, attempts = backoff.attempts(), messages, "Cannot write an envelope; holding its messages unacknowledged and retrying.");
+                    tracing::warn!(%error, shard = %shard.label, attempts = backoff.attempts(), messages, "Cannot write an envelope; holding its messages unacknowledged and retrying.");
                 }
                 tokio::select! {
                     _ = cancel.cancelled() => return false,
@@ -279,10 +325,11 @@ async fn write(
     }
     if backoff.attempts() > 0 {
         tracing::info!(
+            shard = %shard.label,
             attempts = backoff.attempts(),
             "The queue is writable again."
         );
-        health.set_ready();
+        health.recover(shard.key);
     }
     metrics::histogram!(m::PUT_SECONDS).record(started.elapsed().as_secs_f64());
     true
@@ -306,6 +353,7 @@ mod tests {
             1,
             false,
             Health::new("test"),
+            Shard::new(0, 1),
         )
     }
 

@@ -10,6 +10,7 @@
 //! - [`archive`] (feature `archive`): the Arrow schema and the Parquet/JSON Lines archive
 //!   format of readings rolled out of the table.
 //! - [`rollup`]: hourly and daily rollups of a device's readings, and their rows.
+//! - [`shard`]: which storage account (shard) a device's readings go to.
 //! - [`timefmt`]: RowKey and RFC 3339 formatting shared by all of the above.
 //!
 //! Invariants: this crate does no I/O, and no other crate defines a wire shape. Every queue
@@ -25,6 +26,7 @@ mod framed;
 pub mod reading;
 pub mod reason;
 pub mod rollup;
+pub mod shard;
 pub mod timefmt;
 
 pub use dead_letter::DeadLetter;

@@ -14,6 +14,7 @@ mod pipeline;
 mod rollups;
 mod scale;
 mod secure;
+mod shards;
 mod simulator;
 
 use infra::storage::Account;

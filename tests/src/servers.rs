@@ -137,6 +137,11 @@ impl Azurite {
         self.launch().await;
     }
 
+    /// Starts it again after [`Azurite::stop`], on the same ports and data.
+    pub async fn start_again(&mut self) {
+        self.launch().await;
+    }
+
     pub fn connection_string(&self) -> String {
         format!(
             "AccountName=devstoreaccount1;\
