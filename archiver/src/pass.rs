@@ -150,9 +150,13 @@ pub async fn run(
     shutdown: &CancellationToken,
 ) -> Result<PassReport, StorageError> {
     let started = Instant::now();
-    // Counted first for the progress line; the ids themselves are read a page at a time below.
+    // Counted first for the progress line (only: a count that fails leaves it without a
+    // total); the ids themselves are read a page at a time below.
     let total = if only.is_empty() {
-        device_count(&ctx.devices).await?
+        device_count(&ctx.devices).await.unwrap_or_else(|error| {
+            tracing::warn!(%error, "Cannot count the devices; the pass goes on without a total.");
+            0
+        })
     } else {
         only.len()
     };

@@ -112,8 +112,14 @@ impl StorageArgs {
             .map(|(shard, line)| {
                 let connection_string = if line.contains('=') {
                     (*line).to_owned()
-                } else {
+                } else if is_account_name(line) {
                     named_account(line)
+                } else {
+                    // Not echoed: it may be a wrapped piece of a key.
+                    return Err(AccountError::Malformed(format!(
+                        "STORAGE_SHARDS_FILE, shard {shard}: neither a connection string nor \
+                         an account name (3 to 24 lowercase letters and digits)"
+                    )));
                 };
                 // The line itself is never shown: it may hold a key.
                 self.open(&connection_string, grant).map_err(|e| {
@@ -139,6 +145,14 @@ impl StorageArgs {
         };
         Account::open(connection_string, self.storage_timeout, access)
     }
+}
+
+/// Whether `name` can be a storage account's name: 3 to 24 lowercase letters and digits.
+fn is_account_name(name: &str) -> bool {
+    (3..=24).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 /// The connection string of an account reached by name (Entra ID): its public endpoints.
@@ -201,6 +215,14 @@ mod tests {
             .map(|a| a.name().to_owned())
             .collect();
         assert_eq!(names, ["first", "second"]);
+
+        std::fs::write(&file, "WrappedKeyPiece+Secret\n").unwrap();
+        let err = cli
+            .storage
+            .accounts(&cli.shards, Grant::ALL)
+            .expect_err("not an account name")
+            .to_string();
+        assert!(err.contains("shard 0") && !err.contains("Secret"), "{err}");
 
         std::fs::write(&file, "AccountName=first;AccountKey=not*base64secret\n").unwrap();
         let err = cli

@@ -94,8 +94,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tracing::warn!(group = %config.share_group, "Shared subscription: Mosquitto does not restore it after a broker restart, so readings published between the restart and this replica's resubscribe are routed nowhere and lost. Unset INGEST_SHARE_GROUP when one replica runs.");
     }
     let create = config.storage.create_missing;
-    let resources: Vec<Resource<'_>> = queues.iter().map(Resource::Queue).collect();
-    if !create_missing(&resources, create, &shutdown).await {
+    // With several shards, one account down at start must not keep the others from flowing:
+    // each packer creates its queue when a write finds it missing.
+    if queues.len() == 1 && !create_missing(&[Resource::Queue(&queues[0])], create, &shutdown).await
+    {
         return Ok(());
     }
 
@@ -122,16 +124,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     let mut packers: Vec<packer::Packer> = queues.into_iter().enumerate().map(packer).collect();
     drop(acks);
-    let outcome = if count == 1 {
+    let (outcome, router) = if count == 1 {
         let one = packers.pop().expect("one shard");
-        one.run(publishes, shutdown.clone()).await
+        (one.run(publishes, shutdown.clone()).await, None)
     } else {
-        run_shards(packers, publishes, &config.topic_prefix, &shutdown).await
+        let (outcome, router) =
+            run_shards(packers, publishes, &config.topic_prefix, &shutdown).await;
+        (outcome, Some(router))
     };
 
     // Let the poller send the last PUBACKs, then leave the broker cleanly. The session persists,
     // so anything not acknowledged is redelivered to the next ingest.
     mqtt.close(CLOSE_GRACE).await;
+    if let Some(router) = router {
+        router.abort();
+    }
     tracing::info!("Ingest stopped.");
     outcome
 }
@@ -139,13 +146,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 /// Runs a packer per shard, each on its own task, and deals each delivery to its device's
 /// shard ([`schemas::shard`]). A shard whose queue cannot be written holds back only its own
 /// deliveries: the others are written and acknowledged meanwhile (within the broker's
-/// Receive Maximum of unacknowledged messages, which the held ones use up).
+/// Receive Maximum of unacknowledged messages, which the held ones use up). So PUBACKs leave
+/// in order of receipt within a shard, not across shards, which MQTT asks for (4.6) and which
+/// brokers do not need: they match a PUBACK by its packet id.
+///
+/// Returns when every packer has stopped, with the router still taking deliveries (and
+/// dropping them, unacknowledged: the broker redelivers them), so that the MQTT poller keeps
+/// running to send the last PUBACKs; the caller ends the router after closing the broker
+/// connection.
 async fn run_shards(
     packers: Vec<packer::Packer>,
     mut publishes: mpsc::UnboundedReceiver<mqtt::Delivery>,
     topic_prefix: &str,
     shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> (anyhow::Result<()>, tokio::task::JoinHandle<()>) {
     let mut senders = Vec::with_capacity(packers.len());
     let mut tasks = tokio::task::JoinSet::new();
     for packer in packers {
@@ -161,10 +175,9 @@ async fn run_shards(
             let topic = String::from_utf8_lossy(&delivery.publish.topic);
             let shard = schemas::reading::device_id_from_topic(&prefix, &topic)
                 .map_or(0, |id| schemas::shard::of(id, senders.len()));
-            if senders[shard].send(delivery).is_err() {
-                // That packer stopped (shutdown): the broker redelivers what it did not take.
-                break;
-            }
+            // A send fails only once that packer has stopped: the delivery stays
+            // unacknowledged.
+            let _ = senders[shard].send(delivery);
         }
     });
     let mut outcome = Ok(());
@@ -174,8 +187,7 @@ async fn run_shards(
             outcome = result;
         }
     }
-    router.abort();
-    outcome
+    (outcome, router)
 }
 
 /// On SIGUSR1, leaves the share group for good: the step before a replica is removed (docs/deployment.md,

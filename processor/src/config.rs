@@ -48,11 +48,10 @@ pub struct Config {
     #[arg(long, env = "PROCESSOR_DEVICE_UPDATE_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
     pub device_update_interval: Duration,
 
-    /// Most devices the processor remembers having a device row (the least recently seen
-    /// are forgotten first; about 60 bytes each), and most latest states waiting for the
-    /// next update. A forgotten device is registered again when it is next seen, at the
-    /// cost of a retried transaction; size it to the devices one replica sees in a few
-    /// minutes.
+    /// Most devices the processor remembers having a device row (about 60 bytes each): it
+    /// holds between half and all of this many of the devices it saw last. A forgotten
+    /// device is registered again when it is next seen, at the cost of a retried
+    /// transaction; size it to twice the devices one replica sees in a few minutes.
     #[arg(long, env = "PROCESSOR_DEVICE_CACHE", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(2..))]
     pub device_cache: u64,
 

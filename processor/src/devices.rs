@@ -8,13 +8,17 @@
 //!
 //! Memory is bounded at any device count. The devices known to have a row are a cache of at
 //! most `capacity` ([`Known`]: the least recently seen are forgotten first), and the latest
-//! states waiting for the refresh are at most as many (a full set wakes the refresh early).
+//! states waiting for the refresh are at most [`MAX_PENDING`] (a full set wakes the refresh
+//! early). A forgotten device registered again with an older reading than its row holds (a
+//! replay, a backfill) sets its latest state back until its next reading: the table service
+//! has no write conditional on a property's value.
 //! A device the cache does not hold is registered again, with insert semantics: a device that
 //! has a row is merged into, so its `FirstSeen` is never overwritten. Which devices have rows
 //! is learnt from the transaction itself: it is sent presuming each device new or existing,
 //! and each wrong presumption the service names costs one more try ([`Registry::register`]).
 
 use crate::metrics_names as m;
+use futures::stream::{FuturesUnordered, StreamExt};
 use infra::storage::{
     BatchOutcome, Entity, Placed, Presence, Refusal, StorageError, Table, MAX_BATCH_OPERATIONS,
 };
@@ -25,6 +29,15 @@ use std::sync::{Mutex, PoisonError};
 
 /// How long one refresh of a chunk of device rows may retry.
 const FLUSH_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+/// Most latest states waiting for the refresh (a few hundred bytes each): a full set is
+/// written at once, 100 transactions, so at most about 0.01 per reading of fresh devices.
+pub const MAX_PENDING: usize = 10_000;
+/// Wrong presumptions one registration transaction may take before its devices are
+/// registered one by one, concurrently: a chunk of new and known devices mixed half and half
+/// would otherwise take 50 transactions in a row.
+const MAX_MISTAKES: usize = 4;
+/// Single-device registrations in flight once a chunk goes one by one.
+const ONE_BY_ONE: usize = 16;
 
 /// The newest reading of each device seen in one round, with its ingest time.
 pub type Latest = HashMap<String, (Reading, i64)>;
@@ -41,7 +54,7 @@ pub struct Registry {
 struct State {
     known: Known,
     /// Latest states newer than the rows hold, waiting for the next flush: at most
-    /// `known.capacity` of them.
+    /// [`MAX_PENDING`] of them.
     pending: HashMap<String, (Reading, i64)>,
     /// What most devices of the last registration turned out to be: the first presumption
     /// for the next (a restart finds devices with rows; a new fleet finds none).
@@ -126,12 +139,13 @@ impl Registry {
             if reading.measured_at_ms <= *newest {
                 continue;
             }
-            *newest = reading.measured_at_ms;
-            if state.pending.len() >= state.known.capacity && !state.pending.contains_key(&id) {
-                // The device's next reading brings its state; the flush is due now.
+            if state.pending.len() >= MAX_PENDING && !state.pending.contains_key(&id) {
+                // The device's next reading brings its state (not marked as written, so it
+                // is not taken for older); the flush is due now.
                 deferred += 1;
                 continue;
             }
+            *newest = reading.measured_at_ms;
             state.pending.insert(id, (reading, ingested_at_ms));
         }
         if deferred > 0 {
@@ -147,13 +161,40 @@ impl Registry {
     /// merged into, its `FirstSeen` kept. Each device is presumed as the last registration
     /// found most; each wrong presumption, which the service names and refuses the whole
     /// transaction for, is put right and the transaction sent again. If it is refused for
-    /// what one row carries, each device on its own, so one bad row never holds back the
-    /// others. Returns the devices whose rows were not written, each with why.
+    /// what one row carries, or presumed wrongly too often, each device on its own,
+    /// concurrently, so one bad row never holds back the others. Returns the devices whose
+    /// rows were not written, each with why.
     pub async fn register(
         &self,
         devices: &[(Reading, i64)],
         deadline: tokio::time::Instant,
     ) -> HashMap<String, RegisterError> {
+        if let Some(failed) = self.transact(devices, deadline).await {
+            return failed;
+        }
+        let mut failed = HashMap::new();
+        let mut rest = devices.iter();
+        let mut running = FuturesUnordered::new();
+        loop {
+            while running.len() < ONE_BY_ONE {
+                let Some(one) = rest.next() else { break };
+                running.push(self.transact(std::slice::from_ref(one), deadline));
+            }
+            match running.next().await {
+                // A single device always comes back settled.
+                Some(more) => failed.extend(more.unwrap_or_default()),
+                None => return failed,
+            }
+        }
+    }
+
+    /// One registration transaction of `devices`, sent again after each wrong presumption;
+    /// `None` when they are to go one by one instead (never for one device).
+    async fn transact(
+        &self,
+        devices: &[(Reading, i64)],
+        deadline: tokio::time::Instant,
+    ) -> Option<HashMap<String, RegisterError>> {
         let all_fail = |why: RegisterError| {
             devices
                 .iter()
@@ -162,9 +203,9 @@ impl Registry {
         };
         let mut presumed: Vec<Option<Presence>> = vec![None; devices.len()];
         let mut presume = self.state().presume;
-        // Each wrong presumption settles a device, so this many tries settle them all, but
-        // for another processor inserting one of them meanwhile.
-        for _ in 0..devices.len() + 2 {
+        let mut mistakes = 0;
+        // Each wrong presumption settles a device; past a few, the devices go one by one.
+        while mistakes <= MAX_MISTAKES {
             let rows: Vec<(Presence, Entity)> = devices
                 .iter()
                 .zip(&presumed)
@@ -182,15 +223,28 @@ impl Registry {
             match placed.await {
                 Ok(Placed::Committed) => {
                     self.registered(devices, &rows);
-                    return HashMap::new();
+                    return Some(HashMap::new());
                 }
                 Ok(Placed::Mistaken(i)) => {
                     metrics::counter!(m::DEVICES_PRESUMED_WRONGLY).increment(1);
+                    mistakes += 1;
+                    // The rows before it were presumed rightly; it, wrongly. The rows not
+                    // settled yet are presumed as most of the settled ones turned out: a
+                    // lone exception costs one retry, a chunk of the other kind two.
                     for (slot, (p, _)) in presumed.iter_mut().zip(&rows).take(i) {
                         slot.get_or_insert(*p);
                     }
-                    presume = rows[i].0.flipped();
-                    presumed[i] = Some(presume);
+                    presumed[i] = Some(rows[i].0.flipped());
+                    let new = presumed
+                        .iter()
+                        .filter(|p| **p == Some(Presence::New))
+                        .count();
+                    let settled = presumed.iter().filter(|p| p.is_some()).count();
+                    presume = if 2 * new > settled {
+                        Presence::New
+                    } else {
+                        Presence::Existing
+                    };
                 }
                 Ok(Placed::Rejected(Refusal::Content(_))) if devices.len() > 1 => break,
                 Err(error) if error.is_content_error() && devices.len() > 1 => {
@@ -199,23 +253,21 @@ impl Registry {
                 }
                 Ok(Placed::Rejected(refusal)) => {
                     tracing::warn!(%refusal, devices = devices.len(), "Device rows refused.");
-                    return all_fail(RegisterError::Refused(refusal));
+                    return Some(all_fail(RegisterError::Refused(refusal)));
                 }
                 Err(error) => {
                     tracing::warn!(%error, devices = devices.len(), "Cannot write device rows.");
-                    return all_fail(RegisterError::Storage(error));
+                    return Some(all_fail(RegisterError::Storage(error)));
                 }
             }
         }
+        // One device presumed wrongly again and again: its row kept appearing and
+        // disappearing (another writer); the next round tries again.
         if devices.len() == 1 {
-            // Its row kept appearing and disappearing: another writer; the next round tries.
-            return all_fail(RegisterError::Refused(Refusal::Transient(409)));
+            Some(all_fail(RegisterError::Refused(Refusal::Transient(409))))
+        } else {
+            None
         }
-        let mut failed = HashMap::new();
-        for one in devices {
-            failed.extend(Box::pin(self.register(std::slice::from_ref(one), deadline)).await);
-        }
-        failed
     }
 
     /// Remembers the devices of committed registration `rows`, and what most of them were.
@@ -240,8 +292,9 @@ impl Registry {
         }
     }
 
-    /// Writes every pending latest state. Failed devices stay pending for the next flush.
-    pub async fn flush(&self) {
+    /// Writes every pending latest state, by `until`. Failed devices, and those not reached
+    /// by then, stay pending for the next flush.
+    pub async fn flush(&self, until: tokio::time::Instant) {
         let pending: Vec<(Reading, i64)> = std::mem::take(&mut self.state().pending)
             .into_values()
             .collect();
@@ -256,8 +309,16 @@ impl Registry {
             .chunks(MAX_BATCH_OPERATIONS)
             .zip(pending.chunks(MAX_BATCH_OPERATIONS))
         {
-            let deadline = tokio::time::Instant::now() + FLUSH_TIME;
-            let failed = self.merge_each(rows, deadline).await;
+            let deadline = until.min(tokio::time::Instant::now() + FLUSH_TIME);
+            let failed = if tokio::time::Instant::now() < deadline {
+                self.merge_each(rows, deadline).await
+            } else {
+                let late = RegisterError::Refused(Refusal::Transient(408));
+                rows.iter()
+                    .filter_map(device::device_id)
+                    .map(|id| (id.to_owned(), late.clone()))
+                    .collect()
+            };
             if failed.is_empty() {
                 continue;
             }
@@ -469,17 +530,31 @@ mod tests {
 
     #[test]
     fn pending_states_are_bounded_and_a_full_set_wakes_the_flush() {
-        let r = registry(4);
+        let r = registry(100_000);
+        let ids: Vec<String> = (0..MAX_PENDING + 5).map(|i| format!("d{i}")).collect();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        known(&r, &refs);
         let woken = r.full.notified();
         let mut woken = std::pin::pin!(woken);
         woken.as_mut().enable();
-        for i in 0..6 {
-            let id = format!("d{i}");
-            known(&r, &[&id]);
-            assert!(r.note(latest(&[(reading(&id, 9_000), 2)])).is_empty());
-            assert!(r.state().pending.len() <= 4, "{}", r.state().pending.len());
+        let offered: Vec<(Reading, i64)> = refs.iter().map(|id| (reading(id, 9_000), 2)).collect();
+        assert!(r.note(latest(&offered)).is_empty());
+        let mut state = r.state();
+        assert_eq!(state.pending.len(), MAX_PENDING);
+        let deferred: Vec<&str> = refs
+            .iter()
+            .copied()
+            .filter(|id| !state.pending.contains_key(*id))
+            .collect();
+        assert_eq!(deferred.len(), 5);
+        for id in deferred {
+            assert_eq!(
+                state.known.newest(id).copied(),
+                Some(1_000),
+                "{id}: not taken as written, so its next reading is queued"
+            );
         }
-        assert_eq!(r.state().pending.len(), 4);
+        drop(state);
         let waker = std::task::Waker::noop();
         let mut cx = std::task::Context::from_waker(waker);
         assert!(

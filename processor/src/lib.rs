@@ -32,10 +32,16 @@ use infra::storage::{create_missing, Grant, Resource};
 use schemas::reading::Policy;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// What the processor may do with a SAS minted from an account key: take, update and delete
 /// messages, add dead letters, read the queue's depth.
+/// The least time a refresh of the device table may take, however often it runs.
+const MIN_FLUSH_TIME: Duration = Duration::from_secs(30);
+/// The most time the last refresh, at shutdown, may take.
+const FINAL_FLUSH: Duration = Duration::from_secs(15);
+
 const STORAGE_GRANT: Grant = Grant {
     services: "q",
     resource_types: "co",
@@ -138,8 +144,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     if let Err(error) = writer_task.await {
         tracing::error!(%error, "The dead-letter writer failed; its messages will be redone.");
     }
-    // Workers are done; write the latest device states they left pending.
-    ctx.devices.flush().await;
+    // Workers are done; write the latest device states they left pending (a storage outage
+    // leaves them: the devices' next readings bring them).
+    ctx.devices
+        .flush(tokio::time::Instant::now() + FINAL_FLUSH)
+        .await;
     ctx.stored
         .flush(&ctx.rollups, schemas::timefmt::now_ms())
         .await;
@@ -150,12 +159,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 /// Writes the devices' latest readings every `interval` (the last flush follows the workers).
 async fn refresh_devices(ctx: Arc<ctx::Ctx>, interval: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
+    let flush_time = interval.max(MIN_FLUSH_TIME);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tick.tick() => ctx.devices.flush().await,
-            () = ctx.devices.full.notified() => ctx.devices.flush().await,
+            _ = tick.tick() => ctx.devices.flush(Instant::now() + flush_time).await,
+            () = ctx.devices.full.notified() => ctx.devices.flush(Instant::now() + flush_time).await,
         }
     }
 }

@@ -315,13 +315,16 @@ impl Table {
             Ok(()) => return Ok(Placed::Committed),
             Err(refused) => refused,
         };
-        // An index the answer does not give, or one past the rows, is a refusal for content:
-        // the rows one by one tell which.
+        // Without an index (or with one past the rows), a refusal that may be a presumption's
+        // is reported as one for content: the rows one by one tell which.
         let Some(i) = failed_at
             .filter(|&i| i < rows.len())
             .or((rows.len() == 1).then_some(0))
         else {
-            return Ok(Placed::Rejected(Refusal::Content(status)));
+            return Ok(Placed::Rejected(match status {
+                404 | 409 => Refusal::Content(status),
+                status => Refusal::of(status, false),
+            }));
         };
         Ok(match (rows[i].0, status) {
             (Presence::New, 409) | (Presence::Existing, 404) => Placed::Mistaken(i),

@@ -694,9 +694,9 @@ fn statuses(text: &str) -> Result<Vec<u16>, ErrorKind> {
 /// Which operation a refused transaction's answer names: its error message starts with the
 /// operation's index (`"value":"3:The specified entity ..."`), on Azure and Azurite alike.
 fn failed_at(text: &str) -> Option<usize> {
-    const MESSAGE: &str = "\"value\":\"";
-    let at = text.find(MESSAGE)? + MESSAGE.len();
-    let rest = &text[at..];
+    let after_key = &text[text.find("\"value\"")? + "\"value\"".len()..];
+    let rest = after_key.trim_start().strip_prefix(':')?.trim_start();
+    let rest = rest.strip_prefix('"')?;
     let digits = rest.find(|c: char| !c.is_ascii_digit())?;
     if digits == 0 || !rest[digits..].starts_with(':') {
         return None;
@@ -857,6 +857,11 @@ Accept: application/json;odata=minimalmetadata\r\nIf-Match: W/\"1\"\r\n\r\n\
         let unsaid = "HTTP/1.1 409 Conflict\r\n\r\n{\"odata.error\":{\"message\":{\"value\":\"The specified entity already exists.\"}}}";
         assert_eq!(failed_at(unsaid), None);
         assert_eq!(failed_at("\"value\":\"12\""), None, "digits, but no colon");
+        assert_eq!(
+            failed_at("{\"value\" : \"7:Gone\"}"),
+            Some(7),
+            "spaced JSON"
+        );
     }
 
     #[test]
