@@ -2,6 +2,7 @@
 //! `/api/v1/pipeline`. Every parameter is checked in [`crate::params`] first, so what reaches
 //! a storage filter is a validated device id or a formatted time, never client text.
 
+use crate::merge;
 use crate::params::{self, Format, Params};
 use crate::problem::Problem;
 use crate::readings::Sources;
@@ -25,17 +26,37 @@ const ROLLUPS_MAX: usize = 12_001;
 
 #[derive(Debug)]
 pub struct Api {
-    pub devices: Table,
-    pub rollups: Table,
-    pub sources: Sources,
-    pub ingest: Queue,
-    pub dead_letters: Queue,
+    /// Every shard (storage account), in shard order: one without shards.
+    pub shards: Vec<Shard>,
+    /// Which shard holds a device, now and before the count last grew.
+    pub layout: schemas::shard::Layout,
     pub max_raw_range: Duration,
     pub max_readings: usize,
     pub silent_after: Duration,
     /// Readings requests answered at once (each holds up to `max_readings` readings and a
     /// day's archive blob); more get a 503 to retry.
     pub readings_permits: tokio::sync::Semaphore,
+}
+
+/// One shard's tables, archive and queues.
+#[derive(Debug)]
+pub struct Shard {
+    pub devices: Table,
+    pub rollups: Table,
+    pub sources: Sources,
+    pub ingest: Queue,
+    pub dead_letters: Queue,
+}
+
+/// What the pipeline view counts, in one shard.
+#[derive(Debug, Default)]
+struct Counts {
+    ingest: usize,
+    dead: usize,
+    total: usize,
+    silent: usize,
+    /// `None` when the stored-reading counts cannot be read.
+    last_hour: Option<u64>,
 }
 
 /// Readings requests answered at once.
@@ -112,14 +133,13 @@ impl Api {
         // A full page has a cursor, even when nothing follows (the next page is then empty):
         // asking for one row more to know would cost a second request whenever the page is
         // the table service's largest (1,000 rows).
-        let devices = read(
-            &self.devices,
-            &filter,
-            limit,
-            device::from_row,
-            "a device row",
+        let pages = futures::future::try_join_all(
+            self.shards
+                .iter()
+                .map(|s| read(&s.devices, &filter, limit, device::from_row, "a device row")),
         )
         .await?;
+        let devices = merge::devices(pages, limit);
         let cursor = (devices.len() == limit)
             .then(|| params::cursor_after(&devices[limit - 1].latest.device_id));
         let next = cursor.as_ref().map(|c| {
@@ -141,23 +161,35 @@ impl Api {
         Ok(reply)
     }
 
-    /// Checks that `id` names a device the pipeline has stored readings of.
+    /// The shards that may hold `id`'s data from `from_ms` on, the one it writes to now first.
+    fn holding(&self, id: &str, from_ms: i64) -> impl Iterator<Item = &Shard> {
+        self.layout
+            .shards_holding(id, from_ms)
+            .into_iter()
+            .filter_map(|shard| self.shards.get(shard))
+    }
+
+    /// Checks that `id` names a device the pipeline has stored readings of (in any shard it
+    /// may have written to).
     async fn known(&self, id: &str) -> Result<(), Problem> {
-        let known = self
-            .devices
-            .first(&format!(
-                "PartitionKey eq '{}' and RowKey eq '{id}'",
-                device::PARTITION
-            ))
-            .await
-            .or_else(|e| if e.is_not_found() { Ok(None) } else { Err(e) })
-            .map_err(|e| Problem::storage(&e))?;
-        match known {
-            Some(_) => Ok(()),
-            None => Err(Problem::not_found(format!(
-                "no device {id:?}: the pipeline has never stored a reading of it"
-            ))),
+        let filter = format!(
+            "PartitionKey eq '{}' and RowKey eq '{id}'",
+            device::PARTITION
+        );
+        for shard in self.holding(id, schemas::timefmt::MIN_MS) {
+            let known = shard
+                .devices
+                .first(&filter)
+                .await
+                .or_else(|e| if e.is_not_found() { Ok(None) } else { Err(e) })
+                .map_err(|e| Problem::storage(&e))?;
+            if known.is_some() {
+                return Ok(());
+            }
         }
+        Err(Problem::not_found(format!(
+            "no device {id:?}: the pipeline has never stored a reading of it"
+        )))
     }
 
     async fn rollups(&self, params: &Params, id: &str) -> Result<Reply, Problem> {
@@ -182,14 +214,12 @@ impl Api {
             interval.row_key(to)
         );
         let what = format!("a rollup row of {id}");
-        let rollups = read(
-            &self.rollups,
-            &filter,
-            ROLLUPS_MAX,
-            Rollup::from_entity,
-            &what,
+        let lists = futures::future::try_join_all(
+            self.holding(&id, from)
+                .map(|s| read(&s.rollups, &filter, ROLLUPS_MAX, Rollup::from_entity, &what)),
         )
         .await?;
+        let rollups = merge::rollups(interval, lists);
         match format {
             Format::Json => Ok(Reply::json(json!({
                 "device": id,
@@ -222,7 +252,12 @@ impl Api {
         let limit = params.limit(self.max_readings, self.max_readings)?;
         let (from, to) = params.range(now_ms(), DEFAULT_SPAN, self.max_raw_range)?;
         self.known(&id).await?;
-        let page = self.sources.readings(&id, from, to, limit).await?;
+        let pages = futures::future::try_join_all(
+            self.holding(&id, from)
+                .map(|s| s.sources.readings(&id, from, to, limit)),
+        )
+        .await?;
+        let page = merge::pages(pages, limit);
         let format_name = match format {
             Format::Json => "json",
             Format::Csv => "csv",
@@ -262,10 +297,49 @@ impl Api {
 
     async fn pipeline(&self) -> Result<Reply, Problem> {
         let now = now_ms();
+        let per_shard = futures::future::try_join_all(
+            self.shards.iter().map(|s| s.counts(now, self.silent_after)),
+        )
+        .await
+        .map_err(|e| Problem::storage(&e))?;
+        // A device a resharding moved counts in each shard it has a row in.
+        let mut all = Counts {
+            last_hour: Some(0),
+            ..Counts::default()
+        };
+        for c in &per_shard {
+            all.ingest += c.ingest;
+            all.dead += c.dead;
+            all.total += c.total;
+            all.silent += c.silent;
+            all.last_hour = all.last_hour.zip(c.last_hour).map(|(a, b)| a + b);
+        }
+        let first = &self.shards[0];
+        Ok(Reply::json(json!({
+            "at": format_ms(now),
+            "shards": self.shards.len(),
+            "queues": {
+                "ingest": { "name": first.ingest.name(), "depth": all.ingest },
+                "deadLetter": { "name": first.dead_letters.name(), "depth": all.dead },
+            },
+            "readings": { "storedLastHour": all.last_hour },
+            "devices": {
+                "total": all.total,
+                "silent": all.silent,
+                "silentAfter": humantime::format_duration(self.silent_after).to_string(),
+                "silentAfterSeconds": self.silent_after.as_secs(),
+            },
+        })))
+    }
+}
+
+impl Shard {
+    /// This shard's queue depths, device counts and readings stored in the last hour.
+    async fn counts(&self, now: i64, silent_after: Duration) -> Result<Counts, StorageError> {
         let all = format!("PartitionKey eq '{}'", device::PARTITION);
         let silent = format!(
             "{all} and IngestedAt lt datetime'{}'",
-            format_ms(silent_since(now, self.silent_after))
+            format_ms(silent_since(now, silent_after))
         );
         // A queue or table not created yet reads as empty.
         let zero = |e: StorageError| if e.is_not_found() { Ok(0) } else { Err(e) };
@@ -285,26 +359,19 @@ impl Api {
         let (depths, counts) = futures::join!(depths_and_counts, async {
             self.rollups.query(&stored).await.or_else(none_if_missing)
         });
-        let (ingest, dead, total, silent) = depths.map_err(|e| Problem::storage(&e))?;
+        let (ingest, dead, total, silent) = depths?;
         // A nice-to-have: unknown (null) rather than a failed answer.
         let last_hour = counts
             .inspect_err(|error| tracing::debug!(%error, "Cannot read stored-reading counts."))
             .ok()
             .map(|rows| rows.iter().map(rollup::stored_readings).sum::<u64>());
-        Ok(Reply::json(json!({
-            "at": format_ms(now),
-            "queues": {
-                "ingest": { "name": self.ingest.name(), "depth": ingest },
-                "deadLetter": { "name": self.dead_letters.name(), "depth": dead },
-            },
-            "readings": { "storedLastHour": last_hour },
-            "devices": {
-                "total": total,
-                "silent": silent,
-                "silentAfter": humantime::format_duration(self.silent_after).to_string(),
-                "silentAfterSeconds": self.silent_after.as_secs(),
-            },
-        })))
+        Ok(Counts {
+            ingest,
+            dead,
+            total,
+            silent,
+            last_hour,
+        })
     }
 }
 

@@ -1,4 +1,4 @@
-use infra::cli::{LogArgs, StorageArgs};
+use infra::cli::{LogArgs, ShardArgs, StorageArgs};
 use infra::mqtt::Secret;
 use schemas::archive::layout::Layout;
 use std::net::SocketAddr;
@@ -79,8 +79,32 @@ pub struct Config {
     #[command(flatten)]
     pub storage: StorageArgs,
 
+    /// Several storage accounts: the device list, the counts and every device's data span
+    /// them.
+    #[command(flatten)]
+    pub shards: ShardArgs,
+
+    /// Earlier shard counts, after the count grew: `COUNT@TIME`, comma-separated
+    /// (`2@2026-12-01T00:00:00Z`): COUNT shards took the readings measured before TIME, so a
+    /// device's older readings are looked for in its shard under COUNT too (only for ranges
+    /// that reach before TIME).
+    #[arg(long, env = "DASHBOARD_SHARDS_BEFORE", default_value = "")]
+    pub shards_before: Earlier,
+
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// Earlier shard counts (`--shards-before`).
+#[derive(Debug, Clone, Default)]
+pub struct Earlier(pub Vec<(usize, i64)>);
+
+impl std::str::FromStr for Earlier {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        schemas::shard::parse_earlier(s).map(Self)
+    }
 }
 
 impl Config {

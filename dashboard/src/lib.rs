@@ -10,6 +10,7 @@
 mod api;
 mod config;
 mod http;
+mod merge;
 mod metrics_names;
 mod params;
 mod problem;
@@ -47,12 +48,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     if token.is_none() && !config.addr.ip().is_loopback() {
         tracing::warn!(addr = %config.addr, "The API is served beyond this machine without a token; set DASHBOARD_TOKEN_FILE.");
     }
-    let account = config.storage.account(STORAGE_GRANT)?;
+    let accounts = config.storage.accounts(&config.shards, STORAGE_GRANT)?;
     let health = Health::new("checking storage");
-    let devices = account.table(&config.device_table);
-    let app = Arc::new(http::App {
-        api: api::Api {
-            devices: devices.clone(),
+    let shards: Vec<api::Shard> = accounts
+        .iter()
+        .map(|account| api::Shard {
+            devices: account.table(&config.device_table),
             rollups: account.table(&config.rollup_table),
             sources: readings::Sources {
                 table: account.table(&config.table_name),
@@ -62,6 +63,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             },
             ingest: account.queue(&config.ingest_queue),
             dead_letters: account.queue(&config.dead_letter_queue),
+        })
+        .collect();
+    let device_tables: Vec<Table> = shards.iter().map(|s| s.devices.clone()).collect();
+    let app = Arc::new(http::App {
+        api: api::Api {
+            layout: schemas::shard::Layout {
+                shards: shards.len(),
+                earlier: config.shards_before.0.clone(),
+            },
+            shards,
             max_raw_range: config.max_raw_range,
             max_readings: config.max_readings.max(1),
             silent_after: config.silent_after,
@@ -80,21 +91,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         token = app.token.is_some(),
         "Dashboard serving."
     );
-    tokio::spawn(watch_storage(devices, health, shutdown.clone()));
+    tokio::spawn(watch_storage(device_tables, health, shutdown.clone()));
     http::serve(listener, app, shutdown).await;
     tracing::info!("Dashboard stopped.");
     Ok(())
 }
 
-/// Keeps readiness true to whether the device table answers.
-async fn watch_storage(devices: Table, health: Health, shutdown: CancellationToken) {
+/// Keeps readiness true to whether every shard's device table answers.
+async fn watch_storage(devices: Vec<Table>, health: Health, shutdown: CancellationToken) {
     let filter = format!("PartitionKey eq '{}'", schemas::device::PARTITION);
     loop {
-        match devices.first(&filter).await {
-            // A table the processor has not created yet is an empty answer, not trouble.
-            Ok(_) => health.set_ready(),
-            Err(e) if e.is_not_found() => health.set_ready(),
-            Err(e) => health.set_not_ready(format!("storage: {e}")),
+        let mut trouble = Vec::new();
+        for (shard, table) in devices.iter().enumerate() {
+            match table.first(&filter).await {
+                // A table the processor has not created yet is an empty answer, not trouble.
+                Ok(_) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) if devices.len() == 1 => trouble.push(format!("storage: {e}")),
+                Err(e) => trouble.push(format!("storage of shard {shard}: {e}")),
+            }
+        }
+        if trouble.is_empty() {
+            health.set_ready();
+        } else {
+            health.set_not_ready(trouble.join("; "));
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -310,6 +310,10 @@ fn storage_refused(
     h.sorted.refusals.push(record);
 }
 
+/// Registration transactions of one round in flight at once (a round of fresh devices, as a
+/// fleet comes online, has a transaction per 100 of them).
+const REGISTRATIONS_AT_ONCE: usize = 4;
+
 /// Writes the device-table rows of devices not known to have one (seen for the first time, or
 /// forgotten by the bounded cache), so the archiver can find their partitions, before any
 /// message carrying their readings is deleted. A device whose row
@@ -321,8 +325,22 @@ async fn register(
     held: &mut [Leased],
     deadline: Instant,
 ) {
-    for devices in ctx.devices.note(latest) {
-        for (id, trouble) in ctx.devices.register(&devices, deadline).await {
+    let chunks = ctx.devices.note(latest);
+    let mut failed = Vec::new();
+    let mut rest = chunks.iter();
+    let mut running = futures::stream::FuturesUnordered::new();
+    loop {
+        while running.len() < REGISTRATIONS_AT_ONCE {
+            let Some(devices) = rest.next() else { break };
+            running.push(ctx.devices.register(devices, deadline));
+        }
+        match futures::StreamExt::next(&mut running).await {
+            Some(more) => failed.extend(more),
+            None => break,
+        }
+    }
+    {
+        for (id, trouble) in failed {
             let failure = match trouble {
                 RegisterError::Storage(error) => Failure::Storage {
                     stage: Stage::Register,

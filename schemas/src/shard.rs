@@ -50,6 +50,30 @@ pub struct Layout {
     pub earlier: Vec<(usize, i64)>,
 }
 
+/// Parses earlier shard counts written `COUNT@TIME`, comma-separated, TIME in RFC 3339
+/// (`2@2026-12-01T00:00:00Z`): COUNT shards took the readings measured before TIME. Empty
+/// for none.
+pub fn parse_earlier(text: &str) -> Result<Vec<(usize, i64)>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            let (count, until) = entry
+                .split_once('@')
+                .ok_or_else(|| format!("{entry:?} is not COUNT@TIME"))?;
+            let count: usize = count
+                .trim()
+                .parse()
+                .ok()
+                .filter(|&n| n >= 1)
+                .ok_or_else(|| format!("{count:?} in {entry:?} is not a shard count"))?;
+            let until = crate::timefmt::parse_rfc3339_ms(until.trim())
+                .ok_or_else(|| format!("{until:?} in {entry:?} is not an RFC 3339 time"))?;
+            Ok((count, until))
+        })
+        .collect()
+}
+
 impl Layout {
     /// One count, never changed.
     pub fn fixed(shards: usize) -> Self {
@@ -126,6 +150,24 @@ mod tests {
             }
         }
         assert!((9_400..10_600).contains(&moved), "{moved} of 30,000 moved");
+    }
+
+    #[test]
+    fn earlier_counts_read_as_count_at_time() {
+        assert_eq!(parse_earlier(""), Ok(Vec::new()));
+        let at = crate::timefmt::parse_rfc3339_ms("2026-12-01T00:00:00Z").unwrap();
+        assert_eq!(
+            parse_earlier(" 2@2026-12-01T00:00:00Z , 1@2026-12-01T00:00:00Z"),
+            Ok(vec![(2, at), (1, at)])
+        );
+        for bad in [
+            "2",
+            "0@2026-12-01T00:00:00Z",
+            "x@2026-12-01T00:00:00Z",
+            "2@yesterday",
+        ] {
+            assert!(parse_earlier(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

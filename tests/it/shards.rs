@@ -289,3 +289,148 @@ async fn each_device_lives_in_its_shard_through_kills_and_an_account_outage() {
         .terminate(ingest::MAX_SHUTDOWN + Duration::from_secs(5))
         .await;
 }
+
+/// Growing from two shards to three mid-run: ingest restarted with a third account in its
+/// shards file, a processor started for it. The dashboard, told the earlier count and when
+/// it ended, finds every reading of every device through its API, also those of the devices
+/// that moved (their older readings stay in their old shard), and lists each device once.
+#[tokio::test]
+async fn after_growing_from_two_shards_to_three_every_reading_is_found() {
+    if !tests::servers_available("resharding") {
+        return;
+    }
+    let mosquitto = Mosquitto::start().await;
+    let (a, b, c) = tokio::join!(Azurite::start(), Azurite::start(), Azurite::start());
+    let azurites = [a, b, c];
+    let dir = TempDir::new("reshard");
+    let shards_file = dir.0.join("shards");
+    let write_shards = |n: usize| {
+        let lines: Vec<String> = azurites[..n]
+            .iter()
+            .map(Azurite::connection_string)
+            .collect();
+        std::fs::write(&shards_file, lines.join("\n")).unwrap();
+    };
+    write_shards(2);
+    let (queue, table, devices) = (unique("ingest"), unique("telemetry"), unique("devices"));
+    let mut ingest = Service::start(
+        "ingest",
+        &[
+            ("MQTT_URL", mosquitto.url()),
+            ("STORAGE_SHARDS_FILE", shards_file.display().to_string()),
+            ("INGEST_QUEUE_NAME", queue.clone()),
+            ("INGEST_CLIENT_ID", unique("ingest")),
+        ],
+    )
+    .await;
+    let processor_env = |azurite: &Azurite| {
+        vec![
+            (
+                "AZURE_STORAGE_CONNECTION_STRING",
+                azurite.connection_string(),
+            ),
+            ("PROCESSOR_QUEUE_NAME", queue.clone()),
+            ("PROCESSOR_TABLE_NAME", table.clone()),
+            ("PROCESSOR_DEVICE_TABLE", devices.clone()),
+        ]
+    };
+    let mut processors = Vec::new();
+    for azurite in &azurites[..2] {
+        processors.push(Service::start("processor", &processor_env(azurite)).await);
+    }
+    let from = schemas::timefmt::now_ms() - 60_000;
+    let live = simulate(
+        mosquitto.url(),
+        vec![
+            ("SIMULATOR_DEVICES", "60".into()),
+            ("SIMULATOR_INTERVAL", "1s".into()),
+            ("SIMULATOR_ROUNDS", "40".into()),
+        ],
+    );
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    // The switch: the old ingest stops (what it holds goes to its two shards or back to the
+    // broker), then every message is dealt among three.
+    ingest
+        .terminate(ingest::MAX_SHUTDOWN + Duration::from_secs(5))
+        .await;
+    let switched_at = schemas::timefmt::now_ms();
+    write_shards(3);
+    processors.push(Service::start("processor", &processor_env(&azurites[2])).await);
+    ingest.restart().await;
+    let expected = Expected::from_summaries(&[live.await.expect("the simulator")]);
+
+    // Settled: every reading is a row in one of the three accounts.
+    let want = expected.rows;
+    let stored: Vec<Keyed> =
+        tests::wait_for("every reading stored", Duration::from_secs(120), || {
+            let accounts: Vec<_> = azurites.iter().map(Azurite::account).collect();
+            let table = table.clone();
+            async move {
+                let mut found = Vec::new();
+                for account in &accounts {
+                    found.push(tests::accounting::stored(account, &table).await?);
+                }
+                let total: usize = found.iter().map(Keyed::len).sum();
+                (total as u64 >= want).then_some(found)
+            }
+        })
+        .await;
+    let moved: Vec<&String> = stored[2]
+        .keys()
+        .map(|(device, _)| device)
+        .filter(|d| stored[..2].iter().any(|s| s.keys().any(|(o, _)| o == *d)))
+        .collect();
+    assert!(
+        !moved.is_empty(),
+        "no device has readings in an old shard and the new one"
+    );
+
+    let dashboard = Service::start(
+        "dashboard",
+        &[
+            ("STORAGE_SHARDS_FILE", shards_file.display().to_string()),
+            ("DASHBOARD_TABLE_NAME", table.clone()),
+            ("DASHBOARD_DEVICE_TABLE", devices.clone()),
+            (
+                "DASHBOARD_SHARDS_BEFORE",
+                format!("2@{}", schemas::timefmt::format_ms(switched_at)),
+            ),
+        ],
+    )
+    .await;
+    let port = dashboard.metrics_port;
+    let listed = crate::dashboard::get(port, "/api/v1/devices?limit=1000").await;
+    assert_eq!(listed.status, 200);
+    let ids: Vec<String> = listed.json()["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .map(|d| d["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 60, "each device listed once: {ids:?}");
+    let to = schemas::timefmt::now_ms() + 60_000;
+    let mut found = 0u64;
+    for id in &ids {
+        let path = format!(
+            "/api/v1/devices/{id}/readings?from={}&to={}",
+            schemas::timefmt::format_ms(from),
+            schemas::timefmt::format_ms(to)
+        );
+        let answer = crate::dashboard::get(port, &path).await;
+        assert_eq!(answer.status, 200, "{path}");
+        let readings = answer.json()["readings"].as_array().unwrap().len() as u64;
+        let rows = stored
+            .iter()
+            .flat_map(|s| s.keys())
+            .filter(|(device, _)| device == id)
+            .count() as u64;
+        assert_eq!(
+            readings, rows,
+            "{id}: readings the API finds, of its rows in every shard"
+        );
+        found += readings;
+    }
+    assert_eq!(found, expected.rows, "every reading found through the API");
+    let pipeline = crate::dashboard::get(port, "/api/v1/pipeline").await.json();
+    assert_eq!(pipeline["shards"], 3);
+}
