@@ -9,7 +9,7 @@ use crate::readings::Sources;
 use crate::views;
 use bytes::Bytes;
 use infra::storage::{Queue, StorageError, Table};
-use schemas::device;
+use schemas::device::{self, Device};
 use schemas::rollup::{self, Interval, Rollup};
 use schemas::timefmt::{format_ms, now_ms};
 use serde_json::json;
@@ -61,6 +61,11 @@ struct Counts {
 
 /// Readings requests answered at once.
 pub const READINGS_AT_ONCE: usize = 4;
+
+/// How long after a shard count ended its shards may still hold a device's readings: a
+/// device's clock may run ahead (the processor accepts readings up to
+/// `PROCESSOR_MAX_FUTURE`, 5 minutes by default, ahead of its own).
+const LATE_MARGIN_MS: i64 = 15 * 60 * 1000;
 
 /// A successful answer.
 #[derive(Debug)]
@@ -133,15 +138,17 @@ impl Api {
         // A full page has a cursor, even when nothing follows (the next page is then empty):
         // asking for one row more to know would cost a second request whenever the page is
         // the table service's largest (1,000 rows).
-        let pages = futures::future::try_join_all(
+        let answers = futures::future::join_all(
             self.shards
                 .iter()
                 .map(|s| read(&s.devices, &filter, limit, device::from_row, "a device row")),
         )
-        .await?;
-        let devices = merge::devices(pages, limit);
-        let cursor = (devices.len() == limit)
-            .then(|| params::cursor_after(&devices[limit - 1].latest.device_id));
+        .await;
+        let (pages, unavailable) = available(answers)?;
+        let merged = merge::devices(pages, |id| self.layout.shard(id), limit);
+        let cursor = (merged.len() == limit)
+            .then(|| params::cursor_after(&merged[limit - 1].1.latest.device_id));
+        let devices = self.current_rows_only(merged).await;
         let next = cursor.as_ref().map(|c| {
             let mut url = format!("/api/v1/devices?limit={limit}&cursor={c}");
             if !prefix.is_empty() {
@@ -156,17 +163,47 @@ impl Api {
             "devices": devices.iter().map(|d| views::device(d, now)).collect::<Vec<_>>(),
             "cursor": cursor,
             "next": next,
+            "unavailableShards": unavailable,
         }));
         reply.next = next;
         Ok(reply)
     }
 
-    /// The shards that may hold `id`'s data from `from_ms` on, the one it writes to now first.
-    fn holding(&self, id: &str, from_ms: i64) -> impl Iterator<Item = &Shard> {
+    /// The shards that may hold `id`'s data from `from_ms` on, the one it writes to now first,
+    /// each with the end of what it can hold: `to`, or for a shard the device wrote to under
+    /// an earlier count, the end of that count plus [`LATE_MARGIN_MS`].
+    fn holding(&self, id: &str, from_ms: i64, to: i64) -> Vec<(&Shard, i64)> {
         self.layout
             .shards_holding(id, from_ms)
             .into_iter()
-            .filter_map(|shard| self.shards.get(shard))
+            .filter_map(|(shard, until)| {
+                let end = until.map_or(to, |u| to.min(u.saturating_add(LATE_MARGIN_MS)));
+                // The layout was checked against the shards at start.
+                self.shards.get(shard).map(|s| (s, end))
+            })
+            .collect()
+    }
+
+    /// `merged` without the rows of a shard a device no longer writes to when the shard it
+    /// writes to now has a row of it too: that one is the device's (a filter may have left it
+    /// out, when the device is not silent there). A lookup that fails keeps the row.
+    async fn current_rows_only(&self, merged: Vec<(usize, Device)>) -> Vec<Device> {
+        let mut devices = Vec::with_capacity(merged.len());
+        for (shard, d) in merged {
+            let id = &d.latest.device_id;
+            let home = self.layout.shard(id);
+            if shard != home {
+                let plain = format!(
+                    "PartitionKey eq '{}' and RowKey eq '{id}'",
+                    device::PARTITION
+                );
+                if let Ok(Some(_)) = self.shards[home].devices.first(&plain).await {
+                    continue;
+                }
+            }
+            devices.push(d);
+        }
+        devices
     }
 
     /// Checks that `id` names a device the pipeline has stored readings of (in any shard it
@@ -176,7 +213,7 @@ impl Api {
             "PartitionKey eq '{}' and RowKey eq '{id}'",
             device::PARTITION
         );
-        for shard in self.holding(id, schemas::timefmt::MIN_MS) {
+        for (shard, _) in self.holding(id, schemas::timefmt::MIN_MS, i64::MAX) {
             let known = shard
                 .devices
                 .first(&filter)
@@ -207,18 +244,23 @@ impl Api {
             Duration::from_secs(max),
         )?;
         self.known(&id).await?;
-        // Periods that start in the range.
-        let filter = format!(
-            "PartitionKey eq '{id}' and RowKey ge '{}' and RowKey lt '{}'",
-            interval.row_key(from),
-            interval.row_key(to)
-        );
         let what = format!("a rollup row of {id}");
-        let lists = futures::future::try_join_all(
-            self.holding(&id, from)
-                .map(|s| read(&s.rollups, &filter, ROLLUPS_MAX, Rollup::from_entity, &what)),
-        )
-        .await?;
+        let lists =
+            futures::future::try_join_all(self.holding(&id, from, to).into_iter().map(
+                |(s, end)| {
+                    // Periods that start in the range.
+                    let filter = format!(
+                        "PartitionKey eq '{id}' and RowKey ge '{}' and RowKey lt '{}'",
+                        interval.row_key(from),
+                        interval.row_key(end)
+                    );
+                    let what = &what;
+                    async move {
+                        read(&s.rollups, &filter, ROLLUPS_MAX, Rollup::from_entity, what).await
+                    }
+                },
+            ))
+            .await?;
         let rollups = merge::rollups(interval, lists);
         match format {
             Format::Json => Ok(Reply::json(json!({
@@ -253,8 +295,9 @@ impl Api {
         let (from, to) = params.range(now_ms(), DEFAULT_SPAN, self.max_raw_range)?;
         self.known(&id).await?;
         let pages = futures::future::try_join_all(
-            self.holding(&id, from)
-                .map(|s| s.sources.readings(&id, from, to, limit)),
+            self.holding(&id, from, to)
+                .into_iter()
+                .map(|(s, end)| s.sources.readings(&id, from, end, limit)),
         )
         .await?;
         let page = merge::pages(pages, limit);
@@ -297,11 +340,14 @@ impl Api {
 
     async fn pipeline(&self) -> Result<Reply, Problem> {
         let now = now_ms();
-        let per_shard = futures::future::try_join_all(
-            self.shards.iter().map(|s| s.counts(now, self.silent_after)),
-        )
-        .await
-        .map_err(|e| Problem::storage(&e))?;
+        let answers = futures::future::join_all(self.shards.iter().map(|s| async {
+            s.counts(now, self.silent_after)
+                .await
+                .map_err(|e| Problem::storage(&e))
+        }))
+        .await;
+        let (per_shard, unavailable) = available(answers)?;
+        let per_shard: Vec<Counts> = per_shard.into_iter().map(|(_, c)| c).collect();
         // A device a resharding moved counts in each shard it has a row in.
         let mut all = Counts {
             last_hour: Some(0),
@@ -318,6 +364,7 @@ impl Api {
         Ok(Reply::json(json!({
             "at": format_ms(now),
             "shards": self.shards.len(),
+            "unavailableShards": unavailable,
             "queues": {
                 "ingest": { "name": first.ingest.name(), "depth": all.ingest },
                 "deadLetter": { "name": first.dead_letters.name(), "depth": all.dead },
@@ -372,6 +419,28 @@ impl Shard {
             silent,
             last_hour,
         })
+    }
+}
+
+/// Answers by shard, and the shards that did not answer.
+type Available<T> = (Vec<(usize, T)>, Vec<usize>);
+
+/// The shards' answers that came, by shard, and the shards that did not answer; the first
+/// problem when none did (with one shard, its problem).
+fn available<T>(answers: Vec<Result<T, Problem>>) -> Result<Available<T>, Problem> {
+    let (mut got, mut unavailable, mut first_problem) = (Vec::new(), Vec::new(), None);
+    for (shard, answer) in answers.into_iter().enumerate() {
+        match answer {
+            Ok(value) => got.push((shard, value)),
+            Err(problem) => {
+                unavailable.push(shard);
+                first_problem.get_or_insert(problem);
+            }
+        }
+    }
+    match first_problem {
+        Some(problem) if got.is_empty() => Err(problem),
+        _ => Ok((got, unavailable)),
     }
 }
 

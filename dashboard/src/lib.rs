@@ -66,12 +66,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         })
         .collect();
     let device_tables: Vec<Table> = shards.iter().map(|s| s.devices.clone()).collect();
+    let layout = schemas::shard::Layout {
+        shards: shards.len(),
+        earlier: config.shards_before.0.clone(),
+    };
+    layout
+        .check()
+        .map_err(|e| anyhow::anyhow!("DASHBOARD_SHARDS_BEFORE: {e}"))?;
     let app = Arc::new(http::App {
         api: api::Api {
-            layout: schemas::shard::Layout {
-                shards: shards.len(),
-                earlier: config.shards_before.0.clone(),
-            },
+            layout,
             shards,
             max_raw_range: config.max_raw_range,
             max_readings: config.max_readings.max(1),
@@ -111,7 +115,12 @@ async fn watch_storage(devices: Vec<Table>, health: Health, shutdown: Cancellati
                 Err(e) => trouble.push(format!("storage of shard {shard}: {e}")),
             }
         }
-        if trouble.is_empty() {
+        // Ready while any shard answers: a device of a shard that does not gets an error of
+        // its own, the lists say which shards are missing.
+        if trouble.len() < devices.len() {
+            if !trouble.is_empty() {
+                tracing::warn!(trouble = %trouble.join("; "), "A shard's storage does not answer.");
+            }
             health.set_ready();
         } else {
             health.set_not_ready(trouble.join("; "));

@@ -9,20 +9,38 @@ use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 
 /// The first `limit` devices of the shards' pages (each the first `limit` of its shard, in
-/// id order), in id order. A device found in two shards (moved by a resharding) is shown
-/// once, as the shard that heard from it last has it. Complete up to its last id: a shard
-/// with a full page alone holds `limit` ids up to its own last one.
-pub fn devices(pages: Vec<Vec<Device>>, limit: usize) -> Vec<Device> {
-    let mut by_id: BTreeMap<String, Device> = BTreeMap::new();
-    for device in pages.into_iter().flatten() {
+/// id order), in id order, each with the shard its row comes from. Complete up to its last
+/// id: a shard with a full page alone holds `limit` ids up to its own last one. A device
+/// found in two shards (moved by a resharding) is shown once, as the shard it writes to now
+/// (`current`) has it, or else as the one that heard from it last, first seen at the earliest.
+pub fn devices(
+    pages: Vec<(usize, Vec<Device>)>,
+    current: impl Fn(&str) -> usize,
+    limit: usize,
+) -> Vec<(usize, Device)> {
+    let mut by_id: BTreeMap<String, (usize, Device)> = BTreeMap::new();
+    for (shard, device) in pages
+        .into_iter()
+        .flat_map(|(shard, page)| page.into_iter().map(move |d| (shard, d)))
+    {
         match by_id.entry(device.latest.device_id.clone()) {
             Entry::Vacant(slot) => {
-                slot.insert(device);
+                slot.insert((shard, device));
             }
             Entry::Occupied(mut slot) => {
-                if device.last_seen_ms > slot.get().last_seen_ms {
-                    slot.insert(device);
+                let (held_shard, held) = slot.get_mut();
+                let first_seen = match (held.first_seen_ms, device.first_seen_ms) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                let home = current(&device.latest.device_id);
+                let wins = *held_shard != home
+                    && (shard == home || device.last_seen_ms > held.last_seen_ms);
+                if wins {
+                    *held_shard = shard;
+                    *held = device;
                 }
+                held.first_seen_ms = first_seen;
             }
         }
     }
@@ -119,7 +137,7 @@ mod tests {
     fn one_shard_is_its_own_answer() {
         let p = pages(vec![page(&[1, 2, 3], Some(4))], 3);
         assert_eq!((times(&p), p.next_from), (vec![1, 2, 3], Some(4)));
-        let d = devices(vec![vec![device("a", 1), device("b", 1)]], 2);
+        let d = devices(vec![(0, vec![device("a", 1), device("b", 1)])], |_| 0, 2);
         assert_eq!(d.len(), 2);
     }
 
@@ -140,16 +158,35 @@ mod tests {
 
     #[test]
     fn devices_merge_in_id_order_once_each() {
+        let mut older = device("a", 5);
+        older.first_seen_ms = Some(1);
+        let mut moved = device("a", 3);
+        moved.first_seen_ms = Some(4);
         let d = devices(
             vec![
-                vec![device("a", 5), device("c", 1)],
-                vec![device("a", 9), device("b", 1), device("d", 1)],
+                (0, vec![older, device("c", 1)]),
+                (1, vec![moved, device("b", 1), device("d", 1)]),
             ],
+            |id| usize::from(id == "a"),
             3,
         );
-        let ids: Vec<&str> = d.iter().map(|d| d.latest.device_id.as_str()).collect();
+        let ids: Vec<&str> = d.iter().map(|(_, d)| d.latest.device_id.as_str()).collect();
         assert_eq!(ids, ["a", "b", "c"]);
-        assert_eq!(d[0].last_seen_ms, 9, "the shard that heard from it last");
+        let (shard, a) = &d[0];
+        assert_eq!(
+            (*shard, a.last_seen_ms, a.first_seen_ms),
+            (1, 3, Some(1)),
+            "the shard it writes to now, first seen at the earliest"
+        );
+        let d = devices(
+            vec![(0, vec![device("x", 5)]), (1, vec![device("x", 9)])],
+            |_| 2,
+            10,
+        );
+        assert_eq!(
+            d[0].1.last_seen_ms, 9,
+            "else the shard that heard from it last"
+        );
     }
 
     #[test]

@@ -88,18 +88,42 @@ impl Layout {
         of(device_id, self.shards)
     }
 
-    /// The shards that may hold `device_id`'s readings measured from `from_ms` on: its
-    /// current shard first, then its shard under each earlier count whose readings reach
-    /// past `from_ms`, without repeats.
-    pub fn shards_holding(&self, device_id: &str, from_ms: i64) -> Vec<usize> {
-        let mut shards = vec![self.shard(device_id)];
+    /// The shards that may hold `device_id`'s readings measured from `from_ms` on, each with
+    /// the time its readings end (`None` for the shard it writes to now, listed first): its
+    /// shard under each earlier count whose readings reach past `from_ms`, without repeats.
+    pub fn shards_holding(&self, device_id: &str, from_ms: i64) -> Vec<(usize, Option<i64>)> {
+        let current = self.shard(device_id);
+        let mut shards: Vec<(usize, Option<i64>)> = vec![(current, None)];
         for &(count, until_ms) in &self.earlier {
             let shard = of(device_id, count);
-            if from_ms < until_ms && !shards.contains(&shard) {
-                shards.push(shard);
+            if from_ms >= until_ms || shard == current {
+                continue;
+            }
+            match shards.iter_mut().find(|(s, _)| *s == shard) {
+                Some((_, until)) => *until = (*until).max(Some(until_ms)),
+                None => shards.push((shard, Some(until_ms))),
             }
         }
         shards
+    }
+
+    /// Whether the earlier counts can be: each at least one and fewer than now, growing with
+    /// time (a count only grows: a shard's place decides its devices).
+    pub fn check(&self) -> Result<(), String> {
+        let mut last = (0, i64::MIN);
+        for &(count, until_ms) in &self.earlier {
+            if count == 0 || count >= self.shards {
+                return Err(format!(
+                    "an earlier count of {count} shards, with {} now: earlier counts are fewer",
+                    self.shards
+                ));
+            }
+            if count <= last.0 || until_ms <= last.1 {
+                return Err("earlier counts must grow with their times, oldest first".to_owned());
+            }
+            last = (count, until_ms);
+        }
+        Ok(())
     }
 }
 
@@ -181,11 +205,31 @@ mod tests {
             .expect("a device that moved");
         assert_eq!(
             layout.shards_holding(&moved, 0),
-            vec![of(&moved, 3), of(&moved, 2)]
+            vec![(of(&moved, 3), None), (of(&moved, 2), Some(1_000))]
         );
-        assert_eq!(layout.shards_holding(&moved, 1_000), vec![of(&moved, 3)]);
+        assert_eq!(
+            layout.shards_holding(&moved, 1_000),
+            vec![(of(&moved, 3), None)]
+        );
         let stayed = ids(100).find(|id| of(id, 2) == of(id, 3)).unwrap();
-        assert_eq!(layout.shards_holding(&stayed, 0), vec![of(&stayed, 3)]);
-        assert_eq!(Layout::fixed(1).shards_holding("x", 0), vec![0]);
+        assert_eq!(
+            layout.shards_holding(&stayed, 0),
+            vec![(of(&stayed, 3), None)]
+        );
+        assert_eq!(Layout::fixed(1).shards_holding("x", 0), vec![(0, None)]);
+    }
+
+    #[test]
+    fn earlier_counts_are_fewer_and_grow_with_time() {
+        let layout = |earlier: Vec<(usize, i64)>| Layout { shards: 3, earlier };
+        assert!(layout(vec![]).check().is_ok());
+        assert!(layout(vec![(1, 10), (2, 20)]).check().is_ok());
+        assert!(layout(vec![(3, 10)]).check().is_err(), "as many as now");
+        assert!(layout(vec![(4, 10)]).check().is_err(), "more than now");
+        assert!(layout(vec![(2, 10), (1, 20)]).check().is_err(), "shrinking");
+        assert!(
+            layout(vec![(1, 20), (2, 10)]).check().is_err(),
+            "times out of order"
+        );
     }
 }
