@@ -339,26 +339,24 @@ async fn register(
             None => break,
         }
     }
-    {
-        for (id, trouble) in failed {
-            let failure = match trouble {
-                RegisterError::Storage(error) => Failure::Storage {
-                    stage: Stage::Register,
-                    error,
-                },
-                RegisterError::Refused(refusal) => Failure::Refused {
-                    stage: Stage::Register,
-                    table: ctx.devices.table.name().to_owned(),
-                    refusal,
-                },
-            };
-            tracing::warn!(device = %id, error = %failure, "Cannot register a device; its messages will be redone.");
-            if failure.blames_content() {
-                ctx.refused_device(&id, &failure.to_string());
-            }
-            for &message in carriers.get(&id).into_iter().flatten() {
-                held[message].fail(failure.clone());
-            }
+    for (id, trouble) in failed {
+        let failure = match trouble {
+            RegisterError::Storage(error) => Failure::Storage {
+                stage: Stage::Register,
+                error,
+            },
+            RegisterError::Refused(refusal) => Failure::Refused {
+                stage: Stage::Register,
+                table: ctx.devices.table.name().to_owned(),
+                refusal,
+            },
+        };
+        tracing::warn!(device = %id, error = %failure, "Cannot register a device; its messages will be redone.");
+        if failure.blames_content() {
+            ctx.refused_device(&id, &failure.to_string());
+        }
+        for &message in carriers.get(&id).into_iter().flatten() {
+            held[message].fail(failure.clone());
         }
     }
 }
