@@ -4,7 +4,8 @@
 //! 1.37 (KEDA's kinds against tests/k8s/keda.schema.json); and the objects hold together:
 //! every environment variable is one the service reads and every value parses as its flag,
 //! every pod is locked down and probed, grace periods outlast the services' own, and the
-//! processor has at most one autoscaler.
+//! processor has at most one autoscaler; a sharded overlay runs a processor, an archiver and a
+//! dead-letter tool for each account of its shards file.
 
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -12,7 +13,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Every directory under deploy/k8s that is deployed as is.
-const OVERLAYS: [&str; 5] = ["local", "local-keda", "azure", "azure-keda", "azure-hpa"];
+const OVERLAYS: [&str; 6] = [
+    "local",
+    "local-keda",
+    "azure",
+    "azure-keda",
+    "azure-hpa",
+    "azure-sharded",
+];
 /// The oldest and newest Kubernetes the objects must be valid for.
 const KUBERNETES: [&str; 2] = ["1.30.0", "1.37.0"];
 
@@ -523,74 +531,167 @@ fn every_pod_is_locked_down_probed_sized_and_given_time_to_flush() {
     }
 }
 
+/// The storage account a workload's pods use: `AZURE_STORAGE_ACCOUNT` of the ConfigMaps it
+/// takes whole.
+fn account_of<'a>(objects: &'a [Value], workload: &Value) -> Option<&'a Value> {
+    workload["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|from| from["configMapRef"]["name"].as_str())
+        .filter_map(|name| named(objects, "ConfigMap", name))
+        .find_map(|cm| cm["data"].get("AZURE_STORAGE_ACCOUNT"))
+}
+
+/// Whether a selector's labels are all among `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_object()
+        .is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
 #[test]
-fn the_processor_has_one_autoscaler_at_most_and_replicas_have_budgets() {
+fn every_processor_has_one_autoscaler_at_most_and_replicas_have_budgets() {
     let Some(rendered) = rendered() else {
         return;
     };
     for (overlay, objects) in rendered[0].iter() {
-        let scalers: Vec<&str> = objects
+        let processors: Vec<&Value> = objects
             .iter()
             .filter(|o| {
-                (o["kind"] == "ScaledObject" || o["kind"] == "HorizontalPodAutoscaler")
-                    && o["spec"]["scaleTargetRef"]["name"] == "processor"
+                o["kind"] == "Deployment"
+                    && o["metadata"]["labels"]["app.kubernetes.io/name"] == "processor"
             })
-            .map(|o| o["kind"].as_str().unwrap_or(""))
             .collect();
-        let expected: &[&str] = if overlay.ends_with("-keda") {
-            &["ScaledObject"]
-        } else if overlay.ends_with("-hpa") {
-            &["HorizontalPodAutoscaler"]
-        } else {
-            &[]
-        };
-        assert_eq!(scalers, expected, "{overlay}");
-        // The autoscaler owns the processor's replicas: a count in the manifest would reset
-        // them at every apply.
-        let processor = named(objects, "Deployment", "processor").expect("the processor");
-        assert!(
-            processor["spec"]["replicas"].is_null(),
-            "{overlay}: processor replicas set"
-        );
-        // A ScaledObject's queue is the one ingest fills, and its authentication exists.
-        if let Some(so) = objects.iter().find(|o| o["kind"] == "ScaledObject") {
+        assert!(!processors.is_empty(), "{overlay}: no processor");
+        let mut autoscaled = BTreeSet::new();
+        for processor in &processors {
+            let name = processor["metadata"]["name"].as_str().expect("a name");
+            let scalers: Vec<&str> = objects
+                .iter()
+                .filter(|o| {
+                    (o["kind"] == "ScaledObject" || o["kind"] == "HorizontalPodAutoscaler")
+                        && o["spec"]["scaleTargetRef"]["name"] == name
+                })
+                .map(|o| o["kind"].as_str().unwrap_or(""))
+                .collect();
+            let expected: &[&str] = if overlay.ends_with("-keda") || overlay.ends_with("-sharded") {
+                &["ScaledObject"]
+            } else if overlay.ends_with("-hpa") {
+                &["HorizontalPodAutoscaler"]
+            } else {
+                &[]
+            };
+            assert_eq!(scalers, expected, "{overlay} {name}");
+            if !scalers.is_empty() {
+                autoscaled.insert(name);
+            }
+            // The autoscaler owns the processor's replicas: a count in the manifest would
+            // reset them at every apply.
+            assert!(
+                processor["spec"]["replicas"].is_null(),
+                "{overlay}: {name} replicas set"
+            );
+        }
+        // A ScaledObject's queue is the one ingest fills, in the account its processor uses,
+        // and its authentication exists.
+        for so in objects.iter().filter(|o| o["kind"] == "ScaledObject") {
+            let at = format!("{overlay} {}", so["metadata"]["name"]);
             let queue = &so["spec"]["triggers"][0]["metadata"]["queueName"];
             let settings = generated(objects, "ingest").expect("ingest's settings");
-            assert_eq!(*queue, settings["data"]["INGEST_QUEUE_NAME"], "{overlay}");
+            assert_eq!(*queue, settings["data"]["INGEST_QUEUE_NAME"], "{at}");
             let auth = so["spec"]["triggers"][0]["authenticationRef"]["name"]
                 .as_str()
                 .expect("authenticationRef");
             assert!(
                 named(objects, "TriggerAuthentication", auth).is_some(),
-                "{overlay}"
+                "{at}"
             );
             // With workload identity the trigger names the account the services use.
             if let Some(account) = so["spec"]["triggers"][0]["metadata"].get("accountName") {
-                let storage = generated(objects, "storage").expect("the storage settings");
+                let target = so["spec"]["scaleTargetRef"]["name"]
+                    .as_str()
+                    .expect("target");
+                let processor = named(objects, "Deployment", target).expect("its processor");
                 assert_eq!(
-                    *account, storage["data"]["AZURE_STORAGE_ACCOUNT"],
-                    "{overlay}: KEDA watches another account than the services use"
+                    Some(account),
+                    account_of(objects, processor),
+                    "{at}: KEDA watches another account than its processor uses"
                 );
             }
         }
+        // Sharded: every account of the shards file has its own processor, archiver and
+        // dead-letter tool, labelled with its place in the file, and no other runs.
+        if let Some(shards) = generated(objects, "shards") {
+            let accounts: Vec<&str> = shards["data"]["accounts"]
+                .as_str()
+                .expect("the shards file")
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .collect();
+            assert!(accounts.len() > 1, "{overlay}: one shard");
+            for service in ["processor", "archiver", "deadletter"] {
+                let mut found: Vec<(String, String)> = objects
+                    .iter()
+                    .filter(|o| {
+                        o["kind"] == "Deployment"
+                            && o["metadata"]["labels"]["app.kubernetes.io/name"] == service
+                    })
+                    .map(|o| {
+                        let labels = &o["spec"]["template"]["metadata"]["labels"];
+                        (
+                            labels["app.kubernetes.io/instance"]
+                                .as_str()
+                                .unwrap_or("unlabelled")
+                                .to_owned(),
+                            account_of(objects, o)
+                                .and_then(Value::as_str)
+                                .unwrap_or("none")
+                                .to_owned(),
+                        )
+                    })
+                    .collect();
+                found.sort();
+                let expected: Vec<(String, String)> = accounts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| (format!("shard-{i}"), (*a).to_owned()))
+                    .collect();
+                assert_eq!(found, expected, "{overlay}: {service} by shard");
+            }
+        }
+        // Workloads select only their own pods: two Deployments never select each other's.
+        let all = workloads(objects);
+        for (name, w) in &all {
+            for (other, o) in &all {
+                if name != other {
+                    assert!(
+                        !selects(
+                            &w["spec"]["selector"]["matchLabels"],
+                            &o["spec"]["template"]["metadata"]["labels"]
+                        ),
+                        "{overlay}: {name} selects {other}'s pods"
+                    );
+                }
+            }
+        }
         // Every workload of several replicas (or autoscaled) has a disruption budget.
-        let budgets: BTreeSet<&str> = objects
+        let budgets: Vec<&Value> = objects
             .iter()
             .filter(|o| o["kind"] == "PodDisruptionBudget")
-            .filter_map(|o| o["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"].as_str())
+            .map(|o| &o["spec"]["selector"]["matchLabels"])
             .collect();
-        for o in objects
-            .iter()
-            .filter(|o| o["kind"] == "Deployment" || o["kind"] == "StatefulSet")
-        {
-            let name = o["metadata"]["name"].as_str().unwrap_or("");
-            let scaled = o["spec"]["replicas"].as_u64().unwrap_or(1) > 1
-                || (name == "processor" && !scalers.is_empty());
+        for (name, o) in &all {
+            let own = o["metadata"]["name"].as_str().unwrap_or("");
+            let scaled =
+                o["spec"]["replicas"].as_u64().unwrap_or(1) > 1 || autoscaled.contains(own);
             if scaled
                 && o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "telemetry-pipeline"
             {
+                let labels = &o["spec"]["template"]["metadata"]["labels"];
                 assert!(
-                    budgets.contains(name),
+                    budgets.iter().any(|b| selects(b, labels)),
                     "{overlay}: {name} has no PodDisruptionBudget"
                 );
             }
