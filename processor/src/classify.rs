@@ -5,7 +5,6 @@
 //! must be kept somewhere before it may leave the queue. No storage is touched here, so unit
 //! tests drive it from fixtures; [`crate::round`] carries out the effects.
 
-use crate::devices::{self, Latest};
 use crate::plan::Pending;
 use schemas::dead_letter::{DeadLetter, Refusal};
 use schemas::envelope::{self, DecodeError, DeviceMessage};
@@ -62,8 +61,6 @@ pub struct Classified {
     pub messages: Vec<Sorted>,
     /// The valid readings, with where each came from.
     pub rows: Vec<(Origin, Pending)>,
-    /// The newest reading of each device, for the device table.
-    pub latest: Latest,
 }
 
 /// Sorts the queue messages of a round: `(text, deliveries so far)` each.
@@ -75,7 +72,6 @@ pub fn classify<'a>(
     let mut out = Classified {
         messages: Vec::new(),
         rows: Vec::new(),
-        latest: Latest::new(),
     };
     for (message, (text, attempts)) in messages.into_iter().enumerate() {
         let mut sorted = Sorted {
@@ -145,7 +141,6 @@ pub fn classify<'a>(
         sorted.received_at_ms = decoded.iter().map(|d| d.received_at_ms).collect();
         out.messages.push(sorted);
     }
-    out.latest = devices::newest(out.rows.iter().map(|(_, p)| (&p.reading, p.ingested_at_ms)));
     out
 }
 
@@ -273,8 +268,9 @@ mod tests {
         assert_eq!(m.refusals.len(), 1);
         assert_eq!(m.refusals[0].reason, Reason::OutOfRange);
         assert_eq!(m.refusals[0].device_id.as_deref(), Some("b"));
-        assert_eq!(c.latest["a"].0.measured_at_ms, NOW - 500);
-        assert!(!c.latest.contains_key("b"));
+        let latest = crate::devices::newest(c.rows.iter().map(|(_, p)| (&p.reading, 0)));
+        assert_eq!(latest["a"].0.measured_at_ms, NOW - 500);
+        assert!(!latest.contains_key("b"));
     }
 
     #[test]

@@ -301,14 +301,14 @@ impl Registry {
         if pending.is_empty() {
             return;
         }
-        let rows: Vec<Entity> = pending
-            .iter()
-            .map(|(r, ingested)| device::row(r, *ingested, None))
-            .collect();
-        for (rows, readings) in rows
-            .chunks(MAX_BATCH_OPERATIONS)
-            .zip(pending.chunks(MAX_BATCH_OPERATIONS))
-        {
+        // Each transaction's rows are built as it goes: 10,000 pending states would be about
+        // 30 MB of entities at once.
+        for readings in pending.chunks(MAX_BATCH_OPERATIONS) {
+            let rows: Vec<Entity> = readings
+                .iter()
+                .map(|(r, ingested)| device::row(r, *ingested, None))
+                .collect();
+            let rows = rows.as_slice();
             let deadline = until.min(tokio::time::Instant::now() + FLUSH_TIME);
             let failed = if tokio::time::Instant::now() < deadline {
                 self.merge_each(rows, deadline).await

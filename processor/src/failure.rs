@@ -35,8 +35,9 @@ impl Stage {
 pub enum Failure {
     /// A storage call failed, or the round's time ran out before it answered.
     Storage { stage: Stage, error: StorageError },
-    /// A table write waited past the round's deadline for a permit: this processor took more
-    /// than it could write in time, which says nothing about the message.
+    /// A table write waited past the round's deadline for a permit, or its group of the
+    /// round was not begun by then: this processor took more than it could write in time,
+    /// which says nothing about the message.
     NoWritePermit,
     /// A transaction was refused for a reason that blames none of its operations.
     Refused {

@@ -3,6 +3,7 @@
 
 use infra::storage::{Row, MAX_BATCH_BYTES, MAX_BATCH_OPERATIONS};
 use schemas::reading::Reading;
+use std::cmp::Ordering;
 
 /// Multipart framing and headers around each operation in a transaction (the sub-request
 /// line with the account's URL, and its headers).
@@ -74,16 +75,14 @@ pub struct Plan<O> {
     pub overwrites: usize,
 }
 
-/// Plans the writes for `(owner, reading)` pairs. Every batch stays inside one partition, holds
-/// at most 100 operations and 4 MiB, and never repeats a RowKey (Azure rejects a transaction
-/// that touches one entity twice). When two readings share a key, the later one wins, and the
-/// batch owes its result to both messages.
-pub fn plan<O: Copy>(items: impl IntoIterator<Item = (O, Pending)>) -> Plan<O> {
-    // By partition, then RowKey (a fixed-width time: its order is the instant's), in place:
-    // a round holds thousands of readings, and this copies none of their keys. The sort is
-    // stable, so of two readings with one key the later comes last.
+/// Plans the writes for `(owner, reading)` pairs, owners in the order the readings came (a
+/// round's [`crate::classify::Origin`]s). Every batch stays inside one partition, holds at most
+/// 100 operations and 4 MiB, and never repeats a RowKey (Azure rejects a transaction that
+/// touches one entity twice). When two readings share a key, the later one (of the greater
+/// owner) wins, and the batch owes its result to both messages.
+pub fn plan<O: Copy + Ord>(items: impl IntoIterator<Item = (O, Pending)>) -> Plan<O> {
     let mut items: Vec<(O, Pending)> = items.into_iter().collect();
-    items.sort_by(|(_, a), (_, b)| a.key().cmp(&b.key()));
+    items.sort_unstable_by(by_key);
     let mut items = items.into_iter().peekable();
     let mut overwrites = 0;
     let mut batches = Vec::new();
@@ -120,10 +119,45 @@ pub fn plan<O: Copy>(items: impl IntoIterator<Item = (O, Pending)>) -> Plan<O> {
     }
 }
 
+/// By partition, then RowKey (a fixed-width time: its order is the instant's), then owner, so
+/// that of two readings with one key the later comes last. Sorted in place and unstably: a
+/// round holds thousands of readings, and a stable sort would take a scratch copy of them all.
+fn by_key<O: Ord>((a_owner, a): &(O, Pending), (b_owner, b): &(O, Pending)) -> Ordering {
+    a.key().cmp(&b.key()).then(a_owner.cmp(b_owner))
+}
+
+/// `items` in groups of at most `devices` devices, each device's items in one group, sorted
+/// as [`plan`] sorts them. A round writes a group at a time: what it holds per device (write
+/// plan, newest reading, hours, carriers) stays bounded when every reading comes from a
+/// different device. The groups are cut from the end of the sorted items, so no item is moved
+/// twice and the last devices come first.
+pub fn device_groups<O: Ord>(
+    mut items: Vec<(O, Pending)>,
+    devices: usize,
+) -> impl Iterator<Item = Vec<(O, Pending)>> {
+    items.sort_unstable_by(by_key);
+    let mut starts = Vec::new();
+    let mut distinct = 0;
+    for (i, (_, item)) in items.iter().enumerate() {
+        let another = i == 0 || items[i - 1].1.reading.device_id != item.reading.device_id;
+        if another {
+            if distinct % devices.max(1) == 0 {
+                starts.push(i);
+            }
+            distinct += 1;
+        }
+    }
+    std::iter::from_fn(move || {
+        let start = starts.pop()?;
+        Some(items.split_off(start))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use schemas::reading::Extra;
+    use std::collections::BTreeSet;
 
     /// Device `pk`'s reading at `at` ms, `filler` bytes of padding, received at `received`.
     fn row_of(pk: &str, at: usize, filler: usize, value: f64, received: i64) -> Pending {
@@ -197,5 +231,59 @@ mod tests {
             assert!(bytes <= b.bytes, "planned at its largest");
             assert!(b.bytes <= MAX_BATCH_BYTES);
         }
+    }
+
+    #[test]
+    fn device_groups_keep_each_device_whole_in_plan_order() {
+        // Seven devices, their readings interleaved; device d's k-th reading has owner
+        // 10 * d + k, and every device repeats its first key last with another value.
+        let names = ["g", "b", "e", "a", "f", "c", "d"];
+        let mut items = Vec::new();
+        for k in 0..4 {
+            for (d, name) in names.iter().enumerate() {
+                let at = if k == 3 { 0 } else { k };
+                items.push((10 * d + k, row_of(name, at, 0, k as f64, 0)));
+            }
+        }
+        let groups: Vec<_> = device_groups(items, 3).collect();
+        assert_eq!(groups.len(), 3, "7 devices, 3 a group");
+        let mut seen = BTreeSet::new();
+        for group in &groups {
+            let ids: BTreeSet<&str> = group
+                .iter()
+                .map(|(_, p)| p.reading.device_id.as_str())
+                .collect();
+            assert!(ids.len() <= 3);
+            for id in &ids {
+                assert!(seen.insert(id.to_string()), "{id} in one group only");
+                let owners: Vec<usize> = group
+                    .iter()
+                    .filter(|(_, p)| p.reading.device_id == *id)
+                    .map(|(o, _)| *o)
+                    .collect();
+                let d = names.iter().position(|n| n == id).unwrap();
+                assert_eq!(
+                    owners,
+                    [10 * d, 10 * d + 3, 10 * d + 1, 10 * d + 2],
+                    "by time, then owner"
+                );
+            }
+            let planned = plan(group.iter().cloned());
+            assert_eq!(
+                planned.overwrites,
+                ids.len(),
+                "the repeated key, per device"
+            );
+            for batch in &planned.batches {
+                assert_eq!(
+                    batch.rows[0].reading.temperature,
+                    Some(3.0),
+                    "the later wins"
+                );
+            }
+        }
+        assert_eq!(seen.len(), names.len());
+        assert_eq!(device_groups(Vec::<(usize, Pending)>::new(), 2).count(), 0);
+        assert_eq!(device_groups(vec![(0, row("a", 1, 0))], 0).count(), 1);
     }
 }

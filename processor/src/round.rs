@@ -1,5 +1,6 @@
 //! A worker's round on the messages of one take: sort them ([`classify`]), carry out what the
-//! sorting asks (quarantine, table writes, device registration), then settle each message:
+//! sorting asks (quarantine; then, a group of at most [`GROUP_DEVICES`] devices at a time,
+//! table writes, late-hour marks and device registration), then settle each message:
 //! delete it ([`settle`]), hand it with its dead letters to the writer
 //! ([`crate::dead_letters`]), or leave it to reappear.
 //!
@@ -18,10 +19,10 @@ use crate::claims::Claim;
 use crate::classify::{self, classify, Classified, Keep, Origin, Sorted};
 use crate::ctx::{retry, Ctx};
 use crate::dead_letters::{Submission, Writer};
-use crate::devices::RegisterError;
+use crate::devices::{self, RegisterError};
 use crate::failure::{Failure, Stage};
 use crate::metrics_names as m;
-use crate::plan::{plan, Pending};
+use crate::plan::{device_groups, plan, Pending};
 use crate::settle;
 use crate::write::{write_all, Written};
 use infra::storage::QueueMessage;
@@ -78,7 +79,6 @@ pub async fn round(
     let Classified {
         messages: sorted,
         rows,
-        latest,
     } = classify(
         messages.iter().map(|m| (m.text.as_str(), m.dequeue_count)),
         &ctx.rules,
@@ -97,57 +97,16 @@ pub async fn round(
 
     quarantine(ctx, &mut held, write_by).await;
 
-    // Which messages carry each device's readings: a failed registration holds back those.
-    let mut carriers: HashMap<String, BTreeSet<usize>> = HashMap::new();
-    for (origin, row) in &rows {
-        let device = &row.reading.device_id;
-        match carriers.get_mut(device) {
-            Some(messages) => {
-                messages.insert(origin.message);
-            }
-            None => {
-                carriers.insert(device.clone(), BTreeSet::from([origin.message]));
-            }
-        }
-    }
-    let hours = device_hours(&rows);
-    let planned = plan(rows);
-    if planned.overwrites > 0 {
-        metrics::counter!(m::OVERWRITES).increment(planned.overwrites as u64);
-    }
-    let written = write_all(ctx, planned.batches, write_by).await;
-    for (batch, written) in written {
-        match written {
-            Written::Stored(_) => {}
-            Written::Retry(failure) => {
-                for origin in batch.all_origins() {
+    for group in device_groups(rows, GROUP_DEVICES) {
+        match halt(&held, write_by) {
+            Some(failure) => {
+                for (origin, _) in &group {
                     held[origin.message].fail(failure.clone());
                 }
             }
-            Written::Refused { refused, .. } => {
-                let mut seen = BTreeSet::new();
-                for (k, error) in refused {
-                    for origin in batch.origins[k].iter().copied() {
-                        if seen.insert(origin) {
-                            let row = format!("{:?}", batch.rows[k].row_key());
-                            storage_refused(ctx, &mut held, origin, &row, &error, now);
-                        }
-                    }
-                }
-            }
+            None => store(ctx, group, &mut held, write_by, now).await,
         }
     }
-    // Late by when the rows were written, not when they were read: only a row written after
-    // the sweep may have missed it.
-    let written_at = now_ms();
-    let late = hours
-        .into_iter()
-        .filter(|((_, hour), _)| {
-            hour + schemas::rollup::HOUR_MS + schemas::rollup::MARK_AFTER_MS <= written_at
-        })
-        .collect();
-    mark_late(ctx, late, &mut held, write_by).await;
-    register(ctx, latest, &carriers, &mut held, write_by).await;
 
     match held
         .iter()
@@ -203,6 +162,86 @@ pub async fn round(
     }
     ctx.forget_held_back();
     out_of_time
+}
+
+/// Devices a round stores at once: what it holds per device (write plan, newest reading,
+/// hours, carriers) stays a few MiB when every reading comes from a different device.
+const GROUP_DEVICES: usize = 2_000;
+
+/// Why a round's remaining groups are not tried: its write time is up (this processor took
+/// more than it could write in time, which must not poison their messages), or storage
+/// refused a write for what only the operator can fix (the rest would be refused alike).
+fn halt(held: &[Leased], write_by: Instant) -> Option<Failure> {
+    if Instant::now() >= write_by {
+        return Some(Failure::NoWritePermit);
+    }
+    held.iter()
+        .filter_map(|h| h.failure.as_ref())
+        .find(|f| f.needs_operator() && f.stage() == Stage::Write)
+        .cloned()
+}
+
+/// Stores a group of a round's readings: the table writes, the late hours' marks, then the
+/// registration of their devices. A failure holds back the messages it concerns.
+async fn store(
+    ctx: &Ctx,
+    rows: Vec<(Origin, Pending)>,
+    held: &mut [Leased],
+    write_by: Instant,
+    now: i64,
+) {
+    // Which messages carry each device's readings: a failed registration holds back those.
+    let mut carriers: HashMap<String, BTreeSet<usize>> = HashMap::new();
+    for (origin, row) in &rows {
+        let device = &row.reading.device_id;
+        match carriers.get_mut(device) {
+            Some(messages) => {
+                messages.insert(origin.message);
+            }
+            None => {
+                carriers.insert(device.clone(), BTreeSet::from([origin.message]));
+            }
+        }
+    }
+    let hours = device_hours(&rows);
+    let latest = devices::newest(rows.iter().map(|(_, p)| (&p.reading, p.ingested_at_ms)));
+    let planned = plan(rows);
+    if planned.overwrites > 0 {
+        metrics::counter!(m::OVERWRITES).increment(planned.overwrites as u64);
+    }
+    let written = write_all(ctx, planned.batches, write_by).await;
+    for (batch, written) in written {
+        match written {
+            Written::Stored(_) => {}
+            Written::Retry(failure) => {
+                for origin in batch.all_origins() {
+                    held[origin.message].fail(failure.clone());
+                }
+            }
+            Written::Refused { refused, .. } => {
+                let mut seen = BTreeSet::new();
+                for (k, error) in refused {
+                    for origin in batch.origins[k].iter().copied() {
+                        if seen.insert(origin) {
+                            let row = format!("{:?}", batch.rows[k].row_key());
+                            storage_refused(ctx, held, origin, &row, &error, now);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Late by when the rows were written, not when they were read: only a row written after
+    // the sweep may have missed it.
+    let written_at = now_ms();
+    let late = hours
+        .into_iter()
+        .filter(|((_, hour), _)| {
+            hour + schemas::rollup::HOUR_MS + schemas::rollup::MARK_AFTER_MS <= written_at
+        })
+        .collect();
+    mark_late(ctx, late, held, write_by).await;
+    register(ctx, latest, &carriers, held, write_by).await;
 }
 
 /// The device-hours of `rows`, with the messages carrying them.
@@ -320,7 +359,7 @@ const REGISTRATIONS_AT_ONCE: usize = 4;
 /// cannot be written holds back only the messages that carry it.
 async fn register(
     ctx: &Ctx,
-    latest: crate::devices::Latest,
+    latest: devices::Latest,
     carriers: &HashMap<String, BTreeSet<usize>>,
     held: &mut [Leased],
     deadline: Instant,
