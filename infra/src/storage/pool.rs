@@ -298,9 +298,16 @@ impl Pool {
 
     fn checkin(&self, conn: Conn) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        idle.retain(|(_, since)| since.elapsed() < IDLE);
+        // Checked in at the end and taken from the end: the oldest, the ones past IDLE
+        // included, are at the start.
+        let now = Instant::now();
+        let stale = idle
+            .iter()
+            .take_while(|(_, since)| now.duration_since(*since) >= IDLE)
+            .count();
+        idle.drain(..stale);
         if idle.len() < MAX_IDLE {
-            idle.push((conn, Instant::now()));
+            idle.push((conn, now));
         }
     }
 
@@ -342,6 +349,12 @@ impl Conn {
 /// Polls the connection's `driver` and `work` together on this task until `work` is done;
 /// `None` if the connection ended first. The driver goes first: what it reads completes the
 /// work in the same poll, not in one more trip through the scheduler.
+///
+/// Only the driver moves `work` on (it hands over the response, its body, or the end), and it
+/// is polled just before, on this task, with this task's waker for what it waits on. So `work`
+/// is polled without that waker: the driver completing it would otherwise wake this task
+/// while it runs, which tokio answers by rescheduling it and waking another worker thread, a
+/// futex call and a context switch per request.
 async fn drive<T>(
     driver: &mut Pin<Box<Driver>>,
     mut work: Pin<&mut impl Future<Output = T>>,
@@ -351,7 +364,8 @@ async fn drive<T>(
         if !ended && driver.as_mut().poll(cx).is_ready() {
             ended = true;
         }
-        if let Poll::Ready(done) = work.as_mut().poll(cx) {
+        let mut quiet = Context::from_waker(std::task::Waker::noop());
+        if let Poll::Ready(done) = work.as_mut().poll(&mut quiet) {
             return Poll::Ready(Some(done));
         }
         if ended {
