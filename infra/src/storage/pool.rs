@@ -5,10 +5,10 @@
 //! driver (hyper's `Connection` future) is polled on the request's own task, never spawned,
 //! so a request costs no hand-off to another task and back, and a request cut short (a
 //! timeout) drops its connection with it: no later request can read a stale response. Only
-//! a connection whose whole response was read, and that hyper says can carry another request,
-//! goes back to the pool. Responses are bounded: hyper bounds the head ([`MAX_HEAD`]), the
-//! body is read through the limit the caller gives ([`MAX_WRITE_RESPONSE`] for writes,
-//! [`MAX_QUERY_RESPONSE`] for query pages).
+//! a connection whose whole response was read goes back to the pool, and it is taken again
+//! only if hyper, asked at checkout, says it can carry another request. Responses are
+//! bounded: hyper bounds the head ([`MAX_HEAD`]), the body is read through the limit the
+//! caller gives ([`MAX_WRITE_RESPONSE`] for writes, [`MAX_QUERY_RESPONSE`] for query pages).
 //!
 //! Every table request goes here. The SDK's queue and blob requests stay with the pooled
 //! client (`http.rs`), and so do the table's when a proxy is configured (that client honours
@@ -81,6 +81,11 @@ pub(super) enum Resend {
     IfUnanswered,
     Never,
 }
+
+/// Builds a request anew for [`Resend::IfUnanswered`] (a shared key signs it again, with a new
+/// date; a token or SAS is the same). `None` if it cannot, which a request already built once
+/// does not meet in practice.
+pub(super) type Rebuild<'a> = &'a (dyn Fn() -> Option<hyper::Request<Bytes>> + Sync);
 
 /// One origin's connections.
 pub(super) struct Pool {
@@ -174,13 +179,41 @@ impl Pool {
     /// Sends `request` (an origin-form URI, no `Host`: this adds it) and reads the whole
     /// response, of at most `max_body` bytes. With [`Resend::IfUnanswered`], a kept
     /// connection that closes before a whole response head arrives sends the request once
-    /// more, on a new connection.
+    /// more, on a new connection, as `again` builds it: a request is built once, not copied
+    /// on every send for a resend that rarely comes.
     pub(super) async fn send(
         &self,
         request: hyper::Request<Bytes>,
         resend: Resend,
+        again: Rebuild<'_>,
         max_body: usize,
     ) -> io::Result<Response> {
+        let request = self.prepare(request);
+        let request = match self.checkout() {
+            None => request,
+            Some(conn) => {
+                match self.exchange(conn, request, max_body).await {
+                    Ok(response) => return Ok(response),
+                    // The server closed the kept connection as it was taken, before a byte
+                    // of a response: the request goes again, once, on a new connection,
+                    // rather than back to the caller as a failure to wait out.
+                    Err(failed) if failed.unanswered && resend == Resend::IfUnanswered => {}
+                    Err(failed) => return Err(failed.error),
+                }
+                let request = again().ok_or_else(|| {
+                    io::Error::other("the request to send again could not be built")
+                })?;
+                self.prepare(request)
+            }
+        };
+        let conn = self.connect().await?;
+        self.exchange(conn, request, max_body)
+            .await
+            .map_err(|failed| failed.error)
+    }
+
+    /// `request` with this origin's `Host`, the user agent and its length.
+    fn prepare(&self, request: hyper::Request<Bytes>) -> hyper::Request<Full<Bytes>> {
         let (mut parts, body) = request.into_parts();
         parts.headers.insert(HOST, self.host.clone());
         parts
@@ -189,31 +222,11 @@ impl Pool {
         parts
             .headers
             .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-        let build = |parts: &hyper::http::request::Parts| {
-            let mut request = hyper::Request::new(Full::new(body.clone()));
-            *request.method_mut() = parts.method.clone();
-            *request.uri_mut() = parts.uri.clone();
-            *request.headers_mut() = parts.headers.clone();
-            request
-        };
-        if let Some(conn) = self.checkout() {
-            match self.exchange(conn, build(&parts), max_body).await {
-                Ok(response) => return Ok(response),
-                // The server closed the kept connection as it was taken, before a byte of a
-                // response: the request goes again, once, on a new connection, rather than
-                // back to the caller as a failure to wait out.
-                Err(failed) if failed.unanswered && resend == Resend::IfUnanswered => {}
-                Err(failed) => return Err(failed.error),
-            }
-        }
-        let conn = self.connect().await?;
-        self.exchange(conn, build(&parts), max_body)
-            .await
-            .map_err(|failed| failed.error)
+        hyper::Request::from_parts(parts, Full::new(body))
     }
 
     /// One request and its response on `conn`, driven on this task; the connection goes back
-    /// to the pool if it may carry another.
+    /// to the pool once its whole response is read and it waits for no more of this exchange.
     async fn exchange(
         &self,
         mut conn: Conn,
@@ -250,18 +263,23 @@ impl Pool {
         if hyper::body::Body::size_hint(&body).lower() > max_body as u64 {
             return Err(invalid(format!("a response body over {max_body} bytes")));
         }
-        let mut collected = std::pin::pin!(Limited::new(body, max_body).collect());
-        let body = match drive(&mut conn.driver, collected.as_mut()).await {
-            Some(Ok(body)) => body.to_bytes(),
-            Some(Err(e)) => return Err(invalid(e.to_string())),
-            None => {
-                return Err(Failed {
-                    unanswered: false,
-                    error: io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the connection closed inside a response",
-                    ),
-                })
+        // Most writes are answered without a body (204): nothing to wait for.
+        let body = if hyper::body::Body::is_end_stream(&body) {
+            Bytes::new()
+        } else {
+            let mut collected = std::pin::pin!(Limited::new(body, max_body).collect());
+            match drive(&mut conn.driver, collected.as_mut()).await {
+                Some(Ok(body)) => body.to_bytes(),
+                Some(Err(e)) => return Err(invalid(e.to_string())),
+                None => {
+                    return Err(Failed {
+                        unanswered: false,
+                        error: io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the connection closed inside a response",
+                        ),
+                    })
+                }
             }
         };
         let status = parts.status.as_u16();
@@ -275,7 +293,9 @@ impl Pool {
         // split or smuggled, after which the connection is not trusted (RFC 9112 6.3).
         let framed_twice = parts.headers.contains_key(hyper::header::TRANSFER_ENCODING)
             && parts.headers.contains_key(CONTENT_LENGTH);
-        if !framed_twice && conn.reusable() {
+        // `is_ready` polls nothing: it is false for a connection that closed or that still
+        // owes this exchange. Whether the server kept it open since is asked at checkout.
+        if !framed_twice && conn.sender.is_ready() {
             self.checkin(conn);
         }
         Ok(Response {
@@ -495,6 +515,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     /// What the test server does after reading a request.
+    #[derive(Clone)]
     enum Then {
         /// Writes this answer and keeps the connection.
         Answer(&'static [u8]),
@@ -605,7 +626,12 @@ mod tests {
     async fn send(pool: &Pool, body: &'static [u8], resend: Resend) -> io::Result<Response> {
         tokio::time::timeout(
             Duration::from_secs(10),
-            pool.send(request(body), resend, MAX_WRITE_RESPONSE),
+            pool.send(
+                request(body),
+                resend,
+                &|| Some(request(body)),
+                MAX_WRITE_RESPONSE,
+            ),
         )
         .await
         .expect("answered or failed within 10 s")
@@ -637,6 +663,18 @@ mod tests {
         expected.sort_unstable();
         assert_eq!(lines, expected);
         assert_eq!(body, "{}");
+    }
+
+    #[tokio::test]
+    async fn answers_without_a_body_leave_their_connection_to_the_next_request() {
+        let no_content = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n";
+        let server = server(vec![Then::Answer(no_content); 3]).await;
+        let pool = client(&server.origin);
+        for _ in 0..3 {
+            let response = send(&pool, b"x", Resend::Never).await.unwrap();
+            assert_eq!(response.status, 204);
+        }
+        assert_eq!(server.connections.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
@@ -701,7 +739,12 @@ mod tests {
         let pool = client(&server.origin);
         let cut = tokio::time::timeout(
             Duration::from_millis(100),
-            pool.send(request(b"first"), Resend::IfUnanswered, MAX_WRITE_RESPONSE),
+            pool.send(
+                request(b"first"),
+                Resend::IfUnanswered,
+                &|| Some(request(b"first")),
+                MAX_WRITE_RESPONSE,
+            ),
         )
         .await;
         assert!(cut.is_err(), "the slow request timed out");
@@ -853,7 +896,12 @@ mod tests {
         let pool = client(&server.origin);
         let cut = tokio::time::timeout(
             Duration::from_millis(300),
-            pool.send(request(b"x"), Resend::IfUnanswered, MAX_WRITE_RESPONSE),
+            pool.send(
+                request(b"x"),
+                Resend::IfUnanswered,
+                &|| Some(request(b"x")),
+                MAX_WRITE_RESPONSE,
+            ),
         )
         .await;
         assert!(cut.is_err(), "still waiting for the chunk");

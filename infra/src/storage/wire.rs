@@ -15,7 +15,7 @@
 //! and signed here too, and sent the same way: no official Azure SDK for tables exists.
 
 use super::credential::Cached;
-use super::pool::{Pool, Resend, Response, MAX_QUERY_RESPONSE, MAX_WRITE_RESPONSE};
+use super::pool::{Pool, Rebuild, Resend, Response, MAX_QUERY_RESPONSE, MAX_WRITE_RESPONSE};
 use super::{full_chain, percent_encode, redact, ErrorKind};
 use azure_core::credentials::AccessToken;
 use base64::Engine;
@@ -124,6 +124,7 @@ pub(super) struct Transacted {
 }
 
 /// What a request is, before its body: what [`TableWire::request`] signs and sends.
+#[derive(Clone)]
 pub(super) struct Head<'a> {
     method: hyper::Method,
     /// After the endpoint and a slash; signed.
@@ -212,10 +213,12 @@ impl TableWire {
     /// Inserts or replaces one row.
     pub(super) async fn upsert(&self, table: &str, row: &Row) -> Result<(), ErrorKind> {
         let token = self.token().await?;
-        let request = self.upsert_request(table, row, bearer(token.as_ref()))?;
+        let bearer = bearer(token.as_ref());
+        let request = self.upsert_request(table, row, bearer)?;
+        let again = || self.upsert_request(table, row, bearer).ok();
         check(
             &self
-                .execute(request, Resend::IfUnanswered, MAX_WRITE_RESPONSE)
+                .execute(request, Resend::IfUnanswered, &again, MAX_WRITE_RESPONSE)
                 .await?,
         )
     }
@@ -227,12 +230,14 @@ impl TableWire {
         ops: &[WireOp<'_>],
     ) -> Result<Transacted, ErrorKind> {
         let token = self.token().await?;
-        let request = self.transact_request(table, ops, bearer(token.as_ref()))?;
+        let bearer = bearer(token.as_ref());
+        let request = self.transact_request(table, ops, bearer)?;
+        let again = || self.transact_request(table, ops, bearer).ok();
         // A transaction repeated changes nothing: its upserts and merges write the same, and
         // its conditional deletes find their rows gone (412 or 404, as a refusal), and its
         // inserts their rows there (409, as a refusal that names the insert).
         let answer = self
-            .execute(request, Resend::IfUnanswered, MAX_WRITE_RESPONSE)
+            .execute(request, Resend::IfUnanswered, &again, MAX_WRITE_RESPONSE)
             .await?;
         check(&answer)?;
         let text = std::str::from_utf8(&answer.body)
@@ -398,24 +403,28 @@ impl TableWire {
         max_body: usize,
     ) -> Result<Response, ErrorKind> {
         let token = self.token().await?;
-        let request = self.request(head, body, bearer(token.as_ref()))?;
-        let answer = self.execute(request, resend, max_body).await?;
+        let bearer = bearer(token.as_ref());
+        let request = self.request(head.clone(), body.clone(), bearer)?;
+        let again = || self.request(head.clone(), body.clone(), bearer).ok();
+        let answer = self.execute(request, resend, &again, max_body).await?;
         check(&answer)?;
         Ok(answer)
     }
 
     /// Sends `request` on `direct`'s connections (or, with a proxy, the pooled client's) and
-    /// reads the whole response (so the connection goes back to the pool at once).
+    /// reads the whole response (so the connection goes back to the pool at once); `again`
+    /// builds it anew for a resend (see [`Pool::send`]).
     async fn execute(
         &self,
         request: hyper::Request<Bytes>,
         resend: Resend,
+        again: Rebuild<'_>,
         max_body: usize,
     ) -> Result<Response, ErrorKind> {
         if let Some(direct) = &self.direct {
             // An I/O error names no URL, so no SAS signature can reach a log from here.
             return direct
-                .send(request, resend, max_body)
+                .send(request, resend, again, max_body)
                 .await
                 .map_err(|e| ErrorKind::Transport(full_chain(&e)));
         }
