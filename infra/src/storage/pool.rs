@@ -122,6 +122,16 @@ struct Failed {
     unanswered: bool,
 }
 
+impl Failed {
+    /// The connection ended where `what` says.
+    fn closed(unanswered: bool, what: &str) -> Self {
+        Failed {
+            unanswered,
+            error: io::Error::new(io::ErrorKind::UnexpectedEof, what),
+        }
+    }
+}
+
 impl Pool {
     /// For the origin of `endpoint` (`http` or `https`); `trusted_ca` (PEM) adds CAs to the
     /// built-in web roots, as for the pooled client. `None` when a proxy is configured.
@@ -245,13 +255,10 @@ impl Pool {
                 });
             }
             None => {
-                return Err(Failed {
-                    unanswered: true,
-                    error: io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the connection closed before a response",
-                    ),
-                })
+                return Err(Failed::closed(
+                    true,
+                    "the connection closed before a response",
+                ))
             }
         };
         let (parts, body) = response.into_parts();
@@ -272,13 +279,10 @@ impl Pool {
                 Some(Ok(body)) => body.to_bytes(),
                 Some(Err(e)) => return Err(invalid(e.to_string())),
                 None => {
-                    return Err(Failed {
-                        unanswered: false,
-                        error: io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "the connection closed inside a response",
-                        ),
-                    })
+                    return Err(Failed::closed(
+                        false,
+                        "the connection closed inside a response",
+                    ))
                 }
             }
         };
