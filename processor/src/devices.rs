@@ -8,10 +8,17 @@
 //!
 //! Memory is bounded at any device count. The devices known to have a row are a cache of at
 //! most `capacity` ([`Known`]: the least recently seen are forgotten first), and the latest
-//! states waiting for the refresh are at most [`MAX_PENDING`] (a full set wakes the refresh
-//! early). A forgotten device registered again with an older reading than its row holds (a
-//! replay, a backfill) sets its latest state back until its next reading: the table service
-//! has no write conditional on a property's value.
+//! states waiting for the refresh are at most [`MAX_PENDING`]. So is the rate: each row is
+//! refreshed by this processor about once per interval of its readings' measured time, as
+//! long as the cache holds the devices it sees (a backlog drained faster than real time
+//! refreshes them as often faster). When the set is full, a device whose row is an interval
+//! old or more takes the place of one queued while its row was newer, and only a set full of
+//! such stale devices wakes the refresh early; a newer one waits for a later reading
+//! (otherwise, past [`MAX_PENDING`] devices, every reading would be a device-row write, all
+//! into the device table's one partition).
+//! A forgotten device registered again with an older reading than its row holds (a replay, a
+//! backfill) sets its latest state back until its next reading: the table service has no
+//! write conditional on a property's value.
 //! A device the cache does not hold is registered again, with insert semantics: a device that
 //! has a row is merged into, so its `FirstSeen` is never overwritten. Which devices have rows
 //! is learnt from the transaction itself: it is sent presuming each device new or existing,
@@ -29,8 +36,8 @@ use std::sync::{Mutex, PoisonError};
 
 /// How long one refresh of a chunk of device rows may retry.
 const FLUSH_TIME: std::time::Duration = std::time::Duration::from_secs(10);
-/// Most latest states waiting for the refresh (a few hundred bytes each): a full set is
-/// written at once, 100 transactions, so at most about 0.01 per reading of fresh devices.
+/// Most latest states waiting for the refresh (a few hundred bytes each): a full set of stale
+/// devices is written at once, 100 transactions.
 pub const MAX_PENDING: usize = 10_000;
 /// Wrong presumptions one registration transaction may take before its devices are
 /// registered one by one, concurrently: a chunk of new and known devices mixed half and half
@@ -46,8 +53,11 @@ pub type Latest = HashMap<String, (Reading, i64)>;
 pub struct Registry {
     pub table: Table,
     state: Mutex<State>,
-    /// Woken when the pending latest states reach the cache's capacity: flush them now.
+    /// Woken when the pending latest states are a full set of stale devices: flush them now.
     pub full: tokio::sync::Notify,
+    /// The refresh interval, in milliseconds of measured time: a row this old or older is
+    /// stale.
+    interval_ms: i64,
 }
 
 #[derive(Debug)]
@@ -55,7 +65,10 @@ struct State {
     known: Known,
     /// Latest states newer than the rows hold, waiting for the next flush: at most
     /// [`MAX_PENDING`] of them.
-    pending: HashMap<String, (Reading, i64)>,
+    pending: HashMap<String, Pending>,
+    /// Devices queued since the last flush while their rows were under an interval old: the
+    /// ones a stale device may take the place of, the last queued first.
+    fresh: Vec<String>,
     /// What most devices of the last registration turned out to be: the first presumption
     /// for the next (a restart finds devices with rows; a new fleet finds none).
     presume: Presence,
@@ -94,6 +107,20 @@ impl Known {
         self.young.get_mut(id)
     }
 
+    /// The newest reading time of `id`, if it is known, without making it the most recently
+    /// seen.
+    fn peek(&self, id: &str) -> Option<i64> {
+        self.young.get(id).or_else(|| self.old.get(id)).copied()
+    }
+
+    /// Sets the newest reading time of `id` back, if it is known, without making it the most
+    /// recently seen.
+    fn set_back(&mut self, id: &str, newest: i64) {
+        if let Some(slot) = self.young.get_mut(id).or_else(|| self.old.get_mut(id)) {
+            *slot = newest;
+        }
+    }
+
     fn insert(&mut self, id: Box<str>, newest: i64) {
         self.old.remove(&id);
         if self.young.len() >= self.capacity / 2 && !self.young.contains_key(&id) {
@@ -104,17 +131,49 @@ impl Known {
     }
 }
 
+/// A latest state waiting for the refresh.
+#[derive(Debug)]
+struct Pending {
+    reading: Reading,
+    ingested_at_ms: i64,
+    /// The measured time of the newest reading the row holds, as far as this processor knows:
+    /// what the cache takes back if this state is put aside.
+    written: i64,
+    /// Queued while the row was under an interval old: a stale device may take its place.
+    fresh: bool,
+}
+
+impl State {
+    /// Puts aside the last state queued while its row was fresh, if any is left, to make room:
+    /// the cache takes back the time its row holds, so a later reading queues it again.
+    fn put_aside_fresh(&mut self) -> bool {
+        while let Some(id) = self.fresh.pop() {
+            if !self.pending.get(&id).is_some_and(|p| p.fresh) {
+                continue; // written or put aside since, or queued again as stale
+            }
+            if let Some(put_aside) = self.pending.remove(&id) {
+                self.known.set_back(&id, put_aside.written);
+                return true;
+            }
+        }
+        false
+    }
+}
+
 impl Registry {
-    /// A registry that knows at most `capacity` devices at a time.
-    pub fn new(table: Table, capacity: usize) -> Self {
+    /// A registry that knows at most `capacity` devices at a time and refreshes their rows
+    /// every `interval`.
+    pub fn new(table: Table, capacity: usize, interval: std::time::Duration) -> Self {
         Self {
             table,
             state: Mutex::new(State {
                 known: Known::new(capacity),
                 pending: HashMap::new(),
+                fresh: Vec::new(),
                 presume: Presence::Existing,
             }),
             full: tokio::sync::Notify::new(),
+            interval_ms: i64::try_from(interval.as_millis()).unwrap_or(i64::MAX),
         }
     }
 
@@ -127,33 +186,60 @@ impl Registry {
     /// the next flush; the others are returned (chunked for transactions), to be registered
     /// with [`Registry::register`] before the round deletes its messages.
     pub fn note(&self, latest: Latest) -> Vec<Vec<(Reading, i64)>> {
-        let mut fresh = Vec::new();
+        let mut unknown = Vec::new();
         let mut deferred = 0u64;
+        let mut flush_due = false;
         let mut state = self.state();
         let state = &mut *state;
         for (id, (reading, ingested_at_ms)) in latest {
             let Some(newest) = state.known.newest(&id) else {
-                fresh.push((reading, ingested_at_ms));
+                unknown.push((reading, ingested_at_ms));
                 continue;
             };
             if reading.measured_at_ms <= *newest {
                 continue;
             }
-            if state.pending.len() >= MAX_PENDING && !state.pending.contains_key(&id) {
-                // The device's next reading brings its state (not marked as written, so it
-                // is not taken for older); the flush is due now.
-                deferred += 1;
+            let measured_at_ms = reading.measured_at_ms;
+            if let Some(queued) = state.pending.get_mut(&id) {
+                *newest = measured_at_ms;
+                queued.reading = reading;
+                queued.ingested_at_ms = ingested_at_ms;
                 continue;
             }
-            *newest = reading.measured_at_ms;
-            state.pending.insert(id, (reading, ingested_at_ms));
+            let written = *newest;
+            let fresh = measured_at_ms.saturating_sub(written) < self.interval_ms;
+            if state.pending.len() >= MAX_PENDING && (fresh || !state.put_aside_fresh()) {
+                // The device's next reading brings its state (not marked as written, so it
+                // is not taken for older). A stale one finds the set full of stale ones: the
+                // flush is due now.
+                deferred += 1;
+                flush_due |= !fresh;
+                continue;
+            }
+            if let Some(newest) = state.known.newest(&id) {
+                *newest = measured_at_ms;
+            }
+            if fresh {
+                state.fresh.push(id.clone());
+            }
+            state.pending.insert(
+                id,
+                Pending {
+                    reading,
+                    ingested_at_ms,
+                    written,
+                    fresh,
+                },
+            );
         }
         if deferred > 0 {
             metrics::counter!(m::DEVICE_UPDATES_DEFERRED).increment(deferred);
+        }
+        if flush_due {
             self.full.notify_one();
         }
         metrics::gauge!(m::DEVICES_KNOWN).set(state.known.len() as f64);
-        chunk(fresh)
+        chunk(unknown)
     }
 
     /// Writes the device rows of up to 100 devices (each with its newest reading) and
@@ -282,10 +368,14 @@ impl Registry {
         };
         for (reading, _) in devices {
             let id = reading.device_id.as_str();
-            // A waiting state older than the row now written would only take it back.
-            if let hash_map::Entry::Occupied(slot) = state.pending.entry(id.to_owned()) {
-                if slot.get().0.measured_at_ms <= reading.measured_at_ms {
+            // A waiting state older than the row now written would only take it back; a newer
+            // one keeps this row's time, to give back if it is put aside.
+            if let hash_map::Entry::Occupied(mut slot) = state.pending.entry(id.to_owned()) {
+                if slot.get().reading.measured_at_ms <= reading.measured_at_ms {
                     slot.remove();
+                } else {
+                    let queued = slot.get_mut();
+                    queued.written = queued.written.max(reading.measured_at_ms);
                 }
             }
             state.known.insert(id.into(), reading.measured_at_ms);
@@ -295,9 +385,11 @@ impl Registry {
     /// Writes every pending latest state, by `until`. Failed devices, and those not reached
     /// by then, stay pending for the next flush.
     pub async fn flush(&self, until: tokio::time::Instant) {
-        let pending: Vec<(Reading, i64)> = std::mem::take(&mut self.state().pending)
-            .into_values()
-            .collect();
+        let pending: Vec<Pending> = {
+            let mut state = self.state();
+            state.fresh.clear();
+            std::mem::take(&mut state.pending).into_values().collect()
+        };
         if pending.is_empty() {
             return;
         }
@@ -306,7 +398,7 @@ impl Registry {
         for readings in pending.chunks(MAX_BATCH_OPERATIONS) {
             let rows: Vec<Entity> = readings
                 .iter()
-                .map(|(r, ingested)| device::row(r, *ingested, None))
+                .map(|p| device::row(&p.reading, p.ingested_at_ms, None))
                 .collect();
             let rows = rows.as_slice();
             let deadline = until.min(tokio::time::Instant::now() + FLUSH_TIME);
@@ -323,14 +415,32 @@ impl Registry {
                 continue;
             }
             let mut state = self.state();
-            for (reading, ingested) in readings {
-                if !failed.contains_key(&reading.device_id) {
+            for queued in readings {
+                if !failed.contains_key(&queued.reading.device_id) {
                     continue;
                 }
-                if let hash_map::Entry::Vacant(slot) =
-                    state.pending.entry(reading.device_id.clone())
+                let id = queued.reading.device_id.as_str();
+                // Only a state the cache still takes for the device's newest goes back: one
+                // noted or registered since is newer, and a forgotten device registers again.
+                if state.pending.contains_key(id)
+                    || state.known.peek(id) != Some(queued.reading.measured_at_ms)
                 {
-                    slot.insert((reading.clone(), *ingested));
+                    continue;
+                }
+                if state.pending.len() < MAX_PENDING {
+                    // Not among the states a stale device may take the place of: it waited
+                    // its turn already.
+                    state.pending.insert(
+                        id.to_owned(),
+                        Pending {
+                            reading: queued.reading.clone(),
+                            fresh: false,
+                            ..*queued
+                        },
+                    );
+                } else {
+                    // No room: the device's next reading queues it again.
+                    state.known.set_back(id, queued.written);
                 }
             }
         }
@@ -440,13 +550,17 @@ mod tests {
         }
     }
 
+    /// The refresh interval of the tests' registries: rows registered at 1,000 ms are stale
+    /// from 6,000 ms on.
+    const INTERVAL: Duration = Duration::from_secs(5);
+
     fn registry(capacity: usize) -> Registry {
         let account = Account::from_connection_string(
             infra::storage::DEVELOPMENT_STORAGE,
             Duration::from_secs(1),
         )
         .unwrap();
-        Registry::new(account.table("devices"), capacity)
+        Registry::new(account.table("devices"), capacity, INTERVAL)
     }
 
     fn latest(offered: &[(Reading, i64)]) -> Latest {
@@ -492,7 +606,7 @@ mod tests {
             !state.pending.contains_key("a"),
             "older than the registered row"
         );
-        assert_eq!(state.pending["b"].0.measured_at_ms, 6_000);
+        assert_eq!(state.pending["b"].reading.measured_at_ms, 6_000);
     }
 
     #[test]
@@ -561,5 +675,63 @@ mod tests {
             std::future::Future::poll(woken.as_mut(), &mut cx).is_ready(),
             "the flush is woken"
         );
+    }
+
+    #[test]
+    fn past_the_bound_each_row_is_refreshed_about_once_per_interval() {
+        let r = registry(1_000_000);
+        let ids: Vec<String> = (0..3 * MAX_PENDING).map(|i| format!("d{i}")).collect();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        known(&r, &refs);
+        let woken = r.full.notified();
+        let mut woken = std::pin::pin!(woken);
+        woken.as_mut().enable();
+        let mut poll_woken = || {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            std::future::Future::poll(woken.as_mut(), &mut cx).is_ready()
+        };
+        let offer = |ids: &[&str], ms: i64| {
+            let offered: Vec<(Reading, i64)> = ids.iter().map(|id| (reading(id, ms), 2)).collect();
+            assert!(r.note(latest(&offered)).is_empty());
+        };
+
+        // Every device reports again before its row is an interval old: the set fills, and
+        // the rest wait, without an early flush (which would write every reading).
+        offer(&refs, 2_000);
+        assert_eq!(r.state().pending.len(), MAX_PENDING);
+        assert!(
+            !poll_woken(),
+            "rows under an interval old wait for the interval"
+        );
+        let (queued, waiting): (Vec<&str>, Vec<&str>) = refs
+            .iter()
+            .partition(|id| r.state().pending.contains_key(**id));
+        assert_eq!(waiting.len(), 2 * MAX_PENDING);
+
+        // Half of those report with their rows an interval old: each takes the place of a
+        // fresh one, which gets its row's time back and is queued again by a later reading.
+        let (stale, later) = waiting.split_at(MAX_PENDING / 2);
+        offer(stale, 7_000);
+        let mut state = r.state();
+        assert_eq!(state.pending.len(), MAX_PENDING);
+        assert!(stale.iter().all(|id| state.pending.contains_key(*id)));
+        let put_aside: Vec<&str> = queued
+            .iter()
+            .copied()
+            .filter(|id| !state.pending.contains_key(*id))
+            .collect();
+        assert_eq!(put_aside.len(), MAX_PENDING / 2);
+        assert!(put_aside
+            .iter()
+            .all(|id| state.known.newest(id).copied() == Some(1_000)));
+        drop(state);
+        assert!(!poll_woken(), "room was made without a flush");
+
+        // More stale devices than fresh states left: the set is all stale, and the flush is due.
+        offer(later, 7_000);
+        let state = r.state();
+        assert!(state.pending.values().all(|p| !p.fresh));
+        drop(state);
+        assert!(poll_woken(), "a set full of stale devices wakes the flush");
     }
 }

@@ -69,6 +69,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         devices: devices::Registry::new(
             account.table(&config.device_table),
             usize::try_from(config.device_cache).unwrap_or(usize::MAX),
+            config.device_update_interval,
         ),
         rules: classify::Rules {
             topic_prefix: config.topic_prefix.clone(),

@@ -39,8 +39,9 @@ pub const DEVICES_KNOWN: &str = "processor_devices_known";
 /// Device registrations sent again because a device was presumed new and had a row, or the
 /// reverse (a device the cache forgot, or the first registrations after a start).
 pub const DEVICES_PRESUMED_WRONGLY: &str = "processor_devices_presumed_wrongly_total";
-/// Latest-state updates left for the device's next reading because as many as the cache
-/// holds were already waiting for the refresh (which is then woken).
+/// Latest-state updates left for the device's next reading because as many as the refresh
+/// holds were already waiting: routine past 10,000 devices a processor sees; the refresh is
+/// woken early only when all that wait are stale.
 pub const DEVICE_UPDATES_DEFERRED: &str = "processor_device_updates_deferred_total";
 /// Readings that replaced another of the same device and millisecond with other values,
 /// within one round (a re-sent correction; copies of one reading do not count).
