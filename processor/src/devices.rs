@@ -113,9 +113,9 @@ impl Known {
         self.young.get(id).or_else(|| self.old.get(id)).copied()
     }
 
-    /// Sets the newest reading time of `id` back, if it is known, without making it the most
+    /// Sets the newest reading time of `id`, if it is known, without making it the most
     /// recently seen.
-    fn set_back(&mut self, id: &str, newest: i64) {
+    fn set(&mut self, id: &str, newest: i64) {
         if let Some(slot) = self.young.get_mut(id).or_else(|| self.old.get_mut(id)) {
             *slot = newest;
         }
@@ -152,7 +152,7 @@ impl State {
                 continue; // written or put aside since, or queued again as stale
             }
             if let Some(put_aside) = self.pending.remove(&id) {
-                self.known.set_back(&id, put_aside.written);
+                self.known.set(&id, put_aside.written);
                 return true;
             }
         }
@@ -208,16 +208,17 @@ impl Registry {
             }
             let written = *newest;
             let fresh = measured_at_ms.saturating_sub(written) < self.interval_ms;
-            if state.pending.len() >= MAX_PENDING && (fresh || !state.put_aside_fresh()) {
+            if state.pending.len() < MAX_PENDING {
+                *newest = measured_at_ms;
+            } else if !fresh && state.put_aside_fresh() {
+                state.known.set(&id, measured_at_ms);
+            } else {
                 // The device's next reading brings its state (not marked as written, so it
                 // is not taken for older). A stale one finds the set full of stale ones: the
                 // flush is due now.
                 deferred += 1;
                 flush_due |= !fresh;
                 continue;
-            }
-            if let Some(newest) = state.known.newest(&id) {
-                *newest = measured_at_ms;
             }
             if fresh {
                 state.fresh.push(id.clone());
@@ -440,7 +441,7 @@ impl Registry {
                     );
                 } else {
                     // No room: the device's next reading queues it again.
-                    state.known.set_back(id, queued.written);
+                    state.known.set(id, queued.written);
                 }
             }
         }
