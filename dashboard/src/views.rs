@@ -69,6 +69,12 @@ pub fn rollup(r: &Rollup) -> Value {
         "temperature": stats(&r.stats[0]),
         "humidity": stats(&r.stats[1]),
         "pressure": stats(&r.stats[2]),
+        "seq": r.seqs.map(|q| json!({
+            "first": q.first,
+            "last": q.last,
+            "distinct": q.distinct,
+            "missing": q.missing,
+        })),
     })
 }
 
@@ -81,7 +87,7 @@ pub fn rollups_csv(rollups: &[Rollup]) -> String {
             out.push_str(&format!(",{m}{part}"));
         }
     }
-    out.push_str("\r\n");
+    out.push_str(",seqFirst,seqLast,seqDistinct,seqMissing\r\n");
     for r in rollups {
         out.push_str(&format!(
             "{},{},{},{}",
@@ -101,7 +107,13 @@ pub fn rollups_csv(rollups: &[Rollup]) -> String {
                 ));
             }
         }
-        out.push_str("\r\n");
+        match r.seqs {
+            Some(q) => out.push_str(&format!(
+                ",{},{},{},{}\r\n",
+                q.first, q.last, q.distinct, q.missing
+            )),
+            None => out.push_str(",,,,\r\n"),
+        }
     }
     out
 }
@@ -177,5 +189,29 @@ mod tests {
             lines[1],
             r#"2024-01-15T10:00:00.123Z,2024-01-15T10:00:01.000Z,7,21.5,,1013,"{""mode"":""a \""quoted\"", b""}""#
         );
+    }
+
+    #[test]
+    fn rollups_carry_their_ledger_or_none() {
+        use schemas::rollup::Interval;
+        let numbered = row().reading;
+        let unnumbered = Reading {
+            seq: None,
+            ..row().reading
+        };
+        let start = Interval::Hour.floor(numbered.measured_at_ms);
+        let with = Rollup::of(Interval::Hour, start, [&numbered]).unwrap();
+        let without = Rollup::of(Interval::Hour, start, [&unnumbered]).unwrap();
+        assert_eq!(
+            rollup(&with)["seq"],
+            json!({"first": 7, "last": 7, "distinct": 1, "missing": 0})
+        );
+        assert_eq!(rollup(&without)["seq"], Value::Null);
+        let csv = rollups_csv(&[with, without]);
+        let lines: Vec<&str> = csv.split("\r\n").collect();
+        assert!(lines[0].ends_with(",pressureSum,seqFirst,seqLast,seqDistinct,seqMissing"));
+        assert!(lines[1].ends_with(",7,7,1,0"), "{}", lines[1]);
+        assert!(lines[2].ends_with(",,,,"), "{}", lines[2]);
+        assert_eq!(lines[0].split(',').count(), lines[2].split(',').count());
     }
 }

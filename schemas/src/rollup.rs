@@ -1,5 +1,6 @@
 //! Rollups: per device and UTC hour or day, each measurement's count, min, max and sum (so
-//! means combine exactly), and the first and last reading times.
+//! means combine exactly), the first and last reading times, and the completeness ledger
+//! ([`Seqs`]): which of the readings the device numbered are stored.
 //!
 //! Table `rollups`: PartitionKey = device id, RowKey = `1h|<period start>` or `1d|<period
 //! start>` ([`Interval::row_key`], fixed width), so one device's range of one interval is one
@@ -116,6 +117,70 @@ impl Stats {
     }
 }
 
+/// The completeness ledger of a period: of the readings the device numbered (`seq`), which are
+/// stored. A device counts its readings up; a fall in `seq`, in time order, is the device
+/// counting again from the start (a restart), so the period is split there into runs, and
+/// each run's missing readings are the numbers between its lowest and highest `seq` that no
+/// stored reading carries. Exact, since a rollup is recomputed from its readings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seqs {
+    /// The `seq` of the period's first and last numbered readings, in time order.
+    pub first: i64,
+    pub last: i64,
+    /// Distinct `seq` stored, run by run (a number the device used again after a restart is
+    /// another reading).
+    pub distinct: u64,
+    /// Numbers skipped inside the runs: readings sent and never stored, or never sent.
+    pub missing: u64,
+}
+
+impl Seqs {
+    /// The ledger of `seqs` in time order; `None` for none.
+    fn of(seqs: &[i64]) -> Option<Self> {
+        let (&first, &last) = (seqs.first()?, seqs.last()?);
+        let (mut distinct, mut missing) = (0, 0);
+        for run in seqs.chunk_by(|a, b| b >= a) {
+            let mut run = run.to_vec();
+            run.dedup();
+            let span = run[run.len() - 1].abs_diff(run[0]) + 1;
+            distinct += run.len() as u64;
+            missing += span - run.len() as u64;
+        }
+        Some(Self {
+            first,
+            last,
+            distinct,
+            missing,
+        })
+    }
+
+    /// The ledger of consecutive periods, in time order: each boundary where the count went on
+    /// adds the numbers skipped across it.
+    fn combine(parts: impl IntoIterator<Item = Seqs>) -> Option<Self> {
+        let mut out: Option<Seqs> = None;
+        for p in parts {
+            out = Some(match out {
+                None => p,
+                // The count went on across the boundary (a fall is a restart): the numbers
+                // between are missing, and a number on both sides is one reading.
+                Some(o) => Seqs {
+                    first: o.first,
+                    last: p.last,
+                    distinct: o.distinct + p.distinct - u64::from(p.first == o.last),
+                    missing: o.missing
+                        + p.missing
+                        + if p.first > o.last {
+                            p.first.abs_diff(o.last) - 1
+                        } else {
+                            0
+                        },
+                },
+            });
+        }
+        out
+    }
+}
+
 /// The measurements a rollup covers, by property name.
 pub const MEASUREMENTS: [&str; 3] = ["Temperature", "Humidity", "Pressure"];
 
@@ -130,6 +195,9 @@ pub struct Rollup {
     pub last_at_ms: i64,
     /// Per measurement, in [`MEASUREMENTS`] order.
     pub stats: [Stats; 3],
+    /// The completeness ledger; `None` when no reading of the period has a `seq`, or for the
+    /// combination of parts that overlap in time (see [`Rollup::combine`]).
+    pub seqs: Option<Seqs>,
 }
 
 impl Rollup {
@@ -140,7 +208,9 @@ impl Rollup {
         readings: impl IntoIterator<Item = &'r Reading>,
     ) -> Option<Self> {
         let mut out: Option<Rollup> = None;
+        let mut seqs = Vec::new();
         for r in readings {
+            seqs.extend(r.seq);
             let rollup = out.get_or_insert_with(|| Rollup {
                 device_id: r.device_id.clone(),
                 interval,
@@ -149,6 +219,7 @@ impl Rollup {
                 first_at_ms: r.measured_at_ms,
                 last_at_ms: r.measured_at_ms,
                 stats: [Stats::default(); 3],
+                seqs: None,
             });
             rollup.count += 1;
             rollup.first_at_ms = rollup.first_at_ms.min(r.measured_at_ms);
@@ -163,10 +234,16 @@ impl Rollup {
                 }
             }
         }
+        if let Some(rollup) = out.as_mut() {
+            rollup.seqs = Seqs::of(&seqs);
+        }
         out
     }
 
-    /// Combines the rollups of the parts of a period (a day's hours), in time order.
+    /// Combines the rollups of the parts of a period: a day's hours, in time order, or one
+    /// period's parts in several shards. The ledger combines only for parts that follow one
+    /// another in time; of parts that overlap (one period's readings in two shards), which
+    /// numbers the others filled is not in their rollups, so the result has none.
     pub fn combine(interval: Interval, start_ms: i64, parts: &[Rollup]) -> Option<Self> {
         let first = parts.first()?;
         let mut out = Rollup {
@@ -175,6 +252,12 @@ impl Rollup {
             stats: [Stats::default(); 3],
             count: 0,
             ..first.clone()
+        };
+        let consecutive = parts.windows(2).all(|w| w[1].first_at_ms > w[0].last_at_ms);
+        out.seqs = if consecutive {
+            Seqs::combine(parts.iter().filter_map(|p| p.seqs))
+        } else {
+            None
         };
         for p in parts {
             out.count += p.count;
@@ -212,6 +295,16 @@ impl Rollup {
             );
             for (part, v) in [("Min", s.min), ("Max", s.max), ("Sum", s.sum)] {
                 typed(&mut e, &format!("{name}{part}"), entity::DOUBLE, v.into());
+            }
+        }
+        if let Some(q) = &self.seqs {
+            for (name, v) in [
+                ("SeqFirst", q.first.to_string()),
+                ("SeqLast", q.last.to_string()),
+                ("SeqDistinct", q.distinct.to_string()),
+                ("SeqMissing", q.missing.to_string()),
+            ] {
+                typed(&mut e, name, INT64, v.into());
             }
         }
         e
@@ -256,6 +349,28 @@ impl Rollup {
                 sum: part("Sum")?,
             };
         }
+        // A row written before the ledger existed has none: it is recomputed like any other.
+        let seqs = match e.get("SeqFirst") {
+            None => None,
+            Some(_) => {
+                let int = |name: &str| {
+                    e.get(name)
+                        .and_then(integer_of)
+                        .ok_or_else(|| RowError::new(format!("{name} is missing")))
+                };
+                let count = |name: &str| {
+                    int(name).and_then(|n| {
+                        u64::try_from(n).map_err(|_| RowError::new(format!("{name} {n}")))
+                    })
+                };
+                Some(Seqs {
+                    first: int("SeqFirst")?,
+                    last: int("SeqLast")?,
+                    distinct: count("SeqDistinct")?,
+                    missing: count("SeqMissing")?,
+                })
+            }
+        };
         Ok(Rollup {
             device_id: text("PartitionKey")?.to_owned(),
             interval,
@@ -264,6 +379,7 @@ impl Rollup {
             first_at_ms: time("FirstAt")?,
             last_at_ms: time("LastAt")?,
             stats,
+            seqs,
         })
     }
 }
@@ -414,6 +530,105 @@ mod tests {
         assert_eq!(combined, direct);
     }
 
+    fn numbered(at: i64, seq: i64) -> Reading {
+        Reading {
+            seq: Some(seq),
+            ..reading(at, Some(20.0), None)
+        }
+    }
+
+    /// Readings one a minute from `H0`, numbered `seqs`, plus one without a number.
+    fn numbered_hour(seqs: &[i64]) -> Vec<Reading> {
+        let mut readings: Vec<Reading> = (0..)
+            .zip(seqs)
+            .map(|(i, &seq)| numbered(H0 + i * 60_000, seq))
+            .collect();
+        readings.push(reading(H0 + 3_599_000, Some(1.0), None));
+        readings
+    }
+
+    #[test]
+    fn an_hour_keeps_the_ledger_of_its_numbered_readings() {
+        let ledger = |seqs: &[i64]| {
+            Rollup::of(Interval::Hour, H0, &numbered_hour(seqs))
+                .unwrap()
+                .seqs
+        };
+        // 12, 14 and 15 skipped; 13 twice (a duplicate with another time) is one reading.
+        assert_eq!(
+            ledger(&[10, 11, 13, 13, 16]),
+            Some(Seqs {
+                first: 10,
+                last: 16,
+                distinct: 4,
+                missing: 3
+            })
+        );
+        // A fall is a restart: 100-101, then 0-3 with 2 skipped; 0 and 1 again are readings.
+        assert_eq!(
+            ledger(&[100, 101, 0, 1, 3]),
+            Some(Seqs {
+                first: 100,
+                last: 3,
+                distinct: 5,
+                missing: 1
+            })
+        );
+        assert_eq!(
+            ledger(&[7]),
+            Some(Seqs {
+                first: 7,
+                last: 7,
+                distinct: 1,
+                missing: 0
+            })
+        );
+        assert_eq!(ledger(&[]), None, "no numbered reading, no ledger");
+    }
+
+    #[test]
+    fn a_days_ledger_combines_its_hours_exactly() {
+        // Every 20 minutes for a day, numbered on, with numbers skipped inside hours and
+        // across their boundaries, a number repeated across a boundary, a restart at a
+        // boundary and one inside an hour, and an hour without numbers.
+        let mut seq = 0;
+        let readings: Vec<Reading> = (0..72)
+            .map(|i| {
+                seq = match i {
+                    5 | 9 => seq + 3,
+                    12 => seq,
+                    30 => 0,
+                    40 => 2,
+                    _ => seq + 1,
+                };
+                let r = reading(H0 + i * 1_200_000, Some(i as f64), None);
+                if (45..48).contains(&i) {
+                    r
+                } else {
+                    Reading {
+                        seq: Some(seq),
+                        ..r
+                    }
+                }
+            })
+            .collect();
+        let hours = hourly(&readings);
+        assert_eq!(hours.len(), 24);
+        let day = Interval::Day.floor(H0);
+        let combined = Rollup::combine(Interval::Day, day, &hours).unwrap();
+        let direct = Rollup::of(Interval::Day, day, &readings).unwrap();
+        assert_eq!(combined, direct);
+        assert!(direct.seqs.unwrap().missing > 0);
+    }
+
+    #[test]
+    fn parts_that_overlap_in_time_have_no_combined_ledger() {
+        let a = Rollup::of(Interval::Hour, H0, &[numbered(H0, 1), numbered(H0 + 20, 3)]);
+        let b = Rollup::of(Interval::Hour, H0, &[numbered(H0 + 10, 2)]);
+        let both = Rollup::combine(Interval::Hour, H0, &[a.unwrap(), b.unwrap()]).unwrap();
+        assert_eq!((both.count, both.seqs), (3, None));
+    }
+
     #[test]
     fn rows_round_trip_and_sort_by_time() {
         let readings = [reading(H0 + 5, Some(-3.5), Some(99.25))];
@@ -423,6 +638,17 @@ mod tests {
         assert_eq!(e["Count@odata.type"], "Edm.Int64");
         assert!(!e.contains_key("PressureCount"));
         assert_eq!(Rollup::from_entity(&e).unwrap(), r);
+        assert!(
+            !e.contains_key("SeqFirst"),
+            "no numbered reading, no ledger"
+        );
+        let r = Rollup::of(Interval::Hour, H0, &numbered_hour(&[4, 6])).unwrap();
+        let e = r.to_entity();
+        assert_eq!(e["SeqMissing@odata.type"], "Edm.Int64");
+        assert_eq!(Rollup::from_entity(&e).unwrap(), r);
+        let mut partial = e.clone();
+        partial.remove("SeqMissing");
+        assert!(Rollup::from_entity(&partial).is_err());
         assert!(Interval::Hour.row_key(H0) < Interval::Hour.row_key(H0 + HOUR_MS));
         assert_eq!(
             Interval::Day.row_key(Interval::Day.floor(H0)),

@@ -1,11 +1,13 @@
 //! Rollups as a Parquet file, for the query API's `format=parquet`: one row per period, the
-//! archive's conventions (snake_case columns, UTC microsecond timestamps, ZSTD), and per
-//! measurement its count, min, max, mean and sum (null when the period has none of it).
+//! archive's conventions (snake_case columns, UTC microsecond timestamps, ZSTD), per
+//! measurement its count, min, max, mean and sum (null when the period has none of it), and
+//! the completeness ledger (null when no reading of the period has a `seq`).
 
 use super::{ArchiveError, UTC, ZSTD_LEVEL};
 use crate::rollup::{Rollup, Stats, MEASUREMENTS};
 use arrow_array::{
-    ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMicrosecondArray, UInt64Array,
+    ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+    UInt64Array,
 };
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use bytes::Bytes;
@@ -18,7 +20,8 @@ use std::sync::Arc;
 const PARTS: [&str; 5] = ["count", "min", "max", "mean", "sum"];
 
 /// The rollups' Arrow schema: `device_id`, `period_start`, `count`, `first_at`, `last_at`,
-/// then `temperature_count` .. `pressure_sum`.
+/// then `temperature_count` .. `pressure_sum`, then `seq_first`, `seq_last`, `seq_distinct`,
+/// `seq_missing`.
 pub fn arrow_schema() -> SchemaRef {
     let utc_micros = || DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into()));
     let mut fields = vec![
@@ -43,6 +46,12 @@ pub fn arrow_schema() -> SchemaRef {
             ));
         }
     }
+    fields.extend([
+        Field::new("seq_first", DataType::Int64, true),
+        Field::new("seq_last", DataType::Int64, true),
+        Field::new("seq_distinct", DataType::UInt64, true),
+        Field::new("seq_missing", DataType::UInt64, true),
+    ]);
     Arc::new(Schema::new(fields))
 }
 
@@ -81,6 +90,19 @@ pub fn encode(rollups: &[Rollup]) -> Result<Bytes, ArchiveError> {
         columns.push(present(|s| s.mean().unwrap_or_default()));
         columns.push(present(|s| s.sum));
     }
+    let seqs = || rollups.iter().map(|r| r.seqs);
+    columns.push(Arc::new(Int64Array::from_iter(
+        seqs().map(|q| q.map(|q| q.first)),
+    )));
+    columns.push(Arc::new(Int64Array::from_iter(
+        seqs().map(|q| q.map(|q| q.last)),
+    )));
+    columns.push(Arc::new(UInt64Array::from_iter(
+        seqs().map(|q| q.map(|q| q.distinct)),
+    )));
+    columns.push(Arc::new(UInt64Array::from_iter(
+        seqs().map(|q| q.map(|q| q.missing)),
+    )));
     let schema = arrow_schema();
     let batch = RecordBatch::try_new(schema.clone(), columns)?;
     let props = WriterProperties::builder()
@@ -99,7 +121,7 @@ pub fn encode(rollups: &[Rollup]) -> Result<Bytes, ArchiveError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rollup::Interval;
+    use crate::rollup::{Interval, Seqs};
     use arrow_array::{Array, Float64Array, UInt64Array};
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
@@ -119,6 +141,7 @@ mod tests {
             first_at_ms: start_ms + 1,
             last_at_ms: start_ms + 2,
             stats,
+            seqs: None,
         }
     }
 
@@ -126,7 +149,15 @@ mod tests {
     fn rollups_read_back_with_nulls_for_measurements_a_period_lacks() {
         let rollups = [
             rollup(3_600_000, &[1.0, 2.0, 6.0]),
-            rollup(7_200_000, &[4.0]),
+            Rollup {
+                seqs: Some(Seqs {
+                    first: 8,
+                    last: 12,
+                    distinct: 4,
+                    missing: 1,
+                }),
+                ..rollup(7_200_000, &[4.0])
+            },
         ];
         let bytes = encode(&rollups).unwrap();
         let batches: Vec<RecordBatch> = ParquetRecordBatchReaderBuilder::try_new(bytes)
@@ -153,6 +184,10 @@ mod tests {
         let counts = batch.column_by_name("humidity_count").unwrap();
         let counts = counts.as_any().downcast_ref::<UInt64Array>().unwrap();
         assert_eq!(counts.value(0), 0);
+        let missing = batch.column_by_name("seq_missing").unwrap();
+        let missing = missing.as_any().downcast_ref::<UInt64Array>().unwrap();
+        assert!(missing.is_null(0), "no numbered reading, no ledger");
+        assert_eq!(missing.value(1), 1);
     }
 
     #[test]
