@@ -144,7 +144,8 @@ impl Seqs {
             run.dedup();
             let span = run[run.len() - 1].abs_diff(run[0]) + 1;
             distinct += run.len() as u64;
-            missing += span - run.len() as u64;
+            // Saturating: a hostile device may number 0 and 2^63-1 in one run, and again.
+            missing = u64::saturating_add(missing, span - run.len() as u64);
         }
         Some(Self {
             first,
@@ -167,13 +168,13 @@ impl Seqs {
                     first: o.first,
                     last: p.last,
                     distinct: o.distinct + p.distinct - u64::from(p.first == o.last),
-                    missing: o.missing
-                        + p.missing
-                        + if p.first > o.last {
+                    missing: o.missing.saturating_add(p.missing).saturating_add(
+                        if p.first > o.last {
                             p.first.abs_diff(o.last) - 1
                         } else {
                             0
                         },
+                    ),
                 },
             });
         }
@@ -584,6 +585,12 @@ mod tests {
             })
         );
         assert_eq!(ledger(&[]), None, "no numbered reading, no ledger");
+        let top = i64::MAX;
+        assert_eq!(
+            ledger(&[0, top, 0, top, 0, top]).map(|q| q.missing),
+            Some(u64::MAX),
+            "hostile numbers saturate, they do not wrap"
+        );
     }
 
     #[test]
