@@ -4,6 +4,7 @@
 mod adapter;
 mod archive;
 mod chaos;
+mod cluster_broker;
 mod compose;
 mod dashboard;
 mod deadletter;
