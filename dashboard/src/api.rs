@@ -1,7 +1,8 @@
-//! The versioned, read-only API: `/api/v1/devices`, `/api/v1/devices/{id}/readings` and
-//! `/api/v1/pipeline`. Every parameter is checked in [`crate::params`] first, so what reaches
+//! The versioned, read-only API: `/api/v1/devices`, `/api/v1/devices/{id}/readings`,
+//! `/rollups` and `/gaps`, and `/api/v1/pipeline`. Every parameter is checked in [`crate::params`] first, so what reaches
 //! a storage filter is a validated device id or a formatted time, never client text.
 
+use crate::gaps::{self, Hour};
 use crate::merge;
 use crate::params::{self, Format, Params};
 use crate::problem::Problem;
@@ -10,7 +11,7 @@ use crate::views;
 use bytes::Bytes;
 use infra::storage::{Queue, StorageError, Table};
 use schemas::device::{self, Device};
-use schemas::rollup::{self, Interval, Rollup};
+use schemas::rollup::{self, Interval, Rollup, HOUR_MS};
 use schemas::timefmt::{format_ms, now_ms};
 use serde_json::json;
 use std::time::Duration;
@@ -93,6 +94,7 @@ pub fn route_of(path: &str) -> &'static str {
         ["devices"] => "devices",
         ["devices", _, "readings"] => "readings",
         ["devices", _, "rollups"] => "rollups",
+        ["devices", _, "gaps"] => "gaps",
         ["pipeline"] => "pipeline",
         _ => "unknown",
     }
@@ -106,9 +108,10 @@ impl Api {
             ["devices"] => self.list_devices(&params).await,
             ["devices", id, "readings"] => self.readings(&params, id).await,
             ["devices", id, "rollups"] => self.rollups(&params, id).await,
+            ["devices", id, "gaps"] => self.gaps(&params, id).await,
             ["pipeline"] => self.pipeline().await,
             _ => Err(Problem::not_found(
-                "no such endpoint: try /api/v1/devices, /api/v1/devices/{id}/readings, /api/v1/devices/{id}/rollups or /api/v1/pipeline",
+                "no such endpoint: try /api/v1/devices, /api/v1/devices/{id}/readings, /api/v1/devices/{id}/rollups, /api/v1/devices/{id}/gaps or /api/v1/pipeline",
             )),
         }
     }
@@ -282,6 +285,99 @@ impl Api {
                 next: None,
             }),
         }
+    }
+
+    /// The `seq` numbers `id` skipped in the whole UTC hours that cover `[from, to)` (default:
+    /// the last day; at most 31 days). An hour whose ledger says it is complete costs nothing
+    /// more; the others (a gap inside, no ledger yet, or parts in two shards) are read, at
+    /// most `max_readings` readings in all.
+    async fn gaps(&self, params: &Params, id: &str) -> Result<Reply, Problem> {
+        let id = params::device_id(id)?;
+        let _permit = self
+            .readings_permits
+            .try_acquire()
+            .map_err(|_| Problem::busy())?;
+        let (from, to) = params.range(now_ms(), DEFAULT_SPAN, Duration::from_secs(31 * 86_400))?;
+        let (from, to) = (
+            Interval::Hour.floor(from),
+            Interval::Hour.floor(to - 1) + HOUR_MS,
+        );
+        self.known(&id).await?;
+        let what = format!("a rollup row of {id}");
+        let holding = self.holding(&id, from, to);
+        let lists =
+            futures::future::try_join_all(
+                holding.iter().map(|(s, end)| {
+                    let filter = format!(
+                        "PartitionKey eq '{id}' and RowKey ge '{}' and RowKey lt '{}'",
+                        Interval::Hour.row_key(from),
+                        Interval::Hour.row_key(*end)
+                    );
+                    let what = &what;
+                    async move {
+                        read(&s.rollups, &filter, ROLLUPS_MAX, Rollup::from_entity, what).await
+                    }
+                }),
+            )
+            .await?;
+        let mut ledgers: std::collections::BTreeMap<i64, Vec<Rollup>> = Default::default();
+        for r in lists.into_iter().flatten() {
+            ledgers.entry(r.start_ms).or_default().push(r);
+        }
+        // Each hour: complete by its ledger, without numbered readings, or to read. Hours to
+        // read that follow one another are read together.
+        let mut hours: Vec<Hour> = Vec::new();
+        let mut to_read: Option<(i64, i64)> = None;
+        let mut budget = self.max_readings;
+        let mut hour = from;
+        while hour <= to {
+            let parts = ledgers.get(&hour).map(Vec::as_slice).unwrap_or_default();
+            let read_it = hour < to
+                && match parts {
+                    [one] => one.seqs.is_some() && Hour::complete(one).is_none(),
+                    // No ledger yet, or one period's parts in two shards.
+                    _ => true,
+                };
+            if read_it {
+                let span = to_read.get_or_insert((hour, hour));
+                span.1 = hour + HOUR_MS;
+            } else {
+                if let Some((a, b)) = to_read.take() {
+                    let page = futures::future::try_join_all(
+                        holding
+                            .iter()
+                            .map(|(s, end)| s.sources.readings(&id, a, b.min(*end), budget)),
+                    )
+                    .await?;
+                    let page = merge::pages(page, budget);
+                    if page.next_from.is_some() {
+                        return Err(Problem::bad_request(format!(
+                            "more than {} readings to look through: ask for a shorter range (DASHBOARD_MAX_READINGS)",
+                            self.max_readings
+                        )));
+                    }
+                    budget -= page.readings.len();
+                    hours.push(Hour::Read(
+                        page.readings
+                            .iter()
+                            .filter_map(|r| Some((r.reading.seq?, r.reading.measured_at_ms)))
+                            .collect(),
+                    ));
+                }
+                if let [one] = parts {
+                    hours.extend(Hour::complete(one));
+                }
+            }
+            hour += HOUR_MS;
+        }
+        let gaps = gaps::find(hours);
+        Ok(Reply::json(json!({
+            "device": id,
+            "from": format_ms(from),
+            "to": format_ms(to),
+            "missing": gaps.iter().map(gaps::Gap::count).sum::<u64>(),
+            "gaps": gaps.iter().map(views::gap).collect::<Vec<_>>(),
+        })))
     }
 
     async fn readings(&self, params: &Params, id: &str) -> Result<Reply, Problem> {
@@ -487,6 +583,7 @@ mod tests {
     fn routes_are_labelled_without_device_ids() {
         assert_eq!(route_of("/api/v1/devices"), "devices");
         assert_eq!(route_of("/api/v1/devices/sensor-1/readings"), "readings");
+        assert_eq!(route_of("/api/v1/devices/sensor-1/gaps"), "gaps");
         assert_eq!(route_of("/api/v1/pipeline"), "pipeline");
         assert_eq!(route_of("/api/v1/devices/x/y/z"), "unknown");
         assert_eq!(route_of("/api/v2/devices"), "unknown");

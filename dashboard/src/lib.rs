@@ -9,6 +9,7 @@
 
 mod api;
 mod config;
+mod gaps;
 mod http;
 mod merge;
 mod metrics_names;

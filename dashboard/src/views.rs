@@ -78,6 +78,17 @@ pub fn rollup(r: &Rollup) -> Value {
     })
 }
 
+/// A run of `seq` numbers a device skipped, and when the readings either side were measured.
+pub fn gap(g: &crate::gaps::Gap) -> Value {
+    json!({
+        "first": g.first,
+        "last": g.last,
+        "count": g.count(),
+        "after": format_ms(g.after_ms),
+        "before": format_ms(g.before_ms),
+    })
+}
+
 /// Rollups as CSV: one line a period, five columns a measurement.
 pub fn rollups_csv(rollups: &[Rollup]) -> String {
     let mut out = String::from("periodStart,count,firstAt,lastAt");

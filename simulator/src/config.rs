@@ -59,8 +59,8 @@ pub struct Config {
     pub batch: u32,
 
     /// Faults to inject, as shares of messages: `malformed`, `schema`, `out_of_range`,
-    /// `spoofed`, `future`, `stale`, `oversize`, `duplicate`, `out_of_order`; e.g.
-    /// `malformed=0.01,stale=0.005`.
+    /// `spoofed`, `future`, `stale`, `oversize`, `duplicate`, `out_of_order`, `drop` (lost on
+    /// the device: never published); e.g. `malformed=0.01,stale=0.005`.
     #[arg(long, env = "SIMULATOR_FAULTS", default_value = "")]
     pub faults: Faults,
 

@@ -2,7 +2,8 @@
 //!
 //! The choice is a pure function of (seed, device, tick), so a run is reproducible and its
 //! accounting exact: every injected fault maps to one expected outcome (a dead letter with a
-//! known reason, or a harmless duplicate / late delivery that must still yield one row).
+//! known reason, a harmless duplicate / late delivery that must still yield one row, or a
+//! message the device loses, whose numbers the completeness ledger must report missing).
 
 use schemas::Reason;
 use std::fmt;
@@ -28,10 +29,12 @@ pub enum Fault {
     Duplicate,
     /// The message published after the next one.
     OutOfOrder,
+    /// The message lost on the device's side: never published, its `seq` numbers skipped.
+    Drop,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 9] = [
+    pub const ALL: [Fault; 10] = [
         Fault::Malformed,
         Fault::Schema,
         Fault::OutOfRange,
@@ -41,6 +44,7 @@ impl Fault {
         Fault::Oversize,
         Fault::Duplicate,
         Fault::OutOfOrder,
+        Fault::Drop,
     ];
 
     pub fn name(self) -> &'static str {
@@ -54,6 +58,7 @@ impl Fault {
             Fault::Oversize => "oversize",
             Fault::Duplicate => "duplicate",
             Fault::OutOfOrder => "out_of_order",
+            Fault::Drop => "drop",
         }
     }
 
@@ -67,7 +72,7 @@ impl Fault {
             Fault::Future => Some(Reason::FutureTimestamp),
             Fault::Stale => Some(Reason::Stale),
             Fault::Oversize => Some(Reason::TooLarge),
-            Fault::Duplicate | Fault::OutOfOrder => None,
+            Fault::Duplicate | Fault::OutOfOrder | Fault::Drop => None,
         }
     }
 }

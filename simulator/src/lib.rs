@@ -362,6 +362,10 @@ impl Publisher<'_> {
     async fn send(&mut self, msg: Message) -> bool {
         self.tally.message(&msg);
         match msg.fault {
+            Some(Fault::Drop) => {
+                self.tally.dropped(&msg);
+                return true;
+            }
             Some(Fault::OutOfOrder) if self.held.is_none() => {
                 self.held = Some(msg);
                 return true;

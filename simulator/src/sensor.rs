@@ -60,6 +60,8 @@ pub struct Message {
     /// store them: a check of every stored value, not only of the count.
     pub digest: u64,
     pub fault: Option<Fault>,
+    /// The `seq` of its first reading (the others follow it).
+    pub first_seq: u64,
 }
 
 impl Generator {
@@ -94,7 +96,7 @@ impl Generator {
         let mut digest = 0u64;
         let whole_message_refused = matches!(
             fault,
-            Some(Fault::Malformed | Fault::Oversize | Fault::Spoofed)
+            Some(Fault::Malformed | Fault::Oversize | Fault::Spoofed | Fault::Drop)
         );
         for k in 0..n {
             let seq = tick * u64::from(n) + u64::from(k);
@@ -158,7 +160,7 @@ impl Generator {
                 payload.insert_str(payload.len() - 1, &" ".repeat(OVERSIZE_PAD));
                 0
             }
-            Some(Fault::Spoofed) => 0,
+            Some(Fault::Spoofed | Fault::Drop) => 0,
             Some(Fault::Schema | Fault::OutOfRange | Fault::Future | Fault::Stale) => n - 1,
             _ => n,
         };
@@ -169,6 +171,7 @@ impl Generator {
             valid,
             digest,
             fault,
+            first_seq: tick * u64::from(n),
         }
     }
 }
@@ -293,6 +296,12 @@ mod tests {
                 let g = generator(batch, &format!("{fault}=1"));
                 let m = g.message(3, 9, AT);
                 assert_eq!(m.fault, Some(fault));
+                if fault == Fault::Drop {
+                    // Never published: nothing to store, and its numbers are the gap.
+                    assert_eq!((m.valid, m.digest), (0, 0));
+                    assert_eq!(m.first_seq, 9 * u64::from(batch));
+                    continue;
+                }
                 let (stored, reasons) = judge(&m);
                 assert_eq!(stored, m.valid as usize, "{fault} x{batch}");
                 match fault.expected_reason() {

@@ -18,6 +18,9 @@ pub struct Tally {
     /// The wrapping sum of their digests (`schemas::Reading::digest`).
     digest: AtomicU64,
     faults: [AtomicU64; Fault::ALL.len()],
+    /// The messages lost on purpose (`drop`): device and `seq` range, the first
+    /// [`DROPPED_LISTED`] of them.
+    dropped: std::sync::Mutex<Vec<(String, u64, u64)>>,
     /// Connections that have connected at least once, and when the last of them did
     /// (milliseconds since the tally began).
     connections: AtomicU64,
@@ -46,6 +49,17 @@ impl Tally {
         if let Some(fault) = msg.fault {
             self.faults[index(fault)].fetch_add(1, Relaxed);
             metrics::counter!(m::INJECTED, "fault" => fault.name()).increment(1);
+        }
+    }
+
+    /// Records a message the device lost (`drop`): its readings' numbers are skipped.
+    pub fn dropped(&self, msg: &Message) {
+        let device = msg.topic.rsplit('/').nth(1).unwrap_or_default().to_owned();
+        let last = msg.first_seq + u64::from(msg.readings.max(1)) - 1;
+        if let Ok(mut list) = self.dropped.lock() {
+            if list.len() < DROPPED_LISTED {
+                list.push((device, msg.first_seq, last));
+            }
         }
     }
 
@@ -82,6 +96,15 @@ impl Tally {
             }
         }
         let messages = self.messages.load(Relaxed);
+        let dropped: Vec<Value> = self
+            .dropped
+            .lock()
+            .map(|list| {
+                list.iter()
+                    .map(|(device, first, last)| json!({"device": device, "first": first, "last": last}))
+                    .collect()
+            })
+            .unwrap_or_default();
         json!({
             "seconds": (seconds * 10.0).round() / 10.0,
             "messages": messages,
@@ -92,11 +115,17 @@ impl Tally {
             "expected_digest": self.digest.load(Relaxed),
             "injected": injected,
             "expected_dead_letters": dead,
+            // What `drop` lost, for the completeness ledger to report (the first
+            // DROPPED_LISTED messages; `injected.drop` counts them all).
+            "dropped": dropped,
             "connections": self.connections.load(Relaxed),
             "all_connected_seconds": self.all_connected_ms.load(Relaxed) as f64 / 1000.0,
         })
     }
 }
+
+/// The most dropped messages a summary lists, so that a long run's memory stays bounded.
+const DROPPED_LISTED: usize = 100_000;
 
 fn index(fault: Fault) -> usize {
     Fault::ALL.iter().position(|f| *f == fault).unwrap_or(0)

@@ -5,6 +5,7 @@ mod adapter;
 mod archive;
 mod chaos;
 mod cluster_broker;
+mod completeness;
 mod compose;
 mod dashboard;
 mod deadletter;
