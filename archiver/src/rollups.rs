@@ -14,9 +14,16 @@
 //!   message. Each turn recomputes the marked hours that were swept (reading the archive too, in
 //!   case the day was archived meanwhile), and their days if those ended, then deletes each mark
 //!   with the ETag it was read with: a mark written again meanwhile stays for the next turn.
+//! - **The fleet ledger.** The sweep of an hour also sums every device's completeness ledger
+//!   of it into one row ([`schemas::rollup::LEDGER`]), for the dashboard's fleet completeness.
+//!   A mark recomputed for an hour of the last day first flags that hour's sums stale (a
+//!   durable row, so a crash cannot lose it), and each turn sums a few flagged hours again from
+//!   the devices' hourly rows, then deletes each flag with the ETag it was read with. So the
+//!   sums are recomputed, never incremented, and late readings (a backlog drained after an
+//!   outage) show up in them.
 //! - **Retention.** Rollups older than the rollup retention (400 days) are deleted once a day;
-//!   the processors' stored-reading counts ([`schemas::rollup::STORED`]) after two hours,
-//!   every turn.
+//!   the processors' stored-reading counts ([`schemas::rollup::STORED`]) after two hours, and
+//!   the fleet ledger's hours after a day, every turn.
 
 use crate::day::retried;
 use crate::pass::DevicePages;
@@ -25,13 +32,16 @@ use infra::storage::{BatchOutcome, Container, Entity, Refusal, RowRef, StorageEr
 use schemas::archive::layout::Layout;
 use schemas::archive::Format;
 use schemas::reading::Reading;
-use schemas::rollup::{self, Interval, Rollup, DAY_MS, HOUR_MS};
+use schemas::rollup::{self, FleetHour, Interval, Rollup, Seqs, DAY_MS, HOUR_MS};
 use schemas::timefmt::format_ms;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// Marks recomputed per turn at most (the rest wait for the next turn).
 const MARKS_PER_TURN: usize = 1000;
+/// Stale hours of the fleet ledger summed again per turn at most: each reads every device's
+/// row of the hour.
+const STALE_HOURS_PER_TURN: usize = 2;
 const STATE_KEY: &str = "sweep";
 const SWEPT_THROUGH: &str = "SweptThrough";
 
@@ -90,6 +100,7 @@ impl Keeper {
         let (done, written) = self.marks(next - HOUR_MS, now).await?;
         turn.marks_done = done;
         turn.rollups_written += written;
+        self.sum_stale_hours(now).await?;
         Ok(turn)
     }
 
@@ -110,6 +121,21 @@ impl Keeper {
                 retried(|| self.rollups.delete_batch(chunk)).await?
             {
                 tracing::debug!(%refusal, "Old stored-reading counts not deleted this turn.");
+            }
+        }
+        // The fleet ledger's hours past the day it is kept for.
+        let filter = format!(
+            "PartitionKey eq '{}' and RowKey ge '1h|' and RowKey lt '{}'",
+            rollup::LEDGER,
+            Interval::Hour.row_key(now - rollup::LEDGER_KEPT_MS)
+        );
+        let old = retried(|| self.rollups.query_first(&filter, MARKS_PER_TURN)).await?;
+        let rows: Vec<RowRef> = old.iter().filter_map(RowRef::of).collect();
+        for chunk in rows.chunks(infra::storage::MAX_BATCH_OPERATIONS) {
+            if let BatchOutcome::Rejected(refusal) =
+                retried(|| self.rollups.delete_batch(chunk)).await?
+            {
+                tracing::debug!(%refusal, "Old fleet ledger hours not deleted this turn.");
             }
         }
         Ok(())
@@ -141,6 +167,7 @@ impl Keeper {
     /// the sweep, but only once every other device's hour was rolled up.
     async fn sweep(&self, hour: i64) -> Result<u64, KeepError> {
         let mut written = 0;
+        let mut fleet = FleetHour::default();
         let mut failed = None;
         let mut pages = DevicePages::new(&self.devices);
         while let Some(devices) = pages.next_page().await? {
@@ -149,7 +176,12 @@ impl Keeper {
                 .buffer_unordered(self.concurrency.max(1))
                 .for_each(|r| {
                     match r {
-                        Ok(n) => written += n,
+                        Ok((n, seqs)) => {
+                            written += n;
+                            if let Some(seqs) = &seqs {
+                                fleet.add(seqs);
+                            }
+                        }
                         Err(e) if failed.is_none() => failed = Some(e),
                         Err(_) => {}
                     }
@@ -160,20 +192,91 @@ impl Keeper {
         if let Some(e) = failed {
             return Err(e);
         }
+        let row = fleet.to_entity(hour);
+        retried(|| self.rollups.upsert(&row)).await?;
         tracing::debug!(hour = %format_ms(hour), written, "Hour rolled up.");
         Ok(written)
+    }
+
+    /// Sums the fleet ledger again for a few hours that late readings made stale (oldest
+    /// first), from every device's hourly row; a flag for an hour past the day the ledger is
+    /// kept for is only deleted.
+    async fn sum_stale_hours(&self, now: i64) -> Result<(), KeepError> {
+        let (lo, hi) = rollup::ledger_stale_range();
+        let filter = format!(
+            "PartitionKey eq '{}' and RowKey ge '{lo}' and RowKey lt '{hi}'",
+            rollup::LEDGER
+        );
+        let flags = retried(|| self.rollups.query_first(&filter, STALE_HOURS_PER_TURN)).await?;
+        for flag in &flags {
+            let Some(hour) = flag
+                .get("RowKey")
+                .and_then(|v| v.as_str())
+                .and_then(rollup::parse_ledger_stale)
+            else {
+                continue;
+            };
+            if hour >= now - rollup::LEDGER_KEPT_MS {
+                let row = self.sum_hour(hour).await?.to_entity(hour);
+                retried(|| self.rollups.upsert(&row)).await?;
+            }
+            if let Some(row) = RowRef::of(flag) {
+                // Flagged again meanwhile (a later mark): it stays for the next turn.
+                match self.rollups.delete(&row).await {
+                    Ok(_) => {}
+                    Err(e) if e.is_changed() => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The fleet ledger of the hour starting at `hour`, from every device's stored hourly row.
+    async fn sum_hour(&self, hour: i64) -> Result<FleetHour, KeepError> {
+        let key = Interval::Hour.row_key(hour);
+        let mut fleet = FleetHour::default();
+        let mut pages = DevicePages::new(&self.devices);
+        while let Some(devices) = pages.next_page().await? {
+            let ledgers: Vec<Result<Option<Seqs>, StorageError>> = stream::iter(devices)
+                .map(|device| {
+                    let filter = format!("PartitionKey eq '{device}' and RowKey eq '{key}'");
+                    async move {
+                        let row = retried(|| self.rollups.first(&filter)).await?;
+                        Ok(row
+                            .as_ref()
+                            .and_then(|e| Rollup::from_entity(e).ok())
+                            .and_then(|r| r.seqs))
+                    }
+                })
+                .buffer_unordered(self.concurrency.max(1))
+                .collect()
+                .await;
+            for seqs in ledgers {
+                if let Some(seqs) = seqs? {
+                    fleet.add(&seqs);
+                }
+            }
+        }
+        Ok(fleet)
     }
 
     /// Recomputes `device`'s hour starting at `hour`, and its day when the hour is the day's
     /// last or `with_day`; reads the archive too when `with_day` (a marked, possibly old hour).
     /// Returns the rollups written.
-    async fn recompute(&self, device: &str, hour: i64, with_day: bool) -> Result<u64, KeepError> {
+    async fn recompute(
+        &self,
+        device: &str,
+        hour: i64,
+        with_day: bool,
+    ) -> Result<(u64, Option<Seqs>), KeepError> {
         let mut readings = self.table_readings(device, hour, hour + HOUR_MS).await?;
         if with_day {
             let archived = self.archived(device, Interval::Day.floor(hour)).await?;
             readings = merge(archived, readings, hour, hour + HOUR_MS);
         }
         let hourly = Rollup::of(Interval::Hour, hour, &readings);
+        let seqs = hourly.as_ref().and_then(|h| h.seqs);
         let day = Interval::Day.floor(hour);
         let last_of_day = hour + HOUR_MS == day + DAY_MS;
         let mut rows: Vec<Entity> = hourly.iter().map(Rollup::to_entity).collect();
@@ -200,10 +303,10 @@ impl Keeper {
             }
         }
         if rows.is_empty() {
-            return Ok(0);
+            return Ok((0, None));
         }
         match retried(|| self.rollups.upsert_batch(&rows)).await? {
-            BatchOutcome::Committed => Ok(rows.len() as u64),
+            BatchOutcome::Committed => Ok((rows.len() as u64, seqs)),
             BatchOutcome::Rejected(refusal) => Err(KeepError::Refused {
                 device: device.to_owned(),
                 refusal,
@@ -264,7 +367,13 @@ impl Keeper {
                 continue;
             }
             let day_ended = Interval::Day.floor(hour) + DAY_MS <= now;
-            written += self.recompute(&device, hour, day_ended).await?;
+            written += self.recompute(&device, hour, day_ended).await?.0;
+            // The fleet's sums of that hour are stale now: flagged before the mark goes, so
+            // that a crash between the two leaves the mark, and the flag is made again.
+            if hour >= now - rollup::LEDGER_KEPT_MS {
+                let flag = rollup::ledger_stale(hour);
+                retried(|| self.rollups.upsert(&flag)).await?;
+            }
             if let Some(row) = RowRef::of(mark) {
                 // Changed since read (marked again): it stays for the next turn.
                 match self.rollups.delete(&row).await {

@@ -2,7 +2,7 @@
 //! `/rollups` and `/gaps`, and `/api/v1/pipeline`. Every parameter is checked in [`crate::params`] first, so what reaches
 //! a storage filter is a validated device id or a formatted time, never client text.
 
-use crate::gaps::{self, Hour};
+use crate::gaps::{self, Hour, Step};
 use crate::merge;
 use crate::params::{self, Format, Params};
 use crate::problem::Problem;
@@ -14,6 +14,7 @@ use schemas::device::{self, Device};
 use schemas::rollup::{self, Interval, Rollup, HOUR_MS};
 use schemas::timefmt::{format_ms, now_ms};
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// The default range of a readings request: the last day.
@@ -58,6 +59,9 @@ struct Counts {
     silent: usize,
     /// `None` when the stored-reading counts cannot be read.
     last_hour: Option<u64>,
+    /// The fleet ledger's sums over the last day, and the hours they cover; `None` when it
+    /// cannot be read.
+    ledger: Option<(rollup::FleetHour, usize)>,
 }
 
 /// Readings requests answered at once.
@@ -288,16 +292,17 @@ impl Api {
     }
 
     /// The `seq` numbers `id` skipped in the whole UTC hours that cover `[from, to)` (default:
-    /// the last day; at most 31 days). An hour whose ledger says it is complete costs nothing
-    /// more; the others (a gap inside, no ledger yet, or parts in two shards) are read, at
-    /// most `max_readings` readings in all.
+    /// the last day; at most 31 days, and at most `DASHBOARD_MAX_RAW_RANGE`). An hour whose
+    /// ledger says it is complete costs nothing more; the others ([`gaps::step`]) are read, a
+    /// day's at once, at most `max_readings` readings in all.
     async fn gaps(&self, params: &Params, id: &str) -> Result<Reply, Problem> {
         let id = params::device_id(id)?;
         let _permit = self
             .readings_permits
             .try_acquire()
             .map_err(|_| Problem::busy())?;
-        let (from, to) = params.range(now_ms(), DEFAULT_SPAN, Duration::from_secs(31 * 86_400))?;
+        let longest = Duration::from_secs(31 * 86_400).min(self.max_raw_range);
+        let (from, to) = params.range(now_ms(), DEFAULT_SPAN, longest)?;
         let (from, to) = (
             Interval::Hour.floor(from),
             Interval::Hour.floor(to - 1) + HOUR_MS,
@@ -320,62 +325,65 @@ impl Api {
                 }),
             )
             .await?;
-        let mut ledgers: std::collections::BTreeMap<i64, Vec<Rollup>> = Default::default();
+        let mut ledgers: BTreeMap<i64, Vec<Rollup>> = BTreeMap::new();
         for r in lists.into_iter().flatten() {
             ledgers.entry(r.start_ms).or_default().push(r);
         }
-        // Each hour: complete by its ledger, without numbered readings, or to read. Hours to
-        // read that follow one another are read together.
-        let mut hours: Vec<Hour> = Vec::new();
-        let mut to_read: Option<(i64, i64)> = None;
+        let steps: Vec<(i64, Step)> = (from..to)
+            .step_by(HOUR_MS as usize)
+            .map(|hour| {
+                let holders = holding.iter().filter(|(_, end)| *end > hour).count();
+                let parts = ledgers.get(&hour).map(Vec::as_slice).unwrap_or_default();
+                (hour, gaps::step(parts, holders))
+            })
+            .collect();
+        // The hours to read, a day at a time: from the day's first to its last.
+        let mut days: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+        for (hour, _) in steps.iter().filter(|(_, s)| *s == Step::Read) {
+            let span = days
+                .entry(Interval::Day.floor(*hour))
+                .or_insert((*hour, *hour));
+            span.1 = hour + HOUR_MS;
+        }
+        let mut numbered: BTreeMap<i64, Vec<(i64, i64)>> = BTreeMap::new();
         let mut budget = self.max_readings;
-        let mut hour = from;
-        while hour <= to {
-            let parts = ledgers.get(&hour).map(Vec::as_slice).unwrap_or_default();
-            let read_it = hour < to
-                && match parts {
-                    [one] => one.seqs.is_some() && Hour::complete(one).is_none(),
-                    // No ledger yet, or one period's parts in two shards.
-                    _ => true,
-                };
-            if read_it {
-                let span = to_read.get_or_insert((hour, hour));
-                span.1 = hour + HOUR_MS;
-            } else {
-                if let Some((a, b)) = to_read.take() {
-                    let page = futures::future::try_join_all(
-                        holding
-                            .iter()
-                            .map(|(s, end)| s.sources.readings(&id, a, b.min(*end), budget)),
-                    )
-                    .await?;
-                    let page = merge::pages(page, budget);
-                    if page.next_from.is_some() {
-                        return Err(Problem::bad_request(format!(
-                            "more than {} readings to look through: ask for a shorter range (DASHBOARD_MAX_READINGS)",
-                            self.max_readings
-                        )));
-                    }
-                    budget -= page.readings.len();
-                    hours.push(Hour::Read(
-                        page.readings
-                            .iter()
-                            .filter_map(|r| Some((r.reading.seq?, r.reading.measured_at_ms)))
-                            .collect(),
-                    ));
-                }
-                if let [one] = parts {
-                    hours.extend(Hour::complete(one));
+        for (a, b) in days.into_values() {
+            let pages = futures::future::try_join_all(
+                holding
+                    .iter()
+                    .filter(|(_, end)| *end > a)
+                    .map(|(s, end)| s.sources.readings(&id, a, b.min(*end), budget)),
+            )
+            .await?;
+            let page = merge::pages(pages, budget);
+            if page.next_from.is_some() {
+                return Err(Problem::bad_request(format!(
+                    "more than {} readings to look through: ask for a shorter range (DASHBOARD_MAX_READINGS)",
+                    self.max_readings
+                )));
+            }
+            budget -= page.readings.len();
+            for r in &page.readings {
+                if let Some(seq) = r.reading.seq {
+                    let at = r.reading.measured_at_ms;
+                    numbered
+                        .entry(Interval::Hour.floor(at))
+                        .or_default()
+                        .push((seq, at));
                 }
             }
-            hour += HOUR_MS;
         }
+        let hours = steps.into_iter().filter_map(|(hour, step)| match step {
+            Step::Ledger(complete) => Some(complete),
+            Step::Read => Some(Hour::Read(numbered.remove(&hour).unwrap_or_default())),
+            Step::Skip => None,
+        });
         let gaps = gaps::find(hours);
         Ok(Reply::json(json!({
             "device": id,
             "from": format_ms(from),
             "to": format_ms(to),
-            "missing": gaps.iter().map(gaps::Gap::count).sum::<u64>(),
+            "missing": gaps.iter().fold(0u64, |n, g| n.saturating_add(g.count())),
             "gaps": gaps.iter().map(views::gap).collect::<Vec<_>>(),
         })))
     }
@@ -447,6 +455,7 @@ impl Api {
         // A device a resharding moved counts in each shard it has a row in.
         let mut all = Counts {
             last_hour: Some(0),
+            ledger: Some((rollup::FleetHour::default(), 0)),
             ..Counts::default()
         };
         for c in &per_shard {
@@ -455,7 +464,22 @@ impl Api {
             all.total += c.total;
             all.silent += c.silent;
             all.last_hour = all.last_hour.zip(c.last_hour).map(|(a, b)| a + b);
+            all.ledger = all.ledger.zip(c.ledger).map(|((mut a, h), (b, k))| {
+                a.merge(&b);
+                (a, h.max(k))
+            });
         }
+        let completeness = all.ledger.map(|(fleet, hours)| {
+            let expected = fleet.distinct.saturating_add(fleet.missing);
+            json!({
+                "percent": (expected > 0).then(|| {
+                    (fleet.distinct as f64 * 100.0 / expected as f64 * 1000.0).round() / 1000.0
+                }),
+                "received": fleet.distinct,
+                "missing": fleet.missing,
+                "hours": hours,
+            })
+        });
         let first = &self.shards[0];
         Ok(Reply::json(json!({
             "at": format_ms(now),
@@ -466,6 +490,7 @@ impl Api {
                 "deadLetter": { "name": first.dead_letters.name(), "depth": all.dead },
             },
             "readings": { "storedLastHour": all.last_hour },
+            "completeness": { "lastDay": completeness },
             "devices": {
                 "total": all.total,
                 "silent": all.silent,
@@ -499,21 +524,42 @@ impl Shard {
             async { self.devices.count(&all).await.or_else(zero) },
             async { self.devices.count(&silent).await.or_else(zero) },
         );
-        let (depths, counts) = futures::join!(depths_and_counts, async {
-            self.rollups.query(&stored).await.or_else(none_if_missing)
-        });
+        // The fleet ledger's hours that ended in the last day (swept ones only).
+        let ledger = format!(
+            "PartitionKey eq '{}' and RowKey ge '{}' and RowKey lt '1h|~'",
+            rollup::LEDGER,
+            Interval::Hour.row_key(Interval::Hour.floor(now) - 24 * HOUR_MS)
+        );
+        let (depths, counts, ledger) = futures::join!(
+            depths_and_counts,
+            async { self.rollups.query(&stored).await.or_else(none_if_missing) },
+            async { self.rollups.query(&ledger).await.or_else(none_if_missing) }
+        );
         let (ingest, dead, total, silent) = depths?;
         // A nice-to-have: unknown (null) rather than a failed answer.
         let last_hour = counts
             .inspect_err(|error| tracing::debug!(%error, "Cannot read stored-reading counts."))
             .ok()
             .map(|rows| rows.iter().map(rollup::stored_readings).sum::<u64>());
+        let ledger = ledger
+            .inspect_err(|error| tracing::debug!(%error, "Cannot read the fleet ledger."))
+            .ok()
+            .map(|rows| {
+                let mut fleet = rollup::FleetHour::default();
+                let mut hours = 0;
+                for (_, hour) in rows.iter().filter_map(rollup::FleetHour::from_entity) {
+                    fleet.merge(&hour);
+                    hours += 1;
+                }
+                (fleet, hours)
+            });
         Ok(Counts {
             ingest,
             dead,
             total,
             silent,
             last_hour,
+            ledger,
         })
     }
 }

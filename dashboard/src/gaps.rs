@@ -1,7 +1,7 @@
 //! The completeness ledger read back: which `seq` numbers a device skipped, found from its
 //! hourly rollups' ledgers where an hour is complete, and from its readings only where an hour
-//! has a gap or no ledger yet (the hour has not settled, or its readings straddle a
-//! resharding). Pure: the API reads, this decides.
+//! has a gap or no known ledger (not rolled up yet, rolled up before the ledger existed, or
+//! held by two shards across a resharding). Pure: the API reads, this decides.
 //!
 //! A device counts its readings up; a fall in `seq`, in time order, is the device counting
 //! again from a restart, not a gap (as [`schemas::rollup::Seqs`] takes it).
@@ -19,15 +19,41 @@ pub enum Hour {
 }
 
 impl Hour {
-    /// The hour `rollup` describes, if its ledger makes reading it unnecessary: none missing
-    /// inside. A rollup with no ledger (no numbered reading, or parts in two shards) or with
-    /// numbers missing must be read.
+    /// The hour `rollup` describes, if its ledger makes reading it unnecessary: numbered,
+    /// none missing inside. Its first and last numbers are placed at the hour's first and last
+    /// reading times (a reading without a number may be the one at either end).
     pub fn complete(rollup: &Rollup) -> Option<Self> {
-        let q = rollup.seqs.filter(|q| q.missing == 0)?;
+        let q = rollup.seqs.filter(|q| q.numbered() && q.missing == 0)?;
         Some(Hour::Complete {
             first: (q.first, rollup.first_at_ms),
             last: (q.last, rollup.last_at_ms),
         })
+    }
+}
+
+/// What finding an hour's gaps takes.
+#[derive(Debug, PartialEq)]
+pub enum Step {
+    /// Its ledger: complete.
+    Ledger(Hour),
+    /// Its readings.
+    Read,
+    /// Nothing: its ledger says no reading of it has a number.
+    Skip,
+}
+
+/// The step for an hour of which `parts` are the rollups found, when `holders` shards may
+/// hold readings of it. Only one shard's ledger, when only one shard may hold the hour, is
+/// trusted; an hour not rolled up yet (or at all: a quiet device), rolled up before the ledger
+/// existed, or with numbers missing, is read.
+pub fn step(parts: &[Rollup], holders: usize) -> Step {
+    match parts {
+        [one] if holders == 1 => match one.seqs {
+            Some(q) if !q.numbered() => Step::Skip,
+            Some(_) => Hour::complete(one).map_or(Step::Read, Step::Ledger),
+            None => Step::Read,
+        },
+        _ => Step::Read,
     }
 }
 
@@ -146,6 +172,43 @@ mod tests {
         assert_eq!(find([complete, read(&b)]), find([read(&a), read(&b)]));
         let gappy = Rollup::of(Interval::Hour, H0 + HOUR_MS, &b).unwrap();
         assert_eq!(Hour::complete(&gappy), None, "an hour with a gap is read");
+    }
+
+    #[test]
+    fn only_a_known_complete_ledger_of_one_shard_saves_the_read() {
+        let complete = Rollup::of(Interval::Hour, H0, &numbered(&[1, 2], H0)).unwrap();
+        assert!(matches!(
+            step(std::slice::from_ref(&complete), 1),
+            Step::Ledger(_)
+        ));
+        assert_eq!(
+            step(std::slice::from_ref(&complete), 2),
+            Step::Read,
+            "another shard may hold some"
+        );
+        assert_eq!(step(&[complete.clone(), complete.clone()], 2), Step::Read);
+        assert_eq!(step(&[], 1), Step::Read, "not rolled up yet");
+        let before = Rollup {
+            seqs: None,
+            ..complete.clone()
+        };
+        assert_eq!(
+            step(&[before], 1),
+            Step::Read,
+            "rolled up before the ledger"
+        );
+        let gappy = Rollup::of(Interval::Hour, H0, &numbered(&[1, 3], H0)).unwrap();
+        assert_eq!(step(&[gappy], 1), Step::Read);
+        let unnumbered = Rollup::of(
+            Interval::Hour,
+            H0,
+            &[Reading {
+                seq: None,
+                ..numbered(&[1], H0).remove(0)
+            }],
+        )
+        .unwrap();
+        assert_eq!(step(&[unnumbered], 1), Step::Skip);
     }
 
     #[test]

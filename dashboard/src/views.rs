@@ -4,7 +4,7 @@
 use schemas::device::Device;
 use schemas::entity::StoredReading;
 use schemas::reading::Reading;
-use schemas::rollup::{Rollup, Stats, MEASUREMENTS};
+use schemas::rollup::{Rollup, Seqs, Stats, MEASUREMENTS};
 use schemas::timefmt::format_ms;
 use serde_json::{json, Map, Value};
 
@@ -69,7 +69,7 @@ pub fn rollup(r: &Rollup) -> Value {
         "temperature": stats(&r.stats[0]),
         "humidity": stats(&r.stats[1]),
         "pressure": stats(&r.stats[2]),
-        "seq": r.seqs.map(|q| json!({
+        "seq": r.seqs.filter(Seqs::numbered).map(|q| json!({
             "first": q.first,
             "last": q.last,
             "distinct": q.distinct,
@@ -118,7 +118,7 @@ pub fn rollups_csv(rollups: &[Rollup]) -> String {
                 ));
             }
         }
-        match r.seqs {
+        match r.seqs.filter(Seqs::numbered) {
             Some(q) => out.push_str(&format!(
                 ",{},{},{},{}\r\n",
                 q.first, q.last, q.distinct, q.missing

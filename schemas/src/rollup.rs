@@ -135,9 +135,24 @@ pub struct Seqs {
 }
 
 impl Seqs {
-    /// The ledger of `seqs` in time order; `None` for none.
-    fn of(seqs: &[i64]) -> Option<Self> {
-        let (&first, &last) = (seqs.first()?, seqs.last()?);
+    /// The ledger of a period in which no reading has a `seq`.
+    pub const UNNUMBERED: Seqs = Seqs {
+        first: 0,
+        last: 0,
+        distinct: 0,
+        missing: 0,
+    };
+
+    /// Whether any reading of the period has a `seq`.
+    pub fn numbered(&self) -> bool {
+        self.distinct > 0
+    }
+
+    /// The ledger of `seqs` in time order.
+    fn of(seqs: &[i64]) -> Self {
+        let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) else {
+            return Self::UNNUMBERED;
+        };
         let (mut distinct, mut missing) = (0, 0);
         for run in seqs.chunk_by(|a, b| b >= a) {
             let mut run = run.to_vec();
@@ -147,19 +162,19 @@ impl Seqs {
             // Saturating: a hostile device may number 0 and 2^63-1 in one run, and again.
             missing = u64::saturating_add(missing, span - run.len() as u64);
         }
-        Some(Self {
+        Self {
             first,
             last,
             distinct,
             missing,
-        })
+        }
     }
 
     /// The ledger of consecutive periods, in time order: each boundary where the count went on
-    /// adds the numbers skipped across it.
-    fn combine(parts: impl IntoIterator<Item = Seqs>) -> Option<Self> {
+    /// adds the numbers skipped across it; periods without numbers are passed over.
+    fn combine<'s>(parts: impl IntoIterator<Item = &'s Seqs>) -> Self {
         let mut out: Option<Seqs> = None;
-        for p in parts {
+        for &p in parts.into_iter().filter(|p| p.numbered()) {
             out = Some(match out {
                 None => p,
                 // The count went on across the boundary (a fall is a restart): the numbers
@@ -167,7 +182,10 @@ impl Seqs {
                 Some(o) => Seqs {
                     first: o.first,
                     last: p.last,
-                    distinct: o.distinct + p.distinct - u64::from(p.first == o.last),
+                    distinct: o
+                        .distinct
+                        .saturating_add(p.distinct)
+                        .saturating_sub(u64::from(p.first == o.last)),
                     missing: o.missing.saturating_add(p.missing).saturating_add(
                         if p.first > o.last {
                             p.first.abs_diff(o.last) - 1
@@ -178,7 +196,7 @@ impl Seqs {
                 },
             });
         }
-        out
+        out.unwrap_or(Self::UNNUMBERED)
     }
 }
 
@@ -196,8 +214,10 @@ pub struct Rollup {
     pub last_at_ms: i64,
     /// Per measurement, in [`MEASUREMENTS`] order.
     pub stats: [Stats; 3],
-    /// The completeness ledger; `None` when no reading of the period has a `seq`, or for the
-    /// combination of parts that overlap in time (see [`Rollup::combine`]).
+    /// The completeness ledger ([`Seqs::UNNUMBERED`] when no reading of the period has a
+    /// `seq`); `None` when it is not known: a row written before the ledger existed (until it
+    /// is recomputed: `archiver rollups`), or the combination of parts that overlap in time
+    /// (see [`Rollup::combine`]) or of which one is not known.
     pub seqs: Option<Seqs>,
 }
 
@@ -236,15 +256,16 @@ impl Rollup {
             }
         }
         if let Some(rollup) = out.as_mut() {
-            rollup.seqs = Seqs::of(&seqs);
+            rollup.seqs = Some(Seqs::of(&seqs));
         }
         out
     }
 
-    /// Combines the rollups of the parts of a period: a day's hours, in time order, or one
-    /// period's parts in several shards. The ledger combines only for parts that follow one
-    /// another in time; of parts that overlap (one period's readings in two shards), which
-    /// numbers the others filled is not in their rollups, so the result has none.
+    /// Combines the rollups of the parts of a period: a day's hours, or one period's parts in
+    /// several shards. The ledger combines only for parts that follow one another in time; of
+    /// parts that overlap (one period's readings in two shards, both before and after a
+    /// resharding), which numbers the others filled is not in their rollups, so the result
+    /// has none.
     pub fn combine(interval: Interval, start_ms: i64, parts: &[Rollup]) -> Option<Self> {
         let first = parts.first()?;
         let mut out = Rollup {
@@ -254,12 +275,13 @@ impl Rollup {
             count: 0,
             ..first.clone()
         };
-        let consecutive = parts.windows(2).all(|w| w[1].first_at_ms > w[0].last_at_ms);
-        out.seqs = if consecutive {
-            Seqs::combine(parts.iter().filter_map(|p| p.seqs))
-        } else {
-            None
-        };
+        let mut in_time: Vec<&Rollup> = parts.iter().collect();
+        in_time.sort_by_key(|p| p.first_at_ms);
+        let consecutive = in_time
+            .windows(2)
+            .all(|w| w[1].first_at_ms > w[0].last_at_ms);
+        let ledgers: Option<Vec<Seqs>> = in_time.iter().map(|p| p.seqs).collect();
+        out.seqs = ledgers.filter(|_| consecutive).map(|l| Seqs::combine(&l));
         for p in parts {
             out.count += p.count;
             out.first_at_ms = out.first_at_ms.min(p.first_at_ms);
@@ -396,6 +418,101 @@ pub fn hourly(readings: &[Reading]) -> Vec<Rollup> {
             Rollup::of(Interval::Hour, start, hour)
         })
         .collect()
+}
+
+/// The partition of the fleet's completeness ledger, for the dashboard's "completeness over
+/// the last day": RowKey `1h|<hour start>`, the sums of every device's hourly [`Seqs`] of that
+/// hour (written by the rollup keeper's sweep of the hour, and written again whenever late
+/// readings change a device's hour), and RowKey `stale|<hour start>` for an hour whose sums
+/// late readings made stale, until they are summed again.
+pub const LEDGER: &str = "~ledger";
+/// How far back the fleet ledger is kept current (the dashboard shows a day), and kept.
+pub const LEDGER_KEPT_MS: i64 = 25 * HOUR_MS;
+const LEDGER_DEVICES: &str = "Devices";
+const LEDGER_DISTINCT: &str = "Distinct";
+const LEDGER_MISSING: &str = "Missing";
+const STALE: &str = "stale|";
+
+/// The fleet's ledger of one hour: devices that numbered readings, and their sums.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FleetHour {
+    pub devices: u64,
+    pub distinct: u64,
+    pub missing: u64,
+}
+
+impl FleetHour {
+    /// Adds one device's hour (nothing, if it has no numbered reading).
+    pub fn add(&mut self, seqs: &Seqs) {
+        if !seqs.numbered() {
+            return;
+        }
+        self.devices += 1;
+        self.distinct = self.distinct.saturating_add(seqs.distinct);
+        self.missing = self.missing.saturating_add(seqs.missing);
+    }
+
+    /// Adds another hour's sums (a day of hours, or another shard).
+    pub fn merge(&mut self, other: &FleetHour) {
+        self.devices += other.devices;
+        self.distinct = self.distinct.saturating_add(other.distinct);
+        self.missing = self.missing.saturating_add(other.missing);
+    }
+
+    /// The row of the hour starting at `hour_ms`, ready for an upsert.
+    pub fn to_entity(&self, hour_ms: i64) -> Map<String, Value> {
+        let mut e = Map::new();
+        e.insert("PartitionKey".into(), LEDGER.into());
+        e.insert("RowKey".into(), Interval::Hour.row_key(hour_ms).into());
+        for (name, v) in [
+            (LEDGER_DEVICES, self.devices),
+            (LEDGER_DISTINCT, self.distinct),
+            (LEDGER_MISSING, self.missing),
+        ] {
+            typed(&mut e, name, INT64, v.to_string().into());
+        }
+        e
+    }
+
+    /// An hour's row read back: its start and sums; `None` for a stale flag or another row.
+    pub fn from_entity(e: &Map<String, Value>) -> Option<(i64, Self)> {
+        let key = e.get("RowKey")?.as_str()?;
+        let hour = timefmt::parse_rfc3339_ms(key.strip_prefix("1h|")?)?;
+        let count = |name: &str| {
+            e.get(name)
+                .and_then(integer_of)
+                .and_then(|n| u64::try_from(n).ok())
+        };
+        Some((
+            hour,
+            Self {
+                devices: count(LEDGER_DEVICES)?,
+                distinct: count(LEDGER_DISTINCT)?,
+                missing: count(LEDGER_MISSING)?,
+            },
+        ))
+    }
+}
+
+/// The flag that the fleet ledger of the hour starting at `hour_ms` must be summed again.
+pub fn ledger_stale(hour_ms: i64) -> Map<String, Value> {
+    let mut e = Map::new();
+    e.insert("PartitionKey".into(), LEDGER.into());
+    e.insert(
+        "RowKey".into(),
+        format!("{STALE}{}", format_ms(hour_ms)).into(),
+    );
+    e
+}
+
+/// A stale flag's hour.
+pub fn parse_ledger_stale(row_key: &str) -> Option<i64> {
+    timefmt::parse_rfc3339_ms(row_key.strip_prefix(STALE)?)
+}
+
+/// The RowKey range of the stale flags, for a filter: `[from, to)`.
+pub fn ledger_stale_range() -> (String, String) {
+    (STALE.to_owned(), "stale}".to_owned())
 }
 
 /// The partition of stored-reading counts, for the dashboard's "readings in the last hour":
@@ -584,7 +701,11 @@ mod tests {
                 missing: 0
             })
         );
-        assert_eq!(ledger(&[]), None, "no numbered reading, no ledger");
+        assert_eq!(
+            ledger(&[]),
+            Some(Seqs::UNNUMBERED),
+            "no numbered reading, an empty ledger"
+        );
         let top = i64::MAX;
         assert_eq!(
             ledger(&[0, top, 0, top, 0, top]).map(|q| q.missing),
@@ -634,6 +755,18 @@ mod tests {
         let b = Rollup::of(Interval::Hour, H0, &[numbered(H0 + 10, 2)]);
         let both = Rollup::combine(Interval::Hour, H0, &[a.unwrap(), b.unwrap()]).unwrap();
         assert_eq!((both.count, both.seqs), (3, None));
+        // Parts that follow one another combine, in whatever order they come; one part not
+        // known makes the whole not known.
+        let early = Rollup::of(Interval::Hour, H0, &[numbered(H0, 1)]).unwrap();
+        let late = Rollup::of(Interval::Hour, H0, &[numbered(H0 + 20, 3)]).unwrap();
+        let both = Rollup::combine(Interval::Hour, H0, &[late.clone(), early.clone()]).unwrap();
+        assert_eq!(
+            both.seqs.map(|q| (q.first, q.last, q.missing)),
+            Some((1, 3, 1))
+        );
+        let unknown = Rollup { seqs: None, ..late };
+        let both = Rollup::combine(Interval::Hour, H0, &[early, unknown]).unwrap();
+        assert_eq!(both.seqs, None);
     }
 
     #[test]
@@ -645,10 +778,14 @@ mod tests {
         assert_eq!(e["Count@odata.type"], "Edm.Int64");
         assert!(!e.contains_key("PressureCount"));
         assert_eq!(Rollup::from_entity(&e).unwrap(), r);
-        assert!(
-            !e.contains_key("SeqFirst"),
-            "no numbered reading, no ledger"
+        assert_eq!(
+            e["SeqDistinct"], "0",
+            "no numbered reading, an empty ledger"
         );
+        // A row from before the ledger: not known, and not taken for complete.
+        let mut before: Map<String, Value> = e.clone();
+        before.retain(|k, _| !k.starts_with("Seq"));
+        assert_eq!(Rollup::from_entity(&before).unwrap().seqs, None);
         let r = Rollup::of(Interval::Hour, H0, &numbered_hour(&[4, 6])).unwrap();
         let e = r.to_entity();
         assert_eq!(e["SeqMissing@odata.type"], "Edm.Int64");
@@ -660,6 +797,36 @@ mod tests {
         assert_eq!(
             Interval::Day.row_key(Interval::Day.floor(H0)),
             "1d|2025-11-25T00:00:00.000Z"
+        );
+    }
+
+    #[test]
+    fn the_fleet_ledger_sums_hours_and_reads_back() {
+        let mut fleet = FleetHour::default();
+        for seqs in [[1, 2, 4].as_slice(), &[7, 8]] {
+            let hour = Rollup::of(Interval::Hour, H0, &numbered_hour(seqs)).unwrap();
+            fleet.add(&hour.seqs.unwrap());
+        }
+        assert_eq!(
+            fleet,
+            FleetHour {
+                devices: 2,
+                distinct: 5,
+                missing: 1
+            }
+        );
+        let e = fleet.to_entity(H0);
+        assert_eq!(e["PartitionKey"], LEDGER);
+        assert_eq!(FleetHour::from_entity(&e), Some((H0, fleet)));
+        let stale = ledger_stale(H0);
+        assert_eq!(FleetHour::from_entity(&stale), None);
+        let key = stale["RowKey"].as_str().unwrap();
+        assert_eq!(parse_ledger_stale(key), Some(H0));
+        let (lo, hi) = ledger_stale_range();
+        assert!(lo.as_str() <= key && key < hi.as_str());
+        assert!(
+            e["RowKey"].as_str().unwrap() < lo.as_str(),
+            "hours sort before the flags"
         );
     }
 

@@ -1,6 +1,7 @@
 //! The completeness ledger end to end: the simulator loses known messages on the devices'
 //! side (`drop`), also delivers out of order and twice, and the dashboard's gaps API must name
-//! exactly the `seq` numbers lost, device by device.
+//! exactly the `seq` numbers lost, device by device: first from the readings alone (no hour
+//! rolled up yet), then with every hour rolled up (complete hours answered from their ledger).
 
 use crate::Pipeline;
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,34 +16,35 @@ async fn the_gaps_api_names_exactly_the_readings_the_devices_lost() {
         return;
     };
     let started = schemas::timefmt::now_ms();
-    let prefix = unique("gap");
-    let devices = 12;
-    let summary = simulate(
-        p.mosquitto.url(),
-        vec![
-            ("SIMULATOR_DEVICES", devices.to_string()),
-            ("SIMULATOR_DEVICE_PREFIX", prefix.clone()),
-            ("SIMULATOR_INTERVAL", "200ms".into()),
-            ("SIMULATOR_ROUNDS", "60".into()),
-            (
-                "SIMULATOR_FAULTS",
-                "drop=0.1,out_of_order=0.05,duplicate=0.05".into(),
-            ),
-        ],
-    )
-    .await
-    .expect("the simulator");
-    let expected = Expected::from_summaries(std::slice::from_ref(&summary));
-    assert!(
-        summary["injected"]["drop"].as_u64().unwrap() >= 20,
-        "too few drops to prove anything: {summary}"
+    let rollups = unique("rollups");
+    let run = |prefix: &str, devices: usize, faults: &str| {
+        simulate(
+            p.mosquitto.url(),
+            vec![
+                ("SIMULATOR_DEVICES", devices.to_string()),
+                ("SIMULATOR_DEVICE_PREFIX", unique(prefix)),
+                ("SIMULATOR_INTERVAL", "200ms".into()),
+                ("SIMULATOR_ROUNDS", "60".into()),
+                ("SIMULATOR_FAULTS", faults.into()),
+            ],
+        )
+    };
+    // Devices that lose messages, and a few that lose none (whose hours are complete).
+    let (lossy, whole) = tokio::join!(
+        run("gap", 12, "drop=0.1,out_of_order=0.05,duplicate=0.05"),
+        run("whole", 3, "out_of_order=0.05,duplicate=0.05")
     );
+    let (summary, whole) = (lossy.expect("the simulator"), whole.expect("the simulator"));
+    let expected = Expected::from_summaries(&[summary.clone(), whole]);
+    let drops = summary["injected"]["drop"].as_u64().unwrap();
+    assert!(drops >= 20, "too few drops to prove anything: {summary}");
     let rows = p
         .wait_rows(expected.rows as usize, Duration::from_secs(120))
         .await;
 
     // What each device stored and lost.
     let mut stored: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
+    let mut readings: BTreeMap<String, Vec<schemas::Reading>> = BTreeMap::new();
     for e in &rows {
         let r = schemas::entity::from_entity(e)
             .expect("a reading row")
@@ -51,6 +53,7 @@ async fn the_gaps_api_names_exactly_the_readings_the_devices_lost() {
             .entry(r.device_id.clone())
             .or_default()
             .insert(r.seq.expect("numbered"));
+        readings.entry(r.device_id.clone()).or_default().push(r);
     }
     let mut lost: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
     for d in summary["dropped"].as_array().expect("dropped") {
@@ -61,7 +64,7 @@ async fn the_gaps_api_names_exactly_the_readings_the_devices_lost() {
     }
     assert_eq!(
         lost.values().map(BTreeSet::len).sum::<usize>() as u64,
-        summary["injected"]["drop"].as_u64().unwrap(),
+        drops,
         "one reading a message, every drop listed"
     );
 
@@ -75,12 +78,44 @@ async fn the_gaps_api_names_exactly_the_readings_the_devices_lost() {
             ("DASHBOARD_TABLE_NAME", p.table.clone()),
             ("DASHBOARD_DEVICE_TABLE", p.devices.clone()),
             ("DASHBOARD_ARCHIVE_CONTAINER", unique("archive")),
+            ("DASHBOARD_ROLLUP_TABLE", rollups.clone()),
         ],
     )
     .await;
     let from = schemas::timefmt::format_ms(started - 60_000);
-    let mut reported_total = 0;
-    for (device, seqs) in &stored {
+    let reported = check(&dashboard, &from, &stored, &lost).await;
+    assert!(reported > 0, "no gap between stored readings at all");
+
+    // Every hour rolled up, as the archiver's keeper does: the same gaps, with the whole
+    // devices' hours now answered from their ledgers.
+    let table = p.account.table(&rollups);
+    table.create_if_missing().await.unwrap();
+    let mut complete = 0;
+    for list in readings.values_mut() {
+        list.sort_by_key(|r| r.measured_at_ms);
+        for hour in schemas::rollup::hourly(list) {
+            complete += usize::from(hour.seqs.is_some_and(|q| q.missing == 0));
+            table.upsert(&hour.to_entity()).await.unwrap();
+        }
+    }
+    assert!(complete >= 3, "the whole devices' hours are complete");
+    assert_eq!(check(&dashboard, &from, &stored, &lost).await, reported);
+    eprintln!(
+        "completeness: {drops} drops, {reported} of them between stored readings, all \
+         reported (from readings, and with {complete} complete hours from their ledgers)"
+    );
+}
+
+/// Asks the gaps API about every device: it must name exactly the numbers lost between
+/// stored ones. Returns how many it named.
+async fn check(
+    dashboard: &Service,
+    from: &str,
+    stored: &BTreeMap<String, BTreeSet<i64>>,
+    lost: &BTreeMap<String, BTreeSet<i64>>,
+) -> usize {
+    let mut reported = 0;
+    for (device, seqs) in stored {
         let (lo, hi) = (*seqs.first().unwrap(), *seqs.last().unwrap());
         // A loss shows as a gap only between two stored readings.
         let want: BTreeSet<i64> = lost
@@ -108,11 +143,7 @@ async fn the_gaps_api_names_exactly_the_readings_the_devices_lost() {
         }
         assert_eq!(got, want, "{device}: the gaps API against the drops");
         assert_eq!(v["missing"].as_u64().unwrap(), want.len() as u64);
-        reported_total += want.len();
+        reported += want.len();
     }
-    assert!(reported_total > 0, "no gap between stored readings at all");
-    eprintln!(
-        "completeness: {} drops, {reported_total} of them between stored readings, all reported",
-        summary["injected"]["drop"]
-    );
+    reported
 }

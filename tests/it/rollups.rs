@@ -6,62 +6,113 @@ use crate::archive::Store;
 use crate::Pipeline;
 use schemas::entity::StoredReading;
 use schemas::reading::Reading;
-use schemas::rollup::{Interval, Rollup, DAY_MS, HOUR_MS};
+use schemas::rollup::{FleetHour, Interval, Rollup, DAY_MS, HOUR_MS};
 use schemas::timefmt::{format_ms, now_ms};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 use tests::storage::{publish_all, topic};
 use tests::{unique, Service};
 
-/// A reading as a device sends it, with a temperature that sums inexactly in binary.
-fn payload(device: &str, at: i64, temperature: f64, humidity: Option<f64>) -> Vec<u8> {
+/// A reading as a device sends it, numbered, with a temperature that sums inexactly in binary.
+fn payload(device: &str, at: i64, seq: i64, temperature: f64, humidity: Option<f64>) -> Vec<u8> {
     let humidity = humidity
         .map(|h| format!(",\"humidity\":{h}"))
         .unwrap_or_default();
     format!(
-        "{{\"deviceId\":\"{device}\",\"timestamp\":\"{}\",\"temperature\":{temperature}{humidity}}}",
+        "{{\"deviceId\":\"{device}\",\"timestamp\":\"{}\",\"seq\":{seq},\"temperature\":{temperature}{humidity}}}",
         format_ms(at)
     )
     .into_bytes()
 }
 
-type Sent = BTreeMap<(String, i64), (f64, Option<f64>)>;
+/// A device numbers its readings by the 5 minutes since `BASE` hours before the test's hour.
+const EVERY: i64 = 5 * 60_000;
+const BASE: i64 = 5 * HOUR_MS;
+
+type Sent = BTreeMap<(String, i64), (f64, Option<f64>, i64)>;
 /// (device, RowKey) -> the period's readings, temperature minimum, maximum and sum, and
 /// readings with a humidity.
 type Want = BTreeMap<(String, String), Expected>;
 type Expected = (u64, f64, f64, f64, u64);
 type Values = Vec<(f64, Option<f64>)>;
 
-/// Sends (into `messages`) a reading of `device` at `at` with random values, noting it.
+/// Sends (into `messages`) a reading of `device` at `at` with random values, numbered by
+/// its time from `base`, noting it.
 fn add(
     sent: &mut Sent,
-    device: &str,
-    at: i64,
+    (device, at, base): (&str, i64, i64),
     rng: &mut fastrand::Rng,
     messages: &mut Vec<(String, Vec<u8>)>,
 ) {
     let t = 15.0 + rng.f64() * 10.0;
     let h = rng.bool().then(|| (rng.f64() * 100.0).round());
-    sent.insert((device.to_owned(), at), (t, h));
-    messages.push((topic(device), payload(device, at, t, h)));
+    let seq = (at - base).div_euclid(EVERY);
+    sent.insert((device.to_owned(), at), (t, h, seq));
+    messages.push((topic(device), payload(device, at, seq, t, h)));
+}
+
+/// The fleet's completeness ledger of each hour, computed here from what was sent: per device,
+/// the distinct numbers, and those between its lowest and highest not sent (the numbers only
+/// rise with time here, so there are no restarts).
+fn fleet_expected(sent: &Sent) -> BTreeMap<i64, FleetHour> {
+    let mut seqs: BTreeMap<(i64, &str), BTreeSet<i64>> = BTreeMap::new();
+    for ((device, at), (_, _, seq)) in sent {
+        seqs.entry((Interval::Hour.floor(*at), device))
+            .or_default()
+            .insert(*seq);
+    }
+    let mut out: BTreeMap<i64, FleetHour> = BTreeMap::new();
+    for ((hour, _), s) in seqs {
+        let span = (s.last().unwrap() - s.first().unwrap() + 1) as u64;
+        let fleet = out.entry(hour).or_default();
+        fleet.devices += 1;
+        fleet.distinct += s.len() as u64;
+        fleet.missing += span - s.len() as u64;
+    }
+    out
+}
+
+async fn stored_fleet(p: &Pipeline, table: &str) -> BTreeMap<i64, FleetHour> {
+    tests::storage::rows(&p.account, table)
+        .await
+        .unwrap_or_default()
+        .iter()
+        .filter(|e| e["PartitionKey"] == schemas::rollup::LEDGER)
+        .filter_map(FleetHour::from_entity)
+        .collect()
+}
+
+/// Waits up to a minute for the fleet ledger to hold `want` for its hours.
+async fn fleet_matches(p: &Pipeline, table: &str, want: &BTreeMap<i64, FleetHour>, when: &str) {
+    let mut got = BTreeMap::new();
+    for _ in 0..60 {
+        got = stored_fleet(p, table).await;
+        got.retain(|hour, _| want.contains_key(hour));
+        if &got == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    panic!("the fleet ledger {when}: stored {got:?}, expected {want:?}");
 }
 
 /// Rollups of `readings` (one per device and time), computed here, independently: by hour
 /// and, for days that have ended, by day.
 fn expected(readings: &Sent, now: i64) -> Want {
     let mut out: BTreeMap<(String, String), Values> = BTreeMap::new();
-    for ((device, at), values) in readings {
+    for ((device, at), (t, h, _)) in readings {
+        let values = (*t, *h);
         out.entry((
             device.clone(),
             Interval::Hour.row_key(Interval::Hour.floor(*at)),
         ))
         .or_default()
-        .push(*values);
+        .push(values);
         let day = Interval::Day.floor(*at);
         if day + DAY_MS <= now {
             out.entry((device.clone(), Interval::Day.row_key(day)))
                 .or_default()
-                .push(*values);
+                .push(values);
         }
     }
     out.into_iter()
@@ -135,10 +186,16 @@ async fn rollups_stay_exact_under_duplicates_redeliveries_and_late_data() {
     let mut messages = Vec::new();
     // Three devices, readings over four hours ending more than an hour ago (so that every one
     // has been swept or marked, whenever in the hour the test runs).
+    // Some numbers are never sent (gaps in the completeness ledger), one of them until later.
+    let base = hour - BASE;
+    let later = ("roll-b", 20);
     for device in ["roll-a", "roll-b", "roll-c"] {
         for k in 0..48 {
-            let at = hour - 5 * HOUR_MS + k * 5 * 60_000 + rng.i64(0..60_000);
-            add(&mut sent, device, at, &mut rng, &mut messages);
+            if (device == "roll-c" && k % 11 == 5) || (device, k) == later {
+                continue;
+            }
+            let at = base + k * EVERY + rng.i64(0..60_000);
+            add(&mut sent, (device, at, base), &mut rng, &mut messages);
         }
     }
     // Every fifth message twice: a redelivery the pipeline must not count twice.
@@ -172,16 +229,22 @@ async fn rollups_stay_exact_under_duplicates_redeliveries_and_late_data() {
     }
     matches(&want, &stored_rollups(&p, &rollups).await)
         .unwrap_or_else(|why| panic!("rollups after the first readings: {why} (earlier: {last})"));
+    let fleet = fleet_expected(&sent);
+    assert!(fleet.values().any(|f| f.missing > 0));
+    fleet_matches(&p, &rollups, &fleet, "after the first readings").await;
 
     // Hours later, a device catches up: readings for an hour already rolled up, one of them
     // a new value for a time already stored (the row is overwritten: the rollup must follow).
     let mut late = Vec::new();
     for k in 0..10 {
         let at = hour - 4 * HOUR_MS + 30 * 60_000 + k * 1_000;
-        add(&mut sent, "roll-b", at, &mut rng, &mut late);
+        add(&mut sent, ("roll-b", at, base), &mut rng, &mut late);
     }
     let (device, at) = sent.keys().find(|(d, _)| d == "roll-a").cloned().unwrap();
-    add(&mut sent, &device, at, &mut rng, &mut late);
+    add(&mut sent, (&device, at, base), &mut rng, &mut late);
+    // And the number it had skipped: the fleet ledger of that hour must be summed again.
+    let at = base + later.1 * EVERY + 1_000;
+    add(&mut sent, (later.0, at, base), &mut rng, &mut late);
     publish_all(p.mosquitto.port, late).await;
     p.wait_rows(sent.len(), Duration::from_secs(60)).await;
     let want = expected(&sent, now_ms());
@@ -195,6 +258,12 @@ async fn rollups_stay_exact_under_duplicates_redeliveries_and_late_data() {
     }
     matches(&want, &stored_rollups(&p, &rollups).await)
         .unwrap_or_else(|why| panic!("rollups after late readings: {why} (earlier: {last})"));
+    let fleet_after = fleet_expected(&sent);
+    assert_ne!(
+        fleet_after, fleet,
+        "the late readings change the fleet ledger"
+    );
+    fleet_matches(&p, &rollups, &fleet_after, "after late readings").await;
     assert!(
         p.processor
             .metric("processor_late_hours_marked_total")
@@ -257,6 +326,25 @@ async fn rollups_stay_exact_under_duplicates_redeliveries_and_late_data() {
         },
     )
     .await;
+    // ... and its completeness over the last day, from the fleet ledger.
+    let (_, body) = tests::services::http_get(port, "/api/v1/pipeline")
+        .await
+        .expect("the dashboard answers");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let day = &body["completeness"]["lastDay"];
+    let (received, missing) = fleet_after
+        .values()
+        .fold((0, 0), |(r, m), f| (r + f.distinct, m + f.missing));
+    assert_eq!(
+        (day["received"].as_u64(), day["missing"].as_u64()),
+        (Some(received), Some(missing)),
+        "{body}"
+    );
+    let percent = received as f64 * 100.0 / (received + missing) as f64;
+    assert!(
+        (day["percent"].as_f64().unwrap() - percent).abs() < 0.001,
+        "{body}"
+    );
     // The same rollups as Parquet, row for row.
     let parquet =
         crate::dashboard::get(dashboard.metrics_port, &format!("{path}&format=parquet")).await;

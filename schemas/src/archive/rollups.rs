@@ -1,10 +1,10 @@
 //! Rollups as a Parquet file, for the query API's `format=parquet`: one row per period, the
 //! archive's conventions (snake_case columns, UTC microsecond timestamps, ZSTD), per
 //! measurement its count, min, max, mean and sum (null when the period has none of it), and
-//! the completeness ledger (null when no reading of the period has a `seq`).
+//! the completeness ledger (null when no reading of the period has a `seq`, or it is not known).
 
 use super::{ArchiveError, UTC, ZSTD_LEVEL};
-use crate::rollup::{Rollup, Stats, MEASUREMENTS};
+use crate::rollup::{Rollup, Seqs, Stats, MEASUREMENTS};
 use arrow_array::{
     ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
     UInt64Array,
@@ -90,7 +90,7 @@ pub fn encode(rollups: &[Rollup]) -> Result<Bytes, ArchiveError> {
         columns.push(present(|s| s.mean().unwrap_or_default()));
         columns.push(present(|s| s.sum));
     }
-    let seqs = || rollups.iter().map(|r| r.seqs);
+    let seqs = || rollups.iter().map(|r| r.seqs.filter(Seqs::numbered));
     columns.push(Arc::new(Int64Array::from_iter(
         seqs().map(|q| q.map(|q| q.first)),
     )));
@@ -121,7 +121,7 @@ pub fn encode(rollups: &[Rollup]) -> Result<Bytes, ArchiveError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rollup::{Interval, Seqs};
+    use crate::rollup::Interval;
     use arrow_array::{Array, Float64Array, UInt64Array};
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
