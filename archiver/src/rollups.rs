@@ -386,8 +386,8 @@ impl Keeper {
         Ok((done, written))
     }
 
-    /// Deletes every rollup older than the retention, device by device, a page of devices at
-    /// a time. A failure stops it; what it deleted stays deleted, and the next try walks again.
+    /// Deletes every rollup older than the retention, and every refused reading's number
+    /// recorded before it, device by device, a page of devices at a time. A failure stops it; what it deleted stays deleted, and the next try walks again.
     pub async fn expire(&self, now: i64) -> Result<u64, StorageError> {
         let keep = i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX);
         let cutoff = Interval::Day.floor(now.saturating_sub(keep)).max(0);
@@ -395,13 +395,22 @@ impl Keeper {
         let mut pages = DevicePages::new(&self.devices);
         while let Some(devices) = pages.next_page().await? {
             for device in devices {
-                for interval in [Interval::Hour, Interval::Day] {
-                    let filter = format!(
+                let by_interval = [Interval::Hour, Interval::Day].map(|interval| {
+                    format!(
                         "PartitionKey eq '{device}' and RowKey ge '{}|' and RowKey lt '{}'",
                         interval.name(),
                         interval.row_key(cutoff)
-                    );
-                    let old = retried(|| self.rollups.query(&filter)).await?;
+                    )
+                });
+                // The refused readings' numbers, by when they were refused.
+                let refused = format!(
+                    "PartitionKey eq '{device}' and RowKey ge '{0}' and RowKey lt '{0}~' and {1} lt datetime'{2}'",
+                    rollup::REFUSED,
+                    rollup::REFUSED_AT,
+                    format_ms(cutoff)
+                );
+                for filter in by_interval.iter().chain([&refused]) {
+                    let old = retried(|| self.rollups.query(filter)).await?;
                     let rows: Vec<RowRef> = old.iter().filter_map(RowRef::of).collect();
                     for chunk in rows.chunks(100) {
                         retried(|| self.rollups.delete_batch(chunk)).await?;

@@ -379,12 +379,41 @@ impl Api {
             Step::Skip => None,
         });
         let gaps = gaps::find(hours);
+        // The numbers in the gaps that the processor refused (dead-lettered), with reasons:
+        // one range query per shard, bounded like the rows of a page.
+        let mut refused: BTreeMap<i64, String> = BTreeMap::new();
+        if let (Some(lo), Some(hi)) = (gaps.first(), gaps.last()) {
+            let (lo, hi) = rollup::refusal_keys(lo.first, hi.last);
+            let filter =
+                format!("PartitionKey eq '{id}' and RowKey ge '{lo}' and RowKey le '{hi}'");
+            let lists = futures::future::try_join_all(holding.iter().map(|(s, _)| async {
+                s.rollups
+                    .query_first(&filter, self.max_readings)
+                    .await
+                    .or_else(none_if_missing)
+                    .map_err(|e| Problem::storage(&e))
+            }))
+            .await?;
+            refused.extend(lists.iter().flatten().filter_map(rollup::parse_refusal));
+        }
+        let gaps: Vec<serde_json::Value> = gaps
+            .iter()
+            .map(|g| views::gap(g, refused.range(g.first..=g.last)))
+            .collect();
+        let refused_in_gaps = gaps
+            .iter()
+            .map(|g| g["refused"].as_array().map_or(0, Vec::len) as u64)
+            .sum::<u64>();
+        let numbers = gaps.iter().fold(0u64, |n, g| {
+            n.saturating_add(g["count"].as_u64().unwrap_or(0))
+        });
         Ok(Reply::json(json!({
             "device": id,
             "from": format_ms(from),
             "to": format_ms(to),
-            "missing": gaps.iter().fold(0u64, |n, g| n.saturating_add(g.count())),
-            "gaps": gaps.iter().map(views::gap).collect::<Vec<_>>(),
+            "missing": numbers.saturating_sub(refused_in_gaps),
+            "refused": refused_in_gaps,
+            "gaps": gaps,
         })))
     }
 

@@ -78,14 +78,21 @@ pub fn rollup(r: &Rollup) -> Value {
     })
 }
 
-/// A run of `seq` numbers a device skipped, and when the readings either side were measured.
-pub fn gap(g: &crate::gaps::Gap) -> Value {
+/// A run of `seq` numbers a device skipped, when the readings either side were measured, and
+/// which of its numbers the processor refused, with the reasons.
+pub fn gap<'r>(
+    g: &crate::gaps::Gap,
+    refused: impl Iterator<Item = (&'r i64, &'r String)>,
+) -> Value {
     json!({
         "first": g.first,
         "last": g.last,
         "count": g.count(),
         "after": format_ms(g.after_ms),
         "before": format_ms(g.before_ms),
+        "refused": refused
+            .map(|(seq, reason)| json!({"seq": seq, "reason": reason}))
+            .collect::<Vec<_>>(),
     })
 }
 

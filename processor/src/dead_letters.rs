@@ -15,6 +15,12 @@
 //! outcome ([`crate::claims::DeadLettered::claim`]); another replica, or this one restarted, knows nothing of
 //! the put and writes the records again: at-least-once, which the operator's tool shows once.
 //!
+//! Beside the puts, each refused reading whose device and number can be told
+//! ([`DeadLetter::refused_seqs`]) is recorded in the device's partition of the rollup table
+//! ([`schemas::rollup::refusal`]), so that the gaps API shows the number as refused, with its
+//! reason, rather than as missing. That record is an index, not the dead letter: one that
+//! cannot be written by the messages' deadline is counted and logged, and holds nothing up.
+//!
 //! Why gather across rounds: a dead-letter queue of one record per message is expensive to
 //! operate on (every walk and every removal is per message, and on the emulator each costs
 //! more as the queue grows). At a trickle of faults each round has one or two records; a few
@@ -26,8 +32,9 @@ use crate::failure::Failure;
 use crate::metrics_names as m;
 use crate::settle;
 use futures::{stream, StreamExt};
-use infra::storage::{QueueMessage, StorageError};
+use infra::storage::{BatchOutcome, QueueMessage, StorageError};
 use schemas::DeadLetter;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -179,6 +186,12 @@ async fn flush(ctx: &Ctx, mut pending: Vec<Submission>, shutdown: &CancellationT
     for i in packed.iter().flat_map(|(_, records)| records) {
         unpacked[*i] = false;
     }
+    // By the deadline less the deletes' reserve: a slow record must not delay the deletes.
+    let refusals = record_refusals(
+        ctx,
+        refusal_rows(&pending),
+        deadline.checked_sub(FLUSH_RESERVE).unwrap_or(deadline),
+    );
     let puts_done = CancellationToken::new();
     let puts = stream::iter(packed)
         .map(|(text, records)| async move {
@@ -205,7 +218,7 @@ async fn flush(ctx: &Ctx, mut pending: Vec<Submission>, shutdown: &CancellationT
     };
     let keep =
         futures::future::join_all(pending.iter_mut().map(|s| keep_hidden(ctx, s, &puts_done)));
-    let (results, _) = tokio::join!(puts, keep);
+    let (results, _, ()) = tokio::join!(puts, keep, refusals);
     let mut failed: Vec<Option<Failure>> = vec![None; pending.len()];
     for (i, _) in unpacked.iter().enumerate().filter(|(_, u)| **u) {
         failed[owners[i].0] = Some(Failure::Unpacked);
@@ -248,6 +261,59 @@ async fn flush(ctx: &Ctx, mut pending: Vec<Submission>, shutdown: &CancellationT
                 None => {
                     let by = s.deadline.max(delete_by);
                     settle::finished(ctx, &s.message, &s.received_at_ms, by, s.stored_at_ms).await;
+                }
+            }
+        })
+        .await;
+}
+
+/// The refusal rows of the submissions' records, by device (one partition each), each number
+/// once.
+fn refusal_rows(pending: &[Submission]) -> Vec<Vec<infra::storage::Entity>> {
+    let now = schemas::timefmt::now_ms();
+    let mut by_device: BTreeMap<&str, BTreeMap<i64, &'static str>> = BTreeMap::new();
+    for r in pending.iter().flat_map(|s| &s.records) {
+        let Some(device) = r.device_id.as_deref() else {
+            continue;
+        };
+        for seq in r.refused_seqs() {
+            by_device
+                .entry(device)
+                .or_default()
+                .insert(seq, r.reason.as_str());
+        }
+    }
+    by_device
+        .into_iter()
+        .map(|(device, seqs)| {
+            seqs.into_iter()
+                .map(|(seq, reason)| schemas::rollup::refusal(device, seq, reason, now))
+                .collect()
+        })
+        .collect()
+}
+
+/// Writes refusal rows, a device's in transactions of up to 100, until `deadline`; what
+/// cannot be written is counted and logged.
+async fn record_refusals(ctx: &Ctx, rows: Vec<Vec<infra::storage::Entity>>, deadline: Instant) {
+    let chunks: Vec<&[infra::storage::Entity]> = rows
+        .iter()
+        .flat_map(|device| device.chunks(infra::storage::MAX_BATCH_OPERATIONS))
+        .collect();
+    stream::iter(chunks)
+        .for_each_concurrent(ctx.write_concurrency.max(1), |chunk| async move {
+            let n = chunk.len() as u64;
+            match retry(deadline, || ctx.rollups.upsert_batch(chunk)).await {
+                Ok(BatchOutcome::Committed) => {
+                    metrics::counter!(m::REFUSALS_RECORDED).increment(n);
+                }
+                Ok(BatchOutcome::Rejected(refusal)) => {
+                    metrics::counter!(m::REFUSALS_UNRECORDED).increment(n);
+                    tracing::warn!(%refusal, "Refused readings' numbers not recorded; the gaps API will show them as missing.");
+                }
+                Err(error) => {
+                    metrics::counter!(m::REFUSALS_UNRECORDED).increment(n);
+                    tracing::warn!(%error, "Refused readings' numbers not recorded; the gaps API will show them as missing.");
                 }
             }
         })

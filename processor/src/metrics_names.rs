@@ -7,6 +7,11 @@ pub const DEAD_LETTERS: &str = "processor_dead_letters_total";
 /// Device-hours marked for the rollup keeper because readings of them were stored after the
 /// hour ended.
 pub const LATE_HOURS: &str = "processor_late_hours_marked_total";
+/// Refused readings' numbers recorded for the completeness ledger, and those that could not
+/// be (the dead letters were written all the same; the gaps API then shows such a number as
+/// missing, not refused).
+pub const REFUSALS_RECORDED: &str = "processor_refusals_recorded_total";
+pub const REFUSALS_UNRECORDED: &str = "processor_refusals_unrecorded_total";
 /// Dead-letter records not written again: this process wrote them for an earlier delivery of
 /// the same message.
 pub const DEAD_LETTERS_ALREADY_WRITTEN: &str = "processor_dead_letters_already_written_total";

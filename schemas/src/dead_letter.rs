@@ -223,6 +223,44 @@ impl DeadLetter {
         }
     }
 
+    /// The `seq` numbers of the readings this record refuses, where they can be told: the
+    /// topic names the device, the payload is whole JSON and names no other device, and a
+    /// refused reading carries a `seq` (for a gateway array, the elements refused, or all of
+    /// them when the whole message is). For the completeness ledger: these numbers are
+    /// refused, not missing.
+    pub fn refused_seqs(&self) -> Vec<i64> {
+        if self.payload_truncated
+            || self.device_id.is_none()
+            || self.reason == Reason::DeviceMismatch
+        {
+            return Vec::new();
+        }
+        let Some(value) = self
+            .payload
+            .as_deref()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
+        else {
+            return Vec::new();
+        };
+        let seq = |r: &serde_json::Value| {
+            r.get("seq")
+                .and_then(serde_json::Value::as_i64)
+                .filter(|s| *s >= 0)
+        };
+        match &value {
+            serde_json::Value::Array(items) if self.rejected_indexes.is_empty() => {
+                items.iter().filter_map(seq).collect()
+            }
+            serde_json::Value::Array(items) => self
+                .rejected_indexes
+                .iter()
+                .filter_map(|i| items.get(*i))
+                .filter_map(seq)
+                .collect(),
+            single => seq(single).into_iter().collect(),
+        }
+    }
+
     /// What this record refuses, stable across the processor redoing its work: the same
     /// device message refused for the same reason (by topic, time of receipt, payload and
     /// replay) has the same identity, whichever delivery wrote it and whatever its detail
@@ -334,6 +372,44 @@ mod tests {
         let mut packed = pack([record]);
         assert_eq!(packed.len(), 1);
         packed.remove(0).0
+    }
+
+    #[test]
+    fn the_refused_numbers_are_told_where_they_can_be() {
+        let record = |payload: &str, reason: Reason, indexes: Vec<usize>| {
+            let msg = DeviceMessage::from_mqtt("devices/dev-1/telemetry", payload.as_bytes(), 1);
+            DeadLetter::new(
+                &msg,
+                Refusal {
+                    rejected_indexes: indexes,
+                    ..refusal(reason)
+                },
+            )
+        };
+        let one = r#"{"deviceId":"dev-1","seq":7,"temperature":999}"#;
+        assert_eq!(record(one, Reason::OutOfRange, vec![]).refused_seqs(), [7]);
+        let array = r#"[{"seq":3},{"seq":4},{"seq":5}]"#;
+        assert_eq!(
+            record(array, Reason::Stale, vec![0, 2]).refused_seqs(),
+            [3, 5]
+        );
+        assert_eq!(
+            record(array, Reason::Poison, vec![]).refused_seqs(),
+            [3, 4, 5]
+        );
+        // Not told: the payload names another device, is not JSON, or has no number.
+        assert!(record(one, Reason::DeviceMismatch, vec![])
+            .refused_seqs()
+            .is_empty());
+        assert!(record(r#"{"seq":7"#, Reason::MalformedJson, vec![])
+            .refused_seqs()
+            .is_empty());
+        assert!(record(r#"{"seq":-1}"#, Reason::Schema, vec![])
+            .refused_seqs()
+            .is_empty());
+        let mut no_device = record(one, Reason::OutOfRange, vec![]);
+        no_device.device_id = None;
+        assert!(no_device.refused_seqs().is_empty());
     }
 
     #[test]

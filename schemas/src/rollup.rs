@@ -515,6 +515,45 @@ pub fn ledger_stale_range() -> (String, String) {
     (STALE.to_owned(), "stale}".to_owned())
 }
 
+/// A refused reading's number, in its device's partition of the rollup table (RowKey
+/// `refused|<seq, 19 digits>`, after the device's rollups), so that a number missing from
+/// its readings can be shown as refused, with the reason, rather than as missing. Written by
+/// the processor as it dead-letters the reading; the rollup keeper deletes it after the
+/// rollup retention.
+pub const REFUSED: &str = "refused|";
+const REFUSED_REASON: &str = "Reason";
+pub const REFUSED_AT: &str = "RefusedAt";
+
+/// The row recording that `device`'s reading `seq` was refused for `reason` at `at_ms`.
+pub fn refusal(device: &str, seq: i64, reason: &str, at_ms: i64) -> Map<String, Value> {
+    let mut e = Map::new();
+    e.insert("PartitionKey".into(), device.into());
+    e.insert("RowKey".into(), format!("{REFUSED}{seq:019}").into());
+    e.insert(REFUSED_REASON.into(), reason.into());
+    entity::typed_datetime(&mut e, REFUSED_AT, at_ms);
+    e
+}
+
+/// The RowKey range, both ends included, of the refusals of numbers `first` to `last`.
+pub fn refusal_keys(first: i64, last: i64) -> (String, String) {
+    (
+        format!("{REFUSED}{:019}", first.max(0)),
+        format!("{REFUSED}{:019}", last.max(0)),
+    )
+}
+
+/// A refusal row's number and reason.
+pub fn parse_refusal(e: &Map<String, Value>) -> Option<(i64, String)> {
+    let seq = e
+        .get("RowKey")?
+        .as_str()?
+        .strip_prefix(REFUSED)?
+        .parse()
+        .ok()?;
+    let reason = e.get(REFUSED_REASON)?.as_str()?.to_owned();
+    Some((seq, reason))
+}
+
 /// The partition of stored-reading counts, for the dashboard's "readings in the last hour":
 /// RowKey `<minute start>|<processor instance>`, property `Readings`, what that processor
 /// stored in that minute (it counts writes, so a redone message counts again). Each processor
@@ -827,6 +866,31 @@ mod tests {
         assert!(
             e["RowKey"].as_str().unwrap() < lo.as_str(),
             "hours sort before the flags"
+        );
+    }
+
+    #[test]
+    fn refusals_sort_by_number_after_the_rollups() {
+        let e = refusal("sensor-1", 42, "out_of_range", H0);
+        assert_eq!(parse_refusal(&e), Some((42, "out_of_range".to_owned())));
+        let key = e["RowKey"].as_str().unwrap();
+        let (lo, hi) = refusal_keys(40, 42);
+        assert!(lo.as_str() <= key && key <= hi.as_str());
+        assert!(
+            refusal_keys(9, 9).0 < refusal_keys(10, 10).0,
+            "numeric order"
+        );
+        assert!(
+            Interval::Day.row_key(H0).as_str() < key,
+            "after the rollups"
+        );
+        assert_eq!(
+            parse_refusal(
+                &Rollup::of(Interval::Hour, H0, &numbered_hour(&[1]))
+                    .unwrap()
+                    .to_entity()
+            ),
+            None
         );
     }
 

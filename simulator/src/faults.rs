@@ -62,6 +62,15 @@ impl Fault {
         }
     }
 
+    /// Whether the fault spoils the message's first reading only (the rest of a gateway array
+    /// is stored).
+    pub fn spoils_one_reading(self) -> bool {
+        matches!(
+            self,
+            Fault::Schema | Fault::OutOfRange | Fault::Future | Fault::Stale
+        )
+    }
+
     /// The dead-letter reason the pipeline must give this fault's message, if any.
     pub fn expected_reason(self) -> Option<Reason> {
         match self {

@@ -118,11 +118,7 @@ impl Generator {
                     temperature = format!("{:.2}", v.temperature);
                 }
             }
-            let spoiled = k == 0
-                && matches!(
-                    fault,
-                    Some(Fault::Schema | Fault::OutOfRange | Fault::Future | Fault::Stale)
-                );
+            let spoiled = k == 0 && fault.is_some_and(Fault::spoils_one_reading);
             if !spoiled && !whole_message_refused {
                 let number = |s: String| s.parse::<f64>().ok();
                 let stored = schemas::Reading {
@@ -161,7 +157,7 @@ impl Generator {
                 0
             }
             Some(Fault::Spoofed | Fault::Drop) => 0,
-            Some(Fault::Schema | Fault::OutOfRange | Fault::Future | Fault::Stale) => n - 1,
+            Some(f) if f.spoils_one_reading() => n - 1,
             _ => n,
         };
         Message {

@@ -21,6 +21,10 @@ pub struct Tally {
     /// The messages lost on purpose (`drop`): device and `seq` range, the first
     /// [`DROPPED_LISTED`] of them.
     dropped: std::sync::Mutex<Vec<(String, u64, u64)>>,
+    /// The readings refused for their content (a reading-level fault spoils the message's
+    /// first reading): device, `seq` and the reason the pipeline must give, the first
+    /// [`DROPPED_LISTED`] of them.
+    refused: std::sync::Mutex<Vec<(String, u64, &'static str)>>,
     /// Connections that have connected at least once, and when the last of them did
     /// (milliseconds since the tally began).
     connections: AtomicU64,
@@ -49,12 +53,20 @@ impl Tally {
         if let Some(fault) = msg.fault {
             self.faults[index(fault)].fetch_add(1, Relaxed);
             metrics::counter!(m::INJECTED, "fault" => fault.name()).increment(1);
+            if fault.spoils_one_reading() {
+                if let (Some(reason), Ok(mut list)) = (fault.expected_reason(), self.refused.lock())
+                {
+                    if list.len() < DROPPED_LISTED {
+                        list.push((device_of(msg), msg.first_seq, reason.as_str()));
+                    }
+                }
+            }
         }
     }
 
     /// Records a message the device lost (`drop`): its readings' numbers are skipped.
     pub fn dropped(&self, msg: &Message) {
-        let device = msg.topic.rsplit('/').nth(1).unwrap_or_default().to_owned();
+        let device = device_of(msg);
         let last = msg.first_seq + u64::from(msg.readings.max(1)) - 1;
         if let Ok(mut list) = self.dropped.lock() {
             if list.len() < DROPPED_LISTED {
@@ -105,6 +117,15 @@ impl Tally {
                     .collect()
             })
             .unwrap_or_default();
+        let refused: Vec<Value> = self
+            .refused
+            .lock()
+            .map(|list| {
+                list.iter()
+                    .map(|(device, seq, reason)| json!({"device": device, "seq": seq, "reason": reason}))
+                    .collect()
+            })
+            .unwrap_or_default();
         json!({
             "seconds": (seconds * 10.0).round() / 10.0,
             "messages": messages,
@@ -118,6 +139,9 @@ impl Tally {
             // What `drop` lost, for the completeness ledger to report (the first
             // DROPPED_LISTED messages; `injected.drop` counts them all).
             "dropped": dropped,
+            // The readings refused for their content, whose numbers the gaps API must show
+            // as refused (the first DROPPED_LISTED).
+            "refused": refused,
             "connections": self.connections.load(Relaxed),
             "all_connected_seconds": self.all_connected_ms.load(Relaxed) as f64 / 1000.0,
         })
@@ -126,6 +150,11 @@ impl Tally {
 
 /// The most dropped messages a summary lists, so that a long run's memory stays bounded.
 const DROPPED_LISTED: usize = 100_000;
+
+/// The device a message's topic (`{prefix}/{device}/telemetry`) names.
+fn device_of(msg: &Message) -> String {
+    msg.topic.rsplit('/').nth(1).unwrap_or_default().to_owned()
+}
 
 fn index(fault: Fault) -> usize {
     Fault::ALL.iter().position(|f| *f == fault).unwrap_or(0)

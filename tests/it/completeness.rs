@@ -1,7 +1,9 @@
 //! The completeness ledger end to end: the simulator loses known messages on the devices'
-//! side (`drop`), also delivers out of order and twice, and the dashboard's gaps API must name
-//! exactly the `seq` numbers lost, device by device: first from the readings alone (no hour
-//! rolled up yet), then with every hour rolled up (complete hours answered from their ledger).
+//! side (`drop`), sends readings the pipeline refuses (out of range, stale), also delivers out
+//! of order and twice, and the dashboard's gaps API must name exactly the `seq` numbers lost,
+//! and those refused with their reasons, device by device: first from the readings alone (no
+//! hour rolled up yet), then with every hour rolled up (complete hours answered from their
+//! ledger).
 
 use crate::Pipeline;
 use std::collections::{BTreeMap, BTreeSet};
@@ -12,11 +14,12 @@ use tests::{unique, Service};
 
 #[tokio::test]
 async fn the_gaps_api_names_exactly_the_readings_the_devices_lost() {
-    let Some(p) = Pipeline::start("completeness", &[], &[]).await else {
+    let rollups = unique("rollups");
+    let processor_env = [("PROCESSOR_ROLLUP_TABLE", rollups.clone())];
+    let Some(p) = Pipeline::start("completeness", &[], &processor_env).await else {
         return;
     };
     let started = schemas::timefmt::now_ms();
-    let rollups = unique("rollups");
     let run = |prefix: &str, devices: usize, faults: &str| {
         simulate(
             p.mosquitto.url(),
@@ -31,7 +34,11 @@ async fn the_gaps_api_names_exactly_the_readings_the_devices_lost() {
     };
     // Devices that lose messages, and a few that lose none (whose hours are complete).
     let (lossy, whole) = tokio::join!(
-        run("gap", 12, "drop=0.1,out_of_order=0.05,duplicate=0.05"),
+        run(
+            "gap",
+            12,
+            "drop=0.1,out_of_range=0.04,stale=0.03,out_of_order=0.05,duplicate=0.05"
+        ),
         run("whole", 3, "out_of_order=0.05,duplicate=0.05")
     );
     let (summary, whole) = (lossy.expect("the simulator"), whole.expect("the simulator"));
@@ -67,6 +74,32 @@ async fn the_gaps_api_names_exactly_the_readings_the_devices_lost() {
         drops,
         "one reading a message, every drop listed"
     );
+    let mut refused: BTreeMap<String, BTreeMap<i64, String>> = BTreeMap::new();
+    for r in summary["refused"].as_array().expect("refused") {
+        refused
+            .entry(r["device"].as_str().unwrap().to_owned())
+            .or_default()
+            .insert(
+                r["seq"].as_i64().unwrap(),
+                r["reason"].as_str().unwrap().to_owned(),
+            );
+    }
+    let refusals = refused.values().map(BTreeMap::len).sum::<usize>();
+    assert!(
+        refusals >= 10,
+        "too few refusals to prove anything: {summary}"
+    );
+    // The refused numbers are recorded as their dead letters are written (a few seconds on).
+    let processor = &p.processor;
+    tests::wait_for(
+        "the refused readings' numbers recorded",
+        Duration::from_secs(60),
+        || async move {
+            (processor.metric("processor_refusals_recorded_total").await >= refusals as f64)
+                .then_some(())
+        },
+    )
+    .await;
 
     let dashboard = Service::start(
         "dashboard",
@@ -83,8 +116,14 @@ async fn the_gaps_api_names_exactly_the_readings_the_devices_lost() {
     )
     .await;
     let from = schemas::timefmt::format_ms(started - 60_000);
-    let reported = check(&dashboard, &from, &stored, &lost).await;
-    assert!(reported > 0, "no gap between stored readings at all");
+    let expect = Expect {
+        stored: &stored,
+        lost: &lost,
+        refused: &refused,
+    };
+    let reported = check(&dashboard, &from, &expect).await;
+    assert!(reported.0 > 0, "no loss between stored readings at all");
+    assert!(reported.1 > 0, "no refusal between stored readings at all");
 
     // Every hour rolled up, as the archiver's keeper does: the same gaps, with the whole
     // devices' hours now answered from their ledgers.
@@ -99,32 +138,43 @@ async fn the_gaps_api_names_exactly_the_readings_the_devices_lost() {
         }
     }
     assert!(complete >= 3, "the whole devices' hours are complete");
-    assert_eq!(check(&dashboard, &from, &stored, &lost).await, reported);
+    assert_eq!(check(&dashboard, &from, &expect).await, reported);
     eprintln!(
-        "completeness: {drops} drops, {reported} of them between stored readings, all \
-         reported (from readings, and with {complete} complete hours from their ledgers)"
+        "completeness: {drops} drops and {refusals} refusals; between stored readings, {} \
+         missing and {} refused, all reported (from readings, and with {complete} complete \
+         hours from their ledgers)",
+        reported.0, reported.1
     );
 }
 
+/// What each device stored, lost and had refused.
+struct Expect<'a> {
+    stored: &'a BTreeMap<String, BTreeSet<i64>>,
+    lost: &'a BTreeMap<String, BTreeSet<i64>>,
+    refused: &'a BTreeMap<String, BTreeMap<i64, String>>,
+}
+
 /// Asks the gaps API about every device: it must name exactly the numbers lost between
-/// stored ones. Returns how many it named.
-async fn check(
-    dashboard: &Service,
-    from: &str,
-    stored: &BTreeMap<String, BTreeSet<i64>>,
-    lost: &BTreeMap<String, BTreeSet<i64>>,
-) -> usize {
-    let mut reported = 0;
-    for (device, seqs) in stored {
+/// stored ones, and those refused with their reasons. Returns how many of each it named.
+async fn check(dashboard: &Service, from: &str, expect: &Expect<'_>) -> (usize, usize) {
+    let mut reported = (0, 0);
+    for (device, seqs) in expect.stored {
         let (lo, hi) = (*seqs.first().unwrap(), *seqs.last().unwrap());
-        // A loss shows as a gap only between two stored readings.
-        let want: BTreeSet<i64> = lost
+        // A loss or a refusal shows only between two stored readings.
+        let lost: BTreeSet<i64> = expect
+            .lost
             .get(device)
             .map(|l| l.range(lo + 1..hi).copied().collect())
             .unwrap_or_default();
+        let refused: BTreeMap<i64, String> = expect
+            .refused
+            .get(device)
+            .map(|r| r.range(lo + 1..hi).map(|(s, r)| (*s, r.clone())).collect())
+            .unwrap_or_default();
+        let want: BTreeSet<i64> = lost.iter().chain(refused.keys()).copied().collect();
         assert!(
             (lo..=hi).all(|s| seqs.contains(&s) || want.contains(&s)),
-            "{device}: a reading neither stored nor lost"
+            "{device}: a reading neither stored, lost nor refused"
         );
         let (status, body) = http_get(
             dashboard.metrics_port,
@@ -135,15 +185,30 @@ async fn check(
         assert_eq!(status, 200, "{body}");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         let mut got = BTreeSet::new();
+        let mut got_refused = BTreeMap::new();
         for g in v["gaps"].as_array().unwrap() {
             let (first, last) = (g["first"].as_i64().unwrap(), g["last"].as_i64().unwrap());
             assert_eq!(g["count"].as_i64().unwrap(), last - first + 1);
             assert!(g["after"].as_str().unwrap() <= g["before"].as_str().unwrap());
             got.extend(first..=last);
+            for r in g["refused"].as_array().unwrap() {
+                let seq = r["seq"].as_i64().unwrap();
+                assert!((first..=last).contains(&seq));
+                got_refused.insert(seq, r["reason"].as_str().unwrap().to_owned());
+            }
         }
-        assert_eq!(got, want, "{device}: the gaps API against the drops");
-        assert_eq!(v["missing"].as_u64().unwrap(), want.len() as u64);
-        reported += want.len();
+        assert_eq!(
+            got, want,
+            "{device}: the gaps against the drops and refusals"
+        );
+        assert_eq!(
+            got_refused, refused,
+            "{device}: the refusals and their reasons"
+        );
+        assert_eq!(v["missing"].as_u64(), Some(lost.len() as u64), "{body}");
+        assert_eq!(v["refused"].as_u64(), Some(refused.len() as u64), "{body}");
+        reported.0 += lost.len();
+        reported.1 += refused.len();
     }
     reported
 }
