@@ -8,7 +8,8 @@
 // EXPECT_POINTS (its temperature chart's points over the default 24 h), SCREENSHOT_DIR,
 // CHROMIUM (default /usr/bin/chromium), PLAYWRIGHT_CORE (path of the playwright-core module),
 // EXPECT_ROLLUPS (optional: DEVICE's hourly rollups over 30 days; when set, the 30-day view's
-// temperature chart must show that many means inside a min–max band).
+// temperature chart must show that many means inside a min–max band, and its completeness strip
+// that many hourly cells, EXPECT_INCOMPLETE of them (default 0) short of complete).
 import { createRequire } from "node:module";
 
 const require = createRequire(import.meta.url);
@@ -19,6 +20,7 @@ const expectDevices = Number(process.env.EXPECT_DEVICES);
 const device = process.env.DEVICE;
 const expectPoints = Number(process.env.EXPECT_POINTS);
 const expectRollups = process.env.EXPECT_ROLLUPS ? Number(process.env.EXPECT_ROLLUPS) : null;
+const expectIncomplete = Number(process.env.EXPECT_INCOMPLETE || 0);
 const shots = process.env.SCREENSHOT_DIR;
 const UNITS = { temperature: "°C", humidity: "%RH", pressure: "hPa" };
 
@@ -90,7 +92,9 @@ try {
     const rows = await page.locator("#devices tr").count();
     if (rows !== expectDevices) problems.push(`${name}: fleet lists ${rows} devices, expected ${expectDevices}`);
     const cards = await page.locator("[data-card]").count();
-    if (cards !== 5) problems.push(`${name}: ${cards} pipeline cards, expected 5`);
+    if (cards !== 6) problems.push(`${name}: ${cards} pipeline cards, expected 6`);
+    const received = (await page.locator('[data-card="Received, last day"] .value').textContent()).trim();
+    if (!/^(–|\d+\.\d\d%)$/.test(received)) problems.push(`${name}: the fleet completeness card reads ${JSON.stringify(received)}`);
     // Search narrows the table.
     await page.fill("#search", device);
     const matching = await page.locator("#devices tr").count();
@@ -155,6 +159,13 @@ try {
       const [, mean, min, max] = rollup.data;
       if (!mean.every((m, i) => min[i] <= m && m <= max[i])) problems.push(`${name}: a mean lies outside its min–max band`);
       if (!rollup.axes[0].painted || !rollup.axes[1].painted) problems.push(`${name}: the 30-day chart's axis labels are not painted`);
+      // The completeness strip: a cell an hour, each labelled with its share received.
+      const cells = await page.evaluate(() => [...document.querySelectorAll("#completeness .cell")].map((c) => ({ kind: c.className.replace("cell ", ""), label: c.getAttribute("aria-label"), width: c.getBoundingClientRect().width })));
+      if (cells.length !== expectRollups) problems.push(`${name}: the completeness strip has ${cells.length} cells, expected ${expectRollups}`);
+      if (!cells.every((c) => / received \(\d+(\.\d)?%\)$/.test(c.label))) problems.push(`${name}: a completeness cell without its share: ${cells.map((c) => c.label).join("; ")}`);
+      if (!cells.every((c) => c.width > 0)) problems.push(`${name}: a completeness cell is not drawn`);
+      const incomplete = cells.filter((c) => c.kind !== "full").length;
+      if (incomplete !== expectIncomplete) problems.push(`${name}: ${incomplete} incomplete hours in the strip, expected ${expectIncomplete}`);
     }
     await page.close();
   }

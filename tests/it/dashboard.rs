@@ -378,12 +378,25 @@ async fn the_dashboard_works_in_a_real_browser() {
     let rollups = unique("rollups");
     let rollup_table = store.account.table(&rollups);
     rollup_table.create_if_missing().await.unwrap();
-    let past: Vec<Reading> = rows
+    let mut past: Vec<Reading> = rows
         .iter()
         .map(|r| r.reading.clone())
         .filter(|r| r.device_id == "sensor-03" && r.measured_at_ms < now - now % HOUR)
         .collect();
+    // One reading never came: its hour's cell in the completeness strip is incomplete.
+    let lost = past
+        .iter()
+        .position(|r| r.measured_at_ms % HOUR == 30 * MINUTE)
+        .expect("a reading at half past");
+    past.remove(lost);
     let hourly = schemas::rollup::hourly(&past);
+    assert_eq!(
+        hourly
+            .iter()
+            .filter(|h| h.seqs.is_some_and(|q| q.missing > 0))
+            .count(),
+        1
+    );
     for rollup in &hourly {
         rollup_table.upsert(&rollup.to_entity()).await.unwrap();
     }
@@ -400,6 +413,7 @@ async fn the_dashboard_works_in_a_real_browser() {
         .env("DEVICE", "sensor-03")
         .env("EXPECT_POINTS", "144")
         .env("EXPECT_ROLLUPS", hourly.len().to_string())
+        .env("EXPECT_INCOMPLETE", "1")
         .env("SCREENSHOT_DIR", &shots)
         .env("CHROMIUM", &chromium)
         .env("PLAYWRIGHT_CORE", &playwright)

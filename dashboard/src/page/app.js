@@ -135,6 +135,7 @@ async function showFleet() {
     card("Devices", pipeline.devices.total),
     card("Silent (> " + silentAfter + ")", pipeline.devices.silent, pipeline.devices.silent > 0),
     card("Readings in the last hour", pipeline.readings.storedLastHour === null ? "unknown" : pipeline.readings.storedLastHour.toLocaleString("en-US")),
+    completenessCard(card, pipeline.completeness.lastDay),
     card("Ingest queue", pipeline.queues.ingest.depth, pipeline.queues.ingest.depth > 10000),
     card("Dead-letter messages", pipeline.queues.deadLetter.depth, pipeline.queues.deadLetter.depth > 0));
   const search = el("input", { type: "search", placeholder: "Search devices", "aria-label": "Search devices", id: "search" });
@@ -155,6 +156,15 @@ async function showFleet() {
     el("div", { class: "table-wrap" }, el("table", { id: "fleet" }, el("thead", {}, head), body)));
   renderRows();
   stamp();
+}
+
+// The fleet's completeness over the last day: the share of numbered readings received, from the
+// hourly ledgers the rollup keeper sums; "unknown" when they cannot be read, "–" before any.
+function completenessCard(card, day) {
+  const label = "Received, last day";
+  if (!day) return card(label, "unknown");
+  if (day.percent === null) return card(label, "–");
+  return card(label, fmtNumber(day.percent, 2) + "%", day.missing > 0);
 }
 
 function sortValue(d, key) {
@@ -201,13 +211,21 @@ async function showDevice(id, rangeName) {
   // One row a reading, or a period: its time and, per measure, { mean, min, max } (all three
   // the reading's value when raw).
   const rows = [];
+  // The completeness ledger by period: the view's own rollups, or for a raw view its hours'.
+  let ledger = [];
   if (interval) {
     for (const r of (await api(path)).rollups) {
       const row = { at: Date.parse(r.periodStart) };
       for (const m of MEASURES) row[m] = r[m] && r[m].mean != null ? { mean: r[m].mean, min: r[m].min, max: r[m].max } : null;
       rows.push(row);
+      ledger.push({ at: row.at, seq: r.seq });
     }
   } else {
+    try {
+      ledger = (await api(base + "/rollups?interval=1h&" + span)).rollups.map((r) => ({ at: Date.parse(r.periodStart), seq: r.seq }));
+    } catch (error) {
+      ledger = null;
+    }
     let url = path;
     while (url) {
       const page = await api(url);
@@ -225,10 +243,48 @@ async function showDevice(id, rangeName) {
   const downloads = [csv, " · ", link("parquet", "Parquet")];
   const summary = el("p", { class: "muted", id: "summary" }, rows.length + what + " from " + fmtUtc(from.getTime()) + " to " + fmtUtc(to.getTime()) + " · ", ...downloads);
   const made = MEASURES.map((m) => chart(m, rows, Boolean(interval)));
-  show(buttons, summary, ...made.map((c) => c.box));
+  const periodMs = interval === "1d" ? 86400e3 : 3600e3;
+  const ledgerBox = ledger ? strip(ledger, from.getTime(), to.getTime(), periodMs) : el("p", { class: "muted" }, "Completeness: cannot be read now.");
+  show(buttons, summary, ledgerBox, ...made.map((c) => c.box));
   // Drawn once in the page, where they can measure their width.
   for (const c of made) if (c.draw) c.draw();
   stamp();
+}
+
+// The completeness strip: one cell a period that has a rollup (an hour, or a day in the year
+// view), placed on the time axis, coloured by the share of the device's numbered readings
+// received (its `seq` ledger); grey when none of its readings is numbered, or its ledger is
+// not known. An hour not rolled up yet (the current one) has no cell.
+function strip(periods, from, to, periodMs) {
+  const cells = el("div", { class: "cells", role: "list", "aria-label": "Completeness by " + (periodMs === 3600e3 ? "hour" : "day") });
+  let received = 0;
+  let missing = 0;
+  for (const p of periods) {
+    const q = p.seq;
+    let kind = "none";
+    let label = fmtUtc(p.at) + ": no numbered readings";
+    if (q) {
+      received += q.distinct;
+      missing += q.missing;
+      const share = (100 * q.distinct) / (q.distinct + q.missing);
+      kind = q.missing === 0 ? "full" : share >= 90 ? "part" : "low";
+      label = fmtUtc(p.at) + ": " + q.distinct + " of " + (q.distinct + q.missing) + " received (" + fmtNumber(share, 1) + "%)";
+    }
+    const left = Math.max(0, (p.at - from) / (to - from));
+    const width = Math.max(periodMs / (to - from), 0.002);
+    const cell = el("span", { class: "cell " + kind, role: "listitem", title: label, "aria-label": label });
+    cell.style.left = (100 * left).toFixed(3) + "%";
+    cell.style.width = (100 * Math.min(width, 1 - left)).toFixed(3) + "%";
+    cells.append(cell);
+  }
+  const total = received + missing;
+  const headline = total === 0
+    ? "no numbered readings in this range"
+    : fmtNumber((100 * received) / total, 2) + "% received: " + missing + " missing of " + total + " numbered readings";
+  return el("div", { class: "strip", id: "completeness" },
+    el("h3", {}, "Completeness"),
+    el("p", { class: "readout muted" }, headline + " (hover a cell for its period; the current hour is not rolled up yet)"),
+    cells);
 }
 
 // The charts on the page, by measure: dropped with the page, open to the browser test.
