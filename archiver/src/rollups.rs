@@ -172,7 +172,16 @@ impl Keeper {
         let mut pages = DevicePages::new(&self.devices);
         while let Some(devices) = pages.next_page().await? {
             stream::iter(devices)
-                .map(|device| async move { self.recompute(&device, hour, false).await })
+                .map(|device| async move {
+                    let (n, seqs) = self.recompute(&device, hour, false).await?;
+                    let part = match seqs {
+                        Some(seqs) if seqs.numbered() => {
+                            self.fleet_part(&device, hour, Some(seqs)).await?
+                        }
+                        _ => None,
+                    };
+                    Ok::<_, KeepError>((n, part))
+                })
                 .buffer_unordered(self.concurrency.max(1))
                 .for_each(|r| {
                     match r {
@@ -216,7 +225,16 @@ impl Keeper {
             else {
                 continue;
             };
-            if hour >= now - rollup::LEDGER_KEPT_MS {
+            // Only an hour the sweep summed: one before the keeper's first sweep has readings
+            // rolled up by marks alone, and its sums would cover only those devices.
+            let swept = format!(
+                "PartitionKey eq '{}' and RowKey eq '{}'",
+                rollup::LEDGER,
+                Interval::Hour.row_key(hour)
+            );
+            if hour >= now - rollup::LEDGER_KEPT_MS
+                && retried(|| self.rollups.first(&swept)).await?.is_some()
+            {
                 let row = self.sum_hour(hour).await?.to_entity(hour);
                 retried(|| self.rollups.upsert(&row)).await?;
             }
@@ -232,33 +250,60 @@ impl Keeper {
         Ok(())
     }
 
-    /// The fleet ledger of the hour starting at `hour`, from every device's stored hourly row.
+    /// The fleet ledger of the hour starting at `hour`, from every device's stored hourly rows
+    /// (that hour's and the one before).
     async fn sum_hour(&self, hour: i64) -> Result<FleetHour, KeepError> {
-        let key = Interval::Hour.row_key(hour);
         let mut fleet = FleetHour::default();
         let mut pages = DevicePages::new(&self.devices);
         while let Some(devices) = pages.next_page().await? {
-            let ledgers: Vec<Result<Option<Seqs>, StorageError>> = stream::iter(devices)
-                .map(|device| {
-                    let filter = format!("PartitionKey eq '{device}' and RowKey eq '{key}'");
-                    async move {
-                        let row = retried(|| self.rollups.first(&filter)).await?;
-                        Ok(row
-                            .as_ref()
-                            .and_then(|e| Rollup::from_entity(e).ok())
-                            .and_then(|r| r.seqs))
-                    }
-                })
+            let parts: Vec<Result<Option<Seqs>, StorageError>> = stream::iter(devices)
+                .map(|device| async move { self.fleet_part(&device, hour, None).await })
                 .buffer_unordered(self.concurrency.max(1))
                 .collect()
                 .await;
-            for seqs in ledgers {
-                if let Some(seqs) = seqs? {
+            for part in parts {
+                if let Some(seqs) = part? {
                     fleet.add(&seqs);
                 }
             }
         }
         Ok(fleet)
+    }
+
+    /// `device`'s part of the fleet ledger of `hour`: its hour's ledger (`this`, or read from
+    /// its row), with the numbers skipped since the last of its hour before added, so that a
+    /// loss at an hour's boundary counts (in the later hour). One query.
+    async fn fleet_part(
+        &self,
+        device: &str,
+        hour: i64,
+        this: Option<Seqs>,
+    ) -> Result<Option<Seqs>, StorageError> {
+        let (before, at) = (
+            Interval::Hour.row_key(hour - HOUR_MS),
+            Interval::Hour.row_key(hour),
+        );
+        let filter = match this {
+            Some(_) => format!("PartitionKey eq '{device}' and RowKey eq '{before}'"),
+            None => {
+                format!("PartitionKey eq '{device}' and RowKey ge '{before}' and RowKey le '{at}'")
+            }
+        };
+        let rows = retried(|| self.rollups.query(&filter)).await?;
+        let ledger = |start: i64| {
+            rows.iter()
+                .filter_map(|e| Rollup::from_entity(e).ok())
+                .find(|r| r.start_ms == start)
+                .and_then(|r| r.seqs)
+        };
+        let Some(this) = this.or_else(|| ledger(hour)) else {
+            return Ok(None);
+        };
+        let skipped = ledger(hour - HOUR_MS).map_or(0, |before| this.skipped_since(&before));
+        Ok(Some(Seqs {
+            missing: this.missing.saturating_add(skipped),
+            ..this
+        }))
     }
 
     /// Recomputes `device`'s hour starting at `hour`, and its day when the hour is the day's
@@ -368,11 +413,14 @@ impl Keeper {
             }
             let day_ended = Interval::Day.floor(hour) + DAY_MS <= now;
             written += self.recompute(&device, hour, day_ended).await?.0;
-            // The fleet's sums of that hour are stale now: flagged before the mark goes, so
-            // that a crash between the two leaves the mark, and the flag is made again.
-            if hour >= now - rollup::LEDGER_KEPT_MS {
-                let flag = rollup::ledger_stale(hour);
-                retried(|| self.rollups.upsert(&flag)).await?;
+            // The fleet's sums of that hour, and of the next (whose boundary count starts from
+            // this hour's last number), are stale now: flagged before the mark goes, so that a
+            // crash between the two leaves the mark, and the flags are made again.
+            for stale in [hour, hour + HOUR_MS] {
+                if stale >= now - rollup::LEDGER_KEPT_MS {
+                    let flag = rollup::ledger_stale(stale);
+                    retried(|| self.rollups.upsert(&flag)).await?;
+                }
             }
             if let Some(row) = RowRef::of(mark) {
                 // Changed since read (marked again): it stays for the next turn.

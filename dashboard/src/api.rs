@@ -25,6 +25,9 @@ const DEVICES_PAGE_MAX: usize = 1000;
 /// The most rollups one answer holds: 500 days of hours (the longest hourly range), ten
 /// years of days.
 const ROLLUPS_MAX: usize = 12_001;
+/// How much earlier than the reading before its gap a refusal may be recorded and still be
+/// taken for one of the gap's numbers (clocks of devices and processors differ).
+const REFUSAL_SKEW_MS: i64 = 10 * 60_000;
 
 #[derive(Debug)]
 pub struct Api {
@@ -381,9 +384,13 @@ impl Api {
         let gaps = gaps::find(hours);
         // The numbers in the gaps that the processor refused (dead-lettered), with reasons:
         // one range query per shard, bounded like the rows of a page.
-        let mut refused: BTreeMap<i64, String> = BTreeMap::new();
-        if let (Some(lo), Some(hi)) = (gaps.first(), gaps.last()) {
-            let (lo, hi) = rollup::refusal_keys(lo.first, hi.last);
+        let mut refused: BTreeMap<i64, Vec<rollup::Refused>> = BTreeMap::new();
+        // Gaps are in time order; after a device's restart its numbers start again, so the
+        // range is from the least first to the greatest last.
+        let lo = gaps.iter().map(|g| g.first).min();
+        let hi = gaps.iter().map(|g| g.last).max();
+        if let (Some(lo), Some(hi)) = (lo, hi) {
+            let (lo, hi) = rollup::refusal_keys(lo, hi);
             let filter =
                 format!("PartitionKey eq '{id}' and RowKey ge '{lo}' and RowKey le '{hi}'");
             let lists = futures::future::try_join_all(holding.iter().map(|(s, _)| async {
@@ -394,24 +401,36 @@ impl Api {
                     .map_err(|e| Problem::storage(&e))
             }))
             .await?;
-            refused.extend(lists.iter().flatten().filter_map(rollup::parse_refusal));
+            for r in lists.iter().flatten().filter_map(rollup::parse_refusal) {
+                refused.entry(r.seq).or_default().push(r);
+            }
         }
+        // A refusal belongs to a gap only if it came after the reading before the gap (less
+        // the clock skew allowed): an older one of the same number is from before a restart.
         let gaps: Vec<serde_json::Value> = gaps
             .iter()
-            .map(|g| views::gap(g, refused.range(g.first..=g.last)))
+            .map(|g| {
+                let since = g.after_ms.saturating_sub(REFUSAL_SKEW_MS);
+                let of_gap = refused
+                    .range(g.first..=g.last)
+                    .filter_map(|(_, all)| all.iter().find(|r| r.at_ms >= since));
+                views::gap(g, of_gap)
+            })
             .collect();
-        let refused_in_gaps = gaps
-            .iter()
-            .map(|g| g["refused"].as_array().map_or(0, Vec::len) as u64)
-            .sum::<u64>();
-        let numbers = gaps.iter().fold(0u64, |n, g| {
-            n.saturating_add(g["count"].as_u64().unwrap_or(0))
-        });
+        let sum = |key: &str| {
+            gaps.iter().fold(0u64, |n, g| {
+                n.saturating_add(match &g[key] {
+                    serde_json::Value::Array(items) => items.len() as u64,
+                    v => v.as_u64().unwrap_or(0),
+                })
+            })
+        };
+        let (missing, refused_in_gaps) = (sum("missing"), sum("refused"));
         Ok(Reply::json(json!({
             "device": id,
             "from": format_ms(from),
             "to": format_ms(to),
-            "missing": numbers.saturating_sub(refused_in_gaps),
+            "missing": missing,
             "refused": refused_in_gaps,
             "gaps": gaps,
         })))
@@ -484,7 +503,7 @@ impl Api {
         // A device a resharding moved counts in each shard it has a row in.
         let mut all = Counts {
             last_hour: Some(0),
-            ledger: Some((rollup::FleetHour::default(), 0)),
+            ledger: Some((rollup::FleetHour::default(), usize::MAX)),
             ..Counts::default()
         };
         for c in &per_shard {
@@ -493,16 +512,18 @@ impl Api {
             all.total += c.total;
             all.silent += c.silent;
             all.last_hour = all.last_hour.zip(c.last_hour).map(|(a, b)| a + b);
+            // The hours every shard has summed: a shard behind (or not keeping rollups) shows.
             all.ledger = all.ledger.zip(c.ledger).map(|((mut a, h), (b, k))| {
                 a.merge(&b);
-                (a, h.max(k))
+                (a, h.min(k))
             });
         }
         let completeness = all.ledger.map(|(fleet, hours)| {
             let expected = fleet.distinct.saturating_add(fleet.missing);
             json!({
+                // Rounded down: never 100 while a number is missing.
                 "percent": (expected > 0).then(|| {
-                    (fleet.distinct as f64 * 100.0 / expected as f64 * 1000.0).round() / 1000.0
+                    (fleet.distinct as f64 * 100.0 / expected as f64 * 1000.0).floor() / 1000.0
                 }),
                 "received": fleet.distinct,
                 "missing": fleet.missing,

@@ -82,17 +82,19 @@ pub fn rollup(r: &Rollup) -> Value {
 /// which of its numbers the processor refused, with the reasons.
 pub fn gap<'r>(
     g: &crate::gaps::Gap,
-    refused: impl Iterator<Item = (&'r i64, &'r String)>,
+    refused: impl Iterator<Item = &'r schemas::rollup::Refused>,
 ) -> Value {
+    let refused: Vec<Value> = refused
+        .map(|r| json!({"seq": r.seq, "reason": r.reason, "refusedAt": format_ms(r.at_ms)}))
+        .collect();
     json!({
         "first": g.first,
         "last": g.last,
         "count": g.count(),
+        "missing": g.count().saturating_sub(refused.len() as u64),
         "after": format_ms(g.after_ms),
         "before": format_ms(g.before_ms),
-        "refused": refused
-            .map(|(seq, reason)| json!({"seq": seq, "reason": reason}))
-            .collect::<Vec<_>>(),
+        "refused": refused,
     })
 }
 

@@ -18,8 +18,10 @@
 //! Beside the puts, each refused reading whose device and number can be told
 //! ([`DeadLetter::refused_seqs`]) is recorded in the device's partition of the rollup table
 //! ([`schemas::rollup::refusal`]), so that the gaps API shows the number as refused, with its
-//! reason, rather than as missing. That record is an index, not the dead letter: one that
-//! cannot be written by the messages' deadline is counted and logged, and holds nothing up.
+//! reason, rather than as missing. That record is an index, not the dead letter: it is written
+//! by a task of its own (at most [`RECORDINGS`] at once, each for at most one visibility
+//! timeout), which no put or delete waits for; one that finds no room, fails or runs out of
+//! time is counted and logged, and holds nothing up.
 //!
 //! Why gather across rounds: a dead-letter queue of one record per message is expensive to
 //! operate on (every walk and every removal is per message, and on the emulator each costs
@@ -49,6 +51,9 @@ const FLUSH_RESERVE: Duration = Duration::from_secs(2);
 /// Queue messages handed over and not yet finished. A round waits for room, so a writer that
 /// falls behind (slow or failing dead-letter puts) slows the fetcher instead of piling up.
 const MAX_PENDING: usize = 128;
+/// Refusal recordings under way at most; a flush that finds none free leaves its numbers
+/// unrecorded (counted), rather than wait or pile up.
+const RECORDINGS: usize = 4;
 
 /// A finished queue message whose dead letters are still to be written.
 #[derive(Debug)]
@@ -114,6 +119,7 @@ async fn run(
     // Flushes run side by side: a slow one must not hold the next batch's messages past
     // their deadlines (each flush keeps its own messages hidden).
     let flushes = tokio_util::task::TaskTracker::new();
+    let recordings = Arc::new(Semaphore::new(RECORDINGS));
     loop {
         let first = tokio::select! {
             biased;
@@ -141,6 +147,7 @@ async fn run(
             pending.push(s);
             permits.push(permit);
         }
+        record_refusals(&ctx, refusal_rows(&pending), &recordings, &shutdown);
         let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
         flushes.spawn(async move {
             flush(&ctx, pending, &shutdown).await;
@@ -186,12 +193,6 @@ async fn flush(ctx: &Ctx, mut pending: Vec<Submission>, shutdown: &CancellationT
     for i in packed.iter().flat_map(|(_, records)| records) {
         unpacked[*i] = false;
     }
-    // By the deadline less the deletes' reserve: a slow record must not delay the deletes.
-    let refusals = record_refusals(
-        ctx,
-        refusal_rows(&pending),
-        deadline.checked_sub(FLUSH_RESERVE).unwrap_or(deadline),
-    );
     let puts_done = CancellationToken::new();
     let puts = stream::iter(packed)
         .map(|(text, records)| async move {
@@ -218,7 +219,7 @@ async fn flush(ctx: &Ctx, mut pending: Vec<Submission>, shutdown: &CancellationT
     };
     let keep =
         futures::future::join_all(pending.iter_mut().map(|s| keep_hidden(ctx, s, &puts_done)));
-    let (results, _, ()) = tokio::join!(puts, keep, refusals);
+    let (results, _) = tokio::join!(puts, keep);
     let mut failed: Vec<Option<Failure>> = vec![None; pending.len()];
     for (i, _) in unpacked.iter().enumerate().filter(|(_, u)| **u) {
         failed[owners[i].0] = Some(Failure::Unpacked);
@@ -268,7 +269,7 @@ async fn flush(ctx: &Ctx, mut pending: Vec<Submission>, shutdown: &CancellationT
 }
 
 /// The refusal rows of the submissions' records, by device (one partition each), each number
-/// once.
+/// once, at most a message's worth of readings per record.
 fn refusal_rows(pending: &[Submission]) -> Vec<Vec<infra::storage::Entity>> {
     let now = schemas::timefmt::now_ms();
     let mut by_device: BTreeMap<&str, BTreeMap<i64, &'static str>> = BTreeMap::new();
@@ -276,7 +277,11 @@ fn refusal_rows(pending: &[Submission]) -> Vec<Vec<infra::storage::Entity>> {
         let Some(device) = r.device_id.as_deref() else {
             continue;
         };
-        for seq in r.refused_seqs() {
+        for seq in r
+            .refused_seqs()
+            .into_iter()
+            .take(schemas::reading::MAX_READINGS_PER_MESSAGE)
+        {
             by_device
                 .entry(device)
                 .or_default()
@@ -293,31 +298,64 @@ fn refusal_rows(pending: &[Submission]) -> Vec<Vec<infra::storage::Entity>> {
         .collect()
 }
 
-/// Writes refusal rows, a device's in transactions of up to 100, until `deadline`; what
-/// cannot be written is counted and logged.
-async fn record_refusals(ctx: &Ctx, rows: Vec<Vec<infra::storage::Entity>>, deadline: Instant) {
-    let chunks: Vec<&[infra::storage::Entity]> = rows
-        .iter()
-        .flat_map(|device| device.chunks(infra::storage::MAX_BATCH_OPERATIONS))
-        .collect();
-    stream::iter(chunks)
-        .for_each_concurrent(ctx.write_concurrency.max(1), |chunk| async move {
-            let n = chunk.len() as u64;
-            match retry(deadline, || ctx.rollups.upsert_batch(chunk)).await {
-                Ok(BatchOutcome::Committed) => {
-                    metrics::counter!(m::REFUSALS_RECORDED).increment(n);
+/// Writes refusal rows on a task of their own, a device's in transactions of up to 100, for at
+/// most one visibility timeout (and no longer than a moment once the processor stops); with no
+/// room for another recording, or past its time, what is not written is counted and logged.
+fn record_refusals(
+    ctx: &Arc<Ctx>,
+    rows: Vec<Vec<infra::storage::Entity>>,
+    room: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+) {
+    let n: u64 = rows.iter().map(|d| d.len() as u64).sum();
+    if n == 0 {
+        return;
+    }
+    let Ok(permit) = room.clone().try_acquire_owned() else {
+        metrics::counter!(m::REFUSALS_UNRECORDED).increment(n);
+        tracing::debug!(numbers = n, "No room to record refused readings' numbers.");
+        return;
+    };
+    let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        let deadline = Instant::now() + ctx.visibility;
+        let recorded = std::sync::atomic::AtomicU64::new(0);
+        let chunks: Vec<&[infra::storage::Entity]> = rows
+            .iter()
+            .flat_map(|device| device.chunks(infra::storage::MAX_BATCH_OPERATIONS))
+            .collect();
+        let write = stream::iter(chunks).for_each_concurrent(
+            ctx.write_concurrency.max(1),
+            |chunk| {
+                let (ctx, recorded) = (&ctx, &recorded);
+                async move {
+                    match retry(deadline, || ctx.rollups.upsert_batch(chunk)).await {
+                        Ok(BatchOutcome::Committed) => {
+                            recorded.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Ok(BatchOutcome::Rejected(refusal)) => {
+                            tracing::warn!(%refusal, "Refused readings' numbers not recorded; the gaps API will show them as missing.");
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "Refused readings' numbers not recorded; the gaps API will show them as missing.");
+                        }
+                    }
                 }
-                Ok(BatchOutcome::Rejected(refusal)) => {
-                    metrics::counter!(m::REFUSALS_UNRECORDED).increment(n);
-                    tracing::warn!(%refusal, "Refused readings' numbers not recorded; the gaps API will show them as missing.");
-                }
-                Err(error) => {
-                    metrics::counter!(m::REFUSALS_UNRECORDED).increment(n);
-                    tracing::warn!(%error, "Refused readings' numbers not recorded; the gaps API will show them as missing.");
-                }
-            }
-        })
-        .await;
+            },
+        );
+        let stopping = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(FLUSH_RESERVE).await;
+        };
+        tokio::select! {
+            () = write => {}
+            () = stopping => {}
+        }
+        let done = recorded.load(std::sync::atomic::Ordering::Relaxed);
+        metrics::counter!(m::REFUSALS_RECORDED).increment(done);
+        metrics::counter!(m::REFUSALS_UNRECORDED).increment(n - done);
+        drop(permit);
+    });
 }
 
 /// While its put runs, keeps a message hidden: shortly before its deadline, its hold is

@@ -242,10 +242,16 @@ impl DeadLetter {
         else {
             return Vec::new();
         };
+        // A reading naming another device (a gateway array's element may) is not this one's.
+        let device = self.device_id.as_deref();
         let seq = |r: &serde_json::Value| {
+            let other = r
+                .get("deviceId")
+                .and_then(serde_json::Value::as_str)
+                .is_some_and(|id| Some(id) != device);
             r.get("seq")
                 .and_then(serde_json::Value::as_i64)
-                .filter(|s| *s >= 0)
+                .filter(|s| *s >= 0 && !other)
         };
         match &value {
             serde_json::Value::Array(items) if self.rejected_indexes.is_empty() => {
@@ -407,6 +413,8 @@ mod tests {
         assert!(record(r#"{"seq":-1}"#, Reason::Schema, vec![])
             .refused_seqs()
             .is_empty());
+        let mixed = r#"[{"deviceId":"dev-1","seq":3},{"deviceId":"dev-2","seq":4}]"#;
+        assert_eq!(record(mixed, Reason::Stale, vec![0, 1]).refused_seqs(), [3]);
         let mut no_device = record(one, Reason::OutOfRange, vec![]);
         no_device.device_id = None;
         assert!(no_device.refused_seqs().is_empty());

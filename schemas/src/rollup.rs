@@ -148,6 +148,16 @@ impl Seqs {
         self.distinct > 0
     }
 
+    /// The numbers skipped between the last of `before` (an earlier period) and the first of
+    /// this one: none across a restart (a fall), or when either has no numbers.
+    pub fn skipped_since(&self, before: &Seqs) -> u64 {
+        if self.numbered() && before.numbered() && self.first > before.last {
+            self.first.abs_diff(before.last) - 1
+        } else {
+            0
+        }
+    }
+
     /// The ledger of `seqs` in time order.
     fn of(seqs: &[i64]) -> Self {
         let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) else {
@@ -542,16 +552,26 @@ pub fn refusal_keys(first: i64, last: i64) -> (String, String) {
     )
 }
 
-/// A refusal row's number and reason.
-pub fn parse_refusal(e: &Map<String, Value>) -> Option<(i64, String)> {
-    let seq = e
-        .get("RowKey")?
-        .as_str()?
-        .strip_prefix(REFUSED)?
-        .parse()
-        .ok()?;
-    let reason = e.get(REFUSED_REASON)?.as_str()?.to_owned();
-    Some((seq, reason))
+/// A refused number, its reason, and when it was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub seq: i64,
+    pub reason: String,
+    pub at_ms: i64,
+}
+
+/// A refusal row read back.
+pub fn parse_refusal(e: &Map<String, Value>) -> Option<Refused> {
+    Some(Refused {
+        seq: e
+            .get("RowKey")?
+            .as_str()?
+            .strip_prefix(REFUSED)?
+            .parse()
+            .ok()?,
+        reason: e.get(REFUSED_REASON)?.as_str()?.to_owned(),
+        at_ms: timefmt::parse_rfc3339_ms(e.get(REFUSED_AT)?.as_str()?)?,
+    })
 }
 
 /// The partition of stored-reading counts, for the dashboard's "readings in the last hour":
@@ -745,6 +765,10 @@ mod tests {
             Some(Seqs::UNNUMBERED),
             "no numbered reading, an empty ledger"
         );
+        let (a, b) = (ledger(&[1, 2]).unwrap(), ledger(&[5, 6]).unwrap());
+        assert_eq!(b.skipped_since(&a), 2, "3 and 4, across the boundary");
+        assert_eq!(a.skipped_since(&b), 0, "a fall is a restart");
+        assert_eq!(b.skipped_since(&Seqs::UNNUMBERED), 0);
         let top = i64::MAX;
         assert_eq!(
             ledger(&[0, top, 0, top, 0, top]).map(|q| q.missing),
@@ -872,7 +896,14 @@ mod tests {
     #[test]
     fn refusals_sort_by_number_after_the_rollups() {
         let e = refusal("sensor-1", 42, "out_of_range", H0);
-        assert_eq!(parse_refusal(&e), Some((42, "out_of_range".to_owned())));
+        assert_eq!(
+            parse_refusal(&e),
+            Some(Refused {
+                seq: 42,
+                reason: "out_of_range".to_owned(),
+                at_ms: H0
+            })
+        );
         let key = e["RowKey"].as_str().unwrap();
         let (lo, hi) = refusal_keys(40, 42);
         assert!(lo.as_str() <= key && key <= hi.as_str());

@@ -383,10 +383,11 @@ async fn the_dashboard_works_in_a_real_browser() {
         .map(|r| r.reading.clone())
         .filter(|r| r.device_id == "sensor-03" && r.measured_at_ms < now - now % HOUR)
         .collect();
-    // One reading never came: its hour's cell in the completeness strip is incomplete.
+    // One reading never came: its hour's cell in the completeness strip is incomplete. The
+    // last at half past: its hour (the last whole one) has readings before and after it.
     let lost = past
         .iter()
-        .position(|r| r.measured_at_ms % HOUR == 30 * MINUTE)
+        .rposition(|r| r.measured_at_ms % HOUR == 30 * MINUTE)
         .expect("a reading at half past");
     past.remove(lost);
     let hourly = schemas::rollup::hourly(&past);
