@@ -105,37 +105,34 @@ impl Keeper {
     }
 
     /// Deletes the processors' stored-reading counts older than they are kept
-    /// ([`rollup::STORED_KEPT_MS`]); a turn's minute of them at a time, in practice.
+    /// ([`rollup::STORED_KEPT_MS`]; a turn's minute of them at a time, in practice), and the
+    /// fleet ledger's hours older than a day ([`rollup::LEDGER_KEPT_MS`]).
     pub async fn expire_stored(&self, now: i64) -> Result<(), StorageError> {
         let filter = format!(
             "PartitionKey eq '{}' and RowKey lt '{}'",
             rollup::STORED,
             rollup::stored_key(now - rollup::STORED_KEPT_MS)
         );
-        let old = retried(|| self.rollups.query_first(&filter, MARKS_PER_TURN)).await?;
-        let rows: Vec<RowRef> = old.iter().filter_map(RowRef::of).collect();
-        for chunk in rows.chunks(infra::storage::MAX_BATCH_OPERATIONS) {
-            // Refused when a processor rewrote a row meanwhile (its ETag changed): left for
-            // the next turn.
-            if let BatchOutcome::Rejected(refusal) =
-                retried(|| self.rollups.delete_batch(chunk)).await?
-            {
-                tracing::debug!(%refusal, "Old stored-reading counts not deleted this turn.");
-            }
-        }
+        self.delete_some(&filter, "stored-reading counts").await?;
         // The fleet ledger's hours past the day it is kept for.
         let filter = format!(
             "PartitionKey eq '{}' and RowKey ge '1h|' and RowKey lt '{}'",
             rollup::LEDGER,
             Interval::Hour.row_key(now - rollup::LEDGER_KEPT_MS)
         );
-        let old = retried(|| self.rollups.query_first(&filter, MARKS_PER_TURN)).await?;
+        self.delete_some(&filter, "fleet ledger hours").await
+    }
+
+    /// Deletes a turn's worth of the rows `filter` matches. A transaction refused because a
+    /// row was rewritten meanwhile (its ETag changed) is left for the next turn.
+    async fn delete_some(&self, filter: &str, what: &str) -> Result<(), StorageError> {
+        let old = retried(|| self.rollups.query_first(filter, MARKS_PER_TURN)).await?;
         let rows: Vec<RowRef> = old.iter().filter_map(RowRef::of).collect();
         for chunk in rows.chunks(infra::storage::MAX_BATCH_OPERATIONS) {
             if let BatchOutcome::Rejected(refusal) =
                 retried(|| self.rollups.delete_batch(chunk)).await?
             {
-                tracing::debug!(%refusal, "Old fleet ledger hours not deleted this turn.");
+                tracing::debug!(%refusal, what, "Old rows not deleted this turn.");
             }
         }
         Ok(())
