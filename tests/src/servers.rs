@@ -81,11 +81,38 @@ impl Azurite {
             child: None,
             tls,
         };
-        a.launch().await;
-        a
+        // A free port can be taken by another test's server between its choice and
+        // Azurite's bind: then Azurite exits, and it is tried again on other ports.
+        for _ in 0..3 {
+            match a.try_launch().await {
+                Ok(()) => return a,
+                Err(log) => {
+                    eprintln!("azurite exited at start, trying other ports: {log}");
+                    (a.queue_port, a.table_port, a.blob_port) =
+                        (free_port(), free_port(), free_port());
+                }
+            }
+        }
+        panic!("azurite exited at start three times: {}", a.log_tail());
     }
 
+    /// Starts it on its ports; panics, with its log, if it cannot.
     async fn launch(&mut self) {
+        if let Err(log) = self.try_launch().await {
+            panic!("azurite exited at start: {log}");
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.0.join("azurite.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Starts it and waits until it listens. An exit before then is an error carrying its
+    /// log. It is given long, as a start on a machine busy with other tests' loads is slow,
+    /// not wrong.
+    async fn try_launch(&mut self) -> Result<(), String> {
         let log = std::fs::File::create(self.dir.0.join("azurite.log")).expect("azurite log");
         let mut cmd = Command::new(azurite_bin());
         if let Some((cert, key, _)) = &self.tls {
@@ -113,14 +140,24 @@ impl Azurite {
             .kill_on_drop(true)
             .spawn()
             .expect("start azurite");
-        self.child = Some(child);
         let (q, t) = (self.queue_port, self.table_port);
-        wait_for(
-            "azurite to listen",
-            Duration::from_secs(30),
-            || async move { (port_open(q).await && port_open(t).await).then_some(()) },
-        )
-        .await;
+        let child = self.child.insert(child);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            if port_open(q).await && port_open(t).await {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Err(format!("{status}: {}", self.log_tail()));
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "azurite did not listen within 90 s: {}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Stops the emulator the way an operator would (SIGTERM, so it saves its database);
