@@ -43,6 +43,19 @@ pub struct Config {
     #[arg(long, env = "PROCESSOR_ROLLUP_TABLE", default_value = schemas::rollup::DEFAULT_TABLE)]
     pub rollup_table: String,
 
+    /// Table of alarm rules (set with the `alarms` tool) and of each device's state under
+    /// them.
+    #[arg(long, env = "PROCESSOR_ALARM_TABLE", default_value = schemas::alarm::DEFAULT_TABLE)]
+    pub alarm_table: String,
+
+    /// Queue that receives every alarm raised and cleared, as JSON.
+    #[arg(long, env = "PROCESSOR_ALARM_QUEUE", default_value = schemas::alarm::DEFAULT_QUEUE)]
+    pub alarm_queue: String,
+
+    /// How often the alarm rules are read again.
+    #[arg(long, env = "PROCESSOR_ALARM_RULES_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub alarm_rules_interval: Duration,
+
     /// How often each device's latest reading is written to the device table (at most).
     /// New devices are registered at once, whatever this is.
     #[arg(long, env = "PROCESSOR_DEVICE_UPDATE_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]

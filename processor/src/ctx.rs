@@ -62,6 +62,8 @@ pub struct Ctx {
     pub dead_lettered: std::sync::Arc<Mutex<crate::claims::DeadLettered>>,
     /// Readings stored per minute, for the dashboard.
     pub stored: crate::stored::Stored,
+    /// The alarm rules, and where states and events go.
+    pub alarms: crate::alarms::Alarms,
 }
 
 /// How long poisoning waits after start and after a stall: as long as it takes a message to

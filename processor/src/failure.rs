@@ -16,6 +16,8 @@ pub enum Stage {
     Rollup,
     /// Writing dead-letter records.
     DeadLetter,
+    /// Judging readings against the alarm rules.
+    Alarm,
 }
 
 impl Stage {
@@ -27,6 +29,7 @@ impl Stage {
             Stage::Register => "register",
             Stage::Rollup => "rollup",
             Stage::DeadLetter => "dead_letter",
+            Stage::Alarm => "alarm",
         }
     }
 }

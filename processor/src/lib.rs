@@ -10,6 +10,7 @@
 //! every reading in it is stored or dead-lettered and what could not be decoded is kept whole;
 //! everything before that is idempotent.
 
+mod alarms;
 mod claims;
 mod classify;
 mod config;
@@ -94,6 +95,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         held_back: std::sync::Mutex::default(),
         dead_lettered: Arc::default(),
         stored: stored::Stored::new(schemas::timefmt::now_ms()),
+        alarms: alarms::Alarms::new(
+            account.table(&config.alarm_table),
+            account.queue(&config.alarm_queue),
+        ),
     });
     tracing::info!(
         queue = %config.queue_name,
@@ -114,12 +119,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Resource::Table(&ctx.table),
         Resource::Table(&ctx.devices.table),
         Resource::Table(&ctx.rollups),
+        Resource::Table(&ctx.alarms.table),
+        Resource::Queue(&ctx.alarms.events),
     ];
     if !create_missing(&resources, config.storage.create_missing, &shutdown).await {
         return Ok(());
     }
     health.set_ready();
 
+    // The alarm rules before the first round (a failure is retried by the rules' task).
+    if let Err(error) = ctx.alarms.reload().await {
+        tracing::warn!(%error, table = ctx.alarms.table.name(), "Cannot read the alarm rules yet.");
+    }
     // The writer outlives the rounds: it flushes what they handed it after they end.
     let closing = CancellationToken::new();
     let linger = config.dead_letter_linger.min(config.visibility_timeout / 4);
@@ -139,6 +150,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         shutdown.clone(),
     ));
     tracker.spawn(report_stored(ctx.clone(), shutdown.clone()));
+    tracker.spawn(read_alarm_rules(
+        ctx.clone(),
+        config.alarm_rules_interval,
+        shutdown.clone(),
+    ));
     tracker.close();
     tracker.wait().await;
     closing.cancel();
@@ -167,6 +183,31 @@ async fn refresh_devices(ctx: Arc<ctx::Ctx>, interval: Duration, shutdown: Cance
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => ctx.devices.flush(Instant::now() + flush_time).await,
             () = ctx.devices.full.notified() => ctx.devices.flush(Instant::now() + flush_time).await,
+        }
+    }
+}
+
+/// Reads the alarm rules at start and every `interval`. A failed read keeps the rules read
+/// before (none at start), and is logged when it begins and counted.
+async fn read_alarm_rules(ctx: Arc<ctx::Ctx>, interval: Duration, shutdown: CancellationToken) {
+    let every = interval.max(Duration::from_secs(1));
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        match ctx.alarms.reload().await {
+            Ok(()) => failing = false,
+            Err(error) => {
+                metrics::counter!(metrics_names::ALARM_RULES_UNREAD).increment(1);
+                if !failing {
+                    tracing::warn!(%error, table = ctx.alarms.table.name(), "Cannot read the alarm rules; those read before stay in force.");
+                }
+                failing = true;
+            }
         }
     }
 }

@@ -57,3 +57,12 @@ pub const QUARANTINED: &str = "processor_quarantined_total";
 pub const NEWER_ENVELOPES: &str = "processor_newer_envelopes_total";
 /// The most queue text the next round takes (halved after a round that ran out of time).
 pub const ROUND_BUDGET_BYTES: &str = "processor_round_budget_bytes";
+/// Alarm rules in force, and those in the table that are malformed (ignored until fixed).
+pub const ALARM_RULES: &str = "processor_alarm_rules";
+pub const ALARM_RULES_REFUSED: &str = "processor_alarm_rules_refused";
+/// Alarm events put on the alarms queue, by `rule` and `event` (`raised`, `cleared`).
+pub const ALARM_EVENTS: &str = "processor_alarm_events_total";
+/// Times a device was judged again because another processor changed its state meanwhile.
+pub const ALARM_CONFLICTS: &str = "processor_alarm_conflicts_total";
+/// Failed reads of the alarm rules (the rules read before stay in force).
+pub const ALARM_RULES_UNREAD: &str = "processor_alarm_rules_unread_total";

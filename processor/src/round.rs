@@ -205,6 +205,21 @@ async fn store(
     }
     let hours = device_hours(&rows);
     let latest = devices::newest(rows.iter().map(|(_, p)| (&p.reading, p.ingested_at_ms)));
+    let rules = ctx.alarms.rules();
+    let readings = rows.iter().map(|(o, p)| (&p.reading, o.message));
+    let alarms = match ctx.alarms.work(&rules, readings, now, write_by).await {
+        Ok(work) => Some(work),
+        Err(error) => {
+            let failure = Failure::Storage {
+                stage: Stage::Alarm,
+                error,
+            };
+            for (origin, _) in &rows {
+                held[origin.message].fail(failure.clone());
+            }
+            None
+        }
+    };
     let planned = plan(rows);
     if planned.overwrites > 0 {
         metrics::counter!(m::OVERWRITES).increment(planned.overwrites as u64);
@@ -242,6 +257,60 @@ async fn store(
         .collect();
     mark_late(ctx, late, held, write_by).await;
     register(ctx, latest, &carriers, held, write_by).await;
+    if let Some((work, active)) = alarms {
+        judge(ctx, &rules, &active, work, held, write_by).await;
+    }
+}
+
+/// Devices judged against the alarm rules at once.
+const JUDGED_AT_ONCE: usize = 8;
+
+/// Judges the devices `work` names against the alarm rules (from their stored readings, so a
+/// failed write of one message is judged when it is redone, if still the newest). A device
+/// that cannot be judged holds back the messages carrying its readings; it never poisons them.
+async fn judge(
+    ctx: &Ctx,
+    rules: &[schemas::alarm::Rule],
+    active: &std::collections::HashSet<String>,
+    work: BTreeMap<String, crate::alarms::Work>,
+    held: &mut [Leased],
+    deadline: Instant,
+) {
+    let mut rest = work.iter();
+    let mut running = futures::stream::FuturesUnordered::new();
+    loop {
+        while running.len() < JUDGED_AT_ONCE {
+            let Some((device, work)) = rest.next() else {
+                break;
+            };
+            running.push(async move {
+                let judged = ctx
+                    .alarms
+                    .judge(&ctx.table, rules, active, device, work, deadline)
+                    .await;
+                (device, work, judged)
+            });
+        }
+        let Some((device, work, judged)) = futures::StreamExt::next(&mut running).await else {
+            break;
+        };
+        let failure = match judged {
+            Ok(()) => continue,
+            Err(crate::alarms::Judged::Storage(error)) => Failure::Storage {
+                stage: Stage::Alarm,
+                error,
+            },
+            Err(crate::alarms::Judged::Contended) => Failure::Refused {
+                stage: Stage::Alarm,
+                table: ctx.alarms.table.name().to_owned(),
+                refusal: infra::storage::Refusal::Transient(412),
+            },
+        };
+        tracing::warn!(device = %device, error = %failure, "Cannot judge a device's readings against the alarm rules; its messages will be redone.");
+        for &message in &work.messages {
+            held[message].fail(failure.clone());
+        }
+    }
 }
 
 /// The device-hours of `rows`, with the messages carrying them.

@@ -16,6 +16,7 @@
 //! Invariants: this crate does no I/O, and no other crate defines a wire shape. Every queue
 //! message it encodes fits Azure's 64 KiB limit by construction, not by hope.
 
+pub mod alarm;
 #[cfg(feature = "archive")]
 pub mod archive;
 pub mod dead_letter;

@@ -203,6 +203,14 @@ pub fn is_valid_device_id(id: &str) -> bool {
             .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
+/// Checks an extra property's name: 1-[`MAX_EXTRA_NAME_LEN`] of `[A-Za-z0-9_]`, starting
+/// with a letter.
+pub fn is_valid_extra_name(name: &str) -> bool {
+    name.len() <= MAX_EXTRA_NAME_LEN
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 /// The device id a topic names: the level between `{prefix}/` and `/telemetry`.
 pub fn device_id_from_topic<'t>(prefix: &str, topic: &'t str) -> Option<&'t str> {
     topic
@@ -467,10 +475,7 @@ fn measurement(
 }
 
 fn extra_from(name: &str, value: Field) -> Result<Extra, Rejection> {
-    let valid_name = name.len() <= MAX_EXTRA_NAME_LEN
-        && name.starts_with(|c: char| c.is_ascii_alphabetic())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if !valid_name {
+    if !is_valid_extra_name(name) {
         return Err(Rejection::new(
             Reason::Schema,
             format!(

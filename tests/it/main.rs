@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod adapter;
+mod alarms;
 mod archive;
 mod chaos;
 mod cluster_broker;

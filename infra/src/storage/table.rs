@@ -204,6 +204,39 @@ impl Table {
         }
     }
 
+    /// Writes one entity only if it is as it was read: replaced if it still has `etag`,
+    /// inserted if `etag` is `None` and no such row exists. `Ok(Some(etag))` with its new
+    /// ETag; `Ok(None)` when the row changed, appeared or went meanwhile (read it again).
+    pub async fn write_if(
+        &self,
+        entity: &Entity,
+        etag: Option<&str>,
+    ) -> Result<Option<String>, StorageError> {
+        let row = row("table_write_if", entity)?;
+        match measured(
+            "table_write_if",
+            self.timeout,
+            self.wire.write_if(&self.name, &row, etag),
+        )
+        .await
+        {
+            Ok(etag) => Ok(Some(etag)),
+            Err(e) if matches!(e.status(), Some(404 | 409 | 412)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The first `limit` entities matching an OData `$filter`, in key order, with only the
+    /// properties `select` names (as `$select` does: comma-separated).
+    pub async fn query_first_select(
+        &self,
+        filter: &str,
+        select: &str,
+        limit: usize,
+    ) -> Result<Vec<Entity>, StorageError> {
+        self.first_n(filter, Some(select), limit, Some).await
+    }
+
     /// Builds and signs the upsert of `row` as [`Table::upsert_row`] would, without sending
     /// it: its body's length. For the `table_request` benchmarks.
     #[doc(hidden)]

@@ -314,6 +314,43 @@ impl TableWire {
             .map(drop)
     }
 
+    /// Writes one row only if it is as the caller read it: with `etag`, replaces it if it
+    /// still has that ETag (412 when it changed, 404 when it is gone); without, inserts it
+    /// (409 when it exists). Returns the row's new ETag. Never resent: a resend of a write
+    /// that landed would be refused as a change.
+    pub(super) async fn write_if(
+        &self,
+        table: &str,
+        row: &Row,
+        etag: Option<&str>,
+    ) -> Result<String, ErrorKind> {
+        let mut path = String::with_capacity(table.len() + row.row_key.len() + 64);
+        let head = match etag {
+            Some(etag) => {
+                entity_path(&mut path, table, &row.partition_key, &row.row_key);
+                Head {
+                    if_match: Some(etag),
+                    ..Head::new(hyper::Method::PUT, &path, JSON)
+                }
+            }
+            None => {
+                path.push_str(table);
+                Head::new(hyper::Method::POST, &path, JSON)
+            }
+        };
+        let answer = self
+            .send(head, row.json.clone(), Resend::Never, MAX_WRITE_RESPONSE)
+            .await?;
+        answer
+            .headers
+            .get(hyper::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                ErrorKind::Protocol("a conditional write was answered without an ETag".into())
+            })
+    }
+
     /// Deletes one row if it still has its ETag (404 when it is gone, 412 when it changed).
     pub(super) async fn delete_row(&self, table: &str, row: &RowRef<'_>) -> Result<(), ErrorKind> {
         let mut path = String::with_capacity(table.len() + 64);

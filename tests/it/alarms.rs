@@ -1,0 +1,239 @@
+//! Alarms end to end: rules set with the `alarms` tool, readings through MQTT, ingest and the
+//! processor, events read from the alarms queue. Raises and clears happen at the right
+//! readings whatever the order and repetition of delivery, and a malformed rule is refused
+//! by the tool and ignored by the processor.
+
+use crate::Pipeline;
+use schemas::alarm::{Event, Kind};
+use schemas::timefmt::{format_ms, now_ms};
+use std::time::Duration;
+use tests::storage::{publish_all, topic};
+
+const RULES: &str = r#"[
+  {"id": "freezer-warm", "prefix": "fz-", "measurement": "temperature", "high": -10, "forSeconds": 20, "hysteresis": 2},
+  {"id": "co2-high", "device": "room-1", "measurement": "co2", "high": 1000}
+]"#;
+
+/// Runs the `alarms` tool against `p`'s storage; its exit status, standard output and error.
+async fn tool(p: &Pipeline, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    use tokio::io::AsyncWriteExt as _;
+    let mut cmd = tokio::process::Command::new(tests::services::bin_path("alarms"));
+    cmd.args(args)
+        .env(
+            "AZURE_STORAGE_CONNECTION_STRING",
+            p.azurite.connection_string(),
+        )
+        .env("LOG_FORMAT", "json")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("run alarms");
+    let mut input = child.stdin.take().unwrap();
+    input
+        .write_all(stdin.unwrap_or_default().as_bytes())
+        .await
+        .unwrap();
+    drop(input);
+    let out = child.wait_with_output().await.unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A reading of `device` at `at` with `field` = `value` (and a humidity: a reading needs a
+/// measurement of the contract's).
+fn payload(device: &str, at: i64, field: &str, value: f64) -> (String, Vec<u8>) {
+    (
+        topic(device),
+        format!(
+            r#"{{"deviceId":"{device}","timestamp":"{}","humidity":40,"{field}":{value}}}"#,
+            format_ms(at)
+        )
+        .into_bytes(),
+    )
+}
+
+/// Every event in the alarms queue so far (taken and deleted), added to `seen`.
+async fn drain(p: &Pipeline, seen: &mut Vec<Event>) {
+    let queue = p.account.queue(schemas::alarm::DEFAULT_QUEUE);
+    loop {
+        let got = queue.get(32, Duration::from_secs(30)).await.unwrap();
+        if got.is_empty() {
+            return;
+        }
+        for m in got {
+            seen.push(serde_json::from_str(&m.text).expect("an event is JSON"));
+            queue.delete(&m).await.unwrap();
+        }
+    }
+}
+
+/// Publishes `messages` and waits until the processor has finished them (their judging
+/// precedes their deletion), `sent` counting every message published so far.
+async fn send(p: &Pipeline, sent: &mut usize, messages: Vec<(String, Vec<u8>)>) {
+    *sent += messages.len();
+    publish_all(p.mosquitto.port, messages).await;
+    let queue = p.account.queue(&p.queue);
+    let want = *sent as f64;
+    tests::wait_for(
+        "the messages to be finished",
+        Duration::from_secs(60),
+        || async {
+            let acked = p.ingest.metric("ingest_messages_acked_total").await;
+            let depth = queue.approximate_depth().await.ok();
+            (acked >= want && depth == Some(0)).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn rules_raise_and_clear_at_the_right_readings_whatever_the_delivery() {
+    let penv = [("PROCESSOR_ALARM_RULES_INTERVAL", "1s".to_owned())];
+    let Some(p) = Pipeline::start("alarms", &[], &penv).await else {
+        return;
+    };
+
+    // A malformed rule is refused with its place and reason, and nothing is written.
+    let bad = r#"[{"id": "ok", "prefix": "", "measurement": "humidity", "high": 90},
+                  {"id": "bad", "prefix": "", "measurement": "temperature", "low": 5, "high": 1}]"#;
+    let (ok, _, err) = tool(&p, &["rules", "set", "-"], Some(bad)).await;
+    assert!(!ok, "a malformed rule must be refused");
+    assert!(
+        err.contains("rule 2 (\"bad\"): low (5) must be below high (1)"),
+        "{err}"
+    );
+    let (ok, out, err) = tool(&p, &["rules", "set", "-"], Some(RULES)).await;
+    assert!(ok, "{out}{err}");
+    let (ok, out, _) = tool(&p, &["rules", "list", "--json"], None).await;
+    assert!(ok);
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed["rules"].as_array().unwrap().len(), 2, "{out}");
+    // A row written by hand past the tool is ignored by the processor, which goes on.
+    let table = p.account.table(schemas::alarm::DEFAULT_TABLE);
+    let mut forged = serde_json::Map::new();
+    forged.insert(
+        "PartitionKey".into(),
+        schemas::alarm::RULES_PARTITION.into(),
+    );
+    forged.insert("RowKey".into(), "forged".into());
+    forged.insert("Rule".into(), r#"{"id":"forged","prefix":""}"#.into());
+    table.upsert(&forged).await.unwrap();
+    tests::wait_for(
+        "the processor to read the rules",
+        Duration::from_secs(20),
+        || async {
+            (p.processor.metric("processor_alarm_rules").await == 2.0
+                && p.processor.metric("processor_alarm_rules_refused").await == 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+    let (_, out, _) = tool(&p, &["rules", "list"], None).await;
+    assert!(out.contains("malformed row \"forged\""), "{out}");
+
+    let s = 1_000;
+    let t = |k: i64| now_ms() / 1_000 * 1_000 - 600 * s + k * 10 * s;
+    let base: Vec<i64> = (0..8).map(t).collect();
+    let fz = |k: usize, v: f64| payload("fz-1", base[k], "temperature", v);
+    let co2 = |k: usize, v: f64| payload("room-1", base[k], "co2", v);
+    let mut events = Vec::new();
+
+    let mut sent = 0;
+    let raised = |out: &str| -> usize {
+        let active: serde_json::Value = serde_json::from_str(out).unwrap();
+        active.as_array().unwrap().len()
+    };
+
+    // In band, then out of band for 20 s (raised at the third such reading), which is sent
+    // three times; room-1 over 1000 (raised at once). A device no rule names.
+    let first = vec![
+        fz(0, -20.0),
+        fz(1, -5.0),
+        fz(3, -3.0),
+        fz(3, -3.0),
+        fz(3, -3.0),
+        co2(0, 900.0),
+        co2(1, 1200.0),
+        payload("other-1", base[0], "temperature", 99.0),
+    ];
+    send(&p, &mut sent, first).await;
+    let (_, out, _) = tool(&p, &["list", "--json"], None).await;
+    assert_eq!(raised(&out), 2, "both raised: {out}");
+
+    // A late reading (before the newest judged) would clear it: it changes nothing. Back in
+    // band but within the hysteresis: still raised. room-1 still over 1000.
+    send(
+        &p,
+        &mut sent,
+        vec![fz(2, -30.0), fz(4, -11.0), co2(2, 1100.0)],
+    )
+    .await;
+    let (_, out, _) = tool(&p, &["list", "--json"], None).await;
+    assert_eq!(raised(&out), 2, "both still raised: {out}");
+
+    // Inside by the hysteresis: cleared; room-1 at 950: cleared.
+    send(&p, &mut sent, vec![fz(5, -15.0), co2(3, 950.0)]).await;
+    // Redelivered and late out-of-band readings after the clear raise nothing.
+    let late = vec![fz(3, -3.0), fz(4, 0.0), co2(1, 1200.0), co2(2, 2000.0)];
+    send(&p, &mut sent, late).await;
+    drain(&p, &mut events).await;
+
+    let got: Vec<(String, String, Kind, String, f64)> = events
+        .iter()
+        .map(|e| {
+            (
+                e.device_id.clone(),
+                e.rule.clone(),
+                e.event,
+                e.measured_at.clone(),
+                e.value,
+            )
+        })
+        .collect();
+    let want = vec![
+        (
+            "fz-1".to_owned(),
+            "freezer-warm".to_owned(),
+            Kind::Raised,
+            format_ms(base[3]),
+            -3.0,
+        ),
+        (
+            "fz-1".into(),
+            "freezer-warm".into(),
+            Kind::Cleared,
+            format_ms(base[5]),
+            -15.0,
+        ),
+        (
+            "room-1".into(),
+            "co2-high".into(),
+            Kind::Raised,
+            format_ms(base[1]),
+            1200.0,
+        ),
+        (
+            "room-1".into(),
+            "co2-high".into(),
+            Kind::Cleared,
+            format_ms(base[3]),
+            950.0,
+        ),
+    ];
+    // Each once; the order is only that of each device's own events.
+    let mut sorted = got.clone();
+    sorted.sort_by(|a, b| (&a.0, &a.3).cmp(&(&b.0, &b.3)));
+    assert_eq!(sorted, want, "events, in the order sent: {got:?}");
+    for rule in ["freezer-warm", "co2-high"] {
+        for event in ["raised", "cleared"] {
+            let metric =
+                format!("processor_alarm_events_total{{rule=\"{rule}\",event=\"{event}\"}}");
+            assert_eq!(p.processor.metric(&metric).await, 1.0, "{metric}");
+        }
+    }
+    let (_, out, _) = tool(&p, &["list"], None).await;
+    assert!(out.contains("No alarm is raised or pending."), "{out}");
+}
