@@ -3,7 +3,7 @@
 //!
 //! Most readings cost nothing here: a device is judged only when one of its readings is out
 //! of a rule's band, or when its state under a rule is not clear (the table's active list,
-//! read at most once a second by all workers). Then its state rows are read, and its stored
+//! read once per group of a round that rules watch). Then its state rows are read, and its stored
 //! readings since the newest one judged are read back from the telemetry table and judged in
 //! order of measurement time, whichever processor stored them and in whatever order they
 //! came. A state is written only with the ETag it was read with, so several processors
@@ -23,19 +23,20 @@ use schemas::alarm::{self, Event, Rule, State, StateRow};
 use schemas::timefmt::{format_ms, parse_rfc3339_ms};
 use schemas::Reading;
 use serde_json::Value;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::Duration;
 use tokio::time::Instant;
 
-/// How long one read of the active list serves every worker.
-const ACTIVE_FOR: Duration = Duration::from_secs(1);
-/// A reading older than this (by its measurement, against the clock) does not begin an
-/// alarm: a backfill or a replay of old data is history, not news. It is still judged when
+/// A reading older than this when ingest received it does not begin an alarm: a backfill or
+/// a replay of old data is history, not news (a backlog in the queue is not: it is judged by
+/// when it arrived). It is still judged when
 /// its device's state is not clear and it is newer than the newest judged.
 pub const NEWS_FOR_MS: i64 = 3_600_000;
 /// Most stored readings read back at once.
 const PASS_ROWS: usize = 1_000;
+/// Most events one rule makes in a pass (so a state row with its unsent events stays small
+/// whatever backlog of a flapping device it judges); the next pass goes on from there.
+const MAX_EVENTS: usize = 16;
 /// Times one device is judged again after another processor changed its state meanwhile.
 const ATTEMPTS: usize = 4;
 
@@ -45,9 +46,54 @@ pub struct Alarms {
     pub table: Table,
     pub events: Queue,
     rules: RwLock<Arc<[Rule]>>,
-    active: tokio::sync::Mutex<Option<(Instant, Arc<HashSet<String>>)>>,
     /// The rules refused when last read, by id, so each is logged when it first appears.
     refused: Mutex<BTreeMap<String, String>>,
+}
+
+/// A device's readings in a group that rules watch: per rule (by index into the round's
+/// rules), the measurement time of the earliest, and of the earliest recent one out of band;
+/// and the messages carrying them.
+#[derive(Debug, Default)]
+pub struct Watched {
+    pub rules: BTreeMap<usize, (i64, Option<i64>)>,
+    pub messages: std::collections::BTreeSet<usize>,
+}
+
+/// The devices of a group's readings that `rules` watch (none, at no cost, without rules),
+/// given each reading with when ingest received it and the message carrying it.
+pub fn watched<'r>(
+    rules: &[Rule],
+    readings: impl Iterator<Item = (&'r Reading, i64, usize)>,
+) -> BTreeMap<String, Watched> {
+    let mut watched: BTreeMap<String, Watched> = BTreeMap::new();
+    if rules.is_empty() {
+        return watched;
+    }
+    for (reading, ingested_at, message) in readings {
+        let device = reading.device_id.as_str();
+        for (i, rule) in rules.iter().enumerate() {
+            if !rule.watches(device) {
+                continue;
+            }
+            let Some(value) = rule.measurement.of(reading) else {
+                continue;
+            };
+            let at = reading.measured_at_ms;
+            let news = (rule.outside(value) && at >= ingested_at - NEWS_FOR_MS).then_some(at);
+            let entry = match watched.get_mut(device) {
+                Some(entry) => entry,
+                None => watched.entry(device.to_owned()).or_default(),
+            };
+            entry.messages.insert(message);
+            let (earliest, first_news) = entry.rules.entry(i).or_insert((at, news));
+            *earliest = (*earliest).min(at);
+            *first_news = match (*first_news, news) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+    }
+    watched
 }
 
 /// A device to judge: the rules (by index into the round's rules) with the measurement time
@@ -64,7 +110,6 @@ impl Alarms {
             table,
             events,
             rules: RwLock::new(Arc::from(Vec::new())),
-            active: tokio::sync::Mutex::new(None),
             refused: Mutex::default(),
         }
     }
@@ -114,103 +159,107 @@ impl Alarms {
         Ok(())
     }
 
-    /// The active list (`device|rule` of every state not clear), read at most once a second.
-    async fn active(&self, deadline: Instant) -> Result<Arc<HashSet<String>>, StorageError> {
-        let mut held = self.active.lock().await;
-        if let Some((at, set)) = held.as_ref() {
-            if at.elapsed() < ACTIVE_FOR {
-                return Ok(set.clone());
-            }
-        }
+    /// The active list: every `device|rule` whose state is not clear or holds unsent
+    /// events, with the ETag of its row. Read after the readings it decides on are stored,
+    /// never cached: a processor that lists a device then looks for readings stored
+    /// meanwhile ([`Alarms::judge`]), so of the two, one sees the other.
+    async fn active(&self, deadline: Instant) -> Result<Active, StorageError> {
         let filter = format!("PartitionKey eq '{}'", alarm::ACTIVE_PARTITION);
         let rows = retry(deadline, || self.table.query(&filter)).await?;
-        let set: Arc<HashSet<String>> = Arc::new(
-            rows.into_iter()
-                .filter_map(|mut e| match e.remove("RowKey") {
-                    Some(Value::String(k)) => Some(k),
-                    _ => None,
-                })
-                .collect(),
-        );
-        *held = Some((Instant::now(), set.clone()));
-        Ok(set)
+        Ok(rows
+            .iter()
+            .filter_map(|e| {
+                let key = e.get("RowKey")?.as_str()?;
+                let etag = e.get("odata.etag")?.as_str()?;
+                Some((key.to_owned(), etag.to_owned()))
+            })
+            .collect())
     }
 
-    /// Which devices of a group need judging, and under which rules. Empty, at no cost, when
-    /// there are no rules.
-    pub async fn work<'r>(
+    /// Which of `watched` to judge, and under which rules: those listed active, from their
+    /// earliest reading; the others only for a recent reading out of band, from the earliest
+    /// such. Also returns the active list read.
+    pub async fn work(
         &self,
+        watched: BTreeMap<String, Watched>,
         rules: &[Rule],
-        readings: impl Iterator<Item = (&'r Reading, usize)>,
-        now: i64,
         deadline: Instant,
-    ) -> Result<(BTreeMap<String, Work>, Arc<HashSet<String>>), StorageError> {
-        let mut work: BTreeMap<String, Work> = BTreeMap::new();
-        if rules.is_empty() {
-            return Ok((work, Arc::default()));
-        }
+    ) -> Result<(BTreeMap<String, Work>, Active), StorageError> {
         let active = self.active(deadline).await?;
-        for (reading, message) in readings {
-            let device = reading.device_id.as_str();
-            for (i, rule) in rules.iter().enumerate() {
-                if !rule.watches(device) {
-                    continue;
-                }
-                let Some(value) = rule.measurement.of(reading) else {
-                    continue;
-                };
-                let at = reading.measured_at_ms;
-                let news = rule.outside(value) && at >= now - NEWS_FOR_MS;
-                if !news && !active.contains(&alarm::active_key(device, &rule.id)) {
-                    continue;
-                }
-                let entry = match work.get_mut(device) {
-                    Some(entry) => entry,
-                    None => work.entry(device.to_owned()).or_default(),
-                };
-                entry.messages.insert(message);
-                let from = entry.rules.entry(i).or_insert(at);
-                *from = (*from).min(at);
+        let mut work = BTreeMap::new();
+        for (device, seen) in watched {
+            let rules: BTreeMap<usize, i64> = seen
+                .rules
+                .into_iter()
+                .filter_map(|(i, (earliest, news))| {
+                    if active.contains_key(&alarm::active_key(&device, &rules[i].id)) {
+                        Some((i, earliest))
+                    } else {
+                        news.map(|news| (i, news))
+                    }
+                })
+                .collect();
+            if !rules.is_empty() {
+                let messages = seen.messages;
+                work.insert(device, Work { rules, messages });
             }
         }
         Ok((work, active))
     }
 
     /// Judges `device` under the rules `work` names: reads its states, reads back its stored
-    /// readings since the newest judged, writes each changed state with its events, keeps the
-    /// active list, sends the events, then writes the states without them.
+    /// readings since the newest judged, lists the device active before writing a state
+    /// that is not clear, writes each changed state with its events, sends the events,
+    /// writes the states without them, and only then takes a clear one off the list.
     pub async fn judge(
         &self,
         readings: &Table,
         rules: &[Rule],
-        active: &HashSet<String>,
+        active: &Active,
         device: &str,
         work: &Work,
         deadline: Instant,
     ) -> Result<(), Judged> {
-        for _ in 0..ATTEMPTS {
-            if self
-                .judge_once(readings, rules, active, device, work, deadline)
+        // This device's rows of the active list as this judging leaves them, with their
+        // ETags (`None`: listed by another processor meanwhile, ETag unknown).
+        let mut listed: HashMap<String, Option<String>> = work
+            .rules
+            .keys()
+            .filter_map(|&i| {
+                let key = alarm::active_key(device, &rules[i].id);
+                let etag = active.get(&key)?.clone();
+                Some((key, Some(etag)))
+            })
+            .collect();
+        let mut again = 0;
+        loop {
+            match self
+                .judge_once(readings, rules, &mut listed, device, work, deadline)
                 .await?
             {
-                return Ok(());
+                Outcome::Done => return Ok(()),
+                Outcome::More => {}
+                Outcome::Again => {
+                    metrics::counter!(m::ALARM_REJUDGED).increment(1);
+                    again += 1;
+                    if again == ATTEMPTS {
+                        return Err(Judged::Contended);
+                    }
+                }
             }
-            metrics::counter!(m::ALARM_CONFLICTS).increment(1);
         }
-        Err(Judged::Contended)
     }
 
-    /// One try of [`Alarms::judge`]: `Ok(false)` when another processor changed a state
-    /// meanwhile (judge again from what it wrote).
+    /// One pass of [`Alarms::judge`].
     async fn judge_once(
         &self,
         readings: &Table,
         rules: &[Rule],
-        active: &HashSet<String>,
+        listed: &mut HashMap<String, Option<String>>,
         device: &str,
         work: &Work,
         deadline: Instant,
-    ) -> Result<bool, Judged> {
+    ) -> Result<Outcome, Judged> {
         let filter = alarm::states_filter(device);
         let rows = retry(deadline, || self.table.query(&filter)).await?;
         // Each state read, with its ETag, by rule id.
@@ -226,7 +275,7 @@ impl Alarms {
         }
         // What each rule judges from: past the newest judged; for a clear state, no earlier
         // than the reading that called for it.
-        let mut judging: Vec<(&Rule, State, i64)> = Vec::new();
+        let mut judging: Vec<Judging<'_>> = Vec::new();
         for (&i, &from) in &work.rules {
             let rule = &rules[i];
             let state = states
@@ -237,15 +286,139 @@ impl Alarms {
                 alarm::Status::Clear => state.at.saturating_add(1).max(from),
                 _ => state.at.saturating_add(1),
             };
-            judging.push((rule, state, start));
+            judging.push(Judging {
+                rule,
+                state,
+                start,
+                made: Vec::new(),
+            });
         }
-        let mut made: Vec<Vec<Event>> = vec![Vec::new(); judging.len()];
-        let select = select(judging.iter().map(|(r, _, _)| *r));
-        let mut next = judging.iter().map(|(_, _, s)| *s).min();
-        // In passes of at most PASS_ROWS rows, so that a long range is never held whole.
+        self.read_back(readings, device, &mut judging, deadline)
+            .await?;
+        let more = judging.iter().any(|j| j.made.len() >= MAX_EVENTS);
+
+        // Write each changed state with its events (and any still unsent from before).
+        let mut send: Vec<(String, Vec<Event>, State, String)> = Vec::new();
+        let mut unlist: Vec<String> = Vec::new();
+        let mut listed_now = false;
+        for j in judging.iter_mut() {
+            let (rule, state) = (j.rule, j.state);
+            let key = alarm::active_key(device, &rule.id);
+            let (before, etag) = match states.remove(&rule.id) {
+                Some((row, etag)) => (Some(row), etag),
+                None => (None, None),
+            };
+            let old = before.as_ref().map(|r| r.state);
+            let mut unsent = before.map(|r| r.unsent).unwrap_or_default();
+            unsent.append(&mut j.made);
+            // Listed before a state not clear, or with events, is written (or when a kill
+            // came between the two): every reading of the device is then judged.
+            if (state.status.is_active() || !unsent.is_empty())
+                && (old != Some(state) || !listed.contains_key(&key))
+            {
+                let etag = self.list(&key, deadline).await?;
+                listed.insert(key.clone(), Some(etag));
+                listed_now = true;
+            }
+            // A device never judged before that stays clear, with nothing to send, leaves no
+            // row.
+            let remember = old.is_some() || state.status.is_active() || !unsent.is_empty();
+            let written = if !remember || old == Some(state) {
+                etag
+            } else {
+                let entity = alarm::state_entity(device, &rule.id, &state, &unsent);
+                match write_if(&self.table, &entity, etag.as_deref(), deadline).await? {
+                    Some(etag) => Some(etag),
+                    None => return Ok(Outcome::Again),
+                }
+            };
+            match written {
+                Some(etag) if !unsent.is_empty() => {
+                    send.push((rule.id.clone(), unsent, state, etag))
+                }
+                _ if !state.status.is_active() && unsent.is_empty() => unlist.push(key),
+                _ => {}
+            }
+        }
+        // States of rules not judged this time that still hold events (a kill between their
+        // write and their events' put). They are listed: their devices' readings bring them.
+        for (rule, (row, etag)) in states {
+            if let (false, Some(etag)) = (row.unsent.is_empty(), etag) {
+                send.push((rule, row.unsent, row.state, etag));
+            }
+        }
+        if listed_now {
+            // Readings stored while it was being listed, by a processor that read the list
+            // before: judged here.
+            let newest = judging.iter().map(|j| j.state.at).max().unwrap_or(i64::MIN);
+            let filter = format!(
+                "PartitionKey eq '{}' and RowKey gt '{}'",
+                quoted(device),
+                format_ms(newest)
+            );
+            let newer = retry(deadline, || {
+                readings.query_first_select(&filter, "RowKey", 1)
+            })
+            .await?;
+            if !more && !newer.is_empty() {
+                return Ok(Outcome::Again);
+            }
+        }
+        for (rule, events, state, etag) in send {
+            for event in &events {
+                let text = serde_json::to_string(event).expect("events serialise");
+                retry(deadline, || self.events.put(text.clone())).await?;
+                metrics::counter!(m::ALARM_EVENTS, "rule" => rule.clone(), "event" => event.event.name())
+                    .increment(1);
+                tracing::info!(device, rule = %rule, event = event.event.name(), value = event.value, measured_at = %event.measured_at, "Alarm {}.", event.event.name());
+            }
+            // Without the events now. If another processor wrote the row meanwhile, it read
+            // them and sends them too (a repeat, by the same ids), and this one leaves the
+            // list alone.
+            let entity = alarm::state_entity(device, &rule, &state, &[]);
+            if write_if(&self.table, &entity, Some(&etag), deadline)
+                .await?
+                .is_some()
+                && !state.status.is_active()
+            {
+                unlist.push(alarm::active_key(device, &rule));
+            }
+        }
+        for key in unlist {
+            // Only with the ETag it was read or written with: a processor that listed it
+            // again since (a new raise) changed that, and the row stays.
+            if let Some(Some(etag)) = listed.remove(&key) {
+                let row = infra::storage::RowRef {
+                    partition_key: alarm::ACTIVE_PARTITION,
+                    row_key: &key,
+                    etag: &etag,
+                };
+                match retry(deadline, || self.table.delete(&row)).await {
+                    Ok(_) => {}
+                    Err(e) if e.is_changed() => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(if more { Outcome::More } else { Outcome::Done })
+    }
+
+    /// Reads back `device`'s stored readings from the earliest start of `judging` on, in
+    /// passes of at most [`PASS_ROWS`] rows, and judges each rule on those from its start;
+    /// a rule stops at [`MAX_EVENTS`] events (the rest is judged in the next pass).
+    async fn read_back(
+        &self,
+        readings: &Table,
+        device: &str,
+        judging: &mut [Judging<'_>],
+        deadline: Instant,
+    ) -> Result<(), StorageError> {
+        let select = select(judging.iter().map(|j| j.rule));
+        let mut next = judging.iter().map(|j| j.start).min();
         while let Some(from) = next.take() {
             let filter = format!(
-                "PartitionKey eq '{device}' and RowKey ge '{}'",
+                "PartitionKey eq '{}' and RowKey ge '{}'",
+                quoted(device),
                 format_ms(from)
             );
             let rows = retry(deadline, || {
@@ -264,109 +437,76 @@ impl Alarms {
                 if full {
                     next = Some(at.saturating_add(1));
                 }
-                for (k, (rule, state, start)) in judging.iter_mut().enumerate() {
-                    if at < *start {
+                for j in judging.iter_mut() {
+                    if at < j.start || j.made.len() >= MAX_EVENTS {
                         continue;
                     }
-                    let Some(value) = row.get(&column(&rule.measurement)).and_then(number) else {
+                    let Some(value) = number(&row, &column(&j.rule.measurement)) else {
                         continue;
                     };
-                    if let Some(kind) = rule.judge(state, at, value) {
-                        made[k].push(rule.event(device, kind, state));
+                    if let Some(kind) = j.rule.judge(&mut j.state, at, value) {
+                        j.made.push(j.rule.event(device, kind, &j.state));
                     }
                 }
             }
-        }
-
-        // Write each changed state with its events (and any still unsent from before).
-        let mut sent_later: Vec<(String, Vec<Event>, State, String)> = Vec::new();
-        for ((rule, state, _), events) in judging.iter().zip(made) {
-            let (before, etag) = match states.remove(&rule.id) {
-                Some((row, etag)) => (Some(row), etag),
-                None => (None, None),
-            };
-            let old = before.as_ref().map(|r| r.state);
-            let mut unsent = before.map(|r| r.unsent).unwrap_or_default();
-            if old == Some(*state) && unsent.is_empty() {
-                continue;
+            if judging.iter().all(|j| j.made.len() >= MAX_EVENTS) {
+                break;
             }
-            if old.is_none() && !state.status.is_active() && events.is_empty() {
-                // Nothing happened that a row must remember.
-                continue;
-            }
-            unsent.extend(events);
-            let entity = alarm::state_entity(device, &rule.id, state, &unsent);
-            let written = if old == Some(*state) {
-                etag
-            } else {
-                let Some(etag) = write_if(&self.table, &entity, etag.as_deref(), deadline).await?
-                else {
-                    return Ok(false);
-                };
-                self.keep_active(
-                    active,
-                    device,
-                    rule,
-                    old.map(|s| s.status),
-                    *state,
-                    deadline,
-                )
-                .await?;
-                Some(etag)
-            };
-            if let (false, Some(etag)) = (unsent.is_empty(), written) {
-                sent_later.push((rule.id.clone(), unsent, *state, etag));
-            }
-        }
-        // States of rules not judged this time that still hold events (a kill between their
-        // write and their events' put).
-        for (rule, (row, etag)) in states {
-            if let (false, Some(etag)) = (row.unsent.is_empty(), etag) {
-                sent_later.push((rule, row.unsent, row.state, etag));
-            }
-        }
-        for (rule, events, state, etag) in sent_later {
-            for event in &events {
-                let text = serde_json::to_string(event).expect("events serialise");
-                retry(deadline, || self.events.put(text.clone())).await?;
-                metrics::counter!(m::ALARM_EVENTS, "rule" => rule.clone(), "event" => event.event.name())
-                    .increment(1);
-                tracing::info!(device, rule = %rule, event = event.event.name(), value = event.value, measured_at = %event.measured_at, "Alarm {}.", event.event.name());
-            }
-            // Without the events now; if another processor wrote the row meanwhile, it read
-            // them and sends them too (a repeat, by the same ids).
-            let entity = alarm::state_entity(device, &rule, &state, &[]);
-            write_if(&self.table, &entity, Some(&etag), deadline).await?;
-        }
-        Ok(true)
-    }
-
-    /// Keeps the active list in step with a state just written: listed while not clear.
-    /// A kill between the two is mended by the next judging of the device (a state not clear
-    /// comes back with its reading, out of band; a listed clear one with the device's next).
-    async fn keep_active(
-        &self,
-        active: &HashSet<String>,
-        device: &str,
-        rule: &Rule,
-        before: Option<alarm::Status>,
-        state: State,
-        deadline: Instant,
-    ) -> Result<(), StorageError> {
-        let listed = active.contains(&alarm::active_key(device, &rule.id));
-        if state.status.is_active() && !listed {
-            let row = alarm::active_entity(device, &rule.id);
-            retry(deadline, || self.table.upsert(&row)).await?;
-        } else if !state.status.is_active() && (listed || before.is_some_and(|s| s.is_active())) {
-            let key = alarm::active_key(device, &rule.id);
-            let row = infra::storage::RowRef {
-                partition_key: alarm::ACTIVE_PARTITION,
-                row_key: &key,
-                etag: "*",
-            };
-            retry(deadline, || self.table.delete(&row)).await?;
         }
         Ok(())
+    }
+
+    /// Lists `key` active, changing its row's ETag if it is there (a processor about to take
+    /// it off the list with the ETag it read then leaves it). Returns the new ETag.
+    async fn list(&self, key: &str, deadline: Instant) -> Result<String, StorageError> {
+        let (device, rule) = alarm::active_of(key).unwrap_or((key, ""));
+        let row = alarm::active_entity(device, rule);
+        for _ in 0..ATTEMPTS {
+            // Replace whatever is there, else insert; one of the two finds it as it is.
+            for etag in [Some("*"), None] {
+                if let Some(etag) = write_if(&self.table, &row, etag, deadline).await? {
+                    return Ok(etag);
+                }
+            }
+        }
+        Err(StorageError {
+            op: "table_write_if",
+            kind: infra::storage::ErrorKind::Protocol(
+                "an active-list row appeared and went away on every try".into(),
+            ),
+        })
+    }
+}
+
+/// The active list's rows, by `device|rule`, with their ETags.
+pub type Active = HashMap<String, String>;
+
+/// One rule being judged on a device: its state as judged so far, the first measurement
+/// time it judges, and the events made.
+struct Judging<'r> {
+    rule: &'r Rule,
+    state: State,
+    start: i64,
+    made: Vec<Event>,
+}
+
+/// What a pass of judging ended with.
+enum Outcome {
+    Done,
+    /// Stopped at [`MAX_EVENTS`] events for a rule: judge on from there.
+    More,
+    /// Another processor changed a state meanwhile, or readings were stored while the device
+    /// was being listed: judge again.
+    Again,
+}
+
+/// A device id (checked by the contract, so never holding a quote) as an OData literal's
+/// text: a quote would be doubled.
+fn quoted(device: &str) -> std::borrow::Cow<'_, str> {
+    if device.contains('\'') {
+        device.replace('\'', "''").into()
+    } else {
+        device.into()
     }
 }
 
@@ -411,10 +551,17 @@ fn select<'r>(rules: impl Iterator<Item = &'r Rule>) -> String {
     format!("RowKey,{}", columns.join(","))
 }
 
-fn number(v: &Value) -> Option<f64> {
-    match v {
+/// A number a row holds in `name`: a JSON number, or the string the service renders an
+/// `Edm.Int64` as (a string property that reads as a number is not one).
+fn number(row: &Entity, name: &str) -> Option<f64> {
+    match row.get(name)? {
         Value::Number(n) => n.as_f64(),
-        Value::String(s) => s.parse().ok(),
+        Value::String(s) => {
+            let edm = row
+                .get(&format!("{name}@odata.type"))
+                .and_then(Value::as_str);
+            (edm == Some("Edm.Int64")).then(|| s.parse().ok()).flatten()
+        }
         _ => None,
     }
 }

@@ -62,7 +62,8 @@ pub const ALARM_RULES: &str = "processor_alarm_rules";
 pub const ALARM_RULES_REFUSED: &str = "processor_alarm_rules_refused";
 /// Alarm events put on the alarms queue, by `rule` and `event` (`raised`, `cleared`).
 pub const ALARM_EVENTS: &str = "processor_alarm_events_total";
-/// Times a device was judged again because another processor changed its state meanwhile.
-pub const ALARM_CONFLICTS: &str = "processor_alarm_conflicts_total";
+/// Times a device was judged again: another processor changed its state meanwhile, or its
+/// readings were stored while it was being listed active.
+pub const ALARM_REJUDGED: &str = "processor_alarm_rejudged_total";
 /// Failed reads of the alarm rules (the rules read before stay in force).
 pub const ALARM_RULES_UNREAD: &str = "processor_alarm_rules_unread_total";

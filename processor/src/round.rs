@@ -206,20 +206,10 @@ async fn store(
     let hours = device_hours(&rows);
     let latest = devices::newest(rows.iter().map(|(_, p)| (&p.reading, p.ingested_at_ms)));
     let rules = ctx.alarms.rules();
-    let readings = rows.iter().map(|(o, p)| (&p.reading, o.message));
-    let alarms = match ctx.alarms.work(&rules, readings, now, write_by).await {
-        Ok(work) => Some(work),
-        Err(error) => {
-            let failure = Failure::Storage {
-                stage: Stage::Alarm,
-                error,
-            };
-            for (origin, _) in &rows {
-                held[origin.message].fail(failure.clone());
-            }
-            None
-        }
-    };
+    let readings = rows
+        .iter()
+        .map(|(o, p)| (&p.reading, p.ingested_at_ms, o.message));
+    let watched = crate::alarms::watched(&rules, readings);
     let planned = plan(rows);
     if planned.overwrites > 0 {
         metrics::counter!(m::OVERWRITES).increment(planned.overwrites as u64);
@@ -257,25 +247,44 @@ async fn store(
         .collect();
     mark_late(ctx, late, held, write_by).await;
     register(ctx, latest, &carriers, held, write_by).await;
-    if let Some((work, active)) = alarms {
-        judge(ctx, &rules, &active, work, held, write_by).await;
+    if !watched.is_empty() {
+        judge(ctx, &rules, watched, held, write_by).await;
     }
 }
 
 /// Devices judged against the alarm rules at once.
-const JUDGED_AT_ONCE: usize = 8;
+const JUDGED_AT_ONCE: usize = 32;
 
-/// Judges the devices `work` names against the alarm rules (from their stored readings, so a
-/// failed write of one message is judged when it is redone, if still the newest). A device
-/// that cannot be judged holds back the messages carrying its readings; it never poisons them.
+/// Judges the devices of a group that alarm rules watch, once their readings are stored (from
+/// the stored readings, so a failed write of one message is judged when it is redone, if
+/// still the newest). A device that cannot be judged holds back the messages carrying its
+/// readings; it never poisons them.
 async fn judge(
     ctx: &Ctx,
     rules: &[schemas::alarm::Rule],
-    active: &std::collections::HashSet<String>,
-    work: BTreeMap<String, crate::alarms::Work>,
+    watched: BTreeMap<String, crate::alarms::Watched>,
     held: &mut [Leased],
     deadline: Instant,
 ) {
+    let carriers: BTreeSet<usize> = watched
+        .values()
+        .flat_map(|w| w.messages.iter().copied())
+        .collect();
+    let (work, active) = match ctx.alarms.work(watched, rules, deadline).await {
+        Ok(work) => work,
+        Err(error) => {
+            let failure = Failure::Storage {
+                stage: Stage::Alarm,
+                error,
+            };
+            tracing::warn!(error = %failure, "Cannot read the active alarms; the messages of the devices rules watch will be redone.");
+            for message in carriers {
+                held[message].fail(failure.clone());
+            }
+            return;
+        }
+    };
+    let active = &active;
     let mut rest = work.iter();
     let mut running = futures::stream::FuturesUnordered::new();
     loop {

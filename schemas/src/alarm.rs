@@ -460,7 +460,10 @@ pub fn state_key(rule: &str) -> String {
 
 /// The OData filter of every state of `device` (its id checked by the contract).
 pub fn states_filter(device: &str) -> String {
-    format!("PartitionKey eq '{device}' and RowKey ge '{STATE_PREFIX}' and RowKey lt 'state}}'")
+    format!(
+        "PartitionKey eq '{}' and RowKey ge '{STATE_PREFIX}' and RowKey lt 'state}}'",
+        device.replace('\'', "''")
+    )
 }
 
 /// A state row read back: the rule it is under, the state, and the events written with it
@@ -524,11 +527,23 @@ pub fn state_of(e: &Map<String, Value>) -> Option<StateRow> {
         Some(text) if !text.is_empty() => serde_json::from_str(text).ok()?,
         _ => Vec::new(),
     };
+    // Times out of the range the service stores are not read as given (a row edited by
+    // hand would otherwise make them unprintable).
+    let clamp = |ms: i64| ms.clamp(crate::timefmt::MIN_MS, crate::timefmt::MAX_MS);
+    let status = match status {
+        Status::Pending { since } => Status::Pending {
+            since: clamp(since),
+        },
+        Status::Raised { since } => Status::Raised {
+            since: clamp(since),
+        },
+        Status::Clear => Status::Clear,
+    };
     Some(StateRow {
         rule,
         state: State {
             status,
-            at: int("At")?,
+            at: clamp(int("At")?),
             value: e.get("Value").and_then(number_of),
         },
         unsent,

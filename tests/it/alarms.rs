@@ -237,3 +237,103 @@ async fn rules_raise_and_clear_at_the_right_readings_whatever_the_delivery() {
     let (_, out, _) = tool(&p, &["list"], None).await;
     assert!(out.contains("No alarm is raised or pending."), "{out}");
 }
+
+#[tokio::test]
+async fn two_processors_one_killed_while_judging_never_lose_or_make_again_a_change() {
+    let penv = [
+        ("PROCESSOR_ALARM_RULES_INTERVAL", "1s".to_owned()),
+        ("PROCESSOR_VISIBILITY_TIMEOUT", "6s".to_owned()),
+    ];
+    let Some(mut p) = Pipeline::start("alarms_kill9", &[], &penv).await else {
+        return;
+    };
+    // A second processor: every device's readings are judged by both, in turn and at once.
+    let second = tests::Service::start(
+        "processor",
+        &[
+            (
+                "AZURE_STORAGE_CONNECTION_STRING",
+                p.azurite.connection_string(),
+            ),
+            ("PROCESSOR_QUEUE_NAME", p.queue.clone()),
+            ("PROCESSOR_DEAD_LETTER_QUEUE", p.dead_letters.clone()),
+            ("PROCESSOR_QUARANTINE_QUEUE", p.quarantine.clone()),
+            ("PROCESSOR_TABLE_NAME", p.table.clone()),
+            ("PROCESSOR_DEVICE_TABLE", p.devices.clone()),
+            ("PROCESSOR_ALARM_RULES_INTERVAL", "1s".to_owned()),
+            ("PROCESSOR_VISIBILITY_TIMEOUT", "6s".to_owned()),
+        ],
+    )
+    .await;
+    let rule = r#"{"id": "hot", "prefix": "k-", "measurement": "temperature", "high": 30}"#;
+    let (ok, out, err) = tool(&p, &["rules", "set", "-"], Some(rule)).await;
+    assert!(ok, "{out}{err}");
+    tests::wait_for(
+        "the processors to read the rule",
+        Duration::from_secs(20),
+        || async {
+            (p.processor.metric("processor_alarm_rules").await == 1.0
+                && second.metric("processor_alarm_rules").await == 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // Waves: in each, every device sends one reading, alternately out of band and back in,
+    // so every reading raises or clears. The processor is killed a moment into most waves,
+    // at a different point each time, and started again; its messages come back.
+    let devices: Vec<String> = (0..40).map(|d| format!("k-{d:02}")).collect();
+    let waves = 10;
+    let start = now_ms() / 1_000 * 1_000 - 1_200_000;
+    let mut sent = 0;
+    let mut want = std::collections::BTreeSet::new();
+    for wave in 0..waves {
+        let at = start + wave * 60_000;
+        let hot = wave % 2 == 0;
+        let messages: Vec<(String, Vec<u8>)> = devices
+            .iter()
+            .map(|d| payload(d, at, "temperature", if hot { 40.0 } else { 20.0 }))
+            .collect();
+        for d in &devices {
+            let kind = if hot { "raised" } else { "cleared" };
+            want.insert(format!("{d}|hot|{kind}|{at}"));
+        }
+        sent += messages.len();
+        publish_all(p.mosquitto.port, messages).await;
+        if wave % 5 != 4 {
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(0..500))).await;
+            p.processor.kill9().await;
+            p.processor.restart().await;
+        }
+        let queue = p.account.queue(&p.queue);
+        let total = sent as f64;
+        tests::wait_for(
+            "the wave to be finished",
+            Duration::from_secs(90),
+            || async {
+                let acked = p.ingest.metric("ingest_messages_acked_total").await;
+                let depth = queue.approximate_depth().await.ok();
+                (acked >= total && depth == Some(0)).then_some(())
+            },
+        )
+        .await;
+    }
+    let mut events = Vec::new();
+    drain(&p, &mut events).await;
+    let got: std::collections::BTreeSet<String> = events.iter().map(|e| e.id.clone()).collect();
+    let missing: Vec<&String> = want.difference(&got).collect();
+    let made_again: Vec<&String> = got.difference(&want).collect();
+    println!(
+        "alarms kill -9, two processors: {} changes, {} events, {} sent twice (same id), \
+         judged again {} times",
+        want.len(),
+        events.len(),
+        events.len() - got.len(),
+        second.metric("processor_alarm_rejudged_total").await as u64
+    );
+    assert!(missing.is_empty(), "lost: {missing:?}");
+    assert!(
+        made_again.is_empty(),
+        "made again, or at the wrong reading: {made_again:?}"
+    );
+}
