@@ -225,8 +225,9 @@ async fn report_stored(ctx: Arc<ctx::Ctx>, shutdown: CancellationToken) {
     }
 }
 
-/// Publishes the ingest queue's approximate depth every few seconds, and the age of its
-/// oldest waiting message every 10 s (a peek carries a message's text: up to 64 KiB).
+/// Publishes the ingest queue's approximate depth every few seconds, the age of its oldest
+/// waiting message every 10 s (a peek carries a message's text: up to 64 KiB), and that of
+/// the alarms queue every 30 s.
 async fn report_depth(ctx: Arc<ctx::Ctx>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     // When the oldest waiting message was put, as last seen: its age grows every tick, even
@@ -247,5 +248,12 @@ async fn report_depth(ctx: Arc<ctx::Ctx>, shutdown: CancellationToken) {
         }
         let age = oldest.map_or(0, |at| (schemas::timefmt::now_ms() - at).max(0));
         metrics::gauge!(metrics_names::QUEUE_OLDEST_AGE).set(age as f64 / 1000.0);
+        // The alarms queue's oldest event, every 30 s: events nobody takes are undelivered.
+        if n % 15 == 0 {
+            if let Ok(seen) = ctx.alarms.events.oldest_put_at().await {
+                let age = seen.map_or(0, |at| (schemas::timefmt::now_ms() - at).max(0));
+                metrics::gauge!(metrics_names::ALARM_QUEUE_OLDEST_AGE).set(age as f64 / 1000.0);
+            }
+        }
     }
 }

@@ -67,3 +67,6 @@ pub const ALARM_EVENTS: &str = "processor_alarm_events_total";
 pub const ALARM_REJUDGED: &str = "processor_alarm_rejudged_total";
 /// Failed reads of the alarm rules (the rules read before stay in force).
 pub const ALARM_RULES_UNREAD: &str = "processor_alarm_rules_unread_total";
+/// Age of the oldest event waiting in the alarms queue (0 when none waits): events nobody
+/// takes are alarms nobody hears of.
+pub const ALARM_QUEUE_OLDEST_AGE: &str = "processor_alarm_queue_oldest_age_seconds";

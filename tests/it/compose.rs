@@ -42,6 +42,7 @@ fn compose_environment_names_real_flags() {
         "dashboard",
         "simulator",
         "deadletter",
+        "alarms",
         "infra",
     ] {
         for entry in std::fs::read_dir(root.join(crate_dir).join("src")).expect("src") {
