@@ -210,20 +210,25 @@ async fn delete(tables: &[Table], ids: &[String]) -> anyhow::Result<()> {
             if !found {
                 eprintln!("shard {shard}: no rule {id:?}");
             }
-            // Its alarms: the active list's rows, then the states (a scan of the table).
+            // Its alarms, band and silence: the active list's rows, then the states (a scan
+            // of the table).
+            let silence = format!("{id}~silence");
             let states = table
                 .query(&format!(
-                    "RowKey eq '{}'",
-                    alarm::state_key(id).replace('\'', "''")
+                    "RowKey eq '{}' or RowKey eq '{}'",
+                    alarm::state_key(id).replace('\'', "''"),
+                    alarm::state_key(&silence).replace('\'', "''")
                 ))
                 .await
                 .with_context(|| format!("shard {shard}: finding rule {id}'s states"))?;
             for state in &states {
                 let device = text(state, "PartitionKey");
-                let key = alarm::active_key(&device, id);
+                let row_key = text(state, "RowKey");
+                let rule_key = row_key.strip_prefix("state|").unwrap_or(id);
+                let key = alarm::active_key(&device, rule_key);
                 for (partition, row_key) in [
                     (alarm::ACTIVE_PARTITION, key.as_str()),
-                    (device.as_str(), &alarm::state_key(id)),
+                    (device.as_str(), row_key.as_str()),
                 ] {
                     let row = RowRef {
                         partition_key: partition,
@@ -252,6 +257,7 @@ async fn delete(tables: &[Table], ids: &[String]) -> anyhow::Result<()> {
 struct Shown {
     device: String,
     rule: String,
+    condition: &'static str,
     status: &'static str,
     since: i64,
     value: Option<f64>,
@@ -290,9 +296,14 @@ async fn list_alarms(tables: &[Table], json: bool) -> anyhow::Result<()> {
                 alarm::Status::Pending { since } => ("pending", since),
                 alarm::Status::Clear => continue,
             };
+            let (rule, condition) = match rule.strip_suffix("~silence") {
+                Some(rule) => (rule, "silence"),
+                None => (rule, "band"),
+            };
             shown.push(Shown {
                 device: device.to_owned(),
                 rule: rule.to_owned(),
+                condition,
                 status,
                 since,
                 value: state.state.value,
@@ -307,7 +318,7 @@ async fn list_alarms(tables: &[Table], json: bool) -> anyhow::Result<()> {
         let items: Vec<Value> = shown
             .iter()
             .map(|s| {
-                json!({"deviceId": s.device, "rule": s.rule, "status": s.status,
+                json!({"deviceId": s.device, "rule": s.rule, "condition": s.condition, "status": s.status,
                        "since": time(s.since), "value": s.value, "measuredAt": time(s.at)})
             })
             .collect();
@@ -315,14 +326,15 @@ async fn list_alarms(tables: &[Table], json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<8} {:<24} {:<24} {:<24} {:>10} {:<24}",
-        "STATUS", "RULE", "DEVICE", "SINCE", "VALUE", "LAST READING"
+        "{:<8} {:<24} {:<8} {:<24} {:<24} {:>10} {:<24}",
+        "STATUS", "RULE", "ON", "DEVICE", "SINCE", "VALUE", "LAST READING"
     );
     for s in &shown {
         println!(
-            "{:<8} {:<24} {:<24} {:<24} {:>10} {:<24}",
+            "{:<8} {:<24} {:<8} {:<24} {:<24} {:>10} {:<24}",
             s.status,
             s.rule,
+            s.condition,
             s.device,
             time(s.since),
             s.value.map(|v| v.to_string()).unwrap_or_default(),

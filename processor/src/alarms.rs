@@ -19,7 +19,7 @@
 use crate::ctx::retry;
 use crate::metrics_names as m;
 use infra::storage::{Entity, Queue, StorageError, Table};
-use schemas::alarm::{self, Event, Rule, State, StateRow};
+use schemas::alarm::{self, Condition, Event, Rule, State, StateRow};
 use schemas::timefmt::{format_ms, parse_rfc3339_ms};
 use schemas::Reading;
 use serde_json::Value;
@@ -32,6 +32,12 @@ use tokio::time::Instant;
 /// when it arrived). It is still judged when
 /// its device's state is not clear and it is newer than the newest judged.
 pub const NEWS_FOR_MS: i64 = 3_600_000;
+/// Most devices one silence rule judges in a sweep (the next sweep takes the others).
+const SILENT_PER_SWEEP: usize = 10_000;
+/// A silent device already listed is judged again every this many sweeps.
+const RESWEEP_EVERY: u64 = 10;
+/// Devices the silence sweep judges at once.
+const SWEEP_AT_ONCE: usize = 8;
 /// Most stored readings read back at once.
 const PASS_ROWS: usize = 1_000;
 /// Most events one rule makes in a pass (so a state row with its unsent events stays small
@@ -51,11 +57,11 @@ pub struct Alarms {
 }
 
 /// A device's readings in a group that rules watch: per rule (by index into the round's
-/// rules), the measurement time of the earliest, and of the earliest recent one out of band;
-/// and the messages carrying them.
+/// rules) and condition, the measurement time of the earliest, and of the earliest recent one
+/// out of band; and the messages carrying them.
 #[derive(Debug, Default)]
 pub struct Watched {
-    pub rules: BTreeMap<usize, (i64, Option<i64>)>,
+    pub rules: BTreeMap<(usize, Condition), (i64, Option<i64>)>,
     pub messages: std::collections::BTreeSet<usize>,
 }
 
@@ -75,33 +81,51 @@ pub fn watched<'r>(
             if !rule.watches(device) {
                 continue;
             }
-            let Some(value) = rule.measurement.of(reading) else {
-                continue;
-            };
             let at = reading.measured_at_ms;
-            let news = (rule.outside(value) && at >= ingested_at - NEWS_FOR_MS).then_some(at);
-            let entry = match watched.get_mut(device) {
-                Some(entry) => entry,
-                None => watched.entry(device.to_owned()).or_default(),
-            };
-            entry.messages.insert(message);
-            let (earliest, first_news) = entry.rules.entry(i).or_insert((at, news));
-            *earliest = (*earliest).min(at);
-            *first_news = match (*first_news, news) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let value = rule.measurement.of(reading);
+            // Any reading ends a silence; only a recent one out of band begins a band alarm.
+            let conditions = [
+                (rule.silence_ms.is_some(), Condition::Silence, None),
+                (
+                    rule.has_band() && value.is_some(),
+                    Condition::Band,
+                    value
+                        .filter(|&v| rule.outside(v) && at >= ingested_at - NEWS_FOR_MS)
+                        .map(|_| at),
+                ),
+            ];
+            for (applies, condition, news) in conditions {
+                if !applies {
+                    continue;
+                }
+                let entry = match watched.get_mut(device) {
+                    Some(entry) => entry,
+                    None => watched.entry(device.to_owned()).or_default(),
+                };
+                entry.messages.insert(message);
+                let (earliest, first_news) =
+                    entry.rules.entry((i, condition)).or_insert((at, news));
+                *earliest = (*earliest).min(at);
+                *first_news = match (*first_news, news) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
         }
     }
     watched
 }
 
-/// A device to judge: the rules (by index into the round's rules) with the measurement time
-/// of its earliest reading that calls for it, and the messages that carry its readings.
+/// A device to judge: the rules (by index into the round's rules) and conditions, with the
+/// measurement time of its earliest reading that calls for it; the messages that carry its
+/// readings; whether it comes from the silence sweep.
 #[derive(Debug, Default)]
 pub struct Work {
-    pub rules: BTreeMap<usize, i64>,
+    pub rules: BTreeMap<(usize, Condition), i64>,
     pub messages: std::collections::BTreeSet<usize>,
+    /// From the silence sweep: each silence rule's time is the start of a window the device
+    /// table says no reading was measured in.
+    pub sweep: bool,
 }
 
 impl Alarms {
@@ -188,20 +212,28 @@ impl Alarms {
         let active = self.active(deadline).await?;
         let mut work = BTreeMap::new();
         for (device, seen) in watched {
-            let rules: BTreeMap<usize, i64> = seen
+            let rules: BTreeMap<(usize, Condition), i64> = seen
                 .rules
                 .into_iter()
-                .filter_map(|(i, (earliest, news))| {
-                    if active.contains_key(&alarm::active_key(&device, &rules[i].id)) {
-                        Some((i, earliest))
+                .filter_map(|((i, condition), (earliest, news))| {
+                    let key = alarm::active_key(&device, &rules[i].key(condition));
+                    if active.contains_key(&key) {
+                        Some(((i, condition), earliest))
                     } else {
-                        news.map(|news| (i, news))
+                        news.map(|news| ((i, condition), news))
                     }
                 })
                 .collect();
             if !rules.is_empty() {
                 let messages = seen.messages;
-                work.insert(device, Work { rules, messages });
+                work.insert(
+                    device,
+                    Work {
+                        rules,
+                        messages,
+                        sweep: false,
+                    },
+                );
             }
         }
         Ok((work, active))
@@ -225,8 +257,8 @@ impl Alarms {
         let mut listed: HashMap<String, Option<String>> = work
             .rules
             .keys()
-            .filter_map(|&i| {
-                let key = alarm::active_key(device, &rules[i].id);
+            .filter_map(|&(i, condition)| {
+                let key = alarm::active_key(device, &rules[i].key(condition));
                 let etag = active.get(&key)?.clone();
                 Some((key, Some(etag)))
             })
@@ -276,10 +308,11 @@ impl Alarms {
         // What each rule judges from: past the newest judged; for a clear state, no earlier
         // than the reading that called for it.
         let mut judging: Vec<Judging<'_>> = Vec::new();
-        for (&i, &from) in &work.rules {
+        for (&(i, condition), &from) in &work.rules {
             let rule = &rules[i];
+            let key = rule.key(condition);
             let state = states
-                .get(&rule.id)
+                .get(&key)
                 .map(|(row, _)| row.state)
                 .unwrap_or_default();
             let start = match state.status {
@@ -288,13 +321,27 @@ impl Alarms {
             };
             judging.push(Judging {
                 rule,
+                condition,
+                key,
                 state,
+                from,
                 start,
                 made: Vec::new(),
             });
         }
         self.read_back(readings, device, &mut judging, deadline)
             .await?;
+        // Silence: raised when the sweep's window holds no stored reading either.
+        if work.sweep {
+            for j in judging.iter_mut() {
+                if j.condition == Condition::Silence && j.rule.raise_silence(&mut j.state, j.from) {
+                    let event =
+                        j.rule
+                            .event(device, Condition::Silence, alarm::Kind::Raised, &j.state);
+                    j.made.push(event);
+                }
+            }
+        }
         let more = judging.iter().any(|j| j.made.len() >= MAX_EVENTS);
 
         // Write each changed state with its events (and any still unsent from before).
@@ -302,9 +349,9 @@ impl Alarms {
         let mut unlist: Vec<String> = Vec::new();
         let mut listed_now = false;
         for j in judging.iter_mut() {
-            let (rule, state) = (j.rule, j.state);
-            let key = alarm::active_key(device, &rule.id);
-            let (before, etag) = match states.remove(&rule.id) {
+            let state = j.state;
+            let key = alarm::active_key(device, &j.key);
+            let (before, etag) = match states.remove(&j.key) {
                 Some((row, etag)) => (Some(row), etag),
                 None => (None, None),
             };
@@ -326,16 +373,14 @@ impl Alarms {
             let written = if !remember || old == Some(state) {
                 etag
             } else {
-                let entity = alarm::state_entity(device, &rule.id, &state, &unsent);
+                let entity = alarm::state_entity(device, &j.key, &state, &unsent);
                 match write_if(&self.table, &entity, etag.as_deref(), deadline).await? {
                     Some(etag) => Some(etag),
                     None => return Ok(Outcome::Again),
                 }
             };
             match written {
-                Some(etag) if !unsent.is_empty() => {
-                    send.push((rule.id.clone(), unsent, state, etag))
-                }
+                Some(etag) if !unsent.is_empty() => send.push((j.key.clone(), unsent, state, etag)),
                 _ if !state.status.is_active() && unsent.is_empty() => unlist.push(key),
                 _ => {}
             }
@@ -368,7 +413,7 @@ impl Alarms {
             for event in &events {
                 let text = serde_json::to_string(event).expect("events serialise");
                 retry(deadline, || self.events.put(text.clone())).await?;
-                metrics::counter!(m::ALARM_EVENTS, "rule" => rule.clone(), "event" => event.event.name())
+                metrics::counter!(m::ALARM_EVENTS, "rule" => event.rule.clone(), "condition" => condition_name(event.condition), "event" => event.event.name())
                     .increment(1);
                 tracing::info!(device, rule = %rule, event = event.event.name(), value = event.value, measured_at = %event.measured_at, "Alarm {}.", event.event.name());
             }
@@ -413,7 +458,12 @@ impl Alarms {
         judging: &mut [Judging<'_>],
         deadline: Instant,
     ) -> Result<(), StorageError> {
-        let select = select(judging.iter().map(|j| j.rule));
+        let select = select(
+            judging
+                .iter()
+                .filter(|j| j.condition == Condition::Band)
+                .map(|j| j.rule),
+        );
         let mut next = judging.iter().map(|j| j.start).min();
         while let Some(from) = next.take() {
             let filter = format!(
@@ -441,11 +491,18 @@ impl Alarms {
                     if at < j.start || j.made.len() >= MAX_EVENTS {
                         continue;
                     }
-                    let Some(value) = number(&row, &column(&j.rule.measurement)) else {
-                        continue;
+                    let kind = match j.condition {
+                        Condition::Silence => j.rule.judge_silence(&mut j.state, at),
+                        Condition::Band => {
+                            let Some(value) = number(&row, &column(&j.rule.measurement)) else {
+                                continue;
+                            };
+                            j.rule.judge(&mut j.state, at, value)
+                        }
                     };
-                    if let Some(kind) = j.rule.judge(&mut j.state, at, value) {
-                        j.made.push(j.rule.event(device, kind, &j.state));
+                    if let Some(kind) = kind {
+                        j.made
+                            .push(j.rule.event(device, j.condition, kind, &j.state));
                     }
                 }
             }
@@ -454,6 +511,95 @@ impl Alarms {
             }
         }
         Ok(())
+    }
+
+    /// The silence sweep: judges each device a silence rule watches whose newest reading, by
+    /// the device table, was measured before the rule's limit plus `allowance_ms` ago
+    /// (clock skew, and the age of the ingest queue's backlog: readings not yet stored are
+    /// not silence). Its stored readings from then on are read back, and silence is raised
+    /// only if there are none. A device already listed is judged again only every
+    /// [`RESWEEP_EVERY`]th sweep (`sweep` counts them), to send events a stopped sweep left
+    /// unsent. Returns the devices judged.
+    pub async fn sweep_silence(
+        &self,
+        readings: &Table,
+        devices: &Table,
+        allowance_ms: i64,
+        sweep: u64,
+        deadline: Instant,
+    ) -> Result<usize, StorageError> {
+        let rules = self.rules();
+        if rules.iter().all(|r| r.silence_ms.is_none()) {
+            return Ok(0);
+        }
+        let active = self.active(deadline).await?;
+        let now = schemas::timefmt::now_ms();
+        let mut work: BTreeMap<String, Work> = BTreeMap::new();
+        for (i, rule) in rules.iter().enumerate() {
+            let Some(limit) = rule.silence_ms else {
+                continue;
+            };
+            let since = now.saturating_sub(limit).saturating_sub(allowance_ms);
+            let mut filter = format!(
+                "PartitionKey eq '{}' and MeasuredAt lt datetime'{}'",
+                schemas::device::PARTITION,
+                format_ms(since)
+            );
+            match &rule.target {
+                alarm::Target::Device(d) => {
+                    filter.push_str(&format!(" and RowKey eq '{}'", quoted(d)))
+                }
+                alarm::Target::Prefix(p) if !p.is_empty() => filter.push_str(&format!(
+                    " and RowKey ge '{0}' and RowKey lt '{0}~'",
+                    quoted(p)
+                )),
+                alarm::Target::Prefix(_) => {}
+            }
+            let rows = retry(deadline, || {
+                devices.query_first_select(&filter, "RowKey", SILENT_PER_SWEEP)
+            })
+            .await?;
+            let key = rule.key(Condition::Silence);
+            for row in rows {
+                let Some(device) = row.get("RowKey").and_then(Value::as_str) else {
+                    continue;
+                };
+                let listed = active.contains_key(&alarm::active_key(device, &key));
+                if !rule.watches(device) || (listed && sweep % RESWEEP_EVERY != 0) {
+                    continue;
+                }
+                let entry = work.entry(device.to_owned()).or_insert_with(|| Work {
+                    sweep: true,
+                    ..Work::default()
+                });
+                entry.rules.insert((i, Condition::Silence), since);
+            }
+        }
+        let judged = work.len();
+        let (rules, active) = (&rules, &active);
+        let mut rest = work.iter();
+        let mut running = futures::stream::FuturesUnordered::new();
+        loop {
+            while running.len() < SWEEP_AT_ONCE {
+                let Some((device, work)) = rest.next() else {
+                    break;
+                };
+                running.push(async move {
+                    let judged = self
+                        .judge(readings, rules, active, device, work, deadline)
+                        .await;
+                    (device, judged)
+                });
+            }
+            let Some((device, judged)) = futures::StreamExt::next(&mut running).await else {
+                break;
+            };
+            if let Err(error) = judged {
+                metrics::counter!(m::ALARM_SWEEP_FAILURES).increment(1);
+                tracing::warn!(device = %device, ?error, "Cannot judge a device's silence; the next sweep tries again.");
+            }
+        }
+        Ok(judged)
     }
 
     /// Lists `key` active, changing its row's ETag if it is there (a processor about to take
@@ -485,6 +631,12 @@ pub type Active = HashMap<String, String>;
 /// time it judges, and the events made.
 struct Judging<'r> {
     rule: &'r Rule,
+    condition: Condition,
+    /// The state's key ([`Rule::key`]).
+    key: String,
+    /// The earliest reading that called for judging; for the silence sweep, the start of the
+    /// window no reading was measured in.
+    from: i64,
     state: State,
     start: i64,
     made: Vec<Event>,
@@ -548,7 +700,16 @@ fn select<'r>(rules: impl Iterator<Item = &'r Rule>) -> String {
     let mut columns: Vec<String> = rules.map(|r| column(&r.measurement)).collect();
     columns.sort();
     columns.dedup();
-    format!("RowKey,{}", columns.join(","))
+    columns.insert(0, "RowKey".into());
+    columns.join(",")
+}
+
+/// The metric label of a condition.
+fn condition_name(condition: Condition) -> &'static str {
+    match condition {
+        Condition::Band => "band",
+        Condition::Silence => "silence",
+    }
 }
 
 /// A number a row holds in `name`: a JSON number, or the string the service renders an

@@ -52,6 +52,16 @@ pub struct Config {
     #[arg(long, env = "PROCESSOR_ALARM_QUEUE", default_value = schemas::alarm::DEFAULT_QUEUE)]
     pub alarm_queue: String,
 
+    /// How often devices are looked for that a silence rule (`silenceMinutes`) watches and
+    /// that sent nothing for that long.
+    #[arg(long, env = "PROCESSOR_ALARM_SILENCE_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub alarm_silence_interval: Duration,
+
+    /// How far a device's clock may be behind: silence is raised only after its limit and
+    /// this (and the age of the ingest queue's backlog) have passed without a reading.
+    #[arg(long, env = "PROCESSOR_ALARM_CLOCK_SKEW", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub alarm_clock_skew: Duration,
+
     /// How often the alarm rules are read again.
     #[arg(long, env = "PROCESSOR_ALARM_RULES_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub alarm_rules_interval: Duration,

@@ -64,6 +64,9 @@ pub struct Ctx {
     pub stored: crate::stored::Stored,
     /// The alarm rules, and where states and events go.
     pub alarms: crate::alarms::Alarms,
+    /// The age of the ingest queue's oldest waiting message, in ms, as last seen: readings
+    /// that old may not be stored yet, so no silence is judged within it.
+    pub backlog_ms: std::sync::atomic::AtomicI64,
 }
 
 /// How long poisoning waits after start and after a stall: as long as it takes a message to

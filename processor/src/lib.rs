@@ -99,6 +99,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             account.table(&config.alarm_table),
             account.queue(&config.alarm_queue),
         ),
+        backlog_ms: std::sync::atomic::AtomicI64::new(0),
     });
     tracing::info!(
         queue = %config.queue_name,
@@ -153,6 +154,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracker.spawn(read_alarm_rules(
         ctx.clone(),
         config.alarm_rules_interval,
+        shutdown.clone(),
+    ));
+    tracker.spawn(sweep_silence(
+        ctx.clone(),
+        config.alarm_silence_interval,
+        config.alarm_clock_skew,
         shutdown.clone(),
     ));
     tracker.close();
@@ -212,6 +219,41 @@ async fn read_alarm_rules(ctx: Arc<ctx::Ctx>, interval: Duration, shutdown: Canc
     }
 }
 
+/// Looks for silent devices every `interval` (each sweep given as long), allowing `skew` of
+/// clock and the ingest queue's backlog.
+async fn sweep_silence(
+    ctx: Arc<ctx::Ctx>,
+    interval: Duration,
+    skew: Duration,
+    shutdown: CancellationToken,
+) {
+    let every = interval.max(Duration::from_secs(1));
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let skew_ms = i64::try_from(skew.as_millis()).unwrap_or(i64::MAX);
+    for n in 1u64.. {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let backlog = ctx.backlog_ms.load(std::sync::atomic::Ordering::Relaxed);
+        let sweep = ctx.alarms.sweep_silence(
+            &ctx.table,
+            &ctx.devices.table,
+            skew_ms.saturating_add(backlog),
+            n,
+            Instant::now() + every,
+        );
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            swept = sweep => if let Err(error) = swept {
+                metrics::counter!(metrics_names::ALARM_SWEEP_FAILURES).increment(1);
+                tracing::warn!(%error, "Cannot look for silent devices; the next sweep tries again.");
+            },
+        }
+    }
+}
+
 /// Writes the readings stored per minute every few seconds, for the dashboard (the last
 /// write follows the workers).
 async fn report_stored(ctx: Arc<ctx::Ctx>, shutdown: CancellationToken) {
@@ -248,6 +290,8 @@ async fn report_depth(ctx: Arc<ctx::Ctx>, shutdown: CancellationToken) {
         }
         let age = oldest.map_or(0, |at| (schemas::timefmt::now_ms() - at).max(0));
         metrics::gauge!(metrics_names::QUEUE_OLDEST_AGE).set(age as f64 / 1000.0);
+        ctx.backlog_ms
+            .store(age, std::sync::atomic::Ordering::Relaxed);
         // The alarms queue's oldest event, every 30 s: events nobody takes are undelivered.
         if n % 15 == 0 {
             if let Ok(seen) = ctx.alarms.events.oldest_put_at().await {

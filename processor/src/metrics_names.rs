@@ -60,7 +60,8 @@ pub const ROUND_BUDGET_BYTES: &str = "processor_round_budget_bytes";
 /// Alarm rules in force, and those in the table that are malformed (ignored until fixed).
 pub const ALARM_RULES: &str = "processor_alarm_rules";
 pub const ALARM_RULES_REFUSED: &str = "processor_alarm_rules_refused";
-/// Alarm events put on the alarms queue, by `rule` and `event` (`raised`, `cleared`).
+/// Alarm events put on the alarms queue, by `rule`, `condition` (`band`, `silence`) and
+/// `event` (`raised`, `cleared`).
 pub const ALARM_EVENTS: &str = "processor_alarm_events_total";
 /// Times a device was judged again: another processor changed its state meanwhile, or its
 /// readings were stored while it was being listed active.
@@ -70,3 +71,5 @@ pub const ALARM_RULES_UNREAD: &str = "processor_alarm_rules_unread_total";
 /// Age of the oldest event waiting in the alarms queue (0 when none waits): events nobody
 /// takes are alarms nobody hears of.
 pub const ALARM_QUEUE_OLDEST_AGE: &str = "processor_alarm_queue_oldest_age_seconds";
+/// Silence sweeps, and devices in them, that failed (the next sweep tries again).
+pub const ALARM_SWEEP_FAILURES: &str = "processor_alarm_sweep_failures_total";

@@ -2,10 +2,13 @@
 //! of state sends. Pure: storage and the queue are the processor's and the `alarms` tool's.
 //!
 //! A rule watches one measurement of one device, or of every device whose id starts with a
-//! prefix. A reading is **out of band** below `low` or above `high`; after out-of-band
-//! readings spanning at least `forSeconds` of measurement time, the rule is raised. It clears
-//! at the first reading back inside the band by at least `hysteresis` (so a value hovering at
-//! a bound does not flap).
+//! prefix, for two conditions, each with its own state:
+//! - **band**: a reading is out of band below `low` or above `high`; after out-of-band
+//!   readings spanning at least `forSeconds` of measurement time, it is raised. It clears at
+//!   the first reading back inside the band by at least `hysteresis` (so a value hovering at a
+//!   bound does not flap).
+//! - **silence**: no reading measured for `silenceMinutes` (found by a sweep); it clears at
+//!   the device's next reading.
 //!
 //! Readings are judged in order of measurement time, and each state remembers the newest one
 //! judged (`at`): an older one (late, out of order, redelivered, replayed) is not judged
@@ -34,6 +37,8 @@ const STATE_PREFIX: &str = "state|";
 pub const MAX_FOR_SECONDS: u32 = 86_400;
 /// Longest rule id.
 pub const MAX_RULE_ID_LEN: usize = 64;
+/// Longest `silenceMinutes`: a week.
+pub const MAX_SILENCE_MINUTES: u32 = 10_080;
 
 /// A validated rule.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +52,16 @@ pub struct Rule {
     pub for_ms: i64,
     /// How far back inside the band a value must come to clear.
     pub hysteresis: f64,
+    /// Raised when no reading was measured for this long.
+    pub silence_ms: Option<i64>,
+}
+
+/// What a state under a rule watches: the band, or silence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Condition {
+    Band,
+    Silence,
 }
 
 /// Which devices a rule watches.
@@ -135,6 +150,8 @@ struct RuleText {
     for_seconds: u32,
     #[serde(default)]
     hysteresis: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    silence_minutes: Option<u32>,
 }
 
 impl Rule {
@@ -187,10 +204,23 @@ impl Rule {
             };
         let measurement = Measurement::parse(&text.measurement)?;
         let (low, high, hysteresis) = (text.low, text.high, text.hysteresis);
-        if low.is_none() && high.is_none() {
+        let silence = text.silence_minutes;
+        if low.is_none() && high.is_none() && silence.is_none() {
             return Err(RuleError(
-                "at least one of low and high must be given".into(),
+                "at least one of low, high and silenceMinutes must be given".into(),
             ));
+        }
+        if low.is_none() && high.is_none() && (text.for_seconds > 0 || hysteresis != 0.0) {
+            return Err(RuleError(
+                "forSeconds and hysteresis need a band (low or high)".into(),
+            ));
+        }
+        if let Some(minutes) = silence {
+            if !(1..=MAX_SILENCE_MINUTES).contains(&minutes) {
+                return Err(RuleError(format!(
+                    "silenceMinutes ({minutes}) must be from 1 to {MAX_SILENCE_MINUTES}"
+                )));
+            }
         }
         if hysteresis < 0.0 {
             return Err(RuleError(format!(
@@ -223,6 +253,7 @@ impl Rule {
             high,
             for_ms: i64::from(text.for_seconds) * 1_000,
             hysteresis,
+            silence_ms: silence.map(|m| i64::from(m) * 60_000),
         })
     }
 
@@ -241,6 +272,9 @@ impl Rule {
             high: self.high,
             for_seconds: u32::try_from(self.for_ms / 1_000).unwrap_or(MAX_FOR_SECONDS),
             hysteresis: self.hysteresis,
+            silence_minutes: self
+                .silence_ms
+                .map(|ms| u32::try_from(ms / 60_000).unwrap_or(MAX_SILENCE_MINUTES)),
         };
         serde_json::to_string(&text).expect("a rule serialises")
     }
@@ -250,6 +284,20 @@ impl Rule {
         match &self.target {
             Target::Device(d) => d == device,
             Target::Prefix(p) => device.starts_with(p.as_str()),
+        }
+    }
+
+    /// Whether the rule has a band (low or high).
+    pub fn has_band(&self) -> bool {
+        self.low.is_some() || self.high.is_some()
+    }
+
+    /// The key of a device's state under this rule for `condition` (its state row's and its
+    /// active-list row's): the id, with `~silence` for silence (`~` is in no id).
+    pub fn key(&self, condition: Condition) -> String {
+        match condition {
+            Condition::Band => self.id.clone(),
+            Condition::Silence => format!("{}~silence", self.id),
         }
     }
 
@@ -299,18 +347,58 @@ impl Rule {
         }
     }
 
-    /// The event of `kind` that `state` (just judged) sends for `device`.
-    pub fn event(&self, device: &str, kind: Kind, state: &State) -> Event {
+    /// Judges one reading measured at `at` against a silence `state`: a reading not newer
+    /// than the newest judged is ignored; a newer one clears a raised silence.
+    pub fn judge_silence(&self, state: &mut State, at: i64) -> Option<Kind> {
+        if at <= state.at {
+            return None;
+        }
+        state.at = at;
+        state.value = None;
+        match state.status {
+            Status::Raised { .. } => {
+                state.status = Status::Clear;
+                Some(Kind::Cleared)
+            }
+            _ => None,
+        }
+    }
+
+    /// Raises silence on `state` if no reading was judged measured at or after `since` (the
+    /// start of a window found empty). Returns whether it did.
+    pub fn raise_silence(&self, state: &mut State, since: i64) -> bool {
+        if state.status != Status::Clear || state.at >= since {
+            return false;
+        }
+        state.status = Status::Raised { since };
+        state.at = since;
+        state.value = None;
+        true
+    }
+
+    /// The event of `kind` that `state` (just judged) under `condition` sends for `device`.
+    pub fn event(&self, device: &str, condition: Condition, kind: Kind, state: &State) -> Event {
+        let (low, high, silence_minutes) = match condition {
+            Condition::Band => (self.low, self.high, None),
+            Condition::Silence => (None, None, self.silence_ms.map(|ms| ms / 60_000)),
+        };
         Event {
-            id: format!("{device}|{}|{}|{}", self.id, kind.name(), state.at),
+            id: format!(
+                "{device}|{}|{}|{}",
+                self.key(condition),
+                kind.name(),
+                state.at
+            ),
             device_id: device.to_owned(),
             rule: self.id.clone(),
+            condition,
             measurement: self.measurement.name().to_owned(),
             event: kind,
-            value: state.value.unwrap_or(f64::NAN),
+            value: state.value.filter(|v| v.is_finite()),
             measured_at: format_ms(state.at),
-            low: self.low,
-            high: self.high,
+            low,
+            high,
+            silence_minutes,
         }
     }
 }
@@ -417,15 +505,21 @@ pub struct Event {
     pub id: String,
     pub device_id: String,
     pub rule: String,
+    pub condition: Condition,
     pub measurement: String,
     pub event: Kind,
-    pub value: f64,
-    /// RFC 3339, UTC, milliseconds: the reading that made the change.
+    /// The reading's value (none for silence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    /// RFC 3339, UTC, milliseconds: the reading that made the change; for a silence raised,
+    /// the start of the time no reading was measured in.
     pub measured_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub low: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub high: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub silence_minutes: Option<i64>,
 }
 
 /// The rule's row in [`RULES_PARTITION`].
@@ -453,7 +547,8 @@ pub fn rule_of(e: &Map<String, Value>) -> Result<Rule, RuleError> {
     }
 }
 
-/// The RowKey of a device's state under `rule`, in the device's partition.
+/// The RowKey of a device's state under a rule's key ([`Rule::key`]), in the device's
+/// partition.
 pub fn state_key(rule: &str) -> String {
     format!("{STATE_PREFIX}{rule}")
 }
@@ -631,7 +726,15 @@ mod tests {
             ),
             (
                 r#"{"id":"a","prefix":"","measurement":"temperature"}"#,
-                "at least one of low and high",
+                "at least one of low, high and silenceMinutes",
+            ),
+            (
+                r#"{"id":"a","prefix":"","measurement":"temperature","silenceMinutes":0}"#,
+                "from 1 to 10080",
+            ),
+            (
+                r#"{"id":"a","prefix":"","measurement":"temperature","silenceMinutes":5,"forSeconds":9}"#,
+                "need a band",
             ),
             (
                 r#"{"id":"a","prefix":"","measurement":"temperature","low":5,"high":5}"#,
@@ -769,7 +872,7 @@ mod tests {
             at: 9,
             value: Some(-3.5),
         };
-        let event = r.event("freezer-1", Kind::Raised, &state);
+        let event = r.event("freezer-1", Condition::Band, Kind::Raised, &state);
         assert_eq!(event.id, "freezer-1|hot|raised|9");
         let row = state_entity("freezer-1", "hot", &state, std::slice::from_ref(&event));
         // As the service renders it: Int64 as strings.
@@ -786,5 +889,31 @@ mod tests {
             active_of(&active_key("freezer-1", "hot")),
             Some(("freezer-1", "hot"))
         );
+    }
+
+    #[test]
+    fn silence_is_raised_on_an_empty_window_and_cleared_by_the_next_reading() {
+        let r =
+            rule(r#"{"id":"quiet","prefix":"","measurement":"temperature","silenceMinutes":10}"#);
+        assert!(!r.has_band() && r.silence_ms == Some(600_000));
+        assert_eq!(Rule::parse(&r.to_json()).unwrap(), r);
+        assert_eq!(r.key(Condition::Silence), "quiet~silence");
+        let mut state = State::default();
+        assert_eq!(r.judge_silence(&mut state, 1_000), None);
+        assert!(
+            !r.raise_silence(&mut state, 1_000),
+            "a reading at the window's start"
+        );
+        assert!(r.raise_silence(&mut state, 2_000));
+        assert!(!r.raise_silence(&mut state, 3_000), "raised once");
+        assert_eq!(
+            r.judge_silence(&mut state, 1_500),
+            None,
+            "older than the window"
+        );
+        assert_eq!(r.judge_silence(&mut state, 2_500), Some(Kind::Cleared));
+        let event = r.event("d", Condition::Silence, Kind::Cleared, &state);
+        assert_eq!(event.id, "d|quiet~silence|cleared|2500");
+        assert_eq!((event.value, event.silence_minutes), (None, Some(10)));
     }
 }

@@ -181,7 +181,7 @@ async fn rules_raise_and_clear_at_the_right_readings_whatever_the_delivery() {
     send(&p, &mut sent, late).await;
     drain(&p, &mut events).await;
 
-    let got: Vec<(String, String, Kind, String, f64)> = events
+    let got: Vec<(String, String, Kind, String, Option<f64>)> = events
         .iter()
         .map(|e| {
             (
@@ -199,28 +199,28 @@ async fn rules_raise_and_clear_at_the_right_readings_whatever_the_delivery() {
             "freezer-warm".to_owned(),
             Kind::Raised,
             format_ms(base[3]),
-            -3.0,
+            Some(-3.0),
         ),
         (
             "fz-1".into(),
             "freezer-warm".into(),
             Kind::Cleared,
             format_ms(base[5]),
-            -15.0,
+            Some(-15.0),
         ),
         (
             "room-1".into(),
             "co2-high".into(),
             Kind::Raised,
             format_ms(base[1]),
-            1200.0,
+            Some(1200.0),
         ),
         (
             "room-1".into(),
             "co2-high".into(),
             Kind::Cleared,
             format_ms(base[3]),
-            950.0,
+            Some(950.0),
         ),
     ];
     // Each once; the order is only that of each device's own events.
@@ -230,7 +230,7 @@ async fn rules_raise_and_clear_at_the_right_readings_whatever_the_delivery() {
     for rule in ["freezer-warm", "co2-high"] {
         for event in ["raised", "cleared"] {
             let metric =
-                format!("processor_alarm_events_total{{rule=\"{rule}\",event=\"{event}\"}}");
+                format!("processor_alarm_events_total{{rule=\"{rule}\",condition=\"band\",event=\"{event}\"}}");
             assert_eq!(p.processor.metric(&metric).await, 1.0, "{metric}");
         }
     }
@@ -335,5 +335,93 @@ async fn two_processors_one_killed_while_judging_never_lose_or_make_again_a_chan
     assert!(
         made_again.is_empty(),
         "made again, or at the wrong reading: {made_again:?}"
+    );
+}
+
+#[tokio::test]
+async fn silence_is_raised_for_a_quiet_device_and_cleared_by_its_next_reading() {
+    let penv = [
+        ("PROCESSOR_ALARM_RULES_INTERVAL", "1s".to_owned()),
+        ("PROCESSOR_ALARM_SILENCE_INTERVAL", "1s".to_owned()),
+        ("PROCESSOR_ALARM_CLOCK_SKEW", "0s".to_owned()),
+    ];
+    let Some(p) = Pipeline::start("alarms_silence", &[], &penv).await else {
+        return;
+    };
+    let rule =
+        r#"{"id": "quiet", "prefix": "q-", "measurement": "temperature", "silenceMinutes": 5}"#;
+    let (ok, out, err) = tool(&p, &["rules", "set", "-"], Some(rule)).await;
+    assert!(ok, "{out}{err}");
+    tests::wait_for(
+        "the processor to read the rule",
+        Duration::from_secs(20),
+        || async { (p.processor.metric("processor_alarm_rules").await == 1.0).then_some(()) },
+    )
+    .await;
+
+    // q-1 last measured 10 minutes ago: silent. q-2 a minute ago: not yet. x-1, silent too,
+    // is watched by no rule.
+    let now = now_ms() / 1_000 * 1_000;
+    let mut sent = 0;
+    let quiet = vec![
+        payload("q-1", now - 600_000, "temperature", 4.0),
+        payload("q-2", now - 60_000, "temperature", 4.0),
+        payload("x-1", now - 600_000, "temperature", 4.0),
+    ];
+    send(&p, &mut sent, quiet).await;
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while events.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "silence was not raised within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drain(&p, &mut events).await;
+    }
+    let (_, out, _) = tool(&p, &["list", "--json"], None).await;
+    assert!(
+        out.contains(r#""condition":"silence""#) && out.contains(r#""deviceId":"q-1""#),
+        "{out}"
+    );
+
+    // A late reading, measured before the silence began, ends nothing; a new one ends it.
+    send(
+        &p,
+        &mut sent,
+        vec![payload("q-1", now - 540_000, "temperature", 4.0)],
+    )
+    .await;
+    let back = now_ms() / 1_000 * 1_000;
+    send(
+        &p,
+        &mut sent,
+        vec![payload("q-1", back, "temperature", 4.0)],
+    )
+    .await;
+    // A few more sweeps raise nothing again.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    drain(&p, &mut events).await;
+    let got: Vec<(String, String, Kind)> = events
+        .iter()
+        .map(|e| (e.device_id.clone(), e.measured_at.clone(), e.event))
+        .collect();
+    assert_eq!(got.len(), 2, "one raise and one clear: {got:?}");
+    let (raised, cleared) = (&events[0], &events[1]);
+    assert_eq!(
+        (raised.device_id.as_str(), raised.event, raised.condition),
+        ("q-1", Kind::Raised, schemas::alarm::Condition::Silence)
+    );
+    let since = schemas::timefmt::parse_rfc3339_ms(&raised.measured_at).unwrap();
+    assert!(
+        since > now - 600_000 && since <= now_ms() - 300_000,
+        "silent since {} (last reading {})",
+        raised.measured_at,
+        format_ms(now - 600_000)
+    );
+    assert_eq!(
+        (cleared.event, cleared.measured_at.clone()),
+        (Kind::Cleared, format_ms(back)),
+        "cleared at the new reading"
     );
 }
