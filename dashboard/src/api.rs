@@ -1,5 +1,5 @@
 //! The versioned, read-only API: `/api/v1/devices`, `/api/v1/devices/{id}/readings`,
-//! `/rollups` and `/gaps`, and `/api/v1/pipeline`. Every parameter is checked in [`crate::params`] first, so what reaches
+//! `/rollups`, `/gaps` and `/alarms`, `/api/v1/alarms` and `/api/v1/pipeline`. Every parameter is checked in [`crate::params`] first, so what reaches
 //! a storage filter is a validated device id or a formatted time, never client text.
 
 use crate::gaps::{self, Hour, Step};
@@ -9,7 +9,9 @@ use crate::problem::Problem;
 use crate::readings::Sources;
 use crate::views;
 use bytes::Bytes;
+use futures::StreamExt as _;
 use infra::storage::{Queue, StorageError, Table};
+use schemas::alarm;
 use schemas::device::{self, Device};
 use schemas::rollup::{self, Interval, Rollup, HOUR_MS};
 use schemas::timefmt::{format_ms, now_ms};
@@ -48,6 +50,8 @@ pub struct Api {
 pub struct Shard {
     pub devices: Table,
     pub rollups: Table,
+    /// Alarm rules and states (`schemas::alarm`).
+    pub alarms: Table,
     pub sources: Sources,
     pub ingest: Queue,
     pub dead_letters: Queue,
@@ -69,6 +73,9 @@ struct Counts {
 
 /// Readings requests answered at once.
 pub const READINGS_AT_ONCE: usize = 4;
+
+/// The most alarms one answer lists.
+const ALARMS_MAX: usize = 500;
 
 /// How long after a shard count ended its shards may still hold a device's readings: a
 /// device's clock may run ahead (the processor accepts readings up to
@@ -102,6 +109,8 @@ pub fn route_of(path: &str) -> &'static str {
         ["devices", _, "readings"] => "readings",
         ["devices", _, "rollups"] => "rollups",
         ["devices", _, "gaps"] => "gaps",
+        ["devices", _, "alarms"] => "device_alarms",
+        ["alarms"] => "alarms",
         ["pipeline"] => "pipeline",
         _ => "unknown",
     }
@@ -116,6 +125,8 @@ impl Api {
             ["devices", id, "readings"] => self.readings(&params, id).await,
             ["devices", id, "rollups"] => self.rollups(&params, id).await,
             ["devices", id, "gaps"] => self.gaps(&params, id).await,
+            ["devices", id, "alarms"] => self.device_alarms(id).await,
+            ["alarms"] => self.alarms().await,
             ["pipeline"] => self.pipeline().await,
             _ => Err(Problem::not_found(
                 "no such endpoint: try /api/v1/devices, /api/v1/devices/{id}/readings, /api/v1/devices/{id}/rollups, /api/v1/devices/{id}/gaps or /api/v1/pipeline",
@@ -298,6 +309,112 @@ impl Api {
     /// the last day; at most 31 days, and at most `DASHBOARD_MAX_RAW_RANGE`). An hour whose
     /// ledger says it is complete costs nothing more; the others ([`gaps::step`]) are read, a
     /// day's at once, at most `max_readings` readings in all.
+    /// The alarms raised and pending in every shard: raised first, the longest-standing first;
+    /// at most [`ALARMS_MAX`] (`truncated` says when there are more).
+    async fn alarms(&self) -> Result<Reply, Problem> {
+        let filter = &format!("PartitionKey eq '{}'", alarm::ACTIVE_PARTITION);
+        let answers = futures::future::join_all(self.shards.iter().map(|s| async move {
+            let listed = s
+                .alarms
+                .query_first(filter, ALARMS_MAX + 1)
+                .await
+                .or_else(none_if_missing)
+                .map_err(|e| Problem::storage(&e))?;
+            let keys: Vec<String> = listed
+                .iter()
+                .filter_map(|e| e.get("RowKey")?.as_str().map(str::to_owned))
+                .collect();
+            // The state row is the truth: the list may name one cleared a moment ago.
+            let listed: Vec<(String, String)> = keys
+                .iter()
+                .filter_map(|k| alarm::active_of(k))
+                // A row not of this pipeline's making names no valid device: never a filter.
+                .filter(|(device, key)| {
+                    schemas::reading::is_valid_device_id(device)
+                        && key
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "._-~".contains(c))
+                })
+                .map(|(device, key)| (device.to_owned(), key.to_owned()))
+                .collect();
+            let states = futures::stream::iter(listed)
+                .map(|(device, key)| async move {
+                    let filter = format!(
+                        "PartitionKey eq '{device}' and RowKey eq '{}'",
+                        alarm::state_key(&key)
+                    );
+                    let row = s
+                        .alarms
+                        .first(&filter)
+                        .await
+                        .map_err(|e| Problem::storage(&e))?;
+                    Ok::<_, Problem>(row.as_ref().and_then(alarm::state_of).map(|r| (device, r)))
+                })
+                .buffer_unordered(16)
+                .collect::<Vec<_>>()
+                .await;
+            let states: Vec<(String, alarm::StateRow)> = states
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .flatten()
+                .collect();
+            let measures = measurements(&s.alarms).await?;
+            Ok::<_, Problem>((states, keys.len() > ALARMS_MAX, measures))
+        }))
+        .await;
+        let (answers, unavailable) = available(answers)?;
+        let truncated = answers.iter().any(|(_, (_, more, _))| *more);
+        let mut shown: Vec<serde_json::Value> = Vec::new();
+        let mut measures: BTreeMap<String, String> = BTreeMap::new();
+        let mut all: Vec<(String, alarm::StateRow)> = Vec::new();
+        for (_, (states, _, of)) in answers {
+            measures.extend(of);
+            all.extend(
+                states
+                    .into_iter()
+                    .filter(|(_, row)| row.state.status.is_active()),
+            );
+        }
+        all.sort_by_key(|(_, row)| match row.state.status {
+            alarm::Status::Raised { since } => (0, since),
+            alarm::Status::Pending { since } => (1, since),
+            alarm::Status::Clear => (2, 0),
+        });
+        for (device, row) in all.iter().take(ALARMS_MAX) {
+            let measure = measures.get(rule_of(&row.rule)).map(String::as_str);
+            shown.push(views::alarm(device, row, measure));
+        }
+        Ok(Reply::json(json!({
+            "alarms": shown,
+            "truncated": truncated || all.len() > ALARMS_MAX,
+            "unavailableShards": unavailable,
+        })))
+    }
+
+    /// One device's state under every rule that has judged it (clear ones too).
+    async fn device_alarms(&self, id: &str) -> Result<Reply, Problem> {
+        let id = params::device_id(id)?;
+        let shard = &self.shards[self.layout.shard(&id)];
+        let rows = shard
+            .alarms
+            .query_first(&alarm::states_filter(&id), ALARMS_MAX)
+            .await
+            .or_else(none_if_missing)
+            .map_err(|e| Problem::storage(&e))?;
+        let mut states: Vec<alarm::StateRow> = rows.iter().filter_map(alarm::state_of).collect();
+        states.sort_by_key(|row| (!row.state.status.is_active(), row.rule.clone()));
+        let measures = measurements(&shard.alarms).await?;
+        let shown: Vec<serde_json::Value> = states
+            .iter()
+            .map(|row| {
+                let measure = measures.get(rule_of(&row.rule)).map(String::as_str);
+                views::alarm(&id, row, measure)
+            })
+            .collect();
+        Ok(Reply::json(json!({ "alarms": shown })))
+    }
+
     async fn gaps(&self, params: &Params, id: &str) -> Result<Reply, Problem> {
         let id = params::device_id(id)?;
         let _permit = self
@@ -492,7 +609,7 @@ impl Api {
 
     async fn pipeline(&self) -> Result<Reply, Problem> {
         let now = now_ms();
-        let answers = futures::future::join_all(self.shards.iter().map(|s| async {
+        let answers = futures::future::join_all(self.shards.iter().map(|s| async move {
             s.counts(now, self.silent_after)
                 .await
                 .map_err(|e| Problem::storage(&e))
@@ -654,6 +771,27 @@ async fn read<T>(
         .map(parse)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Problem::internal(format!("{what}: {e}")))
+}
+
+/// The measurement each alarm rule of a shard watches, by rule id (rules that do not parse
+/// are left out, as processors leave them).
+async fn measurements(table: &Table) -> Result<BTreeMap<String, String>, Problem> {
+    let filter = format!("PartitionKey eq '{}'", alarm::RULES_PARTITION);
+    let rows = table
+        .query_first(&filter, ALARMS_MAX)
+        .await
+        .or_else(none_if_missing)
+        .map_err(|e| Problem::storage(&e))?;
+    Ok(rows
+        .iter()
+        .filter_map(|row| alarm::rule_of(row).ok())
+        .map(|rule| (rule.id.clone(), rule.measurement.name().to_owned()))
+        .collect())
+}
+
+/// The rule id of a state's key (`<rule>` or `<rule>~silence`).
+fn rule_of(key: &str) -> &str {
+    key.strip_suffix("~silence").unwrap_or(key)
 }
 
 /// No rows, for a table not created yet.

@@ -32,6 +32,10 @@ pub struct Config {
     #[arg(long, env = "DASHBOARD_DEVICE_TABLE", default_value = schemas::device::DEFAULT_TABLE)]
     pub device_table: String,
 
+    /// Table of alarm rules and states (the processor's `PROCESSOR_ALARM_TABLE`).
+    #[arg(long, env = "DASHBOARD_ALARM_TABLE", default_value = schemas::alarm::DEFAULT_TABLE)]
+    pub alarm_table: String,
+
     /// Table of hourly and daily rollups (the archiver's `ARCHIVER_ROLLUP_TABLE`).
     #[arg(long, env = "DASHBOARD_ROLLUP_TABLE", default_value = schemas::rollup::DEFAULT_TABLE)]
     pub rollup_table: String,

@@ -56,6 +56,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .map(|account| api::Shard {
             devices: account.table(&config.device_table),
             rollups: account.table(&config.rollup_table),
+            alarms: account.table(&config.alarm_table),
             sources: readings::Sources {
                 table: account.table(&config.table_name),
                 archive: account.container(&config.archive_container),

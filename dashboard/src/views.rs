@@ -168,6 +168,36 @@ fn quote(field: &str) -> String {
     format!("\"{}\"", field.replace('"', "\"\""))
 }
 
+/// A device's state under a rule, for `/api/v1/alarms` and `/api/v1/devices/{id}/alarms`:
+/// the rule, its condition (`band` or `silence`), the status, since when (raised or pending),
+/// and the last reading judged; the measurement is the rule's (`None`: the rule is gone).
+pub fn alarm(
+    device: &str,
+    row: &schemas::alarm::StateRow,
+    measurement: Option<&str>,
+) -> serde_json::Value {
+    use schemas::alarm::Status;
+    let (rule, condition) = match row.rule.strip_suffix("~silence") {
+        Some(rule) => (rule, "silence"),
+        None => (row.rule.as_str(), "band"),
+    };
+    let (status, since) = match row.state.status {
+        Status::Raised { since } => ("raised", Some(since)),
+        Status::Pending { since } => ("pending", Some(since)),
+        Status::Clear => ("clear", None),
+    };
+    serde_json::json!({
+        "deviceId": device,
+        "rule": rule,
+        "condition": condition,
+        "measurement": measurement,
+        "status": status,
+        "since": since.map(schemas::timefmt::format_ms),
+        "value": row.state.value,
+        "measuredAt": schemas::timefmt::format_ms(row.state.at),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,3 +19,4 @@ pub mod retry;
 pub mod serve;
 pub mod shutdown;
 pub mod storage;
+pub mod webhook;

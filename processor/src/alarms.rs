@@ -25,6 +25,7 @@ use schemas::Reading;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
 use tokio::time::Instant;
 
 /// A reading older than this when ingest received it does not begin an alarm: a backfill or
@@ -52,6 +53,9 @@ pub struct Alarms {
     pub table: Table,
     pub events: Queue,
     rules: RwLock<Arc<[Rule]>>,
+    /// Where each silence rule's sweep goes on from (the device id after which), when the
+    /// last one stopped at [`SILENT_PER_SWEEP`] devices.
+    cursors: Mutex<HashMap<String, String>>,
     /// The rules refused when last read, by id, so each is logged when it first appears.
     refused: Mutex<BTreeMap<String, String>>,
 }
@@ -134,6 +138,7 @@ impl Alarms {
             table,
             events,
             rules: RwLock::new(Arc::from(Vec::new())),
+            cursors: Mutex::default(),
             refused: Mutex::default(),
         }
     }
@@ -305,6 +310,28 @@ impl Alarms {
                 states.insert(state.rule.clone(), (state, etag));
             }
         }
+        // Events a pass left unsent (a kill, a failed put) go first, so that a row never holds
+        // more than one pass's events.
+        let unsent: Vec<(&String, &StateRow, &String)> = states
+            .iter()
+            .filter_map(|(key, (row, etag))| Some((key, row, etag.as_ref()?)))
+            .filter(|(_, row, _)| !row.unsent.is_empty())
+            .collect();
+        if !unsent.is_empty() {
+            for (key, row, etag) in unsent {
+                let sent = self
+                    .send(device, key, &row.unsent, row.state, etag, deadline)
+                    .await?;
+                if sent.is_none() {
+                    return Ok(Outcome::Again);
+                }
+                if !row.state.status.is_active() {
+                    self.unlist(listed, &alarm::active_key(device, key), deadline)
+                        .await?;
+                }
+            }
+            return Ok(Outcome::More);
+        }
         // What each rule judges from: past the newest judged; for a clear state, no earlier
         // than the reading that called for it.
         let mut judging: Vec<Judging<'_>> = Vec::new();
@@ -344,62 +371,65 @@ impl Alarms {
         }
         let more = judging.iter().any(|j| j.made.len() >= MAX_EVENTS);
 
-        // Write each changed state with its events (and any still unsent from before).
+        // Write each changed state with its events.
         let mut send: Vec<(String, Vec<Event>, State, String)> = Vec::new();
         let mut unlist: Vec<String> = Vec::new();
         let mut listed_now = false;
         for j in judging.iter_mut() {
             let state = j.state;
             let key = alarm::active_key(device, &j.key);
-            let (before, etag) = match states.remove(&j.key) {
-                Some((row, etag)) => (Some(row), etag),
+            let (old, etag) = match states.remove(&j.key) {
+                Some((row, etag)) => (Some(row.state), etag),
                 None => (None, None),
             };
-            let old = before.as_ref().map(|r| r.state);
-            let mut unsent = before.map(|r| r.unsent).unwrap_or_default();
-            unsent.append(&mut j.made);
-            // Listed before a state not clear, or with events, is written (or when a kill
-            // came between the two): every reading of the device is then judged.
-            if (state.status.is_active() || !unsent.is_empty())
-                && (old != Some(state) || !listed.contains_key(&key))
-            {
+            let events = std::mem::take(&mut j.made);
+            let was_active = old.is_some_and(|o| o.status.is_active());
+            let now_active = state.status.is_active() || !events.is_empty();
+            // Listed before a state becomes active or makes events (or when found unlisted,
+            // after a kill between the two): every reading of the device is then judged.
+            if now_active && (!was_active || !listed.contains_key(&key)) {
                 let etag = self.list(&key, deadline).await?;
                 listed.insert(key.clone(), Some(etag));
                 listed_now = true;
             }
             // A device never judged before that stays clear, with nothing to send, leaves no
             // row.
-            let remember = old.is_some() || state.status.is_active() || !unsent.is_empty();
-            let written = if !remember || old == Some(state) {
-                etag
-            } else {
-                let entity = alarm::state_entity(device, &j.key, &state, &unsent);
+            let mut wrote = None;
+            if (old.is_some() || now_active) && old != Some(state) {
+                let entity = alarm::state_entity(device, &j.key, &state, &events);
                 match write_if(&self.table, &entity, etag.as_deref(), deadline).await? {
-                    Some(etag) => Some(etag),
+                    Some(etag) => wrote = Some(etag),
                     None => return Ok(Outcome::Again),
                 }
-            };
-            match written {
-                Some(etag) if !unsent.is_empty() => send.push((j.key.clone(), unsent, state, etag)),
-                _ if !state.status.is_active() && unsent.is_empty() => unlist.push(key),
-                _ => {}
             }
-        }
-        // States of rules not judged this time that still hold events (a kill between their
-        // write and their events' put). They are listed: their devices' readings bring them.
-        for (rule, (row, etag)) in states {
-            if let (false, Some(etag)) = (row.unsent.is_empty(), etag) {
-                send.push((rule, row.unsent, row.state, etag));
+            match wrote {
+                Some(etag) if !events.is_empty() => send.push((j.key.clone(), events, state, etag)),
+                _ if !state.status.is_active() && listed.contains_key(&key) => {
+                    // Off the list only after a write of the state in this pass: one that
+                    // read the state before and writes it active meanwhile is refused, and
+                    // lists it again.
+                    if wrote.is_none() {
+                        let entity = alarm::state_entity(device, &j.key, &state, &[]);
+                        if write_if(&self.table, &entity, etag.as_deref(), deadline)
+                            .await?
+                            .is_none()
+                        {
+                            return Ok(Outcome::Again);
+                        }
+                    }
+                    unlist.push(key);
+                }
+                _ => {}
             }
         }
         if listed_now {
             // Readings stored while it was being listed, by a processor that read the list
             // before: judged here.
-            let newest = judging.iter().map(|j| j.state.at).max().unwrap_or(i64::MIN);
+            let oldest = judging.iter().map(|j| j.state.at).min().unwrap_or(i64::MIN);
             let filter = format!(
                 "PartitionKey eq '{}' and RowKey gt '{}'",
                 quoted(device),
-                format_ms(newest)
+                format_ms(oldest.max(schemas::timefmt::MIN_MS))
             );
             let newer = retry(deadline, || {
                 readings.query_first_select(&filter, "RowKey", 1)
@@ -409,43 +439,66 @@ impl Alarms {
                 return Ok(Outcome::Again);
             }
         }
-        for (rule, events, state, etag) in send {
-            for event in &events {
-                let text = serde_json::to_string(event).expect("events serialise");
-                retry(deadline, || self.events.put(text.clone())).await?;
-                metrics::counter!(m::ALARM_EVENTS, "rule" => event.rule.clone(), "condition" => condition_name(event.condition), "event" => event.event.name())
-                    .increment(1);
-                tracing::info!(device, rule = %rule, event = event.event.name(), value = event.value, measured_at = %event.measured_at, "Alarm {}.", event.event.name());
-            }
-            // Without the events now. If another processor wrote the row meanwhile, it read
-            // them and sends them too (a repeat, by the same ids), and this one leaves the
-            // list alone.
-            let entity = alarm::state_entity(device, &rule, &state, &[]);
-            if write_if(&self.table, &entity, Some(&etag), deadline)
+        for (key, events, state, etag) in send {
+            if self
+                .send(device, &key, &events, state, &etag, deadline)
                 .await?
                 .is_some()
                 && !state.status.is_active()
             {
-                unlist.push(alarm::active_key(device, &rule));
+                unlist.push(alarm::active_key(device, &key));
             }
         }
         for key in unlist {
-            // Only with the ETag it was read or written with: a processor that listed it
-            // again since (a new raise) changed that, and the row stays.
-            if let Some(Some(etag)) = listed.remove(&key) {
-                let row = infra::storage::RowRef {
-                    partition_key: alarm::ACTIVE_PARTITION,
-                    row_key: &key,
-                    etag: &etag,
-                };
-                match retry(deadline, || self.table.delete(&row)).await {
-                    Ok(_) => {}
-                    Err(e) if e.is_changed() => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
+            self.unlist(listed, &key, deadline).await?;
         }
         Ok(if more { Outcome::More } else { Outcome::Done })
+    }
+
+    /// Puts `events` on the alarms queue, then writes the state they came with (`key`, read or
+    /// written with `etag`) without them. `Ok(None)` when another processor wrote the row
+    /// meanwhile: it read the events and sends them too (a repeat, by the same ids).
+    async fn send(
+        &self,
+        device: &str,
+        key: &str,
+        events: &[Event],
+        state: State,
+        etag: &str,
+        deadline: Instant,
+    ) -> Result<Option<String>, StorageError> {
+        for event in events {
+            let text = serde_json::to_string(event).expect("events serialise");
+            retry(deadline, || self.events.put(text.clone())).await?;
+            metrics::counter!(m::ALARM_EVENTS, "rule" => event.rule.clone(), "condition" => condition_name(event.condition), "event" => event.event.name())
+                .increment(1);
+            tracing::info!(device, rule = %event.rule, condition = condition_name(event.condition), event = event.event.name(), value = event.value, measured_at = %event.measured_at, "Alarm {}.", event.event.name());
+        }
+        let entity = alarm::state_entity(device, key, &state, &[]);
+        write_if(&self.table, &entity, Some(etag), deadline).await
+    }
+
+    /// Takes `key` off the active list, only with the ETag it was read or listed with: a
+    /// processor that listed it again since (a new raise) changed that, and the row stays.
+    async fn unlist(
+        &self,
+        listed: &mut HashMap<String, Option<String>>,
+        key: &str,
+        deadline: Instant,
+    ) -> Result<(), StorageError> {
+        if let Some(Some(etag)) = listed.remove(key) {
+            let row = infra::storage::RowRef {
+                partition_key: alarm::ACTIVE_PARTITION,
+                row_key: key,
+                etag: &etag,
+            };
+            match retry(deadline, || self.table.delete(&row)).await {
+                Ok(_) => {}
+                Err(e) if e.is_changed() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Reads back `device`'s stored readings from the earliest start of `judging` on, in
@@ -555,10 +608,34 @@ impl Alarms {
                 )),
                 alarm::Target::Prefix(_) => {}
             }
+            let cursor = self
+                .cursors
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&rule.id)
+                .cloned();
+            if let Some(after) = &cursor {
+                filter.push_str(&format!(" and RowKey gt '{}'", quoted(after)));
+            }
             let rows = retry(deadline, || {
                 devices.query_first_select(&filter, "RowKey", SILENT_PER_SWEEP)
             })
             .await?;
+            {
+                let mut cursors = self.cursors.lock().unwrap_or_else(PoisonError::into_inner);
+                match rows
+                    .last()
+                    .and_then(|r| r.get("RowKey"))
+                    .and_then(Value::as_str)
+                {
+                    Some(last) if rows.len() == SILENT_PER_SWEEP => {
+                        cursors.insert(rule.id.clone(), last.to_owned());
+                    }
+                    _ => {
+                        cursors.remove(&rule.id);
+                    }
+                }
+            }
             let key = rule.key(Condition::Silence);
             for row in rows {
                 let Some(device) = row.get("RowKey").and_then(Value::as_str) else {
@@ -724,5 +801,75 @@ fn number(row: &Entity, name: &str) -> Option<f64> {
             (edm == Some("Edm.Int64")).then(|| s.parse().ok()).flatten()
         }
         _ => None,
+    }
+}
+
+/// How long a delivery holds the events it took (a failed one reappears after it).
+const DELIVERY_HOLD: Duration = Duration::from_secs(60);
+/// Events taken from the alarms queue at once for the webhook.
+const DELIVERED_AT_ONCE: u8 = 16;
+
+/// Delivers the alarms queue's events to the webhook until `shutdown`: each taken for
+/// [`DELIVERY_HOLD`], POSTed, and deleted once the webhook answered 2xx. One that fails stays
+/// queued and comes back (after a pause growing to a minute, in no set order), so the queue is
+/// the backlog: kept for as long as the webhook is down, and at most [`DELIVERED_AT_ONCE`]
+/// events in memory. Readings never wait for it. A delete that fails sends the event again,
+/// by the same id.
+pub async fn deliver(
+    ctx: Arc<crate::ctx::Ctx>,
+    webhook: infra::webhook::Webhook,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let queue = &ctx.alarms.events;
+    let mut pause = infra::retry::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    let mut failing = false;
+    loop {
+        let taken = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            taken = queue.get(DELIVERED_AT_ONCE, DELIVERY_HOLD) => taken,
+        };
+        let mut wait = Duration::from_secs(1);
+        match taken {
+            Ok(messages) => {
+                for message in messages {
+                    match webhook.post(message.text.clone()).await {
+                        Ok(()) => {
+                            metrics::counter!(m::ALARM_WEBHOOK, "outcome" => "delivered")
+                                .increment(1);
+                            if failing {
+                                tracing::info!(
+                                    webhook = webhook.redacted(),
+                                    "The alarms webhook takes events again."
+                                );
+                                failing = false;
+                            }
+                            pause.reset();
+                            wait = Duration::ZERO;
+                            if let Err(error) = queue.delete(&message).await {
+                                tracing::warn!(%error, "Cannot delete an alarm event the webhook took; it will be sent again.");
+                            }
+                        }
+                        Err(error) => {
+                            metrics::counter!(m::ALARM_WEBHOOK, "outcome" => "failed").increment(1);
+                            if !failing {
+                                tracing::warn!(webhook = webhook.redacted(), %error, "The alarms webhook refuses events; they stay queued and are tried again.");
+                                failing = true;
+                            }
+                            // The rest of this take come back with the one that failed.
+                            wait = pause.next_delay();
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Cannot take alarm events for the webhook.");
+                wait = pause.next_delay();
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            () = tokio::time::sleep(wait) => {}
+        }
     }
 }

@@ -62,6 +62,17 @@ pub struct Config {
     #[arg(long, env = "PROCESSOR_ALARM_CLOCK_SKEW", default_value = "2m", value_parser = humantime::parse_duration)]
     pub alarm_clock_skew: Duration,
 
+    /// Where to POST each alarm event (JSON, as the alarms queue holds it). Set, the
+    /// processors take the events from the alarms queue and delete each once the webhook
+    /// answered 2xx; one that fails stays queued and is tried again. The URL may carry a
+    /// token: it is never logged.
+    #[arg(long, env = "ALARMS_WEBHOOK_URL", hide_env_values = true)]
+    pub alarms_webhook_url: Option<String>,
+
+    /// How long the webhook may take to answer one event.
+    #[arg(long, env = "ALARMS_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub alarms_webhook_timeout: Duration,
+
     /// How often the alarm rules are read again.
     #[arg(long, env = "PROCESSOR_ALARM_RULES_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub alarm_rules_interval: Duration,

@@ -61,6 +61,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         metrics::counter!(metrics_names::DEAD_LETTERS, "reason" => reason.as_str()).increment(0);
     }
     let account = config.storage.account(STORAGE_GRANT)?;
+    let webhook = match &config.alarms_webhook_url {
+        Some(url) => Some(
+            infra::webhook::Webhook::new(url, config.alarms_webhook_timeout)
+                .map_err(|e| anyhow::anyhow!("ALARMS_WEBHOOK_URL {e}"))?,
+        ),
+        None => None,
+    };
     let ctx = Arc::new(ctx::Ctx {
         queue: account.queue(&config.queue_name),
         dead_letters: account.queue(&config.dead_letter_queue),
@@ -156,6 +163,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config.alarm_rules_interval,
         shutdown.clone(),
     ));
+    if let Some(webhook) = webhook {
+        tracing::info!(
+            webhook = webhook.redacted(),
+            "Alarm events are delivered to the webhook."
+        );
+        tracker.spawn(alarms::deliver(ctx.clone(), webhook, shutdown.clone()));
+    }
     tracker.spawn(sweep_silence(
         ctx.clone(),
         config.alarm_silence_interval,
@@ -219,6 +233,9 @@ async fn read_alarm_rules(ctx: Arc<ctx::Ctx>, interval: Duration, shutdown: Canc
     }
 }
 
+/// The most of the ingest queue's backlog a silence is given on top of its limit.
+const MAX_BACKLOG_ALLOWANCE_MS: i64 = 3_600_000;
+
 /// Looks for silent devices every `interval` (each sweep given as long), allowing `skew` of
 /// clock and the ingest queue's backlog.
 async fn sweep_silence(
@@ -236,11 +253,17 @@ async fn sweep_silence(
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let backlog = ctx.backlog_ms.load(std::sync::atomic::Ordering::Relaxed);
+        // Readings may wait in the queue (at most an hour counted: messages held back for
+        // good must not hide every silence) and in a round (up to a visibility timeout).
+        let backlog = ctx
+            .backlog_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .min(MAX_BACKLOG_ALLOWANCE_MS);
+        let in_round = i64::try_from(ctx.visibility.as_millis()).unwrap_or(i64::MAX);
         let sweep = ctx.alarms.sweep_silence(
             &ctx.table,
             &ctx.devices.table,
-            skew_ms.saturating_add(backlog),
+            skew_ms.saturating_add(backlog).saturating_add(in_round),
             n,
             Instant::now() + every,
         );

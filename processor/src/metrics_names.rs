@@ -71,5 +71,7 @@ pub const ALARM_RULES_UNREAD: &str = "processor_alarm_rules_unread_total";
 /// Age of the oldest event waiting in the alarms queue (0 when none waits): events nobody
 /// takes are alarms nobody hears of.
 pub const ALARM_QUEUE_OLDEST_AGE: &str = "processor_alarm_queue_oldest_age_seconds";
+/// Alarm events POSTed to the webhook, by `outcome` (`delivered`, `failed`).
+pub const ALARM_WEBHOOK: &str = "processor_alarm_webhook_total";
 /// Silence sweeps, and devices in them, that failed (the next sweep tries again).
 pub const ALARM_SWEEP_FAILURES: &str = "processor_alarm_sweep_failures_total";

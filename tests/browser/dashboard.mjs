@@ -9,7 +9,9 @@
 // CHROMIUM (default /usr/bin/chromium), PLAYWRIGHT_CORE (path of the playwright-core module),
 // EXPECT_ROLLUPS (optional: DEVICE's hourly rollups over 30 days; when set, the 30-day view's
 // temperature chart must show that many means inside a min–max band, and its completeness strip
-// that many hourly cells, EXPECT_INCOMPLETE of them (default 0) short of complete).
+// that many hourly cells, EXPECT_INCOMPLETE of them (default 0) short of complete),
+// EXPECT_ALARMS (default 0: alarms raised, all of DEVICE's temperature; listed on the fleet page,
+// on DEVICE's page, and marked on its temperature chart).
 import { createRequire } from "node:module";
 
 const require = createRequire(import.meta.url);
@@ -21,6 +23,9 @@ const device = process.env.DEVICE;
 const expectPoints = Number(process.env.EXPECT_POINTS);
 const expectRollups = process.env.EXPECT_ROLLUPS ? Number(process.env.EXPECT_ROLLUPS) : null;
 const expectIncomplete = Number(process.env.EXPECT_INCOMPLETE || 0);
+const expectAlarms = Number(process.env.EXPECT_ALARMS || 0);
+// The colour the page marks where a raised alarm began.
+const RAISED = "#b3261e";
 const shots = process.env.SCREENSHOT_DIR;
 const UNITS = { temperature: "°C", humidity: "%RH", pressure: "hPa" };
 
@@ -33,9 +38,17 @@ function recordCanvasText() {
     (this.canvas.paintedText ||= []).push(String(text));
     return fillText.call(this, text, ...rest);
   };
+  const stroke = proto.stroke;
+  proto.stroke = function (...args) {
+    (this.canvas.paintedStrokes ||= []).push(String(this.strokeStyle));
+    return stroke.apply(this, args);
+  };
   const clearRect = proto.clearRect;
   proto.clearRect = function (x, y, w, h) {
-    if (x === 0 && y === 0 && w === this.canvas.width && h === this.canvas.height) this.canvas.paintedText = [];
+    if (x === 0 && y === 0 && w === this.canvas.width && h === this.canvas.height) {
+      this.canvas.paintedText = [];
+      this.canvas.paintedStrokes = [];
+    }
     return clearRect.call(this, x, y, w, h);
   };
 }
@@ -52,6 +65,7 @@ function chartState() {
       series: u.series.map((s) => s.label),
       bands: u.bands.length,
       data: u.data,
+      strokes: u.ctx.canvas.paintedStrokes || [],
       axes: u.axes.map((a) => {
         const labels = (a._values || []).filter((v) => v != null).map(String);
         return { labels, painted: labels.length > 0 && labels.every((l) => l.split("\n").every((line) => painted.has(line))) };
@@ -92,7 +106,12 @@ try {
     const rows = await page.locator("#devices tr").count();
     if (rows !== expectDevices) problems.push(`${name}: fleet lists ${rows} devices, expected ${expectDevices}`);
     const cards = await page.locator("[data-card]").count();
-    if (cards !== 6) problems.push(`${name}: ${cards} pipeline cards, expected 6`);
+    if (cards !== 7) problems.push(`${name}: ${cards} pipeline cards, expected 7`);
+    const raisedCard = Number((await page.locator('[data-card="Alarms raised"] .value').textContent()).trim());
+    if (raisedCard !== expectAlarms) problems.push(`${name}: the alarms card reads ${raisedCard}, expected ${expectAlarms}`);
+    const alarmRows = await page.locator("#alarms tr.alarm.raised").count();
+    if (alarmRows !== expectAlarms) problems.push(`${name}: the fleet lists ${alarmRows} raised alarms, expected ${expectAlarms}`);
+    if (expectAlarms > 0 && (await page.locator(`#alarms tr.alarm[data-device="${device}"] a`).count()) !== expectAlarms) problems.push(`${name}: the fleet's alarms do not name ${device}`);
     const received = (await page.locator('[data-card="Received, last day"] .value').textContent()).trim();
     if (!/^(–|\d+\.\d\d%)$/.test(received)) problems.push(`${name}: the fleet completeness card reads ${JSON.stringify(received)}`);
     // Search narrows the table.
@@ -118,6 +137,11 @@ try {
       if (!x.painted || !y.painted) problems.push(`${name}: ${measure} axis labels are not all painted on its canvas`);
     }
     if (!charts.temperature) problems.push(`${name}: no temperature chart`);
+    // The device's alarms: listed, and each marked where it began on the temperature chart.
+    const listed = await page.locator("#device-alarms li.alarm.raised").count();
+    if (listed !== expectAlarms) problems.push(`${name}: the device page lists ${listed} raised alarms, expected ${expectAlarms}`);
+    const marks = charts.temperature ? charts.temperature.strokes.filter((s) => s === RAISED).length : 0;
+    if (marks !== expectAlarms) problems.push(`${name}: the temperature chart marks ${marks} alarms, expected ${expectAlarms}`);
     // The values under the cursor, in the legend.
     const over = section.locator(".u-over");
     const box = await over.boundingBox();

@@ -425,3 +425,90 @@ async fn silence_is_raised_for_a_quiet_device_and_cleared_by_its_next_reading() 
         "cleared at the new reading"
     );
 }
+
+#[tokio::test]
+async fn the_webhook_gets_every_event_once_up_and_holds_back_no_reading_while_down() {
+    let webhook = tests::webhook::Receiver::start().await;
+    webhook.set_down(true);
+    let url = format!(
+        "http://127.0.0.1:{}/alarms?token=webhook-s3cret",
+        webhook.port
+    );
+    let penv = [
+        ("PROCESSOR_ALARM_RULES_INTERVAL", "1s".to_owned()),
+        ("ALARMS_WEBHOOK_URL", url),
+    ];
+    let Some(p) = Pipeline::start("alarms_webhook", &[], &penv).await else {
+        return;
+    };
+    let rule = r#"{"id": "hot", "prefix": "w-", "measurement": "temperature", "high": 30}"#;
+    let (ok, out, err) = tool(&p, &["rules", "set", "-"], Some(rule)).await;
+    assert!(ok, "{out}{err}");
+    tests::wait_for(
+        "the processor to read the rule",
+        Duration::from_secs(20),
+        || async { (p.processor.metric("processor_alarm_rules").await == 1.0).then_some(()) },
+    )
+    .await;
+
+    // Raised, cleared, raised, while the webhook is down: every reading is stored all the
+    // same (send waits until the processor finished each message).
+    let start = now_ms() / 1_000 * 1_000 - 300_000;
+    let mut sent = 0;
+    let mut want = Vec::new();
+    for (k, (value, kind)) in [(40.0, "raised"), (20.0, "cleared"), (45.0, "raised")]
+        .into_iter()
+        .enumerate()
+    {
+        let at = start + k as i64 * 10_000;
+        send(
+            &p,
+            &mut sent,
+            vec![payload("w-1", at, "temperature", value)],
+        )
+        .await;
+        want.push(format!("w-1|hot|{kind}|{at}"));
+    }
+    tests::wait_for(
+        "the webhook to be tried",
+        Duration::from_secs(30),
+        || async { (webhook.refused() > 0).then_some(()) },
+    )
+    .await;
+    assert!(webhook.bodies().is_empty());
+
+    // Up again: every event arrives, and the queue empties.
+    webhook.set_down(false);
+    let events: Vec<Event> = tests::wait_for(
+        "the webhook to get every event",
+        Duration::from_secs(120),
+        || async {
+            let events: Vec<Event> = webhook
+                .bodies()
+                .iter()
+                .map(|b| serde_json::from_str(b).expect("an event"))
+                .collect();
+            let ids: std::collections::BTreeSet<&str> =
+                events.iter().map(|e| e.id.as_str()).collect();
+            (want.iter().all(|w| ids.contains(w.as_str()))).then_some(events.clone())
+        },
+    )
+    .await;
+    assert!(
+        events.iter().all(|e| want.contains(&e.id)),
+        "only these events: {events:?}"
+    );
+    let queue = p.account.queue(schemas::alarm::DEFAULT_QUEUE);
+    tests::wait_for(
+        "the alarms queue to empty",
+        Duration::from_secs(30),
+        || async { (queue.approximate_depth().await.ok() == Some(0)).then_some(()) },
+    )
+    .await;
+    let log = p.processor.log_text();
+    assert!(
+        !log.contains("webhook-s3cret"),
+        "the webhook's token in the log"
+    );
+    assert!(log.contains("refuses events"), "the outage is logged");
+}

@@ -401,7 +401,35 @@ async fn the_dashboard_works_in_a_real_browser() {
     for rollup in &hourly {
         rollup_table.upsert(&rollup.to_entity()).await.unwrap();
     }
-    let dashboard = start_dashboard(&store, &[("DASHBOARD_ROLLUP_TABLE", rollups)]).await;
+    // An alarm raised on sensor-03's temperature three hours ago, as a processor leaves it.
+    let alarms = unique("alarms");
+    let alarm_table = store.account.table(&alarms);
+    alarm_table.create_if_missing().await.unwrap();
+    let rule = schemas::alarm::Rule::parse(
+        r#"{"id":"warm","prefix":"sensor-","measurement":"temperature","high":20}"#,
+    )
+    .unwrap();
+    let since = now - 3 * HOUR;
+    let state = schemas::alarm::State {
+        status: schemas::alarm::Status::Raised { since },
+        at: since + HOUR,
+        value: Some(24.5),
+    };
+    for row in [
+        schemas::alarm::rule_entity(&rule),
+        schemas::alarm::state_entity("sensor-03", "warm", &state, &[]),
+        schemas::alarm::active_entity("sensor-03", "warm"),
+    ] {
+        alarm_table.upsert(&row).await.unwrap();
+    }
+    let dashboard = start_dashboard(
+        &store,
+        &[
+            ("DASHBOARD_ROLLUP_TABLE", rollups),
+            ("DASHBOARD_ALARM_TABLE", alarms),
+        ],
+    )
+    .await;
     let shots = repo_root().join("target/screenshots");
     std::fs::create_dir_all(&shots).unwrap();
     let out = tokio::process::Command::new("node")
@@ -415,6 +443,7 @@ async fn the_dashboard_works_in_a_real_browser() {
         .env("EXPECT_POINTS", "144")
         .env("EXPECT_ROLLUPS", hourly.len().to_string())
         .env("EXPECT_INCOMPLETE", "1")
+        .env("EXPECT_ALARMS", "1")
         .env("SCREENSHOT_DIR", &shots)
         .env("CHROMIUM", &chromium)
         .env("PLAYWRIGHT_CORE", &playwright)

@@ -10,6 +10,7 @@ pub mod proxy;
 pub mod servers;
 pub mod services;
 pub mod storage;
+pub mod webhook;
 
 pub use servers::{Azurite, Mosquitto, SecureMosquitto};
 pub use services::Service;

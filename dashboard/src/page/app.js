@@ -125,7 +125,7 @@ async function loadAllDevices() {
 
 async function showFleet() {
   document.getElementById("crumb").textContent = "Fleet";
-  const [pipeline, devices] = await Promise.all([api("/api/v1/pipeline"), loadAllDevices()]);
+  const [pipeline, devices, alarms] = await Promise.all([api("/api/v1/pipeline"), loadAllDevices(), api("/api/v1/alarms")]);
   fleet.devices = devices;
   fleet.silentAfterSeconds = pipeline.devices.silentAfterSeconds;
   const silentAfter = pipeline.devices.silentAfter;
@@ -136,6 +136,7 @@ async function showFleet() {
     card("Silent (> " + silentAfter + ")", pipeline.devices.silent, pipeline.devices.silent > 0),
     card("Readings in the last hour", pipeline.readings.storedLastHour === null ? "unknown" : pipeline.readings.storedLastHour.toLocaleString("en-US")),
     completenessCard(card, pipeline.completeness.lastDay),
+    card("Alarms raised", alarms.alarms.filter((a) => a.status === "raised").length, alarms.alarms.some((a) => a.status === "raised")),
     card("Ingest queue", pipeline.queues.ingest.depth, pipeline.queues.ingest.depth > 10000),
     card("Dead-letter messages", pipeline.queues.deadLetter.depth, pipeline.queues.deadLetter.depth > 0));
   const search = el("input", { type: "search", placeholder: "Search devices", "aria-label": "Search devices", id: "search" });
@@ -152,10 +153,31 @@ async function showFleet() {
     return th;
   }));
   const body = el("tbody", { id: "devices" });
-  show(cards, el("div", { class: "toolbar" }, search, count),
+  show(cards, alarmTable(alarms), el("div", { class: "toolbar" }, search, count),
     el("div", { class: "table-wrap" }, el("table", { id: "fleet" }, el("thead", {}, head), body)));
   renderRows();
   stamp();
+}
+
+// The alarms raised, then pending (out of band, not for long enough yet), the longest-standing
+// first, as the API lists them; each device links to its page.
+function alarmTable(answer) {
+  const box = el("section", { class: "alarms", id: "alarms", "aria-label": "Alarms" }, el("h3", {}, "Alarms"));
+  if (answer.alarms.length === 0) {
+    box.append(el("p", { class: "muted" }, "No alarm is raised or pending."));
+    return box;
+  }
+  const head = el("tr", {}, ...["Status", "Device", "Rule", "On", "Since (UTC)", "Last value"].map((h) => el("th", { scope: "col" }, h)));
+  const rows = answer.alarms.map((a) => el("tr", { class: "alarm " + a.status, "data-device": a.deviceId, "data-rule": a.rule },
+    el("td", {}, a.status),
+    el("td", {}, el("a", { href: "#/device/" + encodeURIComponent(a.deviceId) }, a.deviceId)),
+    el("td", {}, a.rule),
+    el("td", {}, a.condition),
+    el("td", {}, a.since ? fmtUtc(Date.parse(a.since), true) : "–"),
+    el("td", { class: "num" }, a.value == null ? "–" : fmtNumber(a.value, 2))));
+  box.append(el("div", { class: "table-wrap" }, el("table", {}, el("thead", {}, head), el("tbody", {}, ...rows))));
+  if (answer.truncated) box.append(el("p", { class: "muted" }, "More alarms than shown: `alarms list` has them all."));
+  return box;
 }
 
 // The fleet's completeness over the last day: the share of numbered readings received, from the
@@ -208,6 +230,13 @@ async function showDevice(id, rangeName) {
   const base = "/api/v1/devices/" + encodeURIComponent(id);
   const span = "from=" + from.toISOString() + "&to=" + to.toISOString();
   const path = interval ? base + "/rollups?interval=" + interval + "&" + span : base + "/readings?" + span;
+  // The device's alarms: those not clear are listed, and marked on their measure's chart.
+  let alarms = null;
+  try {
+    alarms = (await api(base + "/alarms")).alarms.filter((a) => a.status !== "clear");
+  } catch (error) {
+    alarms = null;
+  }
   // One row a reading, or a period: its time and, per measure, { mean, min, max } (all three
   // the reading's value when raw).
   const rows = [];
@@ -242,13 +271,28 @@ async function showDevice(id, rangeName) {
   const what = interval ? (interval === "1h" ? " hourly means" : " daily means") : " readings";
   const downloads = [csv, " · ", link("parquet", "Parquet")];
   const summary = el("p", { class: "muted", id: "summary" }, rows.length + what + " from " + fmtUtc(from.getTime()) + " to " + fmtUtc(to.getTime()) + " · ", ...downloads);
-  const made = MEASURES.map((m) => chart(m, rows, Boolean(interval)));
+  const made = MEASURES.map((m) => chart(m, rows, Boolean(interval), (alarms || []).filter((a) => a.measurement === m)));
   const periodMs = interval === "1d" ? 86400e3 : 3600e3;
   const ledgerBox = ledger ? strip(ledger, from.getTime(), to.getTime(), periodMs) : el("p", { class: "muted" }, "Completeness: cannot be read now.");
-  show(buttons, summary, ledgerBox, ...made.map((c) => c.box));
+  show(buttons, summary, deviceAlarms(alarms), ledgerBox, ...made.map((c) => c.box));
   // Drawn once in the page, where they can measure their width.
   for (const c of made) if (c.draw) c.draw();
   stamp();
+}
+
+// A device's alarms that are not clear: what, since when, the last value judged.
+function deviceAlarms(alarms) {
+  const box = el("section", { class: "alarms", id: "device-alarms", "aria-label": "Alarms" }, el("h3", {}, "Alarms"));
+  if (alarms === null) {
+    box.append(el("p", { class: "muted" }, "Alarms: cannot be read now."));
+  } else if (alarms.length === 0) {
+    box.append(el("p", { class: "muted" }, "No alarm is raised or pending."));
+  } else {
+    box.append(el("ul", {}, ...alarms.map((a) => el("li", { class: "alarm " + a.status },
+      a.status + ": " + a.rule + " (" + a.condition + ") since " + (a.since ? fmtUtc(Date.parse(a.since), true) : "–") +
+      (a.value == null ? "" : ", last value " + fmtNumber(a.value, 2))))));
+  }
+  return box;
 }
 
 // The completeness strip: one cell a period that has a rollup (an hour, or a day in the year
@@ -323,11 +367,11 @@ function axisWidth(u, values, axisIdx, cycleNum) {
 // One chart: the reading (or, for rollups, the period's mean) as the line, with the period's
 // min–max as a band around it; time in UTC; the values under the cursor in the legend; drag
 // across to zoom, double-click to see the whole range again.
-function chart(measure, rows, rollup) {
+function chart(measure, rows, rollup, alarms) {
   const unit = UNITS[measure];
   const title = measure[0].toUpperCase() + measure.slice(1);
   const shown = rows.filter((r) => r[measure] != null);
-  const box = el("section", { class: "chart", "data-measure": measure, "aria-label": title + " in " + unit });
+  const box = el("section", { class: "chart", "data-measure": measure, "data-alarms": String(alarms.length), "aria-label": title + " in " + unit });
   box.append(el("h3", {}, title + ", " + unit));
   if (shown.length === 0) {
     box.append(el("p", { class: "muted" }, "No " + measure + " readings in this range."));
@@ -371,6 +415,26 @@ function chart(measure, rows, rollup) {
       { grid: grid(), ticks: ticks(), size: axisWidth, values: (u, splits, axisIdx, space, incr) => splits.map((v) => v.toFixed(decimals(incr)) + " " + unit) },
     ],
     legend: { live: true },
+    // Each alarm not clear: a red line where it began (raised, or pending), if in view.
+    hooks: {
+      draw: [(u) => {
+        const { ctx, bbox } = u;
+        for (const a of alarms) {
+          if (!a.since) continue;
+          const x = u.valToPos(Date.parse(a.since) / 1000, "x", true);
+          if (x < bbox.left || x > bbox.left + bbox.width) continue;
+          ctx.save();
+          ctx.strokeStyle = a.status === "raised" ? "#b3261e" : "#f9a825";
+          ctx.lineWidth = 2 * devicePixelRatio;
+          ctx.setLineDash([6 * devicePixelRatio, 4 * devicePixelRatio]);
+          ctx.beginPath();
+          ctx.moveTo(x, bbox.top);
+          ctx.lineTo(x, bbox.top + bbox.height);
+          ctx.stroke();
+          ctx.restore();
+        }
+      }],
+    },
   };
   const draw = () => {
     const u = new uPlot({ ...opts, width: plot.clientWidth }, data, plot);
