@@ -1,7 +1,7 @@
 //! An operator's webhook: JSON POSTed on the same HTTP stack as storage (reqwest on hyper,
 //! rustls), with a timeout, never following a redirect. The URL may carry a token in its
-//! query or user part, so it is only ever shown without them ([`Webhook::redacted`]), and no
-//! error from here names it.
+//! path (Slack, Teams, Discord), query or user part, so it is only ever shown as its scheme,
+//! host and port ([`Webhook::redacted`]), and no error from here names it.
 
 use std::time::Duration;
 
@@ -41,11 +41,10 @@ impl Webhook {
             return Err("must be an http:// or https:// URL with a host".into());
         }
         let redacted = format!(
-            "{}://{}{}{}",
+            "{}://{}{}/…",
             parsed.scheme(),
             parsed.host_str().unwrap_or_default(),
             parsed.port().map(|p| format!(":{p}")).unwrap_or_default(),
-            parsed.path()
         );
         let client = reqwest::Client::builder()
             .user_agent(concat!("telemetry-pipeline/", env!("CARGO_PKG_VERSION")))
@@ -60,7 +59,7 @@ impl Webhook {
         })
     }
 
-    /// The URL without its query or credentials: what logs may show.
+    /// The URL's scheme, host and port alone: what logs may show.
     pub fn redacted(&self) -> &str {
         &self.redacted
     }
@@ -97,7 +96,7 @@ mod tests {
             Duration::from_secs(5),
         )
         .unwrap();
-        assert_eq!(hook.redacted(), "https://hooks.example.com:8443/alarms");
+        assert_eq!(hook.redacted(), "https://hooks.example.com:8443/…");
         assert!(!format!("{hook:?}").contains("s3cret"));
         for bad in ["ftp://example.com/x", "hooks.example.com/x", "https://"] {
             let error = Webhook::new(bad, Duration::from_secs(5)).unwrap_err();

@@ -356,7 +356,8 @@ impl Alarms {
                 made: Vec::new(),
             });
         }
-        self.read_back(readings, device, &mut judging, deadline)
+        let newest_read = self
+            .read_back(readings, device, &mut judging, deadline)
             .await?;
         // Silence: raised when the sweep's window holds no stored reading either.
         if work.sweep {
@@ -425,11 +426,13 @@ impl Alarms {
         if listed_now {
             // Readings stored while it was being listed, by a processor that read the list
             // before: judged here.
-            let oldest = judging.iter().map(|j| j.state.at).min().unwrap_or(i64::MIN);
+            // Past what was read back; nothing read: from where it began.
+            let from = newest_read
+                .unwrap_or_else(|| judging.iter().map(|j| j.start).min().unwrap_or(i64::MIN) - 1);
             let filter = format!(
                 "PartitionKey eq '{}' and RowKey gt '{}'",
                 quoted(device),
-                format_ms(oldest.max(schemas::timefmt::MIN_MS))
+                format_ms(from.max(schemas::timefmt::MIN_MS))
             );
             let newer = retry(deadline, || {
                 readings.query_first_select(&filter, "RowKey", 1)
@@ -503,14 +506,16 @@ impl Alarms {
 
     /// Reads back `device`'s stored readings from the earliest start of `judging` on, in
     /// passes of at most [`PASS_ROWS`] rows, and judges each rule on those from its start;
-    /// a rule stops at [`MAX_EVENTS`] events (the rest is judged in the next pass).
+    /// a rule stops at [`MAX_EVENTS`] events (the rest is judged in the next pass). Returns
+    /// the measurement time of the newest row read.
     async fn read_back(
         &self,
         readings: &Table,
         device: &str,
         judging: &mut [Judging<'_>],
         deadline: Instant,
-    ) -> Result<(), StorageError> {
+    ) -> Result<Option<i64>, StorageError> {
+        let mut newest = None;
         let select = select(
             judging
                 .iter()
@@ -537,6 +542,7 @@ impl Alarms {
                 else {
                     continue;
                 };
+                newest = newest.max(Some(at));
                 if full {
                     next = Some(at.saturating_add(1));
                 }
@@ -563,7 +569,7 @@ impl Alarms {
                 break;
             }
         }
-        Ok(())
+        Ok(newest)
     }
 
     /// The silence sweep: judges each device a silence rule watches whose newest reading, by
@@ -805,7 +811,7 @@ fn number(row: &Entity, name: &str) -> Option<f64> {
 }
 
 /// How long a delivery holds the events it took (a failed one reappears after it).
-const DELIVERY_HOLD: Duration = Duration::from_secs(60);
+const DELIVERY_HOLD: Duration = Duration::from_secs(120);
 /// Events taken from the alarms queue at once for the webhook.
 const DELIVERED_AT_ONCE: u8 = 16;
 
@@ -818,9 +824,13 @@ const DELIVERED_AT_ONCE: u8 = 16;
 pub async fn deliver(
     ctx: Arc<crate::ctx::Ctx>,
     webhook: infra::webhook::Webhook,
+    timeout: Duration,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let queue = &ctx.alarms.events;
+    for outcome in ["delivered", "failed"] {
+        metrics::counter!(m::ALARM_WEBHOOK, "outcome" => outcome).increment(0);
+    }
     let mut pause = infra::retry::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     let mut failing = false;
     loop {
@@ -831,8 +841,18 @@ pub async fn deliver(
         let mut wait = Duration::from_secs(1);
         match taken {
             Ok(messages) => {
+                let taken_at = Instant::now();
                 for message in messages {
-                    match webhook.post(message.text.clone()).await {
+                    // The rest come back by themselves: none is posted after its hold ends,
+                    // when another processor may take it too.
+                    if taken_at.elapsed() + timeout + Duration::from_secs(5) > DELIVERY_HOLD {
+                        break;
+                    }
+                    let posted = tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        posted = webhook.post(message.text.clone()) => posted,
+                    };
+                    match posted {
                         Ok(()) => {
                             metrics::counter!(m::ALARM_WEBHOOK, "outcome" => "delivered")
                                 .increment(1);

@@ -67,7 +67,7 @@ pub struct Config {
     /// answered 2xx; one that fails stays queued and is tried again. The URL may carry a
     /// token: it is never logged.
     #[arg(long, env = "ALARMS_WEBHOOK_URL", hide_env_values = true)]
-    pub alarms_webhook_url: Option<String>,
+    pub alarms_webhook_url: Option<infra::mqtt::Secret>,
 
     /// How long the webhook may take to answer one event.
     #[arg(long, env = "ALARMS_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]

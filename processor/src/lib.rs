@@ -63,7 +63,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let account = config.storage.account(STORAGE_GRANT)?;
     let webhook = match &config.alarms_webhook_url {
         Some(url) => Some(
-            infra::webhook::Webhook::new(url, config.alarms_webhook_timeout)
+            infra::webhook::Webhook::new(url.expose(), config.alarms_webhook_timeout)
                 .map_err(|e| anyhow::anyhow!("ALARMS_WEBHOOK_URL {e}"))?,
         ),
         None => None,
@@ -168,7 +168,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             webhook = webhook.redacted(),
             "Alarm events are delivered to the webhook."
         );
-        tracker.spawn(alarms::deliver(ctx.clone(), webhook, shutdown.clone()));
+        tracker.spawn(alarms::deliver(
+            ctx.clone(),
+            webhook,
+            config.alarms_webhook_timeout,
+            shutdown.clone(),
+        ));
     }
     tracker.spawn(sweep_silence(
         ctx.clone(),
@@ -233,7 +238,8 @@ async fn read_alarm_rules(ctx: Arc<ctx::Ctx>, interval: Duration, shutdown: Canc
     }
 }
 
-/// The most of the ingest queue's backlog a silence is given on top of its limit.
+/// The most of the ingest queue's backlog a silence is given on top of its limit: past it,
+/// silence is not judged at all.
 const MAX_BACKLOG_ALLOWANCE_MS: i64 = 3_600_000;
 
 /// Looks for silent devices every `interval` (each sweep given as long), allowing `skew` of
@@ -253,12 +259,14 @@ async fn sweep_silence(
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        // Readings may wait in the queue (at most an hour counted: messages held back for
-        // good must not hide every silence) and in a round (up to a visibility timeout).
-        let backlog = ctx
-            .backlog_ms
-            .load(std::sync::atomic::Ordering::Relaxed)
-            .min(MAX_BACKLOG_ALLOWANCE_MS);
+        // Readings may wait in the queue and in a round (up to a visibility timeout). Past
+        // an hour of backlog (catching up after an outage) nobody can tell silence from a
+        // queue: no sweep until it is back under.
+        let backlog = ctx.backlog_ms.load(std::sync::atomic::Ordering::Relaxed);
+        if backlog > MAX_BACKLOG_ALLOWANCE_MS {
+            tracing::warn!(backlog_s = backlog / 1000, "The ingest queue's backlog is over an hour old: silence is not judged until it is under.");
+            continue;
+        }
         let in_round = i64::try_from(ctx.visibility.as_millis()).unwrap_or(i64::MAX);
         let sweep = ctx.alarms.sweep_silence(
             &ctx.table,

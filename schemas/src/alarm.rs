@@ -588,7 +588,9 @@ pub fn state_entity(
     if let Some(since) = since {
         typed(&mut e, "Since", INT64, since.to_string().into());
     }
-    typed(&mut e, "At", INT64, state.at.to_string().into());
+    // Never judged (`i64::MIN`): written as the earliest time stored.
+    let at = state.at.max(crate::timefmt::MIN_MS);
+    typed(&mut e, "At", INT64, at.to_string().into());
     if let Some(value) = state.value.filter(|v| v.is_finite()) {
         e.insert("Value".into(), value.into());
     }
