@@ -70,16 +70,17 @@ pub struct Watched {
 }
 
 /// The devices of a group's readings that `rules` watch (none, at no cost, without rules),
-/// given each reading with when ingest received it and the message carrying it.
+/// given each reading with when ingest received it, whether it was replayed as a backfill, and
+/// the message carrying it.
 pub fn watched<'r>(
     rules: &[Rule],
-    readings: impl Iterator<Item = (&'r Reading, i64, usize)>,
+    readings: impl Iterator<Item = (&'r Reading, i64, bool, usize)>,
 ) -> BTreeMap<String, Watched> {
     let mut watched: BTreeMap<String, Watched> = BTreeMap::new();
     if rules.is_empty() {
         return watched;
     }
-    for (reading, ingested_at, message) in readings {
+    for (reading, ingested_at, backfill, message) in readings {
         let device = reading.device_id.as_str();
         for (i, rule) in rules.iter().enumerate() {
             if !rule.watches(device) {
@@ -87,14 +88,17 @@ pub fn watched<'r>(
             }
             let at = reading.measured_at_ms;
             let value = rule.measurement.of(reading);
-            // Any reading ends a silence; only a recent one out of band begins a band alarm.
+            // Any reading ends a silence; only a recent one out of band, not replayed as a
+            // backfill, begins a band alarm.
             let conditions = [
                 (rule.silence_ms.is_some(), Condition::Silence, None),
                 (
                     rule.has_band() && value.is_some(),
                     Condition::Band,
                     value
-                        .filter(|&v| rule.outside(v) && at >= ingested_at - NEWS_FOR_MS)
+                        .filter(|&v| {
+                            rule.outside(v) && !backfill && at >= ingested_at - NEWS_FOR_MS
+                        })
                         .map(|_| at),
                 ),
             ];
@@ -810,17 +814,19 @@ fn number(row: &Entity, name: &str) -> Option<f64> {
     }
 }
 
-/// How long a delivery holds the events it took (a failed one reappears after it).
-const DELIVERY_HOLD: Duration = Duration::from_secs(120);
+/// What a delivery's hold on the events it took adds to the time their tries may take (a
+/// refused one reappears after the hold).
+const HOLD_MARGIN: Duration = Duration::from_secs(10);
 /// Events taken from the alarms queue at once for the webhook.
 const DELIVERED_AT_ONCE: u8 = 16;
 
-/// Delivers the alarms queue's events to the webhook until `shutdown`: each taken for
-/// [`DELIVERY_HOLD`], POSTed, and deleted once the webhook answered 2xx. One that fails stays
-/// queued and comes back (after a pause growing to a minute, in no set order), so the queue is
-/// the backlog: kept for as long as the webhook is down, and at most [`DELIVERED_AT_ONCE`]
-/// events in memory. Readings never wait for it. A delete that fails sends the event again,
-/// by the same id.
+/// Delivers the alarms queue's events to the webhook until `shutdown`: each taken for as long
+/// as the tries of its take may last, POSTed, and deleted once the webhook answered 2xx. One
+/// that fails stays queued and comes back after its hold (while it fails, events are taken one
+/// at a time, after a pause growing to a minute; in no set order), so the queue is the
+/// backlog: kept for as long as the webhook is down, and at most [`DELIVERED_AT_ONCE`] events
+/// in memory. Readings never wait for it. A delete that fails sends the event again, by the
+/// same id.
 pub async fn deliver(
     ctx: Arc<crate::ctx::Ctx>,
     webhook: infra::webhook::Webhook,
@@ -834,18 +840,23 @@ pub async fn deliver(
     let mut pause = infra::retry::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     let mut failing = false;
     loop {
+        // While the webhook fails, one event at a time, held only as long as its try takes,
+        // so that one refused comes back soon.
+        let at_once = if failing { 1 } else { DELIVERED_AT_ONCE };
+        let hold = timeout.saturating_mul(u32::from(at_once)) + HOLD_MARGIN;
         let taken = tokio::select! {
             _ = shutdown.cancelled() => break,
-            taken = queue.get(DELIVERED_AT_ONCE, DELIVERY_HOLD) => taken,
+            taken = queue.get(at_once, hold) => taken,
         };
         let mut wait = Duration::from_secs(1);
         match taken {
             Ok(messages) => {
                 let taken_at = Instant::now();
-                for message in messages {
+                let mut messages = messages.into_iter();
+                while let Some(message) = messages.next() {
                     // The rest come back by themselves: none is posted after its hold ends,
                     // when another processor may take it too.
-                    if taken_at.elapsed() + timeout + Duration::from_secs(5) > DELIVERY_HOLD {
+                    if taken_at.elapsed() + timeout + HOLD_MARGIN / 2 > hold {
                         break;
                     }
                     let posted = tokio::select! {
@@ -875,8 +886,16 @@ pub async fn deliver(
                                 tracing::warn!(webhook = webhook.redacted(), %error, "The alarms webhook refuses events; they stay queued and are tried again.");
                                 failing = true;
                             }
-                            // The rest of this take come back with the one that failed.
+                            // It and the rest of this take come back after the pause, not
+                            // their whole hold (if that cannot be said, after the hold).
                             wait = pause.next_delay();
+                            for left in std::iter::once(message).chain(messages.by_ref()) {
+                                if let Err(error) =
+                                    queue.update(&left, left.text.clone(), wait).await
+                                {
+                                    tracing::debug!(%error, "Cannot shorten an alarm event's hold; it comes back after it.");
+                                }
+                            }
                             break;
                         }
                     }
@@ -891,5 +910,59 @@ pub async fn deliver(
             _ = shutdown.cancelled() => break,
             () = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(device: &str, at: i64, temperature: f64) -> Reading {
+        Reading {
+            device_id: device.into(),
+            measured_at_ms: at,
+            seq: None,
+            temperature: Some(temperature),
+            humidity: None,
+            pressure: None,
+            extras: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn only_recent_news_out_of_band_calls_for_judging_and_any_reading_for_silence() {
+        let hot =
+            Rule::parse(r#"{"id":"hot","prefix":"a-","measurement":"temperature","high":30}"#)
+                .unwrap();
+        let quiet = Rule::parse(
+            r#"{"id":"quiet","device":"b-1","measurement":"temperature","silenceMinutes":5}"#,
+        )
+        .unwrap();
+        let rules = [hot, quiet];
+        let now = 10 * NEWS_FOR_MS;
+        let readings = [
+            (reading("a-1", now - 1_000, 20.0), now, false, 0), // in band
+            (reading("a-2", now - 2_000, 40.0), now, false, 1), // news
+            (reading("a-2", now - 3_000, 41.0), now, false, 2), // earlier news
+            (reading("a-3", now - NEWS_FOR_MS - 1, 40.0), now, false, 3), // history
+            (reading("a-4", now - 1_000, 40.0), now, true, 4),  // a replayed backfill
+            (reading("b-1", now - 1_000, 40.0), now, false, 5), // silence: any reading
+            (reading("c-1", now - 1_000, 99.0), now, false, 6), // watched by none
+        ];
+        let watched = watched(&rules, readings.iter().map(|(r, i, b, m)| (r, *i, *b, *m)));
+        let news = |device: &str| watched[device].rules[&(0, Condition::Band)].1;
+        assert_eq!(news("a-1"), None);
+        assert_eq!(news("a-2"), Some(now - 3_000));
+        assert_eq!(watched["a-2"].messages.len(), 2);
+        assert_eq!(news("a-3"), None);
+        assert_eq!(news("a-4"), None);
+        assert_eq!(
+            watched["b-1"].rules[&(1, Condition::Silence)],
+            (now - 1_000, None)
+        );
+        assert!(!watched.contains_key("c-1"));
+        assert!(
+            super::watched(&[], readings.iter().map(|(r, i, b, m)| (r, *i, *b, *m))).is_empty()
+        );
     }
 }

@@ -130,6 +130,7 @@ pub fn classify<'a>(
                     Pending {
                         reading,
                         ingested_at_ms,
+                        backfill: msg.overrides.allow_stale,
                     },
                 ));
             }

@@ -15,6 +15,9 @@ const PER_OPERATION_OVERHEAD: usize = 512;
 pub struct Pending {
     pub reading: Reading,
     pub ingested_at_ms: i64,
+    /// From a message replayed as a backfill (`deadletter replay --allow-stale`): history,
+    /// which begins no alarm.
+    pub backfill: bool,
 }
 
 impl Pending {
@@ -173,6 +176,7 @@ mod tests {
         Pending {
             reading,
             ingested_at_ms: received,
+            backfill: false,
         }
     }
 

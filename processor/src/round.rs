@@ -208,7 +208,7 @@ async fn store(
     let rules = ctx.alarms.rules();
     let readings = rows
         .iter()
-        .map(|(o, p)| (&p.reading, p.ingested_at_ms, o.message));
+        .map(|(o, p)| (&p.reading, p.ingested_at_ms, p.backfill, o.message));
     let watched = crate::alarms::watched(&rules, readings);
     let planned = plan(rows);
     if planned.overwrites > 0 {

@@ -75,17 +75,19 @@ async fn drain(p: &Pipeline, seen: &mut Vec<Event>) {
 async fn send(p: &Pipeline, sent: &mut usize, messages: Vec<(String, Vec<u8>)>) {
     *sent += messages.len();
     publish_all(p.mosquitto.port, messages).await;
+    finished(p, *sent, Duration::from_secs(60)).await;
+}
+
+/// Waits until ingest has queued `sent` messages in all and the processor has finished every
+/// one (deleted: judged).
+async fn finished(p: &Pipeline, sent: usize, timeout: Duration) {
     let queue = p.account.queue(&p.queue);
-    let want = *sent as f64;
-    tests::wait_for(
-        "the messages to be finished",
-        Duration::from_secs(60),
-        || async {
-            let acked = p.ingest.metric("ingest_messages_acked_total").await;
-            let depth = queue.approximate_depth().await.ok();
-            (acked >= want && depth == Some(0)).then_some(())
-        },
-    )
+    let want = sent as f64;
+    tests::wait_for("the messages to be finished", timeout, || async {
+        let acked = p.ingest.metric("ingest_messages_acked_total").await;
+        let depth = queue.approximate_depth().await.ok();
+        (acked >= want && depth == Some(0)).then_some(())
+    })
     .await;
 }
 
@@ -305,18 +307,7 @@ async fn two_processors_one_killed_while_judging_never_lose_or_make_again_a_chan
             p.processor.kill9().await;
             p.processor.restart().await;
         }
-        let queue = p.account.queue(&p.queue);
-        let total = sent as f64;
-        tests::wait_for(
-            "the wave to be finished",
-            Duration::from_secs(90),
-            || async {
-                let acked = p.ingest.metric("ingest_messages_acked_total").await;
-                let depth = queue.approximate_depth().await.ok();
-                (acked >= total && depth == Some(0)).then_some(())
-            },
-        )
-        .await;
+        finished(&p, sent, Duration::from_secs(90)).await;
     }
     let mut events = Vec::new();
     drain(&p, &mut events).await;
