@@ -212,7 +212,7 @@ async fn delete(tables: &[Table], ids: &[String]) -> anyhow::Result<()> {
             }
             // Its alarms, band and silence: the active list's rows, then the states (a scan
             // of the table).
-            let silence = format!("{id}~silence");
+            let silence = alarm::key(id, alarm::Condition::Silence);
             let states = table
                 .query(&format!(
                     "RowKey eq '{}' or RowKey eq '{}'",
@@ -296,14 +296,11 @@ async fn list_alarms(tables: &[Table], json: bool) -> anyhow::Result<()> {
                 alarm::Status::Pending { since } => ("pending", since),
                 alarm::Status::Clear => continue,
             };
-            let (rule, condition) = match rule.strip_suffix("~silence") {
-                Some(rule) => (rule, "silence"),
-                None => (rule, "band"),
-            };
+            let (rule, condition) = alarm::split_key(rule);
             shown.push(Shown {
                 device: device.to_owned(),
                 rule: rule.to_owned(),
-                condition,
+                condition: condition.name(),
                 status,
                 since,
                 value: state.state.value,

@@ -382,7 +382,9 @@ impl Api {
             alarm::Status::Clear => (2, 0),
         });
         for (device, row) in all.iter().take(ALARMS_MAX) {
-            let measure = measures.get(rule_of(&row.rule)).map(String::as_str);
+            let measure = measures
+                .get(alarm::split_key(&row.rule).0)
+                .map(String::as_str);
             shown.push(views::alarm(device, row, measure));
         }
         Ok(Reply::json(json!({
@@ -408,7 +410,9 @@ impl Api {
         let shown: Vec<serde_json::Value> = states
             .iter()
             .map(|row| {
-                let measure = measures.get(rule_of(&row.rule)).map(String::as_str);
+                let measure = measures
+                    .get(alarm::split_key(&row.rule).0)
+                    .map(String::as_str);
                 views::alarm(&id, row, measure)
             })
             .collect();
@@ -787,11 +791,6 @@ async fn measurements(table: &Table) -> Result<BTreeMap<String, String>, Problem
         .filter_map(|row| alarm::rule_of(row).ok())
         .map(|rule| (rule.id.clone(), rule.measurement.name().to_owned()))
         .collect())
-}
-
-/// The rule id of a state's key (`<rule>` or `<rule>~silence`).
-fn rule_of(key: &str) -> &str {
-    key.strip_suffix("~silence").unwrap_or(key)
 }
 
 /// No rows, for a table not created yet.

@@ -177,10 +177,7 @@ pub fn alarm(
     measurement: Option<&str>,
 ) -> serde_json::Value {
     use schemas::alarm::Status;
-    let (rule, condition) = match row.rule.strip_suffix("~silence") {
-        Some(rule) => (rule, "silence"),
-        None => (row.rule.as_str(), "band"),
-    };
+    let (rule, condition) = schemas::alarm::split_key(&row.rule);
     let (status, since) = match row.state.status {
         Status::Raised { since } => ("raised", Some(since)),
         Status::Pending { since } => ("pending", Some(since)),
@@ -189,7 +186,7 @@ pub fn alarm(
     serde_json::json!({
         "deviceId": device,
         "rule": rule,
-        "condition": condition,
+        "condition": condition.name(),
         "measurement": measurement,
         "status": status,
         "since": since.map(schemas::timefmt::format_ms),

@@ -477,9 +477,9 @@ impl Alarms {
         for event in events {
             let text = serde_json::to_string(event).expect("events serialise");
             retry(deadline, || self.events.put(text.clone())).await?;
-            metrics::counter!(m::ALARM_EVENTS, "rule" => event.rule.clone(), "condition" => condition_name(event.condition), "event" => event.event.name())
+            metrics::counter!(m::ALARM_EVENTS, "rule" => event.rule.clone(), "condition" => event.condition.name(), "event" => event.event.name())
                 .increment(1);
-            tracing::info!(device, rule = %event.rule, condition = condition_name(event.condition), event = event.event.name(), value = event.value, measured_at = %event.measured_at, "Alarm {}.", event.event.name());
+            tracing::info!(device, rule = %event.rule, condition = event.condition.name(), event = event.event.name(), value = event.value, measured_at = %event.measured_at, "Alarm {}.", event.event.name());
         }
         let entity = alarm::state_entity(device, key, &state, &[]);
         write_if(&self.table, &entity, Some(etag), deadline).await
@@ -789,14 +789,6 @@ fn select<'r>(rules: impl Iterator<Item = &'r Rule>) -> String {
     columns.dedup();
     columns.insert(0, "RowKey".into());
     columns.join(",")
-}
-
-/// The metric label of a condition.
-fn condition_name(condition: Condition) -> &'static str {
-    match condition {
-        Condition::Band => "band",
-        Condition::Silence => "silence",
-    }
 }
 
 /// A number a row holds in `name`: a JSON number, or the string the service renders an

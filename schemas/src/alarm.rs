@@ -64,6 +64,16 @@ pub enum Condition {
     Silence,
 }
 
+impl Condition {
+    /// As events, metrics and the API name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Band => "band",
+            Self::Silence => "silence",
+        }
+    }
+}
+
 /// Which devices a rule watches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -295,10 +305,7 @@ impl Rule {
     /// The key of a device's state under this rule for `condition` (its state row's and its
     /// active-list row's): the id, with `~silence` for silence (`~` is in no id).
     pub fn key(&self, condition: Condition) -> String {
-        match condition {
-            Condition::Band => self.id.clone(),
-            Condition::Silence => format!("{}~silence", self.id),
-        }
+        key(&self.id, condition)
     }
 
     /// Whether `value` is out of band.
@@ -544,6 +551,22 @@ pub fn rule_of(e: &Map<String, Value>) -> Result<Rule, RuleError> {
             "the row's key {key:?} is not the rule's id {:?}",
             rule.id
         ))),
+    }
+}
+
+/// The key of a state under rule `id` for `condition` ([`Rule::key`]).
+pub fn key(id: &str, condition: Condition) -> String {
+    match condition {
+        Condition::Band => id.to_owned(),
+        Condition::Silence => format!("{id}~silence"),
+    }
+}
+
+/// The rule id and condition a state's key names.
+pub fn split_key(key: &str) -> (&str, Condition) {
+    match key.strip_suffix("~silence") {
+        Some(id) => (id, Condition::Silence),
+        None => (key, Condition::Band),
     }
 }
 
@@ -900,6 +923,8 @@ mod tests {
         assert!(!r.has_band() && r.silence_ms == Some(600_000));
         assert_eq!(Rule::parse(&r.to_json()).unwrap(), r);
         assert_eq!(r.key(Condition::Silence), "quiet~silence");
+        assert_eq!(split_key("quiet~silence"), ("quiet", Condition::Silence));
+        assert_eq!(split_key("quiet"), ("quiet", Condition::Band));
         let mut state = State::default();
         assert_eq!(r.judge_silence(&mut state, 1_000), None);
         assert!(
