@@ -22,6 +22,13 @@ PAIRS="${4:-3}"
 export LOADTEST_DURATION="${LOADTEST_DURATION:-2m}"
 export LOADTEST_CEILING_DURATION="${LOADTEST_CEILING_DURATION:-10s}"
 
+# Every run starts its own emulator, empty and in memory, only if none listens already:
+# checked before the builds, which take minutes.
+if (exec 3<>/dev/tcp/127.0.0.1/10000) 2>/dev/null; then
+  echo "error: something listens on 127.0.0.1:10000; stop it, each run needs a fresh emulator" >&2
+  exit 1
+fi
+
 # side SIDE: the checkout to run SIDE from (a directory, as given from where the script was
 # started, or a revision's worktree under .ab/), built; its path on stdout, the rest on stderr.
 side() {
@@ -50,11 +57,6 @@ side() {
 A_DIR="$(side "$1")"
 B_DIR="$(side "$2")"
 cd "$ROOT"
-# Every run starts its own emulator, empty and in memory, only if none listens already.
-if (exec 3<>/dev/tcp/127.0.0.1/10000) 2>/dev/null; then
-  echo "error: something listens on 127.0.0.1:10000; stop it, each run needs a fresh emulator" >&2
-  exit 1
-fi
 RESULTS="$ROOT/reports/ab-$(date -u +%Y-%m-%dT%H-%M-%SZ)"
 mkdir -p "$RESULTS"
 for pair in $(seq 1 "$PAIRS"); do
