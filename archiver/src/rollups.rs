@@ -7,7 +7,9 @@
 //!   partition range query and rolled up. When the hour is a day's last, the day is combined
 //!   from its hours in the same transaction. Where it got to is kept in the table
 //!   ([`schemas::rollup::STATE`]); a restart carries on from there. A first start sweeps the
-//!   current UTC day's hours: older history is `archiver rollups` (rebuild) work.
+//!   hours of the UTC day before and of the current one, so that the fleet ledger covers the
+//!   last day and the day before gets its rollups whatever the time of the start; older
+//!   history is `archiver rollups` (rebuild) work.
 //! - **The marks.** A reading stored more than a minute after its hour ended
 //!   ([`schemas::rollup::MARK_AFTER_MS`]; the settle is at least twice that) may come after
 //!   the sweep: the processor marks that device-hour ([`schemas::rollup::MARKS`]) before it deletes the
@@ -89,10 +91,11 @@ impl Keeper {
         let last = Interval::Hour.floor(now.saturating_sub(settle)) - HOUR_MS;
         let mut next = match self.swept_through().await? {
             Some(hour) => hour + HOUR_MS,
-            None => Interval::Day.floor(last),
+            None => Interval::Day.floor(last) - DAY_MS,
         };
         while next <= last {
-            turn.rollups_written += self.sweep(next).await?;
+            let ledger = next >= now - rollup::LEDGER_KEPT_MS;
+            turn.rollups_written += self.sweep(next, ledger).await?;
             turn.hours_swept += 1;
             self.set_swept_through(next).await?;
             next += HOUR_MS;
@@ -160,9 +163,10 @@ impl Keeper {
     }
 
     /// Rolls up every device's hour starting at `hour`, a page of devices at a time
-    /// ([`crate::pass::DEVICE_PAGE`]). Returns the rollups written; a device that fails fails
+    /// ([`crate::pass::DEVICE_PAGE`]), and sums its fleet ledger if `ledger` (not for an hour
+    /// older than the ledger is kept). Returns the rollups written; a device that fails fails
     /// the sweep, but only once every other device's hour was rolled up.
-    async fn sweep(&self, hour: i64) -> Result<u64, KeepError> {
+    async fn sweep(&self, hour: i64, ledger: bool) -> Result<u64, KeepError> {
         let mut written = 0;
         let mut fleet = FleetHour::default();
         let mut failed = None;
@@ -172,7 +176,7 @@ impl Keeper {
                 .map(|device| async move {
                     let (n, seqs) = self.recompute(&device, hour, false).await?;
                     let part = match seqs {
-                        Some(seqs) if seqs.numbered() => {
+                        Some(seqs) if ledger && seqs.numbered() => {
                             self.fleet_part(&device, hour, Some(seqs)).await?
                         }
                         _ => None,
@@ -198,8 +202,10 @@ impl Keeper {
         if let Some(e) = failed {
             return Err(e);
         }
-        let row = fleet.to_entity(hour);
-        retried(|| self.rollups.upsert(&row)).await?;
+        if ledger {
+            let row = fleet.to_entity(hour);
+            retried(|| self.rollups.upsert(&row)).await?;
+        }
         tracing::debug!(hour = %format_ms(hour), written, "Hour rolled up.");
         Ok(written)
     }

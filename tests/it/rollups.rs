@@ -370,6 +370,89 @@ async fn rollups_stay_exact_under_duplicates_redeliveries_and_late_data() {
     drop(archiver);
 }
 
+/// A first start rolls up the day before too, whatever the hour: its daily rollups are whole
+/// and the fleet ledger of its last hour (always within the last day) is summed.
+#[tokio::test]
+async fn a_first_start_rolls_up_the_day_before_whatever_the_hour() {
+    let Some(store) = Store::start("rollups_first_start").await else {
+        return;
+    };
+    let today = Interval::Day.floor(now_ms());
+    let (first_hour, last_hour) = (today - DAY_MS, today - HOUR_MS);
+    let reading = |at: i64, seq: i64| StoredReading {
+        reading: Reading {
+            device_id: "first-1".into(),
+            measured_at_ms: at,
+            seq: Some(seq),
+            temperature: Some(20.0 + seq as f64 / 4.0),
+            humidity: None,
+            pressure: None,
+            extras: Vec::new(),
+        },
+        ingested_at_ms: at,
+    };
+    // Twelve readings in the day's first hour; in its last, numbers 0 to 11 but 4.
+    let mut rows: Vec<StoredReading> = (0..12)
+        .map(|k| reading(first_hour + k * EVERY + 7, k))
+        .collect();
+    rows.extend(
+        (0..12)
+            .filter(|k| *k != 4)
+            .map(|k| reading(last_hour + k * EVERY + 7, k)),
+    );
+    store.backfill(&rows).await;
+    let rollups = unique("rollups");
+    let env = [
+        ("AZURE_STORAGE_CONNECTION_STRING", store.connection.clone()),
+        ("ARCHIVER_TABLE_NAME", store.table.clone()),
+        ("ARCHIVER_DEVICE_TABLE", store.devices.clone()),
+        ("ARCHIVER_ROLLUP_TABLE", rollups.clone()),
+        ("ARCHIVER_CONTAINER", store.container.clone()),
+        ("ARCHIVER_ROLLUP_SETTLE", "2m".into()),
+        ("ARCHIVER_ROLLUP_INTERVAL", "1s".into()),
+    ];
+    let archiver = Service::start_with_args("archiver", &["run"], &env).await;
+    let (day_key, ledger_key) = (
+        &Interval::Day.row_key(first_hour),
+        &Interval::Hour.row_key(last_hour),
+    );
+    let (account, table) = (&store.account, &rollups);
+    // Up to three minutes: started in the first two of a day, yesterday's last hour has not
+    // settled yet.
+    let (day, fleet) = tests::wait_for(
+        "the day before's rollup and its last hour's fleet ledger",
+        Duration::from_secs(180),
+        || async move {
+            let rows = tests::storage::rows(account, table).await.ok()?;
+            let row = |pk: &str, rk: &str| {
+                rows.iter()
+                    .find(|e| e["PartitionKey"] == pk && e["RowKey"] == rk)
+                    .cloned()
+            };
+            let day = Rollup::from_entity(&row("first-1", day_key)?).ok()?;
+            let fleet = FleetHour::from_entity(&row(schemas::rollup::LEDGER, ledger_key)?)?;
+            Some((day, fleet))
+        },
+    )
+    .await;
+    assert_eq!(
+        (day.count, day.first_at_ms, day.last_at_ms),
+        (23, first_hour + 7, last_hour + 11 * EVERY + 7)
+    );
+    assert_eq!(
+        fleet,
+        (
+            last_hour,
+            FleetHour {
+                devices: 1,
+                distinct: 11,
+                missing: 1
+            }
+        )
+    );
+    drop(archiver);
+}
+
 #[tokio::test]
 async fn archived_days_get_their_rollups_back_with_one_command() {
     let Some(store) = Store::start("rollups_rebuild").await else {
