@@ -836,6 +836,8 @@ pub async fn deliver(
         // so that one refused comes back soon.
         let at_once = if failing { 1 } else { DELIVERED_AT_ONCE };
         let hold = timeout.saturating_mul(u32::from(at_once)) + HOLD_MARGIN;
+        // The hold may start as soon as the get is sent: a slow answer is counted in it.
+        let taken_at = Instant::now();
         let taken = tokio::select! {
             _ = shutdown.cancelled() => break,
             taken = queue.get(at_once, hold) => taken,
@@ -843,7 +845,6 @@ pub async fn deliver(
         let mut wait = Duration::from_secs(1);
         match taken {
             Ok(messages) => {
-                let taken_at = Instant::now();
                 let mut messages = messages.into_iter();
                 while let Some(message) = messages.next() {
                     // The rest come back by themselves: none is posted after its hold ends,

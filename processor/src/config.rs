@@ -69,8 +69,9 @@ pub struct Config {
     #[arg(long, env = "ALARMS_WEBHOOK_URL", hide_env_values = true)]
     pub alarms_webhook_url: Option<infra::mqtt::Secret>,
 
-    /// How long the webhook may take to answer one event.
-    #[arg(long, env = "ALARMS_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    /// How long the webhook may take to answer one event (from 1s to 10min: a take of 16
+    /// events is hidden for 16 times this).
+    #[arg(long, env = "ALARMS_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = webhook_timeout)]
     pub alarms_webhook_timeout: Duration,
 
     /// How often the alarm rules are read again.
@@ -173,8 +174,31 @@ fn visibility(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A webhook's timeout: at least a second, at most ten minutes, so that a take's hold (16 of
+/// them and a margin) stays far below Azure's 7-day visibility limit.
+fn webhook_timeout(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&d) {
+        return Err(format!("{text} is not from 1s to 10min"));
+    }
+    Ok(d)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_webhook_timeout_keeps_a_take_within_the_visibility_limit() {
+        assert_eq!(
+            super::webhook_timeout("10min"),
+            Ok(std::time::Duration::from_secs(600))
+        );
+        assert!(super::webhook_timeout("11min")
+            .unwrap_err()
+            .contains("from 1s to 10min"));
+        assert!(super::webhook_timeout("500ms").is_err());
+        assert!(super::webhook_timeout("never").is_err());
+    }
+
     #[test]
     fn a_visibility_timeout_leaves_room_for_the_round() {
         assert_eq!(
