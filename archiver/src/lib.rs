@@ -46,7 +46,7 @@ fn keeper(
     account: &infra::storage::Account,
     sources: &Sources,
     settle: Duration,
-    retention: Duration,
+    (retention, table_retention): (Duration, Duration),
     concurrency: usize,
 ) -> rollups::Keeper {
     rollups::Keeper {
@@ -58,6 +58,7 @@ fn keeper(
         format: sources.format,
         settle,
         retention,
+        table_retention,
         concurrency,
     }
 }
@@ -66,8 +67,9 @@ fn keeper(
 async fn rebuild_rollups(args: RollupArgs, shutdown: CancellationToken) -> anyhow::Result<bool> {
     anyhow::ensure!(args.from < args.to, "--from must be before --to");
     let account = args.storage.account(STORAGE_GRANT)?;
-    // Settle and retention play no part in a rebuild.
-    let keeper = keeper(&account, &args.sources, Duration::ZERO, Duration::MAX, 16);
+    // Settle and retentions play no part in a rebuild.
+    let retentions = (Duration::MAX, Duration::MAX);
+    let keeper = keeper(&account, &args.sources, Duration::ZERO, retentions, 16);
     if !create_missing(
         &[Resource::Table(&keeper.rollups)],
         args.storage.create_missing,
@@ -293,7 +295,7 @@ async fn run_passes(args: RunArgs, shutdown: CancellationToken) -> anyhow::Resul
             &account,
             &args.sources,
             args.rollup_settle,
-            args.rollup_retention,
+            (args.rollup_retention, args.retention),
             args.concurrency.max(1) * 4,
         );
         let rollups = [Resource::Table(&keeper.rollups)];

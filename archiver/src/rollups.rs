@@ -6,18 +6,20 @@
 //!   round, so its readings are all written), every device's rows of that hour are read with one
 //!   partition range query and rolled up. When the hour is a day's last, the day is combined
 //!   from its hours in the same transaction. Where it got to is kept in the table
-//!   ([`schemas::rollup::STATE`]); a restart carries on from there. A first start sweeps the
-//!   hours of the UTC day before and of the current one, so that the fleet ledger covers the
-//!   last day and the day before gets its rollups whatever the time of the start; older
-//!   history is `archiver rollups` (rebuild) work.
+//!   ([`schemas::rollup::STATE`]); a restart carries on from there. A first start sweeps from
+//!   the UTC day before that of the newest settled hour (so, in the first hour after
+//!   midnight, the two days before), so that the fleet ledger covers the last day and the day
+//!   before gets its rollups whatever the time of the start, but from no day old enough to be
+//!   archived meanwhile; older history is `archiver rollups` (rebuild) work.
 //! - **The marks.** A reading stored more than a minute after its hour ended
 //!   ([`schemas::rollup::MARK_AFTER_MS`]; the settle is at least twice that) may come after
 //!   the sweep: the processor marks that device-hour ([`schemas::rollup::MARKS`]) before it deletes the
 //!   message. Each turn recomputes the marked hours that were swept (reading the archive too, in
 //!   case the day was archived meanwhile), and their days if those ended, then deletes each mark
 //!   with the ETag it was read with: a mark written again meanwhile stays for the next turn.
-//! - **The fleet ledger.** The sweep of an hour also sums every device's completeness ledger
-//!   of it into one row ([`schemas::rollup::LEDGER`]), for the dashboard's fleet completeness.
+//! - **The fleet ledger.** The sweep of an hour of the last day (the ledger's hours are kept
+//!   [`schemas::rollup::LEDGER_KEPT_MS`]) also sums every device's completeness ledger of it
+//!   into one row ([`schemas::rollup::LEDGER`]), for the dashboard's fleet completeness.
 //!   A mark recomputed for an hour of the last day first flags that hour's sums stale (a
 //!   durable row, so a crash cannot lose it), and each turn sums a few flagged hours again from
 //!   the devices' hourly rows, then deletes each flag with the ETag it was read with. So the
@@ -57,6 +59,9 @@ pub struct Keeper {
     pub format: Format,
     pub settle: Duration,
     pub retention: Duration,
+    /// How long readings stay in the table (`ARCHIVER_RETENTION`): a first sweep starts at no
+    /// day the archive pass may be moving out of it meanwhile (the sweep reads the table alone).
+    pub table_retention: Duration,
     pub concurrency: usize,
 }
 
@@ -86,12 +91,15 @@ impl Keeper {
     /// Sweeps the hours that ended and settled, then recomputes the marked ones.
     pub async fn turn(&self, now: i64) -> Result<Turn, KeepError> {
         let mut turn = Turn::default();
-        let settle = i64::try_from(self.settle.as_millis()).unwrap_or(i64::MAX);
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         // The newest hour that has ended and settled.
-        let last = Interval::Hour.floor(now.saturating_sub(settle)) - HOUR_MS;
+        let last = Interval::Hour.floor(now.saturating_sub(ms(self.settle))) - HOUR_MS;
         let mut next = match self.swept_through().await? {
             Some(hour) => hour + HOUR_MS,
-            None => Interval::Day.floor(last) - DAY_MS,
+            None => {
+                let kept = Interval::Day.floor(now.saturating_sub(ms(self.table_retention)));
+                (Interval::Day.floor(last) - DAY_MS).max(kept)
+            }
         };
         while next <= last {
             let ledger = next >= now - rollup::LEDGER_KEPT_MS;

@@ -148,9 +148,11 @@ impl Store {
     }
 }
 
-/// The start of the UTC day `days` before today.
+/// The start of the UTC day `days` before the day these tests began (read once: a test that
+/// runs over midnight names the same days throughout).
 fn day(days: i64) -> i64 {
-    let today = schemas::timefmt::now_ms().div_euclid(DAY) * DAY;
+    static TODAY: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    let today = TODAY.get_or_init(|| schemas::timefmt::now_ms().div_euclid(DAY) * DAY);
     today - days * DAY
 }
 
