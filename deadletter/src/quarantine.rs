@@ -101,10 +101,7 @@ async fn list(session: &Session, queue: &Queue, json: bool) -> anyhow::Result<bo
     // Give everything back at once; what cannot be given back reappears after --hold.
     let mut unreleased = 0;
     for m in &held {
-        if retried(|| queue.update(m, m.text.clone(), Duration::ZERO))
-            .await
-            .is_err()
-        {
+        if retried(|| queue.hide(m, Duration::ZERO)).await.is_err() {
             unreleased += 1;
         }
     }

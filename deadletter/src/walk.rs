@@ -28,10 +28,6 @@ use std::time::{Duration, Instant};
 const CONCURRENCY: usize = 16;
 /// How long one storage call is retried before the walk gives up on it.
 const RETRY_FOR: Duration = Duration::from_secs(30);
-/// Message text a walk keeps to give messages back at its end (a release rewrites the text,
-/// so it must be at hand). Beyond it, messages are held by id and receipt alone and reappear
-/// by themselves when `--hold` runs out: memory stays bounded for any queue.
-const MAX_HELD_TEXT: usize = 64 * 1024 * 1024;
 
 /// A message taken in this walk for the first time, with its records.
 #[derive(Debug)]
@@ -59,69 +55,26 @@ pub struct Seen {
 }
 
 /// The messages a walk holds: taken and not deleted, by id, as last seen (current pop
-/// receipt), with their text while the text budget lasts.
-#[derive(Debug)]
+/// receipt). Their text is not kept: a release or a delete needs only the receipt, so memory
+/// is a few hundred bytes a message whatever the messages hold.
+#[derive(Debug, Default)]
 struct Held {
     messages: HashMap<String, QueueMessage>,
-    /// Held messages whose text was not kept: not given back at the end.
-    textless: HashSet<String>,
-    /// Text kept in `messages`, in bytes; never above `budget`.
-    text: usize,
-    budget: usize,
 }
 
 impl Held {
-    fn new(budget: usize) -> Self {
-        Self {
-            messages: HashMap::new(),
-            textless: HashSet::new(),
-            text: 0,
-            budget,
-        }
-    }
-
-    /// Keeps `message` (new, or a newer sight of one held), with its text if the budget has
-    /// room. A message once held without its text stays so: the walk never had all of it.
+    /// Keeps `message` (new, or a newer sight of one held), without its text.
     fn keep(&mut self, mut message: QueueMessage) {
-        if let Some(old) = self.messages.get(&message.id) {
-            self.text -= old.text.len();
-        }
-        if self.textless.contains(&message.id) || self.text + message.text.len() > self.budget {
-            self.textless.insert(message.id.clone());
-            message.text = String::new();
-        }
-        self.text += message.text.len();
+        message.text = String::new();
         self.messages.insert(message.id.clone(), message);
     }
 
-    /// Keeps `message`, a rewrite whose text is exactly what the queue now holds: it can be
-    /// given back whole again.
-    fn keep_rewritten(&mut self, message: QueueMessage) {
-        self.textless.remove(&message.id);
-        self.keep(message);
-    }
-
     fn forget(&mut self, id: &str) {
-        if let Some(old) = self.messages.remove(id) {
-            self.text -= old.text.len();
-        }
-        self.textless.remove(id);
+        self.messages.remove(id);
     }
 
     fn get(&self, id: &str) -> Option<&QueueMessage> {
         self.messages.get(id)
-    }
-
-    /// The messages that can be given back (their text is at hand), and how many cannot.
-    fn into_releasable(self) -> (Vec<QueueMessage>, usize) {
-        let Held {
-            messages, textless, ..
-        } = self;
-        let releasable = messages
-            .into_values()
-            .filter(|m| !textless.contains(&m.id))
-            .collect();
-        (releasable, textless.len())
     }
 }
 
@@ -152,7 +105,7 @@ impl Walker {
         Ok(Self {
             queue,
             hold,
-            held: Held::new(MAX_HELD_TEXT),
+            held: Held::default(),
             taken: HashSet::new(),
             started: Instant::now(),
             warned: false,
@@ -223,8 +176,7 @@ impl Walker {
             .map(|(id, result)| {
                 let outcome = match result {
                     Ok(Some(rewritten)) => {
-                        // Its text is the records that stay: given back whole at the end.
-                        self.held.keep_rewritten(rewritten);
+                        self.held.keep(rewritten);
                         Ok(Settled::Rewritten)
                     }
                     Ok(None) => {
@@ -243,20 +195,12 @@ impl Walker {
     }
 
     /// Makes every message still held visible again. Returns how many could not be released
-    /// (they become visible by themselves when their hold ends), those held without their
-    /// text included.
+    /// (they become visible by themselves when their hold ends).
     pub async fn release(self) -> usize {
         let queue = &self.queue;
-        let (held, unheld) = self.held.into_releasable();
-        if unheld > 0 {
-            tracing::info!(messages = unheld, "Held beyond the walk's text budget; these reappear by themselves when --hold runs out.");
-        }
-        let failed: usize = stream::iter(held)
+        stream::iter(self.held.messages.into_values())
             .map(|message| async move {
-                let result = retried(|| {
-                    queue.update(&message, message.text.clone(), Duration::ZERO)
-                })
-                .await;
+                let result = retried(|| queue.hide(&message, Duration::ZERO)).await;
                 match result {
                     Ok(_) => 0,
                     // Retaken by someone else after this walk's hold ran out: theirs now.
@@ -271,8 +215,7 @@ impl Walker {
             .collect::<Vec<usize>>()
             .await
             .into_iter()
-            .sum();
-        failed + unheld
+            .sum()
     }
 
     /// Messages the queue reported at the start that a walk to the end never saw: held by
@@ -351,37 +294,16 @@ mod tests {
     }
 
     #[test]
-    fn held_text_never_exceeds_the_budget_and_textless_messages_are_not_released() {
-        let mut held = Held::new(10);
+    fn held_messages_keep_their_newest_receipt_and_no_text() {
+        let mut held = Held::default();
         held.keep(message("a", "aaaa"));
         held.keep(message("b", "bbbb"));
-        // No room for a third: held by id and receipt alone.
-        held.keep(message("c", "cccc"));
-        assert_eq!(held.text, 8);
-        assert_eq!(held.get("c").map(|m| m.text.as_str()), Some(""));
-        // Room again, but "c" came back without its text once: it stays textless.
+        let mut again = message("b", "bbbb");
+        again.pop_receipt = "newer".into();
+        held.keep(again);
         held.forget("a");
-        held.keep(message("c", "cccc"));
-        assert_eq!(held.text, 4);
-        // A newer sight of "b" replaces its text; it is not counted twice.
-        held.keep(message("b", "bbbbbb"));
-        assert_eq!(held.text, 6);
-        let (releasable, unheld) = held.into_releasable();
-        assert_eq!(unheld, 1);
-        let ids: Vec<&str> = releasable.iter().map(|m| m.id.as_str()).collect();
-        assert_eq!(ids, ["b"]);
-    }
-
-    #[test]
-    fn a_rewritten_message_is_given_back_whole() {
-        let mut held = Held::new(4);
-        held.keep(message("a", "aaaa"));
-        held.keep(message("b", "bbbb"));
-        held.forget("a");
-        held.keep_rewritten(message("b", "bb"));
-        assert_eq!(held.text, 2);
-        let (releasable, unheld) = held.into_releasable();
-        assert_eq!((releasable.len(), unheld), (1, 0));
-        assert_eq!(releasable[0].text, "bb");
+        assert_eq!(held.messages.len(), 1);
+        let b = held.get("b").unwrap();
+        assert_eq!((b.pop_receipt.as_str(), b.text.as_str()), ("newer", ""));
     }
 }

@@ -850,6 +850,10 @@ pub async fn deliver(
                     // The rest come back by themselves: none is posted after its hold ends,
                     // when another processor may take it too.
                     if taken_at.elapsed() + timeout + HOLD_MARGIN / 2 > hold {
+                        tracing::debug!(
+                            events = 1 + messages.len(),
+                            "Alarm events left for their hold to end: too little of it is left to post them."
+                        );
                         break;
                     }
                     let posted = tokio::select! {
@@ -883,9 +887,7 @@ pub async fn deliver(
                             // their whole hold (if that cannot be said, after the hold).
                             wait = pause.next_delay();
                             for left in std::iter::once(message).chain(messages.by_ref()) {
-                                if let Err(error) =
-                                    queue.update(&left, left.text.clone(), wait).await
-                                {
+                                if let Err(error) = queue.hide(&left, wait).await {
                                     tracing::debug!(%error, "Cannot shorten an alarm event's hold; it comes back after it.");
                                 }
                             }

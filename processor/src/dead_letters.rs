@@ -359,8 +359,8 @@ fn record_refusals(
 }
 
 /// While its put runs, keeps a message hidden: shortly before its deadline, its hold is
-/// renewed for another visibility timeout (`Queue::update` with the same text; the new pop
-/// receipt replaces the old). So a slow put does not let the message reappear, here or to
+/// renewed for another visibility timeout (`Queue::hide`, the text not sent again; the new
+/// pop receipt replaces the old). So a slow put does not let the message reappear, here or to
 /// another replica, and its delete still follows the put at once. A renewal that fails is not
 /// tried again: the message comes back, and [`Claim`] keeps this process from writing its
 /// records twice (another replica writes them again). Returns once `puts_done` is cancelled,
@@ -376,11 +376,7 @@ async fn keep_hidden(ctx: &Ctx, s: &mut Submission, puts_done: &CancellationToke
         // The hold ends an eighth of the visibility after the deadline; the new one is counted
         // from the request, not from its answer.
         let (sent, by) = (Instant::now(), s.deadline + ctx.visibility / 8);
-        let text = s.message.text.clone();
-        let renewed = retry(by, || {
-            ctx.queue.update(&s.message, text.clone(), ctx.visibility)
-        })
-        .await;
+        let renewed = retry(by, || ctx.queue.hide(&s.message, ctx.visibility)).await;
         match renewed {
             Ok(message) => {
                 metrics::counter!(m::HOLDS_RENEWED).increment(1);

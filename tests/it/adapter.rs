@@ -49,6 +49,33 @@ async fn adapter_pitfalls() {
     assert_eq!(got[0].text, text);
     let years = (got[0].expires_at_ms - schemas::timefmt::now_ms()) / (365 * 86_400_000);
     assert!(years > 50, "messages expire in {years} years");
+    // Giving a message back or hiding it longer changes its visibility only: the text is not
+    // sent again, and the service keeps it whole.
+    let back = queue
+        .hide(&got[0], Duration::ZERO)
+        .await
+        .expect("given back");
+    assert_ne!(back.pop_receipt, got[0].pop_receipt);
+    let again = queue.get(32, Duration::from_secs(30)).await.expect("get");
+    assert_eq!(again.len(), 1);
+    assert!(again[0].text == text && again[0].dequeue_count == 2);
+    queue
+        .hide(&again[0], Duration::from_secs(60))
+        .await
+        .expect("hidden longer");
+    assert!(queue
+        .get(32, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(
+        queue
+            .hide(&again[0], Duration::ZERO)
+            .await
+            .unwrap_err()
+            .is_gone(),
+        "an old pop receipt no longer works"
+    );
 
     let table = account.table(&unique("t"));
     table.create_if_missing().await.expect("create table");

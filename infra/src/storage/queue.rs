@@ -52,7 +52,10 @@ fn seconds(d: Duration) -> i32 {
     i32::try_from(d.as_secs()).unwrap_or(i32::MAX)
 }
 
-fn text(text: String) -> Result<RequestContent<Text, azure_core::http::XmlFormat>, ErrorKind> {
+/// A message's text as the service takes it in a request body.
+type Body = RequestContent<Text, azure_core::http::XmlFormat>;
+
+fn text(text: String) -> Result<Body, ErrorKind> {
     Text {
         message_text: Some(text),
     }
@@ -159,10 +162,39 @@ impl Queue {
         new_text: String,
         visibility: Duration,
     ) -> Result<QueueMessage, StorageError> {
+        let body = text(new_text.clone()).map_err(|kind| StorageError {
+            op: "queue_update",
+            kind,
+        })?;
+        let updated = self.set_visibility(message, Some(body), visibility).await?;
+        Ok(QueueMessage {
+            text: new_text,
+            ..updated
+        })
+    }
+
+    /// Hides a message taken with [`Queue::get`] for `visibility` from now (zero gives it
+    /// back at once), its text untouched and not sent again. Returns it with its new pop
+    /// receipt; fails like [`Queue::delete`] when it was deleted or retaken since.
+    pub async fn hide(
+        &self,
+        message: &QueueMessage,
+        visibility: Duration,
+    ) -> Result<QueueMessage, StorageError> {
+        self.set_visibility(message, None, visibility).await
+    }
+
+    /// Update Message: a new visibility, and a new text if `body` (without one the service
+    /// keeps the text).
+    async fn set_visibility(
+        &self,
+        message: &QueueMessage,
+        body: Option<Body>,
+        visibility: Duration,
+    ) -> Result<QueueMessage, StorageError> {
         const OP: &str = "queue_update";
-        let body = text(new_text.clone()).map_err(|kind| StorageError { op: OP, kind })?;
         let options = QueueClientUpdateMessageOptions {
-            queue_message: Some(body),
+            queue_message: body,
             ..Default::default()
         };
         let response = call(
@@ -187,7 +219,6 @@ impl Queue {
             })?;
         Ok(QueueMessage {
             pop_receipt,
-            text: new_text,
             ..message.clone()
         })
     }
