@@ -98,11 +98,14 @@ async fn list(session: &Session, queue: &Queue, json: bool) -> anyhow::Result<bo
     if held.len() >= LIST_LIMIT {
         eprintln!("Showing the first {LIST_LIMIT}; replay or purge to see the rest.");
     }
-    // Give everything back at once; what cannot be given back reappears after --hold.
+    // Give everything back at once; what cannot be given back reappears after --hold. One
+    // gone (retaken after the hold ran out, or given back by a try whose answer was lost) is
+    // not held here any more.
     let mut unreleased = 0;
     for m in &held {
-        if retried(|| queue.hide(m, Duration::ZERO)).await.is_err() {
-            unreleased += 1;
+        match retried(|| queue.hide(m, Duration::ZERO)).await {
+            Err(e) if !e.is_gone() => unreleased += 1,
+            _ => {}
         }
     }
     if unreleased > 0 {

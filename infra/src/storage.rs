@@ -107,10 +107,17 @@ impl StorageError {
         self.status() == Some(404)
     }
 
-    /// A queue message this caller held is no longer its own: deleted, or taken again by
-    /// another reader after the hold ran out (404, or 400 for a stale pop receipt).
+    /// A queue message this caller held is no longer its own: deleted (404), or taken again
+    /// by another reader after the hold ran out (400 `PopReceiptMismatch`). Any other 400 is
+    /// a request refused, not a message gone.
     pub fn is_gone(&self) -> bool {
-        matches!(self.status(), Some(400 | 404))
+        match &self.kind {
+            ErrorKind::Status { status: 404, .. } => true,
+            ErrorKind::Status {
+                status: 400, code, ..
+            } => code == "PopReceiptMismatch",
+            _ => false,
+        }
     }
 
     /// A conditional write or delete found the thing changed since it was read (412).
@@ -341,5 +348,9 @@ mod tests {
             assert!(!e.is_content_error() && e.needs_operator(), "{s} {code}");
         }
         assert!(!status(503, "ServerBusy").needs_operator());
+        assert!(status(404, "MessageNotFound").is_gone());
+        assert!(status(400, "PopReceiptMismatch").is_gone());
+        assert!(!status(400, "InvalidHeaderValue").is_gone());
+        assert!(!status(503, "ServerBusy").is_gone());
     }
 }

@@ -174,8 +174,9 @@ impl Queue {
     }
 
     /// Hides a message taken with [`Queue::get`] for `visibility` from now (zero gives it
-    /// back at once), its text untouched and not sent again. Returns it with its new pop
-    /// receipt; fails like [`Queue::delete`] when it was deleted or retaken since.
+    /// back at once), its text untouched and not sent again. Returns `message` as given (its
+    /// text too) with the new pop receipt; fails like [`Queue::delete`] when it was deleted
+    /// or retaken since.
     pub async fn hide(
         &self,
         message: &QueueMessage,
