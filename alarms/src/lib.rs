@@ -6,11 +6,13 @@
 
 use anyhow::Context as _;
 use infra::cli::{LogArgs, ShardArgs, StorageArgs};
-use infra::storage::{Account, Entity, Grant, RowRef, Table};
+use infra::storage::{Account, Entity, Grant, Queue, RowRef, Table};
 use schemas::alarm::{self, Rule, Target};
 use serde_json::{json, Value};
+use std::collections::BTreeSet;
 use std::io::Read as _;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Set, list and delete alarm rules; list the alarms raised.
 ///
@@ -25,6 +27,11 @@ pub struct Cli {
     /// The alarm table (the processor's `PROCESSOR_ALARM_TABLE`).
     #[arg(long, global = true, env = "ALARMS_TABLE", default_value = alarm::DEFAULT_TABLE)]
     pub table: String,
+
+    /// The alarms queue (the processor's `PROCESSOR_ALARM_QUEUE`): `rules delete` puts a
+    /// `cleared` event there for each alarm the rules had raised.
+    #[arg(long, global = true, env = "ALARMS_QUEUE", default_value = alarm::DEFAULT_QUEUE)]
+    pub queue: String,
 
     #[command(flatten)]
     pub storage: StorageArgs,
@@ -70,20 +77,41 @@ pub enum RulesCommand {
         #[arg(long, env = "ALARMS_JSON")]
         json: bool,
     },
-    /// Deletes rules by id, with their alarms.
+    /// Deletes rules by id, with their alarms: each alarm raised gets a `cleared` event
+    /// (`"cause": "ruleDeleted"`), and events not sent yet are sent. The rules stop judging
+    /// first; their alarms are cleared once processors can no longer be judging under them
+    /// (`--settle`). Stopped midway, the same command finishes the deletion.
     Delete {
         /// The rules' ids.
         #[arg(required = true)]
         ids: Vec<String>,
+
+        /// How long processors may go on judging under a rule after it is deleted, counted
+        /// from when it was moved aside (a command run again does not wait again): at least
+        /// their `PROCESSOR_ALARM_RULES_INTERVAL` (30 s) and the longer of a silence sweep
+        /// (`PROCESSOR_ALARM_SILENCE_INTERVAL`, 60 s) and half a round
+        /// (`PROCESSOR_VISIBILITY_TIMEOUT` / 2, 30 s) that read the rules just before.
+        #[arg(long, env = "ALARMS_DELETE_SETTLE", default_value = "3min", value_parser = humantime::parse_duration)]
+        settle: Duration,
     },
 }
 
-/// The tool uses no queue or blob; tables are signed with the key itself.
+/// Rules and states are table rows, signed with the key itself; the queue is only added to
+/// (the `cleared` events of a deleted rule's alarms).
 const STORAGE_GRANT: Grant = Grant {
     services: "q",
-    resource_types: "co",
-    permissions: "r",
+    resource_types: "o",
+    permissions: "a",
 };
+
+/// Tries at clearing one state that processors keep writing before giving up on it.
+const CLEAR_TRIES: usize = 5;
+
+/// One shard's alarm table and alarms queue.
+struct Shard {
+    table: Table,
+    queue: Queue,
+}
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let accounts = cli.storage.accounts(&cli.shards, STORAGE_GRANT)?;
@@ -94,7 +122,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Rules(RulesCommand::Set { file }) => set(&tables, &file).await,
         Command::Rules(RulesCommand::List { json }) => list_rules(&tables, json).await,
-        Command::Rules(RulesCommand::Delete { ids }) => delete(&tables, &ids).await,
+        Command::Rules(RulesCommand::Delete { ids, settle }) => {
+            let shards: Vec<Shard> = accounts
+                .iter()
+                .zip(tables)
+                .map(|(a, table)| Shard {
+                    table,
+                    queue: a.queue(&cli.queue),
+                })
+                .collect();
+            delete(&shards, &ids, settle).await
+        }
         Command::List { json } => list_alarms(&tables, json).await,
     }
 }
@@ -118,6 +156,16 @@ async fn set(tables: &[Table], file: &std::path::Path) -> anyhow::Result<()> {
         for rule in &rules {
             table
                 .upsert(&alarm::rule_entity(rule))
+                .await
+                .with_context(|| format!("shard {shard}: writing rule {}", rule.id))?;
+            // Set again, a rule a deletion stopped on is kept (one running sees it is).
+            let stopped = RowRef {
+                partition_key: alarm::DELETING_PARTITION,
+                row_key: &rule.id,
+                etag: "*",
+            };
+            table
+                .delete(&stopped)
                 .await
                 .with_context(|| format!("shard {shard}: writing rule {}", rule.id))?;
         }
@@ -151,6 +199,23 @@ async fn rules_of(table: &Table) -> anyhow::Result<(Vec<Rule>, Vec<(String, Stri
 
 async fn list_rules(tables: &[Table], json: bool) -> anyhow::Result<()> {
     let (rules, refused) = rules_of(&tables[0]).await?;
+    // Rules a deletion has moved aside, in any shard.
+    let filter = format!("PartitionKey eq '{}'", alarm::DELETING_PARTITION);
+    let mut deleting = BTreeSet::new();
+    for (shard, table) in tables.iter().enumerate() {
+        let rows = table
+            .query(&filter)
+            .await
+            .with_context(|| format!("shard {shard}: reading the rules being deleted"))?;
+        deleting.extend(rows.iter().map(|row| text(row, "RowKey")));
+    }
+    for id in &deleting {
+        if rules.iter().any(|r| &r.id == id) {
+            eprintln!("rule {id:?}: a deletion of it stopped before it was moved aside (it still judges); `alarms rules delete {id}` deletes it, `alarms rules set` of it keeps it");
+        } else {
+            eprintln!("rule {id:?} is being deleted (it judges nothing); unless a deletion is running, `alarms rules delete {id}` finishes it");
+        }
+    }
     // Every shard should hold the same rules; say so when one does not.
     for (shard, table) in tables.iter().enumerate().skip(1) {
         if rules_of(table).await?.0 != rules {
@@ -166,7 +231,10 @@ async fn list_rules(tables: &[Table], json: bool) -> anyhow::Result<()> {
             .iter()
             .map(|(id, error)| json!({"id": id, "error": error}))
             .collect();
-        println!("{}", json!({"rules": rules, "malformed": refused}));
+        println!(
+            "{}",
+            json!({"rules": rules, "malformed": refused, "deleting": deleting})
+        );
         return Ok(());
     }
     println!(
@@ -195,62 +263,255 @@ async fn list_rules(tables: &[Table], json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn delete(tables: &[Table], ids: &[String]) -> anyhow::Result<()> {
-    for (shard, table) in tables.iter().enumerate() {
-        for id in ids {
-            let rule = RowRef {
+/// The row of rule `id` in `partition`, if any.
+async fn rule_row(table: &Table, partition: &str, id: &str) -> anyhow::Result<Option<Entity>> {
+    let filter = format!(
+        "PartitionKey eq '{partition}' and RowKey eq '{}'",
+        id.replace('\'', "''")
+    );
+    table
+        .first(&filter)
+        .await
+        .with_context(|| format!("reading rule {id} in table {}", table.name()))
+}
+
+/// What a deletion did, over every shard.
+#[derive(Debug, Default)]
+struct Cleared {
+    rules: BTreeSet<String>,
+    kept: BTreeSet<String>,
+    raised: usize,
+    pending: usize,
+    unsent: usize,
+    /// Raised under a rule whose row does not parse: no `cleared` event can be made.
+    silent: usize,
+}
+
+/// A rule being deleted in one shard: its id, the rule if its row parses, and when it was
+/// moved aside.
+struct Deleting {
+    shard: usize,
+    id: String,
+    rule: Option<Rule>,
+    moved_at: i64,
+}
+
+/// Deletes rules with their alarms, crash-safely: (1) each rule's row moves to
+/// [`alarm::DELETING_PARTITION`], where processors do not look, noting when; (2) once
+/// `settle` has passed since then (no processor can be judging under it any more), each state
+/// under it is cleared: its unsent events and a `cleared` event for a raise are put on the
+/// queue, then the state row is deleted with the ETag it was read with (one written meanwhile
+/// is read again); then the active list's rows under it; (3) the rule's row goes. Run again
+/// after a stop, it finds the rules in (1)'s partition and carries on; a repeated event has
+/// the same id. A rule set again meanwhile keeps its alarms.
+async fn delete(shards: &[Shard], ids: &[String], settle: Duration) -> anyhow::Result<()> {
+    let ids: BTreeSet<&String> = ids.iter().collect();
+    for (n, shard) in shards.iter().enumerate() {
+        for id in &ids {
+            let Some(row) = rule_row(&shard.table, alarm::RULES_PARTITION, id).await? else {
+                continue;
+            };
+            let moved = alarm::deleting_entity(&row, schemas::timefmt::now_ms());
+            shard
+                .table
+                .upsert(&moved)
+                .await
+                .with_context(|| format!("shard {n}: moving rule {id} aside"))?;
+            let old = RowRef {
                 partition_key: alarm::RULES_PARTITION,
                 row_key: id,
                 etag: "*",
             };
-            let found = table
-                .delete(&rule)
+            shard
+                .table
+                .delete(&old)
                 .await
-                .with_context(|| format!("shard {shard}: deleting rule {id}"))?;
-            if !found {
-                eprintln!("shard {shard}: no rule {id:?}");
-            }
-            // Its alarms, band and silence: the active list's rows, then the states (a scan
-            // of the table).
-            let silence = alarm::key(id, alarm::Condition::Silence);
-            let states = table
-                .query(&format!(
-                    "RowKey eq '{}' or RowKey eq '{}'",
-                    alarm::state_key(id).replace('\'', "''"),
-                    alarm::state_key(&silence).replace('\'', "''")
-                ))
-                .await
-                .with_context(|| format!("shard {shard}: finding rule {id}'s states"))?;
-            for state in &states {
-                let device = text(state, "PartitionKey");
-                let row_key = text(state, "RowKey");
-                let rule_key = row_key.strip_prefix("state|").unwrap_or(id);
-                let key = alarm::active_key(&device, rule_key);
-                for (partition, row_key) in [
-                    (alarm::ACTIVE_PARTITION, key.as_str()),
-                    (device.as_str(), row_key.as_str()),
-                ] {
-                    let row = RowRef {
-                        partition_key: partition,
-                        row_key,
-                        etag: "*",
-                    };
-                    table
-                        .delete(&row)
-                        .await
-                        .with_context(|| format!("shard {shard}: deleting rule {id}'s alarms"))?;
-                }
+                .with_context(|| format!("shard {n}: deleting rule {id}"))?;
+        }
+    }
+    let mut deleting = Vec::new();
+    for (n, shard) in shards.iter().enumerate() {
+        for id in &ids {
+            if let Some(row) = rule_row(&shard.table, alarm::DELETING_PARTITION, id).await? {
+                deleting.push(Deleting {
+                    shard: n,
+                    id: (*id).clone(),
+                    rule: alarm::rule_of(&row).ok(),
+                    moved_at: alarm::moved_at(&row).unwrap_or(i64::MAX),
+                });
             }
         }
     }
+    for id in &ids {
+        if !deleting.iter().any(|d| &&d.id == id) {
+            eprintln!("No rule {id:?}.");
+        }
+    }
+    // Until `settle` after the latest move (a row without its time: a full `settle` now).
+    let now = schemas::timefmt::now_ms();
+    let settle_ms = i64::try_from(settle.as_millis()).unwrap_or(i64::MAX);
+    let Some(until) = deleting
+        .iter()
+        .map(|d| d.moved_at.min(now).saturating_add(settle_ms))
+        .max()
+    else {
+        return Ok(());
+    };
+    let wait = Duration::from_millis(u64::try_from(until - now).unwrap_or(0));
+    if !wait.is_zero() {
+        eprintln!(
+            "Rules deleted; processors stop judging under them once they read the rules again. Clearing their alarms in {} (--settle; if stopped, the same command finishes the deletion).",
+            humantime::format_duration(Duration::from_secs(wait.as_secs()))
+        );
+        tokio::time::sleep(wait).await;
+    }
+    let mut done = Cleared::default();
+    for d in &deleting {
+        let (n, shard) = (d.shard, &shards[d.shard]);
+        if rule_row(&shard.table, alarm::RULES_PARTITION, &d.id)
+            .await?
+            .is_some()
+        {
+            done.kept.insert(d.id.clone());
+        } else {
+            clear_states(shard, &d.id, d.rule.as_ref(), &mut done)
+                .await
+                .with_context(|| format!("shard {n}: clearing the alarms of rule {}; run the same command again to finish", d.id))?;
+            done.rules.insert(d.id.clone());
+        }
+        let row = RowRef {
+            partition_key: alarm::DELETING_PARTITION,
+            row_key: &d.id,
+            etag: "*",
+        };
+        shard
+            .table
+            .delete(&row)
+            .await
+            .with_context(|| format!("shard {n}: deleting rule {}", d.id))?;
+    }
+    for id in &done.kept {
+        eprintln!("Rule {id:?} was set again meanwhile: it and its alarms are kept.");
+    }
+    if done.silent > 0 {
+        eprintln!(
+            "warning: {} alarm{} raised under a rule whose row does not parse were dropped without a cleared event.",
+            done.silent,
+            plural(done.silent)
+        );
+    }
+    let n = done.rules.len();
     println!(
-        "Deleted {} rule{} in {} shard{}.",
-        ids.len(),
-        plural(ids.len()),
-        tables.len(),
-        plural(tables.len())
+        "Deleted {n} rule{}: {} alarm{} cleared with an event, {} pending dropped, {} event{} sent that had not been.",
+        plural(n),
+        done.raised,
+        plural(done.raised),
+        done.pending,
+        done.unsent,
+        plural(done.unsent)
     );
     Ok(())
+}
+
+/// Clears every state under rule `id` in `shard` (band and silence; a scan of the table),
+/// then the active list's rows under it (also those a stopped deletion left).
+async fn clear_states(
+    shard: &Shard,
+    id: &str,
+    rule: Option<&Rule>,
+    done: &mut Cleared,
+) -> anyhow::Result<()> {
+    let keys = [alarm::Condition::Band, alarm::Condition::Silence]
+        .map(|condition| (condition, alarm::key(id, condition)));
+    for (condition, key) in &keys {
+        let filter = format!("RowKey eq '{}'", alarm::state_key(key).replace('\'', "''"));
+        for state in shard.table.query(&filter).await? {
+            clear_state(shard, rule, *condition, state, done).await?;
+        }
+    }
+    let filter = format!("PartitionKey eq '{}'", alarm::ACTIVE_PARTITION);
+    for row in shard.table.query(&filter).await? {
+        let key = text(&row, "RowKey");
+        let under = alarm::active_of(&key).map(|(_, rule)| rule);
+        if keys.iter().any(|(_, k)| Some(k.as_str()) == under) {
+            let listed = RowRef {
+                partition_key: alarm::ACTIVE_PARTITION,
+                row_key: &key,
+                etag: "*",
+            };
+            shard.table.delete(&listed).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Clears one device's state under a rule (read as `row`; `rule` if its row parses): events
+/// first, then the row with its ETag (written meanwhile: read again and cleared again).
+async fn clear_state(
+    shard: &Shard,
+    rule: Option<&Rule>,
+    condition: alarm::Condition,
+    mut row: Entity,
+    done: &mut Cleared,
+) -> anyhow::Result<()> {
+    let device = text(&row, "PartitionKey");
+    let row_key = text(&row, "RowKey");
+    for _ in 0..CLEAR_TRIES {
+        let state = alarm::state_of(&row);
+        let mut events = state.as_ref().map(|s| s.unsent.clone()).unwrap_or_default();
+        let raised = state.as_ref().and_then(|s| match s.state.status {
+            alarm::Status::Raised { since } => Some((since, s.state.at)),
+            _ => None,
+        });
+        if let (Some(rule), Some((since, at))) = (rule, raised) {
+            // Never before the reading it judged last (a device's clock may run ahead).
+            let now = schemas::timefmt::now_ms().max(at + 1);
+            events.push(rule.deleted_event(&device, condition, since, now));
+        }
+        for event in &events {
+            let text = serde_json::to_string(event).expect("an event is JSON");
+            shard
+                .queue
+                .put(text)
+                .await
+                .with_context(|| format!("putting an event on queue {}", shard.queue.name()))?;
+        }
+        let etag = text(&row, "odata.etag");
+        let state_row = RowRef {
+            partition_key: &device,
+            row_key: &row_key,
+            etag: &etag,
+        };
+        match shard.table.delete(&state_row).await {
+            Ok(_) => {
+                if let Some(state) = &state {
+                    done.unsent += state.unsent.len();
+                    match (state.state.status, rule) {
+                        (alarm::Status::Raised { .. }, Some(_)) => done.raised += 1,
+                        (alarm::Status::Raised { .. }, None) => done.silent += 1,
+                        (alarm::Status::Pending { .. }, _) => done.pending += 1,
+                        (alarm::Status::Clear, _) => {}
+                    }
+                }
+                return Ok(());
+            }
+            Err(e) if e.is_changed() => {
+                let filter = format!(
+                    "PartitionKey eq '{}' and RowKey eq '{}'",
+                    device.replace('\'', "''"),
+                    row_key.replace('\'', "''")
+                );
+                match shard.table.first(&filter).await? {
+                    Some(again) => row = again,
+                    None => return Ok(()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    anyhow::bail!(
+        "device {device}'s state {row_key} kept changing: a processor still judges under the rule"
+    )
 }
 
 /// One alarm as `alarms list` shows it.

@@ -31,6 +31,10 @@ pub const RULES_PARTITION: &str = "~rules";
 /// The states that are not clear, one row each (RowKey `device|rule`): what a processor
 /// reads to know which devices' readings it must judge even when they are in band.
 pub const ACTIVE_PARTITION: &str = "~active";
+/// Rules being deleted (`alarms rules delete`): moved here from [`RULES_PARTITION`], which is
+/// all processors read, so a rule here judges nothing while its alarms are cleared; the row
+/// goes once they are, and a deletion that stopped is finished by running it again.
+pub const DELETING_PARTITION: &str = "~deleting";
 /// RowKey prefix of a device's states, in the device's own partition.
 const STATE_PREFIX: &str = "state|";
 /// Longest `forSeconds`: a day.
@@ -383,6 +387,21 @@ impl Rule {
         true
     }
 
+    /// The `cleared` event of `device`'s alarm under `condition`, raised `since`, when the
+    /// rule is deleted (`at`). Its id names the raise, so a deletion run again sends the same.
+    pub fn deleted_event(&self, device: &str, condition: Condition, since: i64, at: i64) -> Event {
+        let state = State {
+            status: Status::Clear,
+            at,
+            value: None,
+        };
+        Event {
+            id: format!("{device}|{}|cleared|deleted|{since}", self.key(condition)),
+            cause: Some(Cause::RuleDeleted),
+            ..self.event(device, condition, Kind::Cleared, &state)
+        }
+    }
+
     /// The event of `kind` that `state` (just judged) under `condition` sends for `device`.
     pub fn event(&self, device: &str, condition: Condition, kind: Kind, state: &State) -> Event {
         let (low, high, silence_minutes) = match condition {
@@ -406,6 +425,7 @@ impl Rule {
             low,
             high,
             silence_minutes,
+            cause: None,
         }
     }
 }
@@ -527,6 +547,17 @@ pub struct Event {
     pub high: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub silence_minutes: Option<i64>,
+    /// Why, when no reading made the change (then `measuredAt` is when it was made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Cause>,
+}
+
+/// What made a change other than a reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Cause {
+    /// The rule was deleted: each alarm it had raised is cleared.
+    RuleDeleted,
 }
 
 /// The rule's row in [`RULES_PARTITION`].
@@ -537,6 +568,27 @@ pub fn rule_entity(rule: &Rule) -> Map<String, Value> {
     e.insert("Rule".into(), rule.to_json().into());
     e
 }
+
+/// A rule's row (`row`, as read, even one that does not parse) moved to
+/// [`DELETING_PARTITION`] at `moved_at`: its rule reads back with [`rule_of`], the time with
+/// [`moved_at`].
+pub fn deleting_entity(row: &Map<String, Value>, moved_at: i64) -> Map<String, Value> {
+    let mut e: Map<String, Value> = row
+        .iter()
+        .filter(|(name, _)| !name.starts_with("odata.") && name.as_str() != "Timestamp")
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
+    e.insert("PartitionKey".into(), DELETING_PARTITION.into());
+    typed(&mut e, MOVED_AT, INT64, moved_at.to_string().into());
+    e
+}
+
+/// When a rule being deleted was moved aside (UTC milliseconds).
+pub fn moved_at(e: &Map<String, Value>) -> Option<i64> {
+    e.get(MOVED_AT).and_then(integer_of)
+}
+
+const MOVED_AT: &str = "MovedAt";
 
 /// Reads a rule's row back, checking it again (a row written by hand may be malformed).
 pub fn rule_of(e: &Map<String, Value>) -> Result<Rule, RuleError> {
@@ -942,5 +994,39 @@ mod tests {
         let event = r.event("d", Condition::Silence, Kind::Cleared, &state);
         assert_eq!(event.id, "d|quiet~silence|cleared|2500");
         assert_eq!((event.value, event.silence_minutes), (None, Some(10)));
+    }
+
+    #[test]
+    fn a_deleted_rule_clears_each_raise_once_by_its_id() {
+        let r = rule(r#"{"id":"hot","device":"d","measurement":"temperature","high":30}"#);
+        let event = r.deleted_event("d", Condition::Band, 5_000, 9_000);
+        assert_eq!(event.id, "d|hot|cleared|deleted|5000");
+        assert_eq!(
+            r.deleted_event("d", Condition::Band, 5_000, 12_000).id,
+            event.id,
+            "a deletion run again sends the same event"
+        );
+        assert_eq!(
+            (event.event, event.value, event.high, event.cause),
+            (Kind::Cleared, None, Some(30.0), Some(Cause::RuleDeleted))
+        );
+        let json = serde_json::to_string(&event).unwrap();
+        assert!(json.contains(r#""cause":"ruleDeleted""#), "{json}");
+        assert_eq!(serde_json::from_str::<Event>(&json).unwrap(), event);
+        // Events of readings carry no cause.
+        let state = State {
+            status: Status::Raised { since: 5_000 },
+            at: 5_000,
+            value: Some(31.0),
+        };
+        let json = serde_json::to_string(&r.event("d", Condition::Band, Kind::Raised, &state));
+        assert!(!json.unwrap().contains("cause"));
+        let mut row = rule_entity(&r);
+        row.insert("odata.etag".into(), "W/1".into());
+        let moved = deleting_entity(&row, 42);
+        assert_eq!(moved["PartitionKey"], DELETING_PARTITION);
+        assert!(!moved.contains_key("odata.etag"));
+        assert_eq!(rule_of(&moved).unwrap(), r);
+        assert_eq!(moved_at(&moved), Some(42));
     }
 }

@@ -496,3 +496,125 @@ async fn the_webhook_gets_every_event_once_up_and_holds_back_no_reading_while_do
     );
     assert!(log.contains("refuses events"), "the outage is logged");
 }
+
+#[tokio::test]
+async fn deleting_a_rule_clears_its_alarms_with_an_event_even_when_stopped_midway() {
+    let penv = [("PROCESSOR_ALARM_RULES_INTERVAL", "1s".to_owned())];
+    let Some(p) = Pipeline::start("alarms_delete", &[], &penv).await else {
+        return;
+    };
+    let rules = r#"[
+      {"id": "del-hot", "prefix": "del-", "measurement": "temperature", "high": 30},
+      {"id": "del-slow", "prefix": "del-", "measurement": "temperature", "high": 30, "forSeconds": 3600}
+    ]"#;
+    let (ok, out, err) = tool(&p, &["rules", "set", "-"], Some(rules)).await;
+    assert!(ok, "{out}{err}");
+    let rules_read = |n: f64| {
+        let p = &p;
+        move || async move { (p.processor.metric("processor_alarm_rules").await == n).then_some(()) }
+    };
+    tests::wait_for(
+        "the processor to read the rules",
+        Duration::from_secs(20),
+        rules_read(2.0),
+    )
+    .await;
+    // del-1 raised under del-hot, pending under del-slow.
+    let now = now_ms() / 1_000 * 1_000;
+    let mut sent = 0;
+    let hot = vec![payload("del-1", now - 2_000, "temperature", 40.0)];
+    send(&p, &mut sent, hot).await;
+    let mut events = Vec::new();
+    drain(&p, &mut events).await;
+    let raised: Vec<_> = events.iter().map(|e| (e.rule.as_str(), e.event)).collect();
+    assert_eq!(raised, [("del-hot", Kind::Raised)]);
+
+    // A deletion stopped while it waits for the processors: the rules judge nothing from then.
+    let mut stopped = tokio::process::Command::new(tests::services::bin_path("alarms"))
+        .args([
+            "rules", "delete", "del-hot", "del-slow", "--settle", "10min",
+        ])
+        .env(
+            "AZURE_STORAGE_CONNECTION_STRING",
+            p.azurite.connection_string(),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let table = p.account.table(schemas::alarm::DEFAULT_TABLE);
+    let table = &table;
+    let partition = |name: &str| format!("PartitionKey eq '{name}'");
+    let (moved, left) = (
+        &partition(schemas::alarm::DELETING_PARTITION),
+        &partition(schemas::alarm::RULES_PARTITION),
+    );
+    tests::wait_for(
+        "both rules moved aside",
+        Duration::from_secs(20),
+        || async move {
+            let moved = table.query(moved).await.ok()?.len();
+            let left = table.query(left).await.ok()?.len();
+            (moved == 2 && left == 0).then_some(())
+        },
+    )
+    .await;
+    stopped.kill().await.unwrap();
+    tests::wait_for(
+        "the processor to drop the rules",
+        Duration::from_secs(20),
+        rules_read(0.0),
+    )
+    .await;
+    let again = vec![payload("del-3", now - 1_000, "temperature", 50.0)];
+    send(&p, &mut sent, again).await;
+    let (_, _, err) = tool(&p, &["rules", "list"], None).await;
+    assert!(err.contains(r#"rule "del-hot" is being deleted"#), "{err}");
+
+    // Run again, it finishes: one alarm cleared with an event, the pending state dropped.
+    let args = ["rules", "delete", "del-hot", "del-slow", "--settle", "1s"];
+    let (ok, out, err) = tool(&p, &args, None).await;
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("Deleted 2 rules")
+            && out.contains("1 alarm cleared with an event, 1 pending dropped"),
+        "{out}"
+    );
+    let mut after = Vec::new();
+    drain(&p, &mut after).await;
+    assert_eq!(after.len(), 1, "{after:?}");
+    let cleared = &after[0];
+    assert_eq!(
+        (
+            cleared.device_id.as_str(),
+            cleared.rule.as_str(),
+            cleared.event,
+            cleared.cause
+        ),
+        (
+            "del-1",
+            "del-hot",
+            Kind::Cleared,
+            Some(schemas::alarm::Cause::RuleDeleted)
+        )
+    );
+    assert_eq!(
+        cleared.id,
+        format!("del-1|del-hot|cleared|deleted|{}", now - 2_000)
+    );
+    let (_, out, _) = tool(&p, &["list"], None).await;
+    assert!(out.contains("No alarm is raised or pending."), "{out}");
+    let rows = table.query("PartitionKey ne 'x'").await.unwrap();
+    let left: Vec<_> = rows
+        .iter()
+        .map(|e| format!("{}/{}", e["PartitionKey"], e["RowKey"]))
+        .collect();
+    assert!(left.is_empty(), "rows left: {left:?}");
+
+    // Once more: nothing to delete, nothing sent.
+    let (ok, out, err) = tool(&p, &args, None).await;
+    assert!(ok && err.contains(r#"No rule "del-hot""#), "{out}{err}");
+    drain(&p, &mut after).await;
+    assert_eq!(after.len(), 1);
+}
