@@ -238,15 +238,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         measure::stored(config.processor_metrics).await,
         Instant::now(),
     );
+    let mut stalled_queued = None;
     while !shutdown.is_cancelled() {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let now = measure::stored(config.processor_metrics).await;
-        let depth = queue.approximate_depth().await.unwrap_or(usize::MAX);
+        let depth = queue.approximate_depth().await.ok();
         if now != last.0 {
             last = (now, Instant::now());
-        } else if (depth == 0 && last.1.elapsed() > Duration::from_secs(5))
-            || last.1.elapsed() > Duration::from_secs(60)
-        {
+        } else if depth == Some(0) && last.1.elapsed() > Duration::from_secs(5) {
+            break;
+        } else if last.1.elapsed() > Duration::from_secs(60) {
+            // Messages still queued are not lost: the report tells them from missing rows.
+            stalled_queued = depth.filter(|d| *d > 0);
+            tracing::warn!(queued = ?depth, "The pipeline stalled: nothing stored for a minute.");
             break;
         }
     }
@@ -305,6 +309,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         last_row_seconds,
         expected_rows,
         rows,
+        stalled_queued,
         stored,
         cpu,
         requests,
