@@ -306,7 +306,12 @@ async fn main() {
     ];
     // The first start sweeps the hour; the second finds nothing to sweep. Each does the same
     // start-up work besides (the day's expiry of old rollups, the marks, the archive pass), so
-    // the difference is the sweep's.
+    // the difference is the sweep's. The hour must have settled (2 minutes after it ended).
+    let settled = hour + HOUR_MS + 2 * 60_000 + 5_000;
+    if let Ok(wait) = u64::try_from(settled - now_ms()) {
+        println!("Waiting {} s for the hour to settle.", wait / 1000);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+    }
     let started = Instant::now();
     let with_sweep = archiver_requests(&env, 1000.0).await;
     let swept_in = started.elapsed().as_secs_f64();
