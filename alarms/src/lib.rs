@@ -280,6 +280,8 @@ async fn rule_row(table: &Table, partition: &str, id: &str) -> anyhow::Result<Op
 struct Cleared {
     rules: BTreeSet<String>,
     kept: BTreeSet<String>,
+    /// Moved aside again by another deletion while this one waited.
+    elsewhere: BTreeSet<String>,
     raised: usize,
     pending: usize,
     unsent: usize,
@@ -293,7 +295,7 @@ struct Deleting {
     shard: usize,
     id: String,
     rule: Option<Rule>,
-    moved_at: i64,
+    moved_at: Option<i64>,
 }
 
 /// Deletes rules with their alarms, crash-safely: (1) each rule's row moves to
@@ -317,16 +319,19 @@ async fn delete(shards: &[Shard], ids: &[String], settle: Duration) -> anyhow::R
                 .upsert(&moved)
                 .await
                 .with_context(|| format!("shard {n}: moving rule {id} aside"))?;
+            // Only the row as read: one set again meanwhile is kept (and found so below).
+            let etag = text(&row, "odata.etag");
             let old = RowRef {
                 partition_key: alarm::RULES_PARTITION,
                 row_key: id,
-                etag: "*",
+                etag: &etag,
             };
-            shard
-                .table
-                .delete(&old)
-                .await
-                .with_context(|| format!("shard {n}: deleting rule {id}"))?;
+            match shard.table.delete(&old).await {
+                Err(e) if e.is_changed() => {}
+                deleted => {
+                    deleted.with_context(|| format!("shard {n}: deleting rule {id}"))?;
+                }
+            }
         }
     }
     let mut deleting = Vec::new();
@@ -337,7 +342,7 @@ async fn delete(shards: &[Shard], ids: &[String], settle: Duration) -> anyhow::R
                     shard: n,
                     id: (*id).clone(),
                     rule: alarm::rule_of(&row).ok(),
-                    moved_at: alarm::moved_at(&row).unwrap_or(i64::MAX),
+                    moved_at: alarm::moved_at(&row),
                 });
             }
         }
@@ -352,12 +357,17 @@ async fn delete(shards: &[Shard], ids: &[String], settle: Duration) -> anyhow::R
     let settle_ms = i64::try_from(settle.as_millis()).unwrap_or(i64::MAX);
     let Some(until) = deleting
         .iter()
-        .map(|d| d.moved_at.min(now).saturating_add(settle_ms))
+        .map(|d| {
+            d.moved_at
+                .unwrap_or(now)
+                .clamp(0, now)
+                .saturating_add(settle_ms)
+        })
         .max()
     else {
         return Ok(());
     };
-    let wait = Duration::from_millis(u64::try_from(until - now).unwrap_or(0));
+    let wait = Duration::from_millis(u64::try_from(until.saturating_sub(now)).unwrap_or(0));
     if !wait.is_zero() {
         eprintln!(
             "Rules deleted; processors stop judging under them once they read the rules again. Clearing their alarms in {} (--settle; if stopped, the same command finishes the deletion).",
@@ -368,27 +378,40 @@ async fn delete(shards: &[Shard], ids: &[String], settle: Duration) -> anyhow::R
     let mut done = Cleared::default();
     for d in &deleting {
         let (n, shard) = (d.shard, &shards[d.shard]);
-        if rule_row(&shard.table, alarm::RULES_PARTITION, &d.id)
+        // Moved again meanwhile (set, then deleted by another run): that run waits for it.
+        let Some(row) = rule_row(&shard.table, alarm::DELETING_PARTITION, &d.id).await? else {
+            continue;
+        };
+        if alarm::moved_at(&row) != d.moved_at {
+            done.elsewhere.insert(d.id.clone());
+            continue;
+        }
+        let finished = rule_row(&shard.table, alarm::RULES_PARTITION, &d.id)
             .await?
-            .is_some()
-        {
-            done.kept.insert(d.id.clone());
-        } else {
-            clear_states(shard, &d.id, d.rule.as_ref(), &mut done)
+            .is_none()
+            && clear_states(shard, &d.id, d.rule.as_ref(), &mut done)
                 .await
                 .with_context(|| format!("shard {n}: clearing the alarms of rule {}; run the same command again to finish", d.id))?;
+        if finished {
             done.rules.insert(d.id.clone());
+        } else {
+            done.kept.insert(d.id.clone());
         }
-        let row = RowRef {
+        let etag = text(&row, "odata.etag");
+        let moved = RowRef {
             partition_key: alarm::DELETING_PARTITION,
             row_key: &d.id,
-            etag: "*",
+            etag: &etag,
         };
-        shard
-            .table
-            .delete(&row)
-            .await
-            .with_context(|| format!("shard {n}: deleting rule {}", d.id))?;
+        match shard.table.delete(&moved).await {
+            Err(e) if e.is_changed() => {}
+            deleted => {
+                deleted.with_context(|| format!("shard {n}: deleting rule {}", d.id))?;
+            }
+        }
+    }
+    for id in &done.elsewhere {
+        eprintln!("Rule {id:?} was set and deleted again meanwhile: that deletion clears its alarms (if it stopped, run this command again).");
     }
     for id in &done.kept {
         eprintln!("Rule {id:?} was set again meanwhile: it and its alarms are kept.");
@@ -414,13 +437,15 @@ async fn delete(shards: &[Shard], ids: &[String], settle: Duration) -> anyhow::R
 }
 
 /// Clears every state under rule `id` in `shard` (band and silence; a scan of the table),
-/// then the active list's rows under it (also those a stopped deletion left).
+/// then the active list's rows under it (also those a stopped deletion left), each with the
+/// ETag it was read with. Returns false if the rule was set again meanwhile: its alarms are
+/// then its own again, and the list is left to the processors.
 async fn clear_states(
     shard: &Shard,
     id: &str,
     rule: Option<&Rule>,
     done: &mut Cleared,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let keys = [alarm::Condition::Band, alarm::Condition::Silence]
         .map(|condition| (condition, alarm::key(id, condition)));
     for (condition, key) in &keys {
@@ -429,20 +454,33 @@ async fn clear_states(
             clear_state(shard, rule, *condition, state, done).await?;
         }
     }
+    if rule_row(&shard.table, alarm::RULES_PARTITION, id)
+        .await?
+        .is_some()
+    {
+        return Ok(false);
+    }
     let filter = format!("PartitionKey eq '{}'", alarm::ACTIVE_PARTITION);
     for row in shard.table.query(&filter).await? {
         let key = text(&row, "RowKey");
         let under = alarm::active_of(&key).map(|(_, rule)| rule);
         if keys.iter().any(|(_, k)| Some(k.as_str()) == under) {
+            let etag = text(&row, "odata.etag");
             let listed = RowRef {
                 partition_key: alarm::ACTIVE_PARTITION,
                 row_key: &key,
-                etag: "*",
+                etag: &etag,
             };
-            shard.table.delete(&listed).await?;
+            match shard.table.delete(&listed).await {
+                // Listed again meanwhile: a processor judges under the rule set again.
+                Err(e) if e.is_changed() => {}
+                deleted => {
+                    deleted?;
+                }
+            }
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Clears one device's state under a rule (read as `row`; `rule` if its row parses): events
@@ -465,7 +503,7 @@ async fn clear_state(
         });
         if let (Some(rule), Some((since, at))) = (rule, raised) {
             // Never before the reading it judged last (a device's clock may run ahead).
-            let now = schemas::timefmt::now_ms().max(at + 1);
+            let now = schemas::timefmt::now_ms().max(at.saturating_add(1));
             events.push(rule.deleted_event(&device, condition, since, now));
         }
         for event in &events {

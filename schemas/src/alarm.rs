@@ -573,9 +573,12 @@ pub fn rule_entity(rule: &Rule) -> Map<String, Value> {
 /// [`DELETING_PARTITION`] at `moved_at`: its rule reads back with [`rule_of`], the time with
 /// [`moved_at`].
 pub fn deleting_entity(row: &Map<String, Value>, moved_at: i64) -> Map<String, Value> {
+    // Not the service's own: metadata, and the timestamp with its type annotation.
+    let own =
+        |name: &str| !name.starts_with("odata.") && name.split('@').next() != Some("Timestamp");
     let mut e: Map<String, Value> = row
         .iter()
-        .filter(|(name, _)| !name.starts_with("odata.") && name.as_str() != "Timestamp")
+        .filter(|(name, _)| own(name))
         .map(|(name, value)| (name.clone(), value.clone()))
         .collect();
     e.insert("PartitionKey".into(), DELETING_PARTITION.into());
@@ -1021,11 +1024,32 @@ mod tests {
         };
         let json = serde_json::to_string(&r.event("d", Condition::Band, Kind::Raised, &state));
         assert!(!json.unwrap().contains("cause"));
+        // As a query with full metadata answers it.
         let mut row = rule_entity(&r);
-        row.insert("odata.etag".into(), "W/1".into());
+        for (name, value) in [
+            ("odata.etag", "W/1"),
+            ("odata.type", "acct.alarms"),
+            ("odata.id", "https://acct/alarms(...)"),
+            ("odata.editLink", "alarms(...)"),
+            ("Timestamp", "2026-12-07T00:00:00Z"),
+            ("Timestamp@odata.type", "Edm.DateTime"),
+        ] {
+            row.insert(name.into(), value.into());
+        }
         let moved = deleting_entity(&row, 42);
         assert_eq!(moved["PartitionKey"], DELETING_PARTITION);
-        assert!(!moved.contains_key("odata.etag"));
+        let mut names: Vec<&str> = moved.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "MovedAt",
+                "MovedAt@odata.type",
+                "PartitionKey",
+                "RowKey",
+                "Rule"
+            ]
+        );
         assert_eq!(rule_of(&moved).unwrap(), r);
         assert_eq!(moved_at(&moved), Some(42));
     }
