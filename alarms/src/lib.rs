@@ -280,8 +280,10 @@ async fn rule_row(table: &Table, partition: &str, id: &str) -> anyhow::Result<Op
 struct Cleared {
     rules: BTreeSet<String>,
     kept: BTreeSet<String>,
-    /// Moved aside again by another deletion while this one waited.
+    /// Moved aside again, or finished, by another deletion while this one waited.
     elsewhere: BTreeSet<String>,
+    /// Set again while its alarms were being cleared: kept, its old alarms cleared.
+    reset: BTreeSet<String>,
     raised: usize,
     pending: usize,
     unsent: usize,
@@ -349,7 +351,15 @@ async fn delete(shards: &[Shard], ids: &[String], settle: Duration) -> anyhow::R
     }
     for id in &ids {
         if !deleting.iter().any(|d| &&d.id == id) {
-            eprintln!("No rule {id:?}.");
+            // Set again between the read and the move: it stays.
+            if rule_row(&shards[0].table, alarm::RULES_PARTITION, id)
+                .await?
+                .is_some()
+            {
+                eprintln!("Rule {id:?} was set again meanwhile: it is kept.");
+            } else {
+                eprintln!("No rule {id:?}.");
+            }
         }
     }
     // Until `settle` after the latest move (a row without its time: a full `settle` now).
@@ -378,24 +388,29 @@ async fn delete(shards: &[Shard], ids: &[String], settle: Duration) -> anyhow::R
     let mut done = Cleared::default();
     for d in &deleting {
         let (n, shard) = (d.shard, &shards[d.shard]);
-        // Moved again meanwhile (set, then deleted by another run): that run waits for it.
-        let Some(row) = rule_row(&shard.table, alarm::DELETING_PARTITION, &d.id).await? else {
+        let set_again = rule_row(&shard.table, alarm::RULES_PARTITION, &d.id)
+            .await?
+            .is_some();
+        // Gone (set again, or finished by another run), or moved again by another run (set,
+        // then deleted again): that run waits for it.
+        let row = rule_row(&shard.table, alarm::DELETING_PARTITION, &d.id).await?;
+        let Some(row) = row.filter(|row| alarm::moved_at(row) == d.moved_at) else {
+            if set_again {
+                done.kept.insert(d.id.clone());
+            } else {
+                done.elsewhere.insert(d.id.clone());
+            }
             continue;
         };
-        if alarm::moved_at(&row) != d.moved_at {
-            done.elsewhere.insert(d.id.clone());
-            continue;
-        }
-        let finished = rule_row(&shard.table, alarm::RULES_PARTITION, &d.id)
-            .await?
-            .is_none()
-            && clear_states(shard, &d.id, d.rule.as_ref(), &mut done)
-                .await
-                .with_context(|| format!("shard {n}: clearing the alarms of rule {}; run the same command again to finish", d.id))?;
-        if finished {
+        if set_again {
+            done.kept.insert(d.id.clone());
+        } else if clear_states(shard, &d.id, d.rule.as_ref(), &mut done)
+            .await
+            .with_context(|| format!("shard {n}: clearing the alarms of rule {}; run the same command again to finish", d.id))?
+        {
             done.rules.insert(d.id.clone());
         } else {
-            done.kept.insert(d.id.clone());
+            done.reset.insert(d.id.clone());
         }
         let etag = text(&row, "odata.etag");
         let moved = RowRef {
@@ -411,7 +426,10 @@ async fn delete(shards: &[Shard], ids: &[String], settle: Duration) -> anyhow::R
         }
     }
     for id in &done.elsewhere {
-        eprintln!("Rule {id:?} was set and deleted again meanwhile: that deletion clears its alarms (if it stopped, run this command again).");
+        eprintln!("Rule {id:?} was deleted by another run meanwhile: that run clears its alarms (if it stopped, run this command again).");
+    }
+    for id in &done.reset {
+        eprintln!("Rule {id:?} was set again while its alarms were cleared: it is kept, and judges anew from here.");
     }
     for id in &done.kept {
         eprintln!("Rule {id:?} was set again meanwhile: it and its alarms are kept.");
