@@ -263,16 +263,17 @@ async fn list_rules(tables: &[Table], json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The row of rule `id` in `partition`, if any.
-async fn rule_row(table: &Table, partition: &str, id: &str) -> anyhow::Result<Option<Entity>> {
+/// The row at `partition` and `row_key`, if any.
+async fn row_at(table: &Table, partition: &str, row_key: &str) -> anyhow::Result<Option<Entity>> {
     let filter = format!(
-        "PartitionKey eq '{partition}' and RowKey eq '{}'",
-        id.replace('\'', "''")
+        "PartitionKey eq '{}' and RowKey eq '{}'",
+        partition.replace('\'', "''"),
+        row_key.replace('\'', "''")
     );
     table
         .first(&filter)
         .await
-        .with_context(|| format!("reading rule {id} in table {}", table.name()))
+        .with_context(|| format!("reading row {row_key} in table {}", table.name()))
 }
 
 /// What a deletion did, over every shard.
@@ -312,7 +313,7 @@ async fn delete(shards: &[Shard], ids: &[String], settle: Duration) -> anyhow::R
     let ids: BTreeSet<&String> = ids.iter().collect();
     for (n, shard) in shards.iter().enumerate() {
         for id in &ids {
-            let Some(row) = rule_row(&shard.table, alarm::RULES_PARTITION, id).await? else {
+            let Some(row) = row_at(&shard.table, alarm::RULES_PARTITION, id).await? else {
                 continue;
             };
             let moved = alarm::deleting_entity(&row, schemas::timefmt::now_ms());
@@ -328,18 +329,17 @@ async fn delete(shards: &[Shard], ids: &[String], settle: Duration) -> anyhow::R
                 row_key: id,
                 etag: &etag,
             };
-            match shard.table.delete(&old).await {
-                Err(e) if e.is_changed() => {}
-                deleted => {
-                    deleted.with_context(|| format!("shard {n}: deleting rule {id}"))?;
-                }
-            }
+            shard
+                .table
+                .delete_if_unchanged(&old)
+                .await
+                .with_context(|| format!("shard {n}: deleting rule {id}"))?;
         }
     }
     let mut deleting = Vec::new();
     for (n, shard) in shards.iter().enumerate() {
         for id in &ids {
-            if let Some(row) = rule_row(&shard.table, alarm::DELETING_PARTITION, id).await? {
+            if let Some(row) = row_at(&shard.table, alarm::DELETING_PARTITION, id).await? {
                 deleting.push(Deleting {
                     shard: n,
                     id: (*id).clone(),
@@ -352,7 +352,7 @@ async fn delete(shards: &[Shard], ids: &[String], settle: Duration) -> anyhow::R
     for id in &ids {
         if !deleting.iter().any(|d| &&d.id == id) {
             // Set again between the read and the move: it stays.
-            if rule_row(&shards[0].table, alarm::RULES_PARTITION, id)
+            if row_at(&shards[0].table, alarm::RULES_PARTITION, id)
                 .await?
                 .is_some()
             {
@@ -388,12 +388,12 @@ async fn delete(shards: &[Shard], ids: &[String], settle: Duration) -> anyhow::R
     let mut done = Cleared::default();
     for d in &deleting {
         let (n, shard) = (d.shard, &shards[d.shard]);
-        let set_again = rule_row(&shard.table, alarm::RULES_PARTITION, &d.id)
+        let set_again = row_at(&shard.table, alarm::RULES_PARTITION, &d.id)
             .await?
             .is_some();
         // Gone (set again, or finished by another run), or moved again by another run (set,
         // then deleted again): that run waits for it.
-        let row = rule_row(&shard.table, alarm::DELETING_PARTITION, &d.id).await?;
+        let row = row_at(&shard.table, alarm::DELETING_PARTITION, &d.id).await?;
         let Some(row) = row.filter(|row| alarm::moved_at(row) == d.moved_at) else {
             if set_again {
                 done.kept.insert(d.id.clone());
@@ -418,12 +418,11 @@ async fn delete(shards: &[Shard], ids: &[String], settle: Duration) -> anyhow::R
             row_key: &d.id,
             etag: &etag,
         };
-        match shard.table.delete(&moved).await {
-            Err(e) if e.is_changed() => {}
-            deleted => {
-                deleted.with_context(|| format!("shard {n}: deleting rule {}", d.id))?;
-            }
-        }
+        shard
+            .table
+            .delete_if_unchanged(&moved)
+            .await
+            .with_context(|| format!("shard {n}: deleting rule {}", d.id))?;
     }
     for id in &done.elsewhere {
         eprintln!("Rule {id:?} was deleted by another run meanwhile: that run clears its alarms (if it stopped, run this command again).");
@@ -472,7 +471,7 @@ async fn clear_states(
             clear_state(shard, rule, *condition, state, done).await?;
         }
     }
-    if rule_row(&shard.table, alarm::RULES_PARTITION, id)
+    if row_at(&shard.table, alarm::RULES_PARTITION, id)
         .await?
         .is_some()
     {
@@ -489,13 +488,8 @@ async fn clear_states(
                 row_key: &key,
                 etag: &etag,
             };
-            match shard.table.delete(&listed).await {
-                // Listed again meanwhile: a processor judges under the rule set again.
-                Err(e) if e.is_changed() => {}
-                deleted => {
-                    deleted?;
-                }
-            }
+            // Listed again meanwhile: a processor judges under the rule set again.
+            shard.table.delete_if_unchanged(&listed).await?;
         }
     }
     Ok(true)
@@ -551,17 +545,10 @@ async fn clear_state(
                 }
                 return Ok(());
             }
-            Err(e) if e.is_changed() => {
-                let filter = format!(
-                    "PartitionKey eq '{}' and RowKey eq '{}'",
-                    device.replace('\'', "''"),
-                    row_key.replace('\'', "''")
-                );
-                match shard.table.first(&filter).await? {
-                    Some(again) => row = again,
-                    None => return Ok(()),
-                }
-            }
+            Err(e) if e.is_changed() => match row_at(&shard.table, &device, &row_key).await? {
+                Some(again) => row = again,
+                None => return Ok(()),
+            },
             Err(e) => return Err(e.into()),
         }
     }
@@ -594,13 +581,7 @@ async fn list_alarms(tables: &[Table], json: bool) -> anyhow::Result<()> {
                 continue;
             };
             // The state row is the truth; the list may name one cleared a moment ago.
-            let filter = format!(
-                "PartitionKey eq '{}' and RowKey eq '{}'",
-                device.replace('\'', "''"),
-                alarm::state_key(rule).replace('\'', "''")
-            );
-            let Some(state) = table
-                .first(&filter)
+            let Some(state) = row_at(table, device, &alarm::state_key(rule))
                 .await
                 .with_context(|| format!("shard {shard}: reading an alarm's state"))?
                 .as_ref()

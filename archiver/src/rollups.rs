@@ -251,11 +251,7 @@ impl Keeper {
             }
             if let Some(row) = RowRef::of(flag) {
                 // Flagged again meanwhile (a later mark): it stays for the next turn.
-                match self.rollups.delete(&row).await {
-                    Ok(_) => {}
-                    Err(e) if e.is_changed() => {}
-                    Err(e) => return Err(e.into()),
-                }
+                self.rollups.delete_if_unchanged(&row).await?;
             }
         }
         Ok(())

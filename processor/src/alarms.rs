@@ -499,11 +499,7 @@ impl Alarms {
                 row_key: key,
                 etag: &etag,
             };
-            match retry(deadline, || self.table.delete(&row)).await {
-                Ok(_) => {}
-                Err(e) if e.is_changed() => {}
-                Err(e) => return Err(e),
-            }
+            retry(deadline, || self.table.delete_if_unchanged(&row)).await?;
         }
         Ok(())
     }

@@ -167,19 +167,24 @@ pub struct Config {
 /// A visibility timeout: at least 3 s (a round settles by seven eighths of it, and the
 /// dead-letter writer keeps a 2 s reserve before that), at most Azure's 7 days.
 fn visibility(text: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
-    if !(Duration::from_secs(3)..=Duration::from_secs(7 * 86_400)).contains(&d) {
-        return Err(format!("{text} is not from 3s to 7days"));
-    }
-    Ok(d)
+    duration_within(text, (3, "3s"), (7 * 86_400, "7days"))
 }
 
 /// A webhook's timeout: at least a second, at most ten minutes, so that a take's hold (16 of
 /// them and a margin) stays far below Azure's 7-day visibility limit.
 fn webhook_timeout(text: &str) -> Result<Duration, String> {
+    duration_within(text, (1, "1s"), (600, "10min"))
+}
+
+/// A duration from `low` to `high` seconds (each with how it is written).
+fn duration_within(
+    text: &str,
+    (low, low_text): (u64, &str),
+    (high, high_text): (u64, &str),
+) -> Result<Duration, String> {
     let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
-    if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&d) {
-        return Err(format!("{text} is not from 1s to 10min"));
+    if !(Duration::from_secs(low)..=Duration::from_secs(high)).contains(&d) {
+        return Err(format!("{text} is not from {low_text} to {high_text}"));
     }
     Ok(d)
 }

@@ -204,6 +204,15 @@ impl Table {
         }
     }
 
+    /// Deletes one row if it still has `etag`; one changed since it was read (412) or already
+    /// gone is left as it is, for whoever changed it.
+    pub async fn delete_if_unchanged(&self, row: &RowRef<'_>) -> Result<(), StorageError> {
+        match self.delete(row).await {
+            Err(e) if e.is_changed() => Ok(()),
+            deleted => deleted.map(drop),
+        }
+    }
+
     /// Writes one entity only if it is as it was read: replaced if it still has `etag`,
     /// inserted if `etag` is `None` and no such row exists. `Ok(Some(etag))` with its new
     /// ETag; `Ok(None)` when the row changed, appeared or went meanwhile (read it again).
